@@ -1,9 +1,11 @@
 """Device selection, seeding, timing and small model utilities (conv+BN fusion, parameter/FLOP summary)."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -96,3 +98,44 @@ def conv_flops(model: nn.Module, img_size: tuple[int, int] | int = 416) -> float
 def intersect_state_dicts(da: dict, db: dict) -> dict:
     """Entries of da whose key is in db with the same shape."""
     return {k: v for k, v in da.items() if k in db and v.shape == db[k].shape}
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights and buffers, for testing and saving (updated per optimizer step).
+
+    The decay ramps up as decay * (1 - exp(-updates / tau)) so the average follows the model closely early on.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
+                                                  nn.parallel.DistributedDataParallel)) else model
+        self.ema = deepcopy(bare).eval()
+        self.updates = updates  # optimizer steps seen so far (saved in checkpoints so --resume continues the ramp)
+        self.decay_max = decay
+        self.tau = tau
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def decay(self, updates: int) -> float:
+        """Decay used at a given update count."""
+        return self.decay_max * (1 - math.exp(-updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend the model's current floating-point state into the average."""
+        self.updates += 1
+        d = self.decay(self.updates)
+        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
+                                                  nn.parallel.DistributedDataParallel)) else model
+        msd = bare.state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:  # integer buffers (BN num_batches_tracked) are left alone
+                v.mul_(d).add_(msd[k].detach().to(v.dtype), alpha=1 - d)
+
+    def update_attr(self, model: nn.Module, include: tuple[str, ...] = ('nc', 'hyp', 'gr', 'names')) -> None:
+        """Copy plain attributes that training sets on the model (class count, hyp, names) onto the EMA copy."""
+        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
+                                                  nn.parallel.DistributedDataParallel)) else model
+        for k in include:
+            if hasattr(bare, k):
+                setattr(self.ema, k, getattr(bare, k))

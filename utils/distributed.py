@@ -1,0 +1,91 @@
+"""Distributed (torchrun) set-up: rank and world size from the environment, rank-0 gating, barriers."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank -1 means a plain single-process run with no process group."""
+    rank: int = -1
+    local_rank: int = -1
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        """True when launched by torchrun (RANK set)."""
+        return self.rank != -1
+
+    @property
+    def main(self) -> bool:
+        """True on the process that tests, logs, plots and writes checkpoints."""
+        return self.rank in (-1, 0)
+
+
+def env_info() -> DistInfo:
+    """Read RANK, LOCAL_RANK and WORLD_SIZE as torchrun sets them; defaults describe a single process."""
+    rank = int(os.environ.get('RANK', -1))
+    if rank == -1:
+        return DistInfo()
+    return DistInfo(rank=rank, local_rank=int(os.environ.get('LOCAL_RANK', 0)),
+                    world_size=int(os.environ.get('WORLD_SIZE', 1)))
+
+
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for single processes."""
+    info = env_info()
+    if not info.distributed or is_initialized():
+        return info
+    backend = 'nccl' if device.type == 'cuda' and dist.is_nccl_available() else 'gloo'
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return info
+
+
+def is_initialized() -> bool:
+    """True when a process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or in a single-process run."""
+    return not is_initialized() or dist.get_rank() == 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 without one)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for in a single-process run."""
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable python object from rank src to every rank and return it (identity without a group)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def save_on_master(save_fn, *args, **kwargs) -> None:
+    """Call save_fn(*args, **kwargs) on the main process only."""
+    if is_main_process():
+        save_fn(*args, **kwargs)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was created."""
+    if is_initialized():
+        dist.destroy_process_group()
