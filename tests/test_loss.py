@@ -1,0 +1,152 @@
+"""Loss: parity with the original's compute_loss on a fixed batch, and target assignment on hand-made cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import Darknet, load_darknet_weights
+from tests.conftest import REF_CFG, SHARED, TINY_WEIGHTS
+from utils.loss import FocalLoss, build_targets, compute_loss
+
+FIXTURE = SHARED / 'fixtures' / 'loss_parity_tiny320.pt'
+HYP = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'iou_t': 0.20, 'fl_gamma': 0.0}
+
+
+class FakeYOLO(nn.Module):
+    """Just what the loss reads from a [yolo] module: anchors in grid units."""
+
+    def __init__(self, anchors_px: list[tuple[float, float]], stride: float):
+        super().__init__()
+        self.anchor_vec = torch.tensor(anchors_px) / stride
+
+
+class FakeModel(nn.Module):
+    """One or two fake [yolo] layers, hyp, gr and nc: the loss's whole view of a model."""
+
+    def __init__(self, layers: list[FakeYOLO], nc: int = 80, hyp: dict | None = None, gr: float = 1.0):
+        super().__init__()
+        self.module_list = nn.ModuleList(layers)
+        self.yolo_layers = list(range(len(layers)))
+        self.nc, self.hyp, self.gr = nc, dict(hyp or HYP), gr
+
+
+@pytest.fixture(scope='module')
+def parity():
+    """The fixture batch and the official yolov3-tiny's train-mode outputs on it."""
+    d = torch.load(FIXTURE, weights_only=True)
+    model = Darknet(REF_CFG / 'yolov3-tiny.cfg', img_size=320)
+    load_darknet_weights(model, TINY_WEIGHTS)
+    model.train()
+    model.gr = d['gr']
+    with torch.no_grad():
+        p = model(d['images'].float() / 255)
+    return d, model, p
+
+
+@pytest.mark.parametrize('setting', ['bce', 'focal_gamma1.5'])
+def test_loss_parity_with_original(parity, setting):
+    d, model, p = parity
+    model.hyp = d[setting]['hyp']
+    loss, items = compute_loss(p, d['targets'], model)
+    ref = torch.tensor([d[setting][k] for k in ('lbox', 'lobj', 'lcls', 'total')])
+    assert items.shape == (4,)
+    assert torch.allclose(items, ref, rtol=1e-3, atol=0), (items, ref)
+    assert loss.item() == pytest.approx(ref[3].item(), rel=1e-3)
+
+
+def test_loss_backward_gives_finite_gradients(parity):
+    d, model, _ = parity
+    model.hyp = d['bce']['hyp']
+    model.zero_grad()
+    p = model(d['images'][:2].float() / 255)
+    targets = d['targets'][d['targets'][:, 0] < 2]
+    loss, _ = compute_loss(p, targets, model)
+    loss.backward()
+    grads = [q.grad for q in model.parameters() if q.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    model.zero_grad()
+
+
+def test_build_targets_all_anchors_above_threshold():
+    # stride 32 on a 320 input: 10x10 grid; anchors 32x32, 40x40, 300x300 px -> 1, 1.25, 9.375 cells
+    model = FakeModel([FakeYOLO([(32, 32), (40, 40), (300, 300)], 32)])
+    p = [torch.zeros(2, 3, 10, 10, 85)]
+    # one 36x36 px box (IoU 0.79 and 0.81 with the first two anchors, ~0.014 with the third) centred at (0.55, 0.25)
+    targets = torch.tensor([[1, 7, 0.55, 0.25, 36 / 320, 36 / 320]])
+    tcls, tbox, indices, anch = build_targets(p, targets, model)
+    b, a, gj, gi = indices[0]
+    assert sorted(a.tolist()) == [0, 1]  # every anchor above iou_t, not only the best one
+    assert b.tolist() == [1, 1] and tcls[0].tolist() == [7, 7]
+    assert gi.tolist() == [5, 5] and gj.tolist() == [2, 2]
+    assert torch.allclose(tbox[0][0], torch.tensor([0.5, 0.5, 1.125, 1.125]), atol=1e-5)
+    assert torch.allclose(anch[0][a == 1][0], torch.tensor([1.25, 1.25]))
+
+
+def test_build_targets_threshold_and_layers():
+    # two layers (strides 32 and 16); a large box fits only the large anchor of the coarse layer
+    model = FakeModel([FakeYOLO([(200, 200), (20, 20)], 32), FakeYOLO([(20, 20), (24, 24)], 16)])
+    p = [torch.zeros(1, 2, 10, 10, 85), torch.zeros(1, 2, 20, 20, 85)]
+    targets = torch.tensor([[0, 3, 0.5, 0.5, 180 / 320, 200 / 320],
+                            [0, 4, 0.999, 1.0, 22 / 320, 22 / 320]])  # centre on the border: stays inside the grid
+    tcls, tbox, indices, _ = build_targets(p, targets, model)
+    assert indices[0][1].tolist() == [0, 1] and tcls[0].tolist() == [3, 4]
+    assert indices[0][2].tolist() == [5, 9] and indices[0][3].tolist() == [5, 9]
+    assert sorted(indices[1][1].tolist()) == [0, 1] and tcls[1].tolist() == [4, 4]
+    assert indices[1][2].max() == 19
+    model.hyp['iou_t'] = 0.95  # nothing matches this well
+    tcls, tbox, indices, anch = build_targets(p, targets, model)
+    assert all(len(t) == 0 for t in tcls) and all(x.shape == (0, 4) for x in tbox)
+
+
+def test_build_targets_rejects_class_out_of_range():
+    model = FakeModel([FakeYOLO([(32, 32)], 32)], nc=3)
+    with pytest.raises(ValueError, match='class 3 .*3 classes'):
+        build_targets([torch.zeros(1, 1, 10, 10, 8)], torch.tensor([[0, 3, 0.5, 0.5, 0.1, 0.1]]), model)
+
+
+def test_loss_without_targets_is_objectness_only():
+    model = FakeModel([FakeYOLO([(32, 32)], 32)], nc=2)
+    p = [torch.full((2, 1, 4, 4, 7), -3.0, requires_grad=True)]
+    loss, items = compute_loss(p, torch.zeros(0, 6), model)
+    expected_obj = HYP['obj'] * math.log1p(math.exp(-3.0))  # BCE of logit -3 against target 0, mean
+    assert items[0] == 0 and items[2] == 0
+    assert items[1].item() == pytest.approx(expected_obj, rel=1e-5)
+    loss.backward()
+    assert p[0].grad[..., 4].abs().sum() > 0 and p[0].grad[..., :4].abs().sum() == 0
+
+
+def test_loss_perfect_prediction_and_objectness_ratio():
+    # a prediction exactly on the target: GIoU 1 -> no box loss; obj target 1 whatever gr is
+    model = FakeModel([FakeYOLO([(64, 64)], 32)], nc=2)
+    p = torch.full((1, 1, 4, 4, 7), -20.0)
+    p[0, 0, 1, 2, :4] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # sigmoid 0.5 offsets, exp(0) * anchor = 2 cells
+    p[0, 0, 1, 2, 4] = 20.0
+    p[0, 0, 1, 2, 5:] = torch.tensor([-20.0, 20.0])
+    targets = torch.tensor([[0, 1, 2.5 / 4, 1.5 / 4, 2 / 4, 2 / 4]])
+    for gr in (0.0, 1.0):
+        model.gr = gr
+        _, items = compute_loss([p], targets, model)
+        assert items.tolist() == pytest.approx([0, 0, 0, 0], abs=1e-4)
+    # a worse box lowers the objectness target when gr = 1 but not when gr = 0
+    p[0, 0, 1, 2, 2:4] = 1.0
+    model.gr = 0.0
+    obj_gr0 = compute_loss([p], targets, model)[1][1]
+    model.gr = 1.0
+    obj_gr1 = compute_loss([p], targets, model)[1][1]
+    assert obj_gr0 < 1e-3 < obj_gr1
+
+
+def test_focal_loss_down_weights_easy_examples():
+    bce = nn.BCEWithLogitsLoss(reduction='none')
+    focal = FocalLoss(nn.BCEWithLogitsLoss(), gamma=1.5, alpha=0.25)
+    logits = torch.tensor([4.0, -4.0, 0.0])
+    t = torch.tensor([1.0, 0.0, 1.0])
+    ref = bce(logits, t)
+    p_t = torch.sigmoid(torch.tensor([4.0, 4.0, 0.0]))
+    w = torch.tensor([0.25, 0.75, 0.25]) * (1 - p_t) ** 1.5
+    assert focal(logits, t).item() == pytest.approx((ref * w).mean().item(), rel=1e-6)
+    assert focal.loss_fcn.reduction == 'none' and focal.reduction == 'mean'
