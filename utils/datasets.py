@@ -1,0 +1,642 @@
+"""Datasets and loaders: checked image/label lists with a label cache, the training dataset (letterbox, rectangular
+batches, mosaic, affine, HSV, flip), create_dataloader, and the detect.py sources (images, videos, webcam, streams)."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import math
+import os
+import random
+import re
+import sys
+import time
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from threading import Thread
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import ExifTags, Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from utils.augmentations import augment_hsv, combine_mosaic, letterbox, random_affine
+from utils.boxes import xyxy2xywh
+from utils.data_config import DatasetError
+
+IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
+VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
+CACHE_VERSION = 1  # bump when the cache layout or the checks change
+ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
+__all__ = ['LoadImagesAndLabels', 'LoadImages', 'LoadWebcam', 'LoadStreams', 'create_dataloader', 'letterbox',
+           'img2label_paths', 'list_image_files', 'verify_image_label', 'IMG_FORMATS', 'VID_FORMATS']
+
+
+def img2label_paths(img_paths: Sequence[str]) -> list[str]:
+    """Label path of each image: the last `/images/` directory becomes `/labels/`, the extension `.txt`."""
+    sa, sb = f'{os.sep}images{os.sep}', f'{os.sep}labels{os.sep}'
+    out = []
+    for p in img_paths:
+        head, sep, tail = p.rpartition(sa)
+        p = head + sb + tail if sep else p
+        out.append(os.path.splitext(p)[0] + '.txt')
+    return out
+
+
+def list_image_files(path: str | Path | Sequence[str | Path]) -> list[str]:
+    """Image files of a folder (recursive), a .txt list (relative entries against its folder), a glob, or a list."""
+    files: list[str] = []
+    for p in path if isinstance(path, (list, tuple)) else [path]:
+        p = str(p)
+        if '*' in p:
+            files += glob.glob(p, recursive=True)
+        elif os.path.isdir(p):
+            files += glob.glob(os.path.join(p, '**', '*.*'), recursive=True)
+        elif os.path.isfile(p) and p.rsplit('.', 1)[-1].lower() in IMG_FORMATS:
+            files.append(p)
+        elif os.path.isfile(p):
+            parent = Path(p).resolve().parent
+            try:
+                lines = Path(p).read_text(encoding='utf-8').splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DatasetError(f"{p}: cannot read image list: {e}") from e
+            for x in (x.strip() for x in lines):
+                if x and not x.startswith('#'):
+                    files.append(x if os.path.isabs(x) else os.path.normpath(parent / x))
+        else:
+            raise DatasetError(f"{p} does not exist")
+    files = sorted({os.path.normpath(f) for f in files if f.rsplit('.', 1)[-1].lower() in IMG_FORMATS})
+    if not files:
+        raise DatasetError(f"{path}: no images found (formats: {', '.join(IMG_FORMATS)})")
+    return files
+
+
+def exif_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of a PIL image as displayed, i.e. after its EXIF orientation (which cv2.imread applies)."""
+    w, h = img.size
+    with contextlib.suppress(Exception):
+        if img.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # the four orientations that swap the axes
+            return h, w
+    return w, h
+
+
+def _check_image(im_file: str) -> tuple[int, int]:
+    """(w, h) of an image that opens and decodes; raises ValueError with the reason otherwise."""
+    if os.path.getsize(im_file) == 0:
+        raise ValueError('empty file (0 bytes)')
+    try:
+        with Image.open(im_file) as im:
+            im.verify()  # structure and checksums, without decoding the pixels
+        with Image.open(im_file) as im:  # verify() leaves the image unusable: reopen
+            shape, fmt = exif_size(im), im.format
+            if fmt == 'JPEG':
+                with open(im_file, 'rb') as f:
+                    f.seek(-2, 2)
+                    if f.read() != b'\xff\xd9':  # no end-of-image marker: decode it all to see if it is truncated
+                        im.load()
+    except UnidentifiedImageError as e:
+        raise ValueError('not an image (cannot identify the format)') from e
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f'corrupt image ({e})') from e
+    if shape[0] < 10 or shape[1] < 10:
+        raise ValueError(f'image size {shape[0]}x{shape[1]} is under 10 pixels')
+    return shape
+
+
+def _check_labels(lb_file: str, nc: int | None) -> tuple[np.ndarray, int]:
+    """(n, 5) float32 labels of a label file and the number of duplicate rows dropped; ValueError naming the line."""
+    rows, lines = [], []
+    with open(lb_file, encoding='utf-8') as f:
+        for i, line in enumerate(f.read().splitlines(), 1):
+            if line.strip():
+                rows.append(line.split())
+                lines.append(i)
+    for parts, i in zip(rows, lines):
+        if len(parts) != 5:
+            raise ValueError(f'line {i}: {len(parts)} numbers, expected 5 (class x_center y_center width height)')
+        try:
+            values = [float(v) for v in parts]
+        except ValueError as e:
+            raise ValueError(f'line {i}: not a number ({e})') from e
+        c, x, y, w, h = values
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f'line {i}: non-finite value')
+        if c != int(c) or c < 0 or (nc is not None and c >= nc):
+            raise ValueError(f'line {i}: class {parts[0]} not in [0, {nc if nc is not None else "nc"})')
+        if not all(0 <= v <= 1 for v in (x, y, w, h)):
+            raise ValueError(f'line {i}: coordinates must be normalised to [0, 1], got {" ".join(parts[1:])}')
+        if w <= 0 or h <= 0:
+            raise ValueError(f'line {i}: width and height must be > 0, got {parts[3]} {parts[4]}')
+    labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
+    _, first = np.unique(labels, axis=0, return_index=True)
+    return labels[np.sort(first)], len(labels) - len(first)
+
+
+def verify_image_label(im_file: str, lb_file: str, nc: int | None = None
+                       ) -> tuple[np.ndarray | None, tuple[int, int] | None, str, str]:
+    """Check one image and its label file: (labels (n, 5) or None if unusable, (w, h), status, message).
+
+    status is 'found', 'missing' (no label file), 'empty' or 'corrupt'; message names the faulty file and why.
+    """
+    try:
+        shape = _check_image(im_file)
+    except (OSError, ValueError) as e:
+        return None, None, 'corrupt', f'{im_file}: skipped: {e}'
+    if not os.path.isfile(lb_file):
+        return np.zeros((0, 5), dtype=np.float32), shape, 'missing', ''
+    try:
+        labels, ndup = _check_labels(lb_file, nc)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, None, 'corrupt', f'{lb_file}: skipped with its image: {e}'
+    msg = f'{lb_file}: {ndup} duplicate label rows dropped' if ndup else ''
+    return labels, shape, 'found' if len(labels) else 'empty', msg
+
+
+def _files_hash(files: Sequence[str], extra: str = '') -> str:
+    """md5 of the file list with each file's size and mtime (absent files count as absent)."""
+    h = hashlib.md5(f'{CACHE_VERSION}{extra}'.encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f'{f}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        except OSError:
+            h.update(f'{f}\0-\n'.encode())
+    return h.hexdigest()
+
+
+def _dir_writable(d: Path) -> bool:
+    """True if files may be created in d; a folder without any write permission bit counts as read-only even for
+    root, who ignores the bits (read-only shares are often exported that way)."""
+    try:
+        return bool(os.stat(d).st_mode & 0o222) and os.access(d, os.W_OK)
+    except OSError:
+        return False
+
+
+def _available_memory() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable on Linux)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open('/proc/meminfo') as f:
+            return int(next(x for x in f if x.startswith('MemAvailable:')).split()[1]) * 1024
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+class LoadImagesAndLabels(Dataset):
+    """Images with YOLO labels for training and testing, checked once and cached (see README: data pipeline)."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 416, batch_size: int = 16,
+                 augment: bool = False, hyp: dict | None = None, rect: bool = False, image_weights: bool = False,
+                 cache_images: bool = False, single_cls: bool = False, pad: float = 0.0, stride: int = 32,
+                 rank: int = -1, nc: int | None = None, prefix: str = ''):
+        self.img_size = img_size
+        self.augment = augment
+        self.hyp = hyp or {}
+        self.image_weights = image_weights
+        self.rect = False if image_weights else rect
+        self.mosaic = self.augment and not self.rect  # four images at a time, training only
+        self.stride = stride
+        self.path = path
+        self.verbose = rank in (-1, 0)
+        self.prefix = prefix
+        if augment and not hyp:
+            raise ValueError('augment=True needs hyp (degrees, translate, scale, shear, hsv_h, hsv_s, hsv_v)')
+
+        img_files = list_image_files(path)
+        cache = self._load_or_scan(path, img_files, img2label_paths(img_files), nc)
+        nf, nm, ne, ncor = (cache['counts'][k] for k in ('found', 'missing', 'empty', 'corrupt'))
+        if not cache['files']:
+            raise DatasetError(f"{path}: no usable images ({ncor} corrupt of {len(img_files)})")
+        if augment and nf == 0:
+            raise DatasetError(f"{path}: no labels found in {nm + ne} images (label folder "
+                               f"{Path(img2label_paths(img_files[:1])[0]).parent}); cannot train without labels")
+
+        self.img_files = list(cache['files'])
+        self.label_files = img2label_paths(self.img_files)
+        self.labels = [lb.numpy() for lb in cache['labels']]  # (n, 5) float32 [class, x, y, w, h] each
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        self.shapes = cache['shapes'].numpy().astype(np.float64)  # (n, 2) original (w, h), EXIF-corrected
+        n = len(self.img_files)
+        self.n = n
+        self.batch = np.floor(np.arange(n) / batch_size).astype(int)  # batch index of each image
+        self.indices = np.arange(n)  # train.py redraws these for image_weights
+        if self.rect:
+            self._set_rect_batches(batch_size, pad)
+
+        self.imgs: list[np.ndarray | None] = [None] * n
+        self.img_hw0: list[tuple[int, int] | None] = [None] * n
+        self.img_hw: list[tuple[int, int] | None] = [None] * n
+        if cache_images:
+            self._cache_images()
+
+    def _log(self, msg: str) -> None:
+        """Print on the main process only."""
+        if self.verbose:
+            print(self.prefix + msg, flush=True)
+
+    def _load_or_scan(self, path: Any, img_files: list[str], label_files: list[str], nc: int | None) -> dict:
+        """The checked labels of img_files: from the cache next to the labels when it is current, else a scan."""
+        single = path[0] if isinstance(path, (list, tuple)) and len(path) == 1 else path
+        if isinstance(single, (str, Path)) and os.path.isfile(single):  # as the original: beside a .txt list
+            cache_path = Path(single).with_suffix('.cache')
+        else:  # as the original: labels/train2017 -> labels/train2017.cache
+            cache_path = Path(label_files[0]).parent.with_suffix('.cache')
+        key = _files_hash(img_files + label_files, extra=f'nc={nc}')
+        cache = None
+        if cache_path.is_file():
+            with contextlib.suppress(Exception):  # unreadable or foreign file: scan again
+                cache = torch.load(cache_path, weights_only=True)
+                if cache.get('version') != CACHE_VERSION or cache.get('hash') != key:
+                    cache = None
+        if cache is not None:
+            self._log(f"Scanning '{cache_path}' (cached) ... {self._summary(cache['counts'])}")
+            for msg in cache['msgs']:
+                self._log(f'WARNING: {msg}')
+            return cache
+        cache = self._scan(img_files, label_files, nc)
+        cache.update(version=CACHE_VERSION, hash=key)
+        if self.verbose:
+            if _dir_writable(cache_path.parent):
+                tmp = cache_path.with_name(f'.{cache_path.name}.{os.getpid()}.tmp')
+                try:
+                    torch.save(cache, tmp)
+                    os.replace(tmp, cache_path)  # atomic: a reader never sees half a cache
+                    self._log(f'New cache created: {cache_path}')
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    self._log(f'Label cache not saved ({cache_path}: {e.strerror or e})')
+            else:
+                self._log(f'Label cache not saved: {cache_path.parent} is read-only')
+        return cache
+
+    def _scan(self, img_files: list[str], label_files: list[str], nc: int | None) -> dict:
+        """Check every image and label file (threads, one progress bar); print each fault once and a summary."""
+        counts = {'found': 0, 'missing': 0, 'empty': 0, 'corrupt': 0}
+        files, labels, shapes, msgs = [], [], [], []
+        desc = f"{self.prefix}Scanning '{Path(label_files[0]).parent}' images and labels"
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            results = pool.imap(lambda a: verify_image_label(*a, nc), zip(img_files, label_files), chunksize=16)
+            pbar = tqdm(results, desc=desc, total=len(img_files), disable=not self.verbose, file=sys.stderr)
+            for im_file, (lb, shape, status, msg) in zip(img_files, pbar):
+                counts[status] += 1
+                if msg:
+                    msgs.append(msg)
+                    if self.verbose:
+                        pbar.write(f'{self.prefix}WARNING: {msg}', file=sys.stdout)
+                if lb is not None:
+                    files.append(im_file)
+                    labels.append(torch.from_numpy(lb))
+                    shapes.append(shape)
+                pbar.set_postfix_str(self._summary(counts), refresh=False)
+            pbar.close()
+        self._log(f"{desc}... {self._summary(counts)}")
+        return {'files': files, 'labels': labels, 'shapes': torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2),
+                'counts': counts, 'msgs': msgs}
+
+    @staticmethod
+    def _summary(c: dict) -> str:
+        """The one summary line: found / missing / empty / corrupt counts."""
+        return f"{c['found']} found, {c['missing']} missing, {c['empty']} empty, {c['corrupt']} corrupt"
+
+    def _set_rect_batches(self, batch_size: int, pad: float) -> None:
+        """Sort by aspect ratio and give each batch the smallest stride-multiple shape that fits its images."""
+        ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        irect = ar.argsort()
+        self.img_files = [self.img_files[i] for i in irect]
+        self.label_files = [self.label_files[i] for i in irect]
+        self.labels = [self.labels[i] for i in irect]
+        self.shapes = self.shapes[irect]
+        ar = ar[irect]
+        nb = int(self.batch[-1]) + 1
+        shapes = np.ones((nb, 2))  # (h, w) relative to img_size
+        for i in range(nb):
+            ari = ar[self.batch == i]
+            mini, maxi = ari.min(), ari.max()
+            if maxi < 1:
+                shapes[i] = [maxi, 1]
+            elif mini > 1:
+                shapes[i] = [1, 1 / mini]
+        self.batch_shapes = np.ceil(shapes * self.img_size / self.stride + pad).astype(int) * self.stride
+
+    def _cache_images(self) -> None:
+        """Decode and resize every image into RAM, after saying how much that takes; refuse if it would not fit."""
+        r = self.img_size / self.shapes.max(1)
+        need = int((np.floor(self.shapes[:, 0] * r) * np.floor(self.shapes[:, 1] * r) * 3).sum())
+        avail = _available_memory()
+        self._log(f'Caching images needs {need / 1e9:.2f} GB of RAM ({avail / 1e9:.2f} GB available)')
+        if need > 0.8 * avail:  # leave room for the model, the workers and the rest of the system
+            self._log(f'WARNING: not caching images: {need / 1e9:.2f} GB would not fit in the '
+                      f'{avail / 1e9:.2f} GB available; images are read from disk instead')
+            return
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            for i, (img, hw0, hw) in enumerate(pool.imap(self.load_image, range(self.n))):
+                self.imgs[i], self.img_hw0[i], self.img_hw[i] = img, hw0, hw
+
+    def __len__(self) -> int:
+        return len(self.img_files)
+
+    def load_image(self, index: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """BGR uint8 image resized so its long side is img_size; returns (img, (h0, w0) original, (h, w) resized)."""
+        if self.imgs[index] is not None:
+            return self.imgs[index], self.img_hw0[index], self.img_hw[index]
+        path = self.img_files[index]
+        w0, h0 = (int(v) for v in self.shapes[index])
+        r = self.img_size / max(h0, w0)
+        flag = cv2.IMREAD_COLOR
+        if self.augment:  # training: let the JPEG decoder downscale by 2, 4 or 8 (DCT scaling, far faster)
+            for f, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                               (2, cv2.IMREAD_REDUCED_COLOR_2)):
+                if r * f <= 1:
+                    flag = reduced
+                    break
+        img = cv2.imread(path, flag)  # BGR, EXIF orientation applied
+        if img is None:
+            raise DatasetError(f'{path}: image can no longer be read (changed since the dataset was checked?)')
+        if r != 1:
+            new = (int(w0 * r), int(h0 * r))
+            if (img.shape[1], img.shape[0]) != new:
+                # as the original: INTER_AREA only when shrinking for testing, INTER_LINEAR otherwise
+                interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
+                img = cv2.resize(img, new, interpolation=interp)
+        return img, (h0, w0), img.shape[:2]
+
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mosaic of this image and three random others, then the random affine cropping it to img_size."""
+        s = self.img_size
+        xc, yc = (int(random.uniform(s * 0.5, s * 1.5)) for _ in range(2))  # mosaic centre
+        indices = [index] + [random.randint(0, self.n - 1) for _ in range(3)]
+        imgs = [self.load_image(i)[0] for i in indices]
+        img4, labels4 = combine_mosaic(imgs, [self.labels[i] for i in indices], s, xc, yc)
+        hyp = self.hyp
+        return random_affine(img4, labels4, degrees=hyp['degrees'], translate=hyp['translate'],
+                             scale=hyp['scale'], shear=hyp['shear'], border=-s // 2)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        """(img uint8 (3, H, W) RGB, labels (n, 6) [0, cls, x, y, w, h] normalised, path, shapes or None)."""
+        index = int(self.indices[index]) if self.image_weights else index
+        hyp = self.hyp
+        if self.mosaic:
+            img, labels = self.load_mosaic(index)
+            shapes = None
+        else:
+            img, (h0, w0), (h, w) = self.load_image(index)
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
+            shapes = (h0, w0), ((h / h0, w / w0), pad)  # for rescaling predictions to the original (COCO mAP)
+            x = self.labels[index]
+            labels = np.zeros((len(x), 5), dtype=np.float32)
+            if len(x):  # normalised xywh -> letterboxed pixel xyxy
+                labels[:, 0] = x[:, 0]
+                labels[:, 1] = ratio[0] * w * (x[:, 1] - x[:, 3] / 2) + pad[0]
+                labels[:, 2] = ratio[1] * h * (x[:, 2] - x[:, 4] / 2) + pad[1]
+                labels[:, 3] = ratio[0] * w * (x[:, 1] + x[:, 3] / 2) + pad[0]
+                labels[:, 4] = ratio[1] * h * (x[:, 2] + x[:, 4] / 2) + pad[1]
+            if self.augment:
+                img, labels = random_affine(img, labels, degrees=hyp['degrees'], translate=hyp['translate'],
+                                            scale=hyp['scale'], shear=hyp['shear'])
+        if self.augment:
+            augment_hsv(img, hgain=hyp['hsv_h'], sgain=hyp['hsv_s'], vgain=hyp['hsv_v'])
+
+        nl = len(labels)
+        if nl:  # pixel xyxy -> normalised xywh
+            labels[:, 1:5] = xyxy2xywh(labels[:, 1:5])
+            labels[:, [2, 4]] /= img.shape[0]
+            labels[:, [1, 3]] /= img.shape[1]
+        flip = self.augment and random.random() < 0.5  # left-right only, as the original
+        if flip and nl:
+            labels[:, 1] = 1 - labels[:, 1]
+        labels_out = torch.zeros((nl, 6))
+        if nl:
+            labels_out[:, 1:] = torch.from_numpy(labels)
+        # BGR HWC -> RGB CHW (and the flip) in one copy: (3, H, W) uint8
+        img = img[:, ::-1, ::-1] if flip else img[:, :, ::-1]
+        img = np.ascontiguousarray(img.transpose(2, 0, 1))
+        return torch.from_numpy(img), labels_out, self.img_files[index], shapes
+
+    @staticmethod
+    def collate_fn(batch: list) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+        """Stack images (B, 3, H, W) and join targets (n, 6) with column 0 the image's index in the batch."""
+        img, label, path, shapes = zip(*batch)
+        for i, lb in enumerate(label):
+            lb[:, 0] = i
+        return torch.stack(img, 0), torch.cat(label, 0), path, shapes
+
+
+@contextlib.contextmanager
+def _rank_zero_first(rank: int) -> Iterator[None]:
+    """Let rank 0 build the dataset (and its label cache) before the other ranks read it."""
+    sync = rank != -1 and dist.is_available() and dist.is_initialized()
+    if sync and rank > 0:
+        dist.barrier()
+    yield
+    if sync and rank == 0:
+        dist.barrier()
+
+
+def _worker_init(worker_id: int) -> None:
+    """Seed each worker (numpy, random) from its torch seed and keep OpenCV single-threaded inside it."""
+    cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV's own threads would oversubscribe the cores
+    seed = torch.initial_seed() % 2 ** 32  # base seed + worker id, set by the DataLoader's generator
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
+                      augment: bool = False, cache: bool = False, pad: float = 0.0, rect: bool = False,
+                      rank: int = -1, world_size: int = 1, workers: int = 8, image_weights: bool = False,
+                      single_cls: bool = False, shuffle: bool = True, seed: int = 0, nc: int | None = None,
+                      prefix: str = '') -> tuple[DataLoader, LoadImagesAndLabels]:
+    """(DataLoader, dataset) for training or testing; a DistributedSampler when world_size > 1 (call set_epoch)."""
+    with _rank_zero_first(rank):
+        dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
+                                      image_weights=image_weights, cache_images=cache, single_cls=single_cls,
+                                      pad=pad, stride=int(stride), rank=rank, nc=nc, prefix=prefix)
+    if rect and shuffle:
+        if rank in (-1, 0):
+            print(f'{prefix}Rectangular batches: shuffle and mosaic off')
+        shuffle = False
+    batch_size = min(batch_size, len(dataset))
+    nw = min((os.cpu_count() or 1) // max(world_size, 1), batch_size if batch_size > 1 else 0, workers)
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if world_size > 1 else None
+    generator = torch.Generator()
+    generator.manual_seed(seed + max(rank, 0) * 1000)  # worker seeds: this + worker id, distinct per rank
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                        num_workers=nw, pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+                        worker_init_fn=_worker_init, generator=generator,
+                        persistent_workers=nw > 0 and not image_weights)  # image_weights changes indices per epoch
+    return loader, dataset
+
+
+def _letterbox_chw(img0: np.ndarray, img_size: int, auto: bool) -> np.ndarray:
+    """Letterbox a BGR image and return it as (3, h, w) RGB uint8, contiguous."""
+    img = letterbox(img0, img_size, auto=auto)[0]
+    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
+
+
+class LoadImages:
+    """Iterate over images and videos (a file, a folder or a glob): yields (path, img (3,h,w) RGB, img0 BGR, cap)."""
+
+    def __init__(self, path: str | Path, img_size: int = 416, auto: bool = True):
+        p = str(Path(path).absolute())
+        if '*' in p:
+            files = sorted(glob.glob(p, recursive=True))
+        elif os.path.isdir(p):
+            files = sorted(glob.glob(os.path.join(p, '*.*')))
+        elif os.path.isfile(p):
+            files = [p]
+        else:
+            raise FileNotFoundError(f'{p} does not exist')
+        images = [x for x in files if x.rsplit('.', 1)[-1].lower() in IMG_FORMATS]
+        videos = [x for x in files if x.rsplit('.', 1)[-1].lower() in VID_FORMATS]
+        if not images and not videos:
+            raise FileNotFoundError(f'no images or videos in {p} (images: {", ".join(IMG_FORMATS)}; '
+                                    f'videos: {", ".join(VID_FORMATS)})')
+        self.img_size, self.auto = img_size, auto
+        self.files = images + videos
+        self.nf = len(self.files)
+        self.video_flag = [False] * len(images) + [True] * len(videos)
+        self.mode = 'image'
+        self.cap, self.frame, self.nframes = None, 0, 0
+        if videos:
+            self._new_video(videos[0])
+
+    def __iter__(self) -> LoadImages:
+        self.count = 0
+        return self
+
+    def __next__(self) -> tuple[str, np.ndarray, np.ndarray, cv2.VideoCapture | None]:
+        if self.count == self.nf:
+            raise StopIteration
+        path = self.files[self.count]
+        if self.video_flag[self.count]:
+            self.mode = 'video'
+            ok, img0 = self.cap.read()
+            while not ok:  # this video is over: the next one, or stop
+                self.cap.release()
+                self.count += 1
+                if self.count == self.nf:
+                    raise StopIteration
+                path = self.files[self.count]
+                self._new_video(path)
+                ok, img0 = self.cap.read()
+            self.frame += 1
+        else:
+            self.mode = 'image'
+            self.count += 1
+            img0 = cv2.imread(path)  # BGR
+            if img0 is None:
+                raise FileNotFoundError(f'{path}: cannot read image')
+        return path, _letterbox_chw(img0, self.img_size, self.auto), img0, self.cap
+
+    def _new_video(self, path: str) -> None:
+        """Open the next video file."""
+        self.frame = 0
+        self.cap = cv2.VideoCapture(path)
+        if not self.cap.isOpened():
+            raise FileNotFoundError(f'{path}: cannot open video')
+        self.nframes = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
+
+    def __len__(self) -> int:
+        return self.nf
+
+
+class LoadWebcam:
+    """Frames of one local camera (index) or network stream (URL), mirrored for a local camera."""
+
+    def __init__(self, pipe: str | int = '0', img_size: int = 416):
+        self.img_size = img_size
+        self.pipe = int(pipe) if str(pipe).isnumeric() else pipe
+        self.cap = cv2.VideoCapture(self.pipe)
+        if not self.cap.isOpened():
+            raise ConnectionError(f'cannot open camera {pipe}')
+        self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 3)
+        self.mode = 'webcam'
+
+    def __iter__(self) -> LoadWebcam:
+        self.count = -1
+        return self
+
+    def __next__(self) -> tuple[str, np.ndarray, np.ndarray, None]:
+        self.count += 1
+        ok, img0 = self.cap.read()
+        if not ok:
+            self.cap.release()
+            raise StopIteration
+        if isinstance(self.pipe, int):
+            img0 = cv2.flip(img0, 1)  # as the original: a local camera is shown like a mirror
+        return f'webcam_{self.count}.jpg', _letterbox_chw(img0, self.img_size, True), img0, None
+
+    def __len__(self) -> int:
+        return 0
+
+
+def clean_str(s: str) -> str:
+    """A source name usable as a file name."""
+    return re.sub(r'[|@#!¡·$€%&()=?¿^*;:,¨´><+]', '_', s)
+
+
+class LoadStreams:
+    """Several cameras or streams at once, each read by a thread; yields (sources, imgs (n,3,h,w), imgs0, None)."""
+
+    def __init__(self, sources: str = 'streams.txt', img_size: int = 416):
+        self.mode = 'stream'
+        self.img_size = img_size
+        if os.path.isfile(sources):
+            sources = [x.strip() for x in Path(sources).read_text().splitlines() if x.strip()]
+        else:
+            sources = [sources]
+        n = len(sources)
+        self.imgs: list[np.ndarray | None] = [None] * n
+        self.sources = [clean_str(x) for x in sources]
+        self.threads = []
+        for i, s in enumerate(sources):
+            cap = cv2.VideoCapture(int(s) if s.isnumeric() else s)
+            if not cap.isOpened():
+                raise ConnectionError(f'cannot open stream {s}')
+            ok, self.imgs[i] = cap.read()  # the first frame, so every stream has one
+            if not ok:
+                raise ConnectionError(f'stream {s} gave no frame')
+            w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            fps = cap.get(cv2.CAP_PROP_FPS) % 100 or 30.0
+            print(f'{i + 1}/{n}: {s} ({w}x{h} at {fps:.2f} FPS)')
+            t = Thread(target=self._update, args=(i, cap), daemon=True)
+            t.start()
+            self.threads.append(t)
+        shapes = {letterbox(x, img_size)[0].shape for x in self.imgs}
+        self.rect = len(shapes) == 1  # one shape for all: minimum-rectangle inference, else square
+        if not self.rect:
+            print('WARNING: streams differ in shape; padding all to squares. Similar streams are faster.')
+
+    def _update(self, i: int, cap: cv2.VideoCapture) -> None:
+        """Keep the latest frame of stream i (decoding every 4th grabbed frame), until it ends."""
+        n = 0
+        while cap.isOpened():
+            n += 1
+            if not cap.grab():
+                break
+            if n == 4:
+                ok, im = cap.retrieve()
+                self.imgs[i] = im if ok else self.imgs[i] * 0
+                n = 0
+            time.sleep(0.01)  # as the original: yield to the other threads
+        cap.release()
+
+    def __iter__(self) -> LoadStreams:
+        self.count = -1
+        return self
+
+    def __next__(self) -> tuple[list[str], np.ndarray, list[np.ndarray], None]:
+        self.count += 1
+        if not all(t.is_alive() for t in self.threads):
+            raise StopIteration
+        img0 = [x.copy() for x in self.imgs]
+        img = np.stack([letterbox(x, self.img_size, auto=self.rect)[0] for x in img0], 0)  # (n, h, w, 3) BGR
+        return self.sources, np.ascontiguousarray(img[..., ::-1].transpose(0, 3, 1, 2)), img0, None
+
+    def __len__(self) -> int:
+        return 0
