@@ -1,0 +1,120 @@
+"""ap_per_class, compute_ap, prediction matching and fitness against hand-computed cases; COCO helpers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from utils.coco import (CocoGroundTruth, coco80_to_coco91_class, coco_evaluate, find_coco_annotations, image_ids,
+                        prediction_records)
+from utils.metrics import IOU_THRESHOLDS, ap_per_class, compute_ap, fitness, match_predictions
+from tests.conftest import COCO128, COCO128_IMAGES
+
+
+def test_compute_ap_single_point():
+    # recall 0.5 at precision 1: envelope 1 up to 0.5, then falls to 0 at the sentinel 0.501; on the 101-point
+    # grid that is 1 for x <= 0.50 and 0 from 0.51 on: 0.5 + one half-step trapezoid 0.005
+    ap, _, _ = compute_ap(np.array([0.5]), np.array([1.0]))
+    assert ap == pytest.approx(0.505, abs=1e-9)
+
+
+def test_compute_ap_envelope():
+    # 3 targets; tp 1,0,1,0 -> recall 1/3,1/3,2/3,2/3, precision 1,1/2,2/3,1/2; envelope 1 to r=1/3, 2/3 to r=2/3:
+    # grid 0..0.33 -> 1, 0.34..0.66 -> 2/3, 0.67.. -> 0: 0.33 + 0.01*(1+2/3)/2 + 0.32*2/3 + 0.01*(2/3)/2 = 0.555
+    ap, mpre, _ = compute_ap(np.array([1, 1, 2, 2]) / 3, np.array([1, 1 / 2, 2 / 3, 1 / 2]))
+    assert ap == pytest.approx(0.555, abs=1e-9)
+    assert mpre[:5] == pytest.approx([1, 1, 2 / 3, 2 / 3, 1 / 2])
+
+
+def test_ap_per_class_hand_case():
+    conf = np.array([0.7, 0.9, 0.6, 0.8])  # unsorted on purpose
+    tp = np.array([[1], [1], [0], [0]], dtype=bool)  # sorted by conf: tp 1,0,1,0
+    pred_cls = np.zeros(4)
+    target_cls = np.array([0, 0, 0, 1])  # class 1 has a target and no prediction
+    res = ap_per_class(tp, conf, pred_cls, target_cls, pr_score=0.75)
+    assert res.classes.tolist() == [0, 1]
+    assert res.ap[:, 0] == pytest.approx([0.555, 0.0], abs=1e-9)
+    # at conf 0.75 (between 0.8 and 0.7) recall is halfway from 1/3 to 2/3, precision from 1/2 to 2/3
+    assert res.r == pytest.approx([0.5, 0.0])
+    assert res.p == pytest.approx([7 / 12, 0.0])
+    assert res.f1[0] == pytest.approx(2 * (7 / 12) * 0.5 / (7 / 12 + 0.5))
+    # below every confidence: the end of the curve
+    res = ap_per_class(tp, conf, pred_cls, target_cls)
+    assert res.r[0] == pytest.approx(2 / 3) and res.p[0] == pytest.approx(0.5)
+    assert res.py.shape == (2, 1000) and res.py[0, 0] == pytest.approx(1.0)
+
+
+def test_ap_per_class_ignores_classes_without_targets():
+    tp = np.array([[1], [0]], dtype=bool)
+    res = ap_per_class(tp, np.array([0.9, 0.95]), np.array([0, 5]), np.array([0]))
+    assert res.classes.tolist() == [0]  # class 5 was only predicted: not scored, not a false positive of class 0
+    assert res.ap[0, 0] == pytest.approx(0.995, abs=1e-9)  # recall 1 at precision 1: see the end quirk below
+
+
+def test_ap_perfect_detector_is_one_minus_end_quirk():
+    # recall reaches exactly 1: the sentinel duplicates x=1, where np.interp takes the closing 0, so the last
+    # trapezoid is halved (as the original): 1 - 0.005
+    tp = np.ones((4, 10), dtype=bool)
+    res = ap_per_class(tp, np.array([0.9, 0.8, 0.7, 0.6]), np.zeros(4), np.zeros(4))
+    assert res.ap[0] == pytest.approx(np.full(10, 0.995), abs=1e-9)
+
+
+def test_match_predictions_greedy_by_confidence():
+    labels = torch.tensor([[0, 0, 0, 10, 10],  # A
+                           [0, 20, 0, 30, 10],  # B
+                           [1, 0, 0, 10, 10.]])  # C
+    pred = torch.tensor([[0, 0, 10, 10, .9, 0],  # A, IoU 1: correct everywhere
+                         [0, 0, 10, 9, .8, 0],  # best target A is taken: wrong everywhere
+                         [21, 0, 30.5, 10, .7, 0],  # B, IoU 90/105 = 0.857: correct at 0.50..0.85
+                         [0, 0, 10, 10, .6, 2],  # class without targets
+                         [0, 0, 10, 4, .5, 1],  # C, IoU 0.4: below 0.5
+                         [0, 0, 10, 6.2, .4, 1]])  # C, IoU 0.62: correct at 0.50, 0.55, 0.60
+    correct = match_predictions(pred, labels)
+    assert correct.shape == (6, 10)
+    assert correct.sum(1).tolist() == [10, 0, 8, 0, 0, 3]
+    assert correct[2].tolist() == [True] * 8 + [False] * 2
+    assert IOU_THRESHOLDS.numel() == 10
+
+
+def test_match_predictions_second_target_not_taken_over():
+    # as the original: a prediction whose best target is taken does not fall back to its second-best target
+    labels = torch.tensor([[0, 0, 0, 10, 10], [0, 2, 0, 12, 10.]])
+    pred = torch.tensor([[0, 0, 10, 10, .9, 0], [0.5, 0, 10.5, 10, .8, 0]])  # both best-match the first target
+    assert match_predictions(pred, labels)[:, 0].tolist() == [True, False]
+    assert not match_predictions(pred, labels[:0]).any()
+    assert match_predictions(pred[:0], labels).shape == (0, 10)
+
+
+def test_fitness_weights():
+    x = np.array([[0.5, 0.6, 0.4, 0.2, 0.3, 1, 2, 3], [0, 0, 1, 1, 0, 0, 0, 0]])
+    assert fitness(x) == pytest.approx([0.1 * 0.4 + 0.9 * 0.2, 1.0])
+
+
+def test_coco_ids_and_class_map():
+    m = coco80_to_coco91_class()
+    assert len(m) == 80 and len(set(m)) == 80 and m[0] == 1 and m[-1] == 90 and 12 not in m
+    assert image_ids(['a/000000000009.jpg', 'b/COCO_val2014_000000000042.jpg']) == {
+        'a/000000000009.jpg': 9, 'b/COCO_val2014_000000000042.jpg': 42}
+    assert image_ids(['x/dog.jpg', 'x/cat.jpg']) == {'x/cat.jpg': 1, 'x/dog.jpg': 2}  # custom names: positions
+    assert find_coco_annotations(COCO128_IMAGES) == COCO128 / 'annotations' / 'instances_train2017.json'
+    assert find_coco_annotations(COCO128 / 'labels') is None
+
+
+def test_coco_gt_from_labels_scores_perfect_predictions(tmp_path):
+    gt = CocoGroundTruth(['cat', 'dog'])
+    boxes = np.array([[10, 20, 110, 220], [200, 50, 300, 90.]])
+    gt.add_image(1, 'a.jpg', 480, 640, [0, 1], boxes)
+    gt.add_image(2, 'b.jpg', 480, 640, [1], boxes[:1])
+    gt_file = gt.save(tmp_path / 'gt.json')
+    recs = prediction_records(1, boxes, np.array([0.9, 0.8]), np.array([0, 1]))
+    recs += prediction_records(2, boxes[:1], np.array([0.7]), np.array([1]))
+    assert recs[0]['bbox'] == [10.0, 20.0, 100.0, 200.0]
+    (tmp_path / 'pred.json').write_text(json.dumps(recs))
+    stats = coco_evaluate(gt_file, tmp_path / 'pred.json', img_ids=[1, 2], verbose=False)
+    assert stats[0] == pytest.approx(1.0) and stats[1] == pytest.approx(1.0)
+    # one box shifted off its object: AP drops
+    recs[1]['bbox'][0] += 60
+    (tmp_path / 'pred.json').write_text(json.dumps(recs))
+    assert coco_evaluate(gt_file, tmp_path / 'pred.json', verbose=False)[1] < 1.0

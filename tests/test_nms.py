@@ -1,0 +1,101 @@
+"""non_max_suppression: filters, multi-label, class handling, merge-NMS, limits; against a plain greedy reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.boxes import box_iou
+from utils.nms import non_max_suppression
+
+
+def pred_rows(rows: list[tuple], nc: int = 3) -> torch.Tensor:
+    """(1, n, 5 + nc) prediction from rows (x, y, w, h, obj, {cls: prob})."""
+    out = torch.zeros(1, len(rows), 5 + nc)
+    for k, (x, y, w, h, obj, probs) in enumerate(rows):
+        out[0, k, :5] = torch.tensor([x, y, w, h, obj])
+        for c, p in probs.items():
+            out[0, k, 5 + c] = p
+    return out
+
+
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
+    """Textbook greedy NMS: take the best remaining box, drop those overlapping it by more than thr."""
+    order = scores.argsort(descending=True).tolist()
+    keep = []
+    while order:
+        i = order.pop(0)
+        keep.append(i)
+        order = [j for j in order if box_iou(boxes[i:i + 1], boxes[j:j + 1]).item() <= thr]
+    return keep
+
+
+def test_overlapping_same_class_keeps_best_and_merges():
+    p = pred_rows([(50, 50, 20, 20, 0.9, {0: 1.0}), (52, 50, 20, 20, 0.6, {0: 1.0}), (150, 50, 20, 20, 0.5, {0: 1.0})])
+    out = non_max_suppression(p.clone(), conf_thres=0.1, iou_thres=0.6, merge=False)[0]
+    assert out.shape == (2, 6)
+    assert out[:, 4].tolist() == pytest.approx([0.9, 0.5])  # sorted by confidence
+    assert out[0, :4].tolist() == pytest.approx([40, 40, 60, 60])
+    merged = non_max_suppression(p.clone(), conf_thres=0.1, iou_thres=0.6, merge=True)[0]
+    # the kept box becomes the score-weighted mean of it and the box it suppressed: x1 = (0.9*40 + 0.6*42) / 1.5
+    assert merged[0, :4].tolist() == pytest.approx([40.8, 40, 60.8, 60])
+    assert merged[1, :4].tolist() == pytest.approx([140, 40, 160, 60])  # alone: unchanged
+
+
+def test_classes_kept_apart_unless_agnostic():
+    p = pred_rows([(50, 50, 20, 20, 0.9, {0: 0.9}), (50, 50, 20, 20, 0.8, {1: 0.9})])
+    assert len(non_max_suppression(p.clone(), 0.1, 0.6)[0]) == 2
+    out = non_max_suppression(p.clone(), 0.1, 0.6, agnostic=True)[0]
+    assert len(out) == 1 and out[0, 5] == 0
+    only1 = non_max_suppression(p.clone(), 0.1, 0.6, classes=[1])[0]
+    assert len(only1) == 1 and only1[0, 5] == 1
+
+
+def test_multi_label_and_confidence_product():
+    p = pred_rows([(50, 50, 20, 20, 0.8, {0: 0.5, 1: 0.25, 2: 0.05})])
+    out = non_max_suppression(p.clone(), conf_thres=0.1, iou_thres=0.6, multi_label=True)[0]
+    # conf = obj * cls: 0.4, 0.2 and 0.04 (below 0.1)
+    assert out[:, 5].tolist() == [0, 1] and out[:, 4].tolist() == pytest.approx([0.4, 0.2])
+    best = non_max_suppression(p.clone(), conf_thres=0.1, iou_thres=0.6, multi_label=False)[0]
+    assert best[:, 5].tolist() == [0] and best[0, 4].item() == pytest.approx(0.4)
+
+
+def test_filters_objectness_and_tiny_boxes():
+    p = pred_rows([(50, 50, 20, 20, 0.05, {0: 1.0}),  # objectness below threshold
+                   (80, 50, 2, 20, 0.9, {0: 1.0}),  # 2 px wide: dropped, as the original
+                   (120, 50, 2.5, 20, 0.9, {0: 1.0})])
+    out = non_max_suppression(p, 0.1, 0.6)[0]
+    assert out.shape == (1, 6) and out[0, 0].item() == pytest.approx(118.75)
+    empty = non_max_suppression(torch.zeros(2, 5, 8), 0.1, 0.6)
+    assert [o.shape for o in empty] == [(0, 6), (0, 6)]
+
+
+def test_matches_greedy_reference_and_max_det():
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    xy = torch.rand(n, 2, generator=g) * 200
+    wh = torch.rand(n, 2, generator=g) * 60 + 5
+    obj = torch.rand(n, 1, generator=g)
+    cls = torch.rand(n, 4, generator=g)
+    p = torch.cat((xy, wh, obj, cls), 1)[None]
+    out = non_max_suppression(p.clone(), conf_thres=0.05, iou_thres=0.5, multi_label=False, merge=False)[0]
+    # reference: best class per box, conf filter, then greedy NMS per class
+    conf, j = (cls * obj).max(1)
+    ok = (obj[:, 0] > 0.05) & (conf > 0.05)
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1)
+    ref = []
+    for c in range(4):
+        idx = (ok & (j == c)).nonzero().view(-1)
+        ref += [(round(conf[idx[k]].item(), 5), c) for k in greedy_nms(boxes[idx], conf[idx], 0.5)]
+    got = [(round(s, 5), int(c)) for s, c in zip(out[:, 4].tolist(), out[:, 5].tolist())]
+    assert sorted(got) == sorted(ref) and len(got) > 20
+    capped = non_max_suppression(p.clone(), 0.05, 0.5, multi_label=False, merge=False, max_det=7)[0]
+    assert torch.equal(capped, out[:7])
+
+
+def test_time_limit_and_bad_thresholds(capsys):
+    p = pred_rows([(50, 50, 20, 20, 0.9, {0: 1.0})]).repeat(3, 1, 1)
+    out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
+    assert [len(o) for o in out] == [1, 0, 0]
+    assert 'time limit' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='conf_thres'):
+        non_max_suppression(p, 1.5, 0.6)
