@@ -1,0 +1,238 @@
+"""Run a model on images, videos, a webcam or streams; save the results with labelled boxes (and labels as text).
+
+    python detect.py --cfg cfg/yolov3-tiny.cfg --names data/coco.names --weights weights/yolov3-tiny.weights \
+        --source data/samples --output output --save-txt
+
+Weights may be Darknet .weights, .pt checkpoints (loaded with weights_only=True: a checkpoint that would run code
+is refused) or .onnx files exported by `python models.py --onnx` (run with onnxruntime).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models import CheckpointError, WeightsError, load_model
+from utils.augmentations import letterbox
+from utils.boxes import scale_coords, xyxy2xywh
+from utils.data_config import DatasetError, load_names
+from utils.datasets import LoadImages, LoadStreams, clean_str
+from utils.nms import non_max_suppression
+from utils.parse_config import ConfigError
+from utils.plots import class_color, plot_one_box
+from utils.torch_utils import select_device, time_synchronized
+
+STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
+
+
+class DetectError(Exception):
+    """A detect.py option or output that cannot work; the message says which and why."""
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime: (B, 3, h, w) float in [0, 1] -> (B, N, 5 + nc), one image at a time."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        h, w = inp.shape[2:4]
+        if not isinstance(h, int) or not isinstance(w, int):
+            raise DetectError(f"{path}: the ONNX input needs a fixed height and width, got {inp.shape}")
+        self.img_hw = (h, w)  # the export size: every image is letterboxed to exactly this
+        self.nc = self.session.get_outputs()[0].shape[-1] - 5
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        outs = [self.session.run(None, {self.input_name: x[None].cpu().numpy().astype(np.float32)})[0]
+                for x in img]  # the export has batch size 1
+        return torch.from_numpy(np.concatenate(outs, 0))
+
+
+def window_unavailable() -> str | None:
+    """Why cv2.imshow cannot work here (no display, or OpenCV built without GUI), or None where it can."""
+    if sys.platform.startswith('linux') and not (os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')):
+        return 'no display (DISPLAY is not set)'
+    try:
+        cv2.namedWindow('detect.py check')
+        cv2.destroyWindow('detect.py check')
+    except cv2.error:
+        return 'this OpenCV has no GUI support (opencv-python-headless)'
+    return None
+
+
+def is_stream(source: str) -> bool:
+    """A webcam index, a stream URL or a .txt list of streams (as the original)."""
+    return source.isnumeric() or source.lower().startswith(STREAM_PREFIXES) or source.endswith('.txt')
+
+
+def detection_summary(det: torch.Tensor, names: list[str]) -> str:
+    """'2 persons, 1 bus, ' style counts of the detections (n, 6) per class."""
+    s = ''
+    for c in det[:, 5].unique():
+        n = int((det[:, 5] == c).sum())
+        s += f"{n} {names[int(c)]}{'s' * (n > 1)}, "
+    return s
+
+
+def detect(opt: argparse.Namespace) -> Path:
+    """Run detection as configured by the command-line options; returns the output folder."""
+    source, out = str(opt.source), Path(opt.output)
+    stream = is_stream(source)
+
+    # model: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet
+    onnx = str(opt.weights).lower().endswith('.onnx')
+    if onnx:
+        if opt.augment:
+            raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
+        model = OnnxModel(opt.weights)
+        device, half = torch.device('cpu'), False
+        nc = model.nc
+    else:
+        device = select_device(opt.device)
+        model = load_model(opt.weights, opt.cfg or None, opt.img_size, device).fuse().eval()
+        half = opt.half and device.type != 'cpu'
+        if opt.half and not half:
+            print('WARNING: --half needs a CUDA device; running in fp32')
+        if half:
+            model.half()
+        nc = model.nc
+    names = load_names(opt.names) if opt.names else [str(i) for i in range(nc)]
+    if len(names) != nc:
+        raise DatasetError(f"{opt.names}: {len(names)} class names but the model has {nc} classes")
+
+    out.mkdir(parents=True, exist_ok=True)  # never emptied: results of earlier runs stay unless overwritten
+    view_img = opt.view_img or stream  # as the original: streams are shown
+    if view_img:
+        why = window_unavailable()
+        if why:
+            print(f'WARNING: --view-img: cannot show a window: {why}; results are saved to {out} instead')
+            view_img = False
+
+    imgsz = model.img_hw[0] if onnx else opt.img_size
+    dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
+    vid_path, vid_writer = None, None
+    t0 = time.time()
+    try:
+        for path, img, im0s, vid_cap in dataset:
+            if onnx:  # the export has one fixed input size: letterbox to exactly that, not a minimum rectangle
+                imgs0 = im0s if stream else [im0s]
+                img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1]
+                                                     .transpose(2, 0, 1)) for x in imgs0])
+            img = torch.from_numpy(img).to(device)
+            img = (img.half() if half else img.float()) / 255.0
+            if img.ndim == 3:
+                img = img[None]  # (1, 3, h, w)
+
+            t1 = time_synchronized()
+            with torch.no_grad():
+                pred = model(img) if onnx else model(img, augment=opt.augment)[0]
+            t2 = time_synchronized()
+            pred = non_max_suppression(pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
+                                       classes=opt.classes, agnostic=opt.agnostic_nms)
+
+            for i, det in enumerate(pred):  # det: (n, 6) [x1, y1, x2, y2, conf, cls] in input pixels
+                if stream:
+                    p, s, im0 = path[i], f'{i}: ', im0s[i].copy()
+                    frame = dataset.count
+                else:
+                    p, im0 = path, im0s
+                    if dataset.mode == 'video':  # the loader advances count only when a video ends
+                        s = f'video {dataset.count + 1}/{dataset.nf} ({dataset.frame}/{dataset.nframes}) {p}: '
+                    else:
+                        s = f'image {dataset.count}/{dataset.nf} {p}: '
+                    frame = getattr(dataset, 'frame', 0)
+                video = stream or dataset.mode == 'video'
+                stem = clean_str(Path(p).stem if not stream else p) or 'stream'
+                save_path = out / (f'{stem}.mp4' if video else Path(p).name)
+                s += '%gx%g ' % img.shape[2:]
+                if len(det):
+                    det[:, :4] = scale_coords(img.shape[2:], det[:, :4], im0.shape).round()
+                    s += detection_summary(det, names)
+                if opt.save_txt:  # one file per image (per frame for videos): class x y w h, normalised
+                    txt = out / (f'{stem}_{frame}.txt' if video else f'{stem}.txt')
+                    gn = torch.tensor(im0.shape)[[1, 0, 1, 0]]  # whwh
+                    xywh = (xyxy2xywh(det[:, :4].cpu()) / gn).tolist()  # (n, 4)
+                    txt.write_text(''.join(('%g ' * 4 + '%g\n') % (c, *b) for c, b in zip(det[:, 5].tolist(), xywh)))
+                for *xyxy, conf, cls in reversed(det.tolist()):
+                    plot_one_box(xyxy, im0, label=f'{names[int(cls)]} {conf:.2f}', color=class_color(int(cls)))
+                print(f'{s}Done. ({t2 - t1:.3f}s)')
+
+                if view_img:
+                    cv2.imshow(str(p), im0)
+                    if cv2.waitKey(1) == ord('q'):
+                        raise KeyboardInterrupt
+                if not video:
+                    cv2.imwrite(str(save_path), im0)
+                else:
+                    if vid_path != save_path:  # a new video: a new writer at the source's size and rate
+                        vid_path = save_path
+                        if vid_writer is not None:
+                            vid_writer.release()
+                        fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
+                        h, w = im0.shape[:2]
+                        vid_writer = cv2.VideoWriter(str(save_path), cv2.VideoWriter_fourcc(*opt.fourcc), fps, (w, h))
+                        if not vid_writer.isOpened():
+                            raise DetectError(f'{save_path}: cannot write video with --fourcc {opt.fourcc}')
+                    vid_writer.write(im0)
+    except KeyboardInterrupt:
+        print('Stopped.')
+    finally:
+        if vid_writer is not None:
+            vid_writer.release()  # finishes the file: an unreleased writer leaves an unplayable video
+        if view_img:
+            cv2.destroyAllWindows()
+    print(f'Results saved to {out.resolve()}')
+    print(f'Done. ({time.time() - t0:.3f}s)')
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of `python detect.py` (the original's)."""
+    p = argparse.ArgumentParser(prog='detect.py', description='Detect objects in images, videos and streams.')
+    p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model cfg (optional for .pt, unused for .onnx)')
+    p.add_argument('--names', type=str, default='data/coco.names', help='class names file, one a line')
+    p.add_argument('--weights', type=str, default='weights/yolov3-spp-ultralytics.pt', help='.weights, .pt or .onnx')
+    p.add_argument('--source', type=str, default='data/samples',
+                   help='image, folder, glob, video, webcam index (0), rtsp/http URL, or .txt list of streams')
+    p.add_argument('--output', type=str, default='output', help='output folder (existing files are kept)')
+    p.add_argument('--img-size', type=int, default=512, help='inference size (pixels)')
+    p.add_argument('--conf-thres', type=float, default=0.3, help='object confidence threshold')
+    p.add_argument('--iou-thres', type=float, default=0.6, help='IoU threshold for NMS')
+    p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')
+    p.add_argument('--half', action='store_true', help='half-precision (FP16) inference (CUDA only)')
+    p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
+    p.add_argument('--view-img', action='store_true', help='show results in a window')
+    p.add_argument('--save-txt', action='store_true', help='save results to *.txt (class x y w h, normalised)')
+    p.add_argument('--classes', nargs='+', type=int, help='keep only these classes, e.g. --classes 0 2 3')
+    p.add_argument('--agnostic-nms', action='store_true', help='class-agnostic NMS')
+    p.add_argument('--augment', action='store_true', help='test-time augmentation (flips and scales)')
+    return p
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    return get_args_parser().parse_args(argv)
+
+
+def main(opt: argparse.Namespace) -> int:
+    """Run detect(opt); returns the exit status."""
+    print(opt)
+    detect(opt)
+    return 0
+
+
+if __name__ == '__main__':
+    args = parse_opt()
+    try:
+        sys.exit(main(args))
+    except (DetectError, CheckpointError, WeightsError, ConfigError, DatasetError, FileNotFoundError,
+            ConnectionError) as err:
+        sys.exit(f'Error: {err}')
