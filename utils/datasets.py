@@ -32,6 +32,7 @@ IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
 VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
 CACHE_VERSION = 1  # bump when the cache layout or the checks change
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
+_REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
 __all__ = ['LoadImagesAndLabels', 'LoadImages', 'LoadWebcam', 'LoadStreams', 'create_dataloader', 'letterbox',
            'img2label_paths', 'list_image_files', 'verify_image_label', 'IMG_FORMATS', 'VID_FORMATS']
 
@@ -239,6 +240,12 @@ class LoadImagesAndLabels(Dataset):
         if self.verbose:
             print(self.prefix + msg, flush=True)
 
+    def _warn(self, msg: str, pbar: tqdm | None = None) -> None:
+        """Print a fault message once per process (main process only), above the progress bar if there is one."""
+        if self.verbose and msg not in _REPORTED:
+            _REPORTED.add(msg)
+            (pbar.write if pbar is not None else print)(f'{self.prefix}WARNING: {msg}', file=sys.stdout)
+
     def _load_or_scan(self, path: Any, img_files: list[str], label_files: list[str], nc: int | None) -> dict:
         """The checked labels of img_files: from the cache next to the labels when it is current, else a scan."""
         single = path[0] if isinstance(path, (list, tuple)) and len(path) == 1 else path
@@ -256,7 +263,7 @@ class LoadImagesAndLabels(Dataset):
         if cache is not None:
             self._log(f"Scanning '{cache_path}' (cached) ... {self._summary(cache['counts'])}")
             for msg in cache['msgs']:
-                self._log(f'WARNING: {msg}')
+                self._warn(msg)
             return cache
         cache = self._scan(img_files, label_files, nc)
         cache.update(version=CACHE_VERSION, hash=key)
@@ -278,16 +285,16 @@ class LoadImagesAndLabels(Dataset):
         """Check every image and label file (threads, one progress bar); print each fault once and a summary."""
         counts = {'found': 0, 'missing': 0, 'empty': 0, 'corrupt': 0}
         files, labels, shapes, msgs = [], [], [], []
-        desc = f"{self.prefix}Scanning '{Path(label_files[0]).parent}' images and labels"
+        desc = f"Scanning '{Path(label_files[0]).parent}' images and labels"
         with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
             results = pool.imap(lambda a: verify_image_label(*a, nc), zip(img_files, label_files), chunksize=16)
-            pbar = tqdm(results, desc=desc, total=len(img_files), disable=not self.verbose, file=sys.stderr)
+            pbar = tqdm(results, desc=self.prefix + desc, total=len(img_files), disable=not self.verbose,
+                        file=sys.stderr)
             for im_file, (lb, shape, status, msg) in zip(img_files, pbar):
                 counts[status] += 1
                 if msg:
                     msgs.append(msg)
-                    if self.verbose:
-                        pbar.write(f'{self.prefix}WARNING: {msg}', file=sys.stdout)
+                    self._warn(msg, pbar)
                 if lb is not None:
                     files.append(im_file)
                     labels.append(torch.from_numpy(lb))
@@ -531,7 +538,8 @@ class LoadImages:
             img0 = cv2.imread(path)  # BGR
             if img0 is None:
                 raise FileNotFoundError(f'{path}: cannot read image')
-        return path, _letterbox_chw(img0, self.img_size, self.auto), img0, self.cap
+        cap = self.cap if self.mode == 'video' else None  # the capture only with its frames (detect.py saves video)
+        return path, _letterbox_chw(img0, self.img_size, self.auto), img0, cap
 
     def _new_video(self, path: str) -> None:
         """Open the next video file."""

@@ -1,0 +1,396 @@
+"""Data pipeline: dataset configs, image lists, label checks with reasons, the label cache, loaders."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset
+from utils import datasets as ds_mod
+from utils.data_config import DatasetError, check_dataset, load_data_config
+from utils.datasets import (LoadImages, LoadImagesAndLabels, create_dataloader, img2label_paths, list_image_files,
+                            verify_image_label)
+
+HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
+
+
+@pytest.fixture(autouse=True)
+def fresh_reports(monkeypatch):
+    """Each test starts as a new process would: no fault reported yet."""
+    monkeypatch.setattr(ds_mod, '_REPORTED', set())
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file under folder with its md5, size and mtime, to prove nothing was changed."""
+    out = {}
+    for p in sorted(folder.rglob('*')):
+        st = p.stat()
+        out[str(p)] = (hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else 'dir', st.st_size if p.is_file()
+                       else 0, st.st_mtime_ns)
+    return out
+
+
+def set_read_only(folder: Path, read_only: bool) -> None:
+    """chmod a tree read-only (a-w) or back to writable (u+w)."""
+    for p in [folder, *folder.rglob('*')]:
+        mode = p.stat().st_mode
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) if read_only else mode | stat.S_IWUSR)
+
+
+def make_faulty(dst: Path) -> tuple[Path, dict[str, str]]:
+    """16 coco128 images with planted faults; returns the .data file and {faulty file: expected reason pattern}."""
+    data = make_subset(dst, 16, name='faulty')
+    ims = sorted((dst / 'images').glob('*.jpg'))
+    lbs = [dst / 'labels' / (p.stem + '.txt') for p in ims]
+    raw = ims[0].read_bytes()
+    ims[0].write_bytes(raw[:len(raw) // 2])  # a truncated JPEG
+    ims[1].write_text('this is a text file, not a picture\n')  # a text file named .jpg
+    lbs[2].write_text(lbs[2].read_text() + '99 0.5 0.5 0.1 0.1\n')  # class 99 of 80
+    lbs[3].write_text('0 0.5 0.5 1.7 0.2\n' + lbs[3].read_text())  # width 1.7
+    lbs[4].write_text(lbs[4].read_text() + '3 0.5 0.5 0.2\n')  # a row of 4 numbers
+    lbs[5].write_text('')  # an empty label file: a background image, not a fault
+    lbs[6].unlink()  # a missing label file: a background image, not a fault
+    faulty = {str(ims[0]): r'truncated', str(ims[1]): r'not an image', str(lbs[2]): r'class 99 not in \[0, 80\)',
+              str(lbs[3]): r'normalised to \[0, 1\]', str(lbs[4]): r'4 numbers, expected 5'}
+    return data, faulty
+
+
+def check_fault_report(out: str, faulty: dict[str, str]) -> None:
+    """Each faulty file is named exactly once, on a line giving its reason; one summary line with the counts."""
+    for f, reason in faulty.items():
+        lines = [x for x in out.splitlines() if f in x]
+        assert len(lines) == 1, f'{f} named {len(lines)} times in:\n{out}'
+        assert re.search(reason, lines[0]), lines[0]
+    assert re.search(r'9 found, 1 missing, 1 empty, 5 corrupt', out), out
+
+
+# --- configs -------------------------------------------------------------------------------------------------------
+
+def test_darknet_data_config(tmp_path):
+    (tmp_path / 'x.names').write_text('cat\ndog\n\n')
+    (tmp_path / 'images').mkdir()
+    cfg = tmp_path / 'x.data'
+    cfg.write_text('# two classes\nclasses= 2\ntrain=images\nvalid = images # same\nnames=x.names\nbackup=backup/\n')
+    d = load_data_config(cfg)
+    assert d['nc'] == 2 and d['names'] == ['cat', 'dog']
+    assert d['train'] == d['valid'] == str((tmp_path / 'images').resolve())  # relative to the config's folder
+    assert d['download'] is None and d['path'] == str(cfg) and d['backup'] == 'backup/'
+    check_dataset(d)  # exists: no error
+
+    cfg.write_text('classes=3\ntrain=images\nvalid=images\nnames=x.names\n')
+    with pytest.raises(DatasetError, match=re.escape(str(cfg)) + r'.*3 classes but 2 names'):
+        load_data_config(cfg)
+    cfg.write_text('classes=2\ntrain=images\nvalid=images\nnames=nothere.names\n')
+    with pytest.raises(DatasetError, match=r'nothere\.names: class names file not found'):
+        load_data_config(cfg)
+    cfg.write_text('classes=2\ntrain images\n')
+    with pytest.raises(DatasetError, match=re.escape(f'{cfg}:2') + r": expected 'key=value'"):
+        load_data_config(cfg)
+    with pytest.raises(DatasetError, match=r'nope\.data: dataset config not found'):
+        load_data_config(tmp_path / 'nope.data')
+
+
+def test_yaml_data_config(tmp_path):
+    root = tmp_path / 'ds'
+    (root / 'images' / 'train').mkdir(parents=True)
+    y = tmp_path / 'ds.yaml'
+    y.write_text(f'path: {root}\ntrain: images/train\nval: [images/train, images/train]\nnc: 2\n'
+                 f'names: [a, b]\ndownload: https://example.com/ds.zip\n')
+    d = load_data_config(y)
+    assert d['nc'] == 2 and d['names'] == ['a', 'b'] and d['download'] == 'https://example.com/ds.zip'
+    assert d['train'] == str(root / 'images' / 'train') and d['valid'] == [d['train'], d['train']]
+    y.write_text('train: a\nval: a\nnames: {0: x, 1: y, 2: z}\n')
+    assert load_data_config(y)['nc'] == 3
+    y.write_text('train: a\nval: a\nnc: 4\nnames: [x]\n')
+    with pytest.raises(DatasetError, match=re.escape(str(y)) + r'.*4 classes but 1 names'):
+        load_data_config(y)
+
+
+def test_shipped_configs():
+    for name in ('coco2014.data', 'coco2017.data', 'coco128.data', 'coco128.yaml'):
+        d = load_data_config(ROOT / 'data' / name)
+        assert d['nc'] == 80 and len(d['names']) == 80 and d['names'][0] == 'person', name
+        assert d['download'], name
+    assert (ROOT / 'data' / 'coco.names').read_text().splitlines() == COCO_NAMES.read_text().splitlines()
+
+
+def test_missing_train_path(tmp_path):
+    cfg = tmp_path / 'x.data'
+    missing = tmp_path / 'nowhere' / 'images'
+    cfg.write_text(f'classes=80\ntrain={missing}\nvalid={COCO128_IMAGES}\nnames={COCO_NAMES}\n')
+    with pytest.raises(DatasetError, match=re.escape(str(missing)) + ' does not exist'):
+        check_dataset(load_data_config(cfg))
+    # with a download entry that cannot be reached (offline): says what to fetch and where to put it
+    cfg.write_text(f'classes=80\ntrain={missing}\nvalid={COCO128_IMAGES}\nnames={COCO_NAMES}\n'
+                   f'download=http://127.0.0.1:9/coco128.zip\n')
+    with pytest.raises(DatasetError) as e:
+        check_dataset(load_data_config(cfg))
+    msg = str(e.value)
+    assert str(missing) in msg and 'http://127.0.0.1:9/coco128.zip' in msg and 'unzip it into' in msg
+    cfg.write_text(f'classes=80\ntrain={missing}\nvalid={COCO128_IMAGES}\nnames={COCO_NAMES}\ndownload=exit 3\n')
+    with pytest.raises(DatasetError, match=r"download command 'exit 3' failed \(exit 3\)"):
+        check_dataset(load_data_config(cfg))
+    with pytest.raises(DatasetError, match=re.escape(str(missing)) + ' does not exist'):
+        LoadImagesAndLabels(str(missing))
+
+
+def test_download_command_makes_dataset(tmp_path):
+    target = tmp_path / 'made' / 'images'
+    cfg = tmp_path / 'x.data'
+    cfg.write_text(f'classes=80\ntrain={target}\nvalid={target}\nnames={COCO_NAMES}\ndownload=mkdir -p {target}\n')
+    check_dataset(load_data_config(cfg))
+    assert target.is_dir()
+
+
+# --- image lists and label paths -----------------------------------------------------------------------------------
+
+def test_label_paths_and_lists(tmp_path):
+    sep = os.sep
+    assert img2label_paths([f'{sep}a{sep}images{sep}x{sep}images{sep}b.c.jpg']) == \
+        [f'{sep}a{sep}images{sep}x{sep}labels{sep}b.c.txt']  # the last /images/ only
+    assert img2label_paths([f'{sep}a{sep}pics{sep}b.png']) == [f'{sep}a{sep}pics{sep}b.txt']
+    data = make_subset(tmp_path, 4)
+    folder = list_image_files(tmp_path / 'images')
+    assert len(folder) == 4
+    lst = tmp_path / 'list.txt'
+    lst.write_text('\n'.join(f'./images/{Path(f).name}' if i % 2 else f'images/{Path(f).name}'
+                             for i, f in enumerate(folder)) + '\n\n')
+    assert list_image_files(lst) == folder  # relative entries resolved against the list's folder
+    assert list_image_files(str(tmp_path / 'images' / '*.jpg')) == folder
+    assert list_image_files([str(tmp_path / 'images')]) == folder
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DatasetError, match='no images found'):
+        list_image_files(tmp_path / 'empty')
+    assert data.exists()
+
+
+def test_verify_exif_and_duplicates(tmp_path):
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'labels').mkdir()
+    im = tmp_path / 'images' / 'rot.jpg'
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 64 wide x 32 high, shown 32 x 64
+    Image.new('RGB', (64, 32), (0, 0, 255)).save(im, exif=exif)
+    lb = tmp_path / 'labels' / 'rot.txt'
+    lb.write_text('1 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n2 0.3 0.3 0.1 0.1\n')
+    labels, shape, status, msg = verify_image_label(str(im), str(lb), nc=3)
+    assert shape == (32, 64) and cv2.imread(str(im)).shape[:2] == (64, 32)  # (w, h) as cv2 will load it
+    assert status == 'found' and len(labels) == 2 and '1 duplicate label rows dropped' in msg
+    np.testing.assert_allclose(labels, [[1, .5, .5, .2, .2], [2, .3, .3, .1, .1]])
+    tiny = tmp_path / 'images' / 'tiny.png'
+    Image.new('RGB', (8, 8)).save(tiny)
+    assert verify_image_label(str(tiny), str(lb))[2] == 'corrupt'
+    empty = tmp_path / 'images' / 'zero.jpg'
+    empty.write_bytes(b'')
+    labels, shape, status, msg = verify_image_label(str(empty), str(lb))
+    assert labels is None and status == 'corrupt' and str(empty) in msg and '0 bytes' in msg
+
+
+# --- the planted-faults dataset ------------------------------------------------------------------------------------
+
+def test_planted_faults_read_only(tmp_path, capsys):
+    data, faulty = make_faulty(tmp_path / 'faulty')
+    before = snapshot(tmp_path / 'faulty')
+    set_read_only(tmp_path / 'faulty', True)
+    try:
+        d = load_data_config(data)
+        check_dataset(d)
+        ds = LoadImagesAndLabels(d['train'], 160, 8, augment=True, hyp=HYP, nc=d['nc'])
+        out = capsys.readouterr().out
+        for i in range(len(ds)):  # every kept image loads and gives valid targets
+            img, lb, path, _ = ds[i]
+            assert img.shape == (3, 160, 160) and img.dtype == torch.uint8 and path not in faulty
+            assert ((lb[:, 2:] >= 0) & (lb[:, 2:] <= 1)).all() and (lb[:, 1] < 80).all()
+    finally:
+        set_read_only(tmp_path / 'faulty', False)
+    check_fault_report(out, faulty)
+    assert out.count('read-only') == 1, out
+    assert len(ds) == 11 and not set(faulty) & set(ds.img_files)
+    assert snapshot(tmp_path / 'faulty') == before  # nothing changed, nothing added (no cache in a read-only folder)
+
+
+def test_planted_faults_cached_second_start(tmp_path, capsys):
+    data, faulty = make_faulty(tmp_path / 'faulty')
+    before = snapshot(tmp_path / 'faulty')
+    LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)
+    first = capsys.readouterr().out
+    check_fault_report(first, faulty)
+    after = snapshot(tmp_path / 'faulty')
+    cache = tmp_path / 'faulty' / 'labels.cache'
+    assert set(after) - set(before) == {str(cache)}  # the cache beside the labels, as the original
+    assert {k: v for k, v in after.items() if k != str(cache)} == before  # every dataset file unchanged
+    LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)  # the val set of the same run: not again
+    assert not [f for f in faulty if f in capsys.readouterr().out]
+    ds_mod._REPORTED.clear()  # a new process
+    ds = LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)
+    second = capsys.readouterr().out
+    assert '(cached)' in second and len(ds) == 11
+    check_fault_report(second, faulty)  # the faults are reported again from the cache, once each
+
+
+def test_no_good_image(tmp_path):
+    (tmp_path / 'images').mkdir()
+    for i in range(3):
+        (tmp_path / 'images' / f'{i}.jpg').write_text('not a jpeg')
+    with pytest.raises(DatasetError, match=r'no usable images \(3 corrupt of 3\)'):
+        LoadImagesAndLabels(str(tmp_path / 'images'), 160)
+    make_subset(tmp_path / 'bg', 2)
+    for f in (tmp_path / 'bg' / 'labels').glob('*.txt'):
+        f.unlink()
+    with pytest.raises(DatasetError, match='cannot train without labels'):
+        LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'), 160, augment=True, hyp=HYP)
+    assert len(LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'), 160)) == 2  # testing on backgrounds is fine
+
+
+# --- cache ---------------------------------------------------------------------------------------------------------
+
+def test_cache_invalidation(tmp_path, capsys):
+    make_subset(tmp_path, 6)
+    images = tmp_path / 'images'
+    LoadImagesAndLabels(str(images), 160, nc=80)
+    assert 'New cache created' in capsys.readouterr().out
+    LoadImagesAndLabels(str(images), 160, nc=80)
+    assert '(cached)' in capsys.readouterr().out
+    lb = sorted((tmp_path / 'labels').glob('*.txt'))[0]
+    lb.write_text('7 0.5 0.5 0.25 0.25\n')  # edited label: size and mtime change
+    ds = LoadImagesAndLabels(str(images), 160, nc=80)
+    assert 'New cache created' in capsys.readouterr().out
+    np.testing.assert_allclose(ds.labels[0], [[7, .5, .5, .25, .25]])
+    LoadImagesAndLabels(str(images), 160, nc=10)  # a different nc checks the classes again
+    out = capsys.readouterr().out
+    assert 'New cache created' in out and 'not in [0, 10)' in out
+    (images / sorted(images.glob('*.jpg'))[1].name).unlink()  # one image fewer
+    ds = LoadImagesAndLabels(str(images), 160, nc=80)
+    assert 'New cache created' in capsys.readouterr().out and len(ds) == 5
+    (tmp_path / 'labels.cache').write_bytes(b'garbage')  # a damaged cache is rebuilt, not a crash
+    assert len(LoadImagesAndLabels(str(images), 160, nc=80)) == 5
+    assert 'New cache created' in capsys.readouterr().out
+
+
+def test_cache_images_ram(tmp_path, capsys, monkeypatch):
+    make_subset(tmp_path, 4)
+    images = str(tmp_path / 'images')
+    ds = LoadImagesAndLabels(images, 160, cache_images=True)
+    out = capsys.readouterr().out
+    assert re.search(r'Caching images needs 0\.\d\d GB of RAM', out)
+    assert all(im is not None and max(im.shape[:2]) == 160 for im in ds.imgs)
+    fresh = LoadImagesAndLabels(images, 160)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], fresh[i][0])  # cached and uncached give the same images
+    monkeypatch.setattr(ds_mod, '_available_memory', lambda: 100_000)  # 0.0001 GB free
+    ds = LoadImagesAndLabels(images, 160, cache_images=True)
+    out = capsys.readouterr().out
+    assert 'not caching images' in out and 'would not fit' in out
+    assert all(im is None for im in ds.imgs) and ds[0][0].shape == (3, 160, 160)
+
+
+# --- items, batches, loaders ---------------------------------------------------------------------------------------
+
+def test_items_rect_and_collate(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    ds = LoadImagesAndLabels(path, 160, 4, rect=True)
+    assert not ds.mosaic and (ds.batch_shapes % 32 == 0).all()
+    ar = ds.shapes[:, 1] / ds.shapes[:, 0]
+    assert (np.diff(ar) >= 0).all()  # sorted by aspect ratio
+    for i in range(len(ds)):
+        img, lb, path_i, shapes = ds[i]
+        assert tuple(img.shape[1:]) == tuple(ds.batch_shapes[ds.batch[i]])
+        (h0, w0), ((rh, rw), pad) = shapes
+        assert (w0, h0) == tuple(ds.shapes[i]) and img.dtype == torch.uint8
+        assert len(lb) == len(ds.labels[i]) and ((lb[:, 2:] > 0) & (lb[:, 2:] <= 1)).all()
+    imgs, targets, paths, shapes = LoadImagesAndLabels.collate_fn([ds[i] for i in range(4)])
+    assert imgs.shape[0] == 4 and len(paths) == 4 and len(shapes) == 4
+    counts = [len(ds.labels[i]) for i in range(4)]
+    assert targets.shape == (sum(counts), 6) and targets[:, 0].tolist() == sum(([i] * c for i, c in
+                                                                               enumerate(counts)), [])
+
+
+def test_create_dataloader_workers_and_seed(coco16_data):
+    path = load_data_config(coco16_data)['train']
+
+    def epoch(seed):
+        loader, dataset = create_dataloader(path, 160, 8, hyp=HYP, augment=True, workers=2, seed=seed)
+        assert loader.num_workers == 2 and len(loader) == 2
+        return [(imgs, targets) for imgs, targets, _, _ in loader]
+
+    a, b = epoch(0), epoch(0)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))  # seeded workers
+    assert a[0][0].shape == (8, 3, 160, 160) and a[0][0].dtype == torch.uint8
+    c = epoch(1)
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_load_images_and_video(tmp_path):
+    for name in ('bus.jpg', 'zidane.jpg'):
+        (tmp_path / name).write_bytes((COCO128.parents[1] / 'samples' / name).read_bytes())
+    vid = tmp_path / 'clip.avi'
+    writer = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*'MJPG'), 10, (96, 64))
+    for i in range(3):
+        writer.write(np.full((64, 96, 3), 40 * i, np.uint8))
+    writer.release()
+    items = list(LoadImages(tmp_path, img_size=160))
+    modes = [p.endswith('.avi') for p, *_ in items]
+    assert modes == [False, False, True, True, True]
+    path, img, img0, cap = items[1]
+    assert path.endswith('zidane.jpg') and cap is None and img0.shape == (720, 1280, 3)
+    assert img.shape == (3, 96, 160) and img.dtype == np.uint8  # minimum rectangle: 90 high padded to 96
+    np.testing.assert_array_equal(img, letter_rgb(img0, 160))
+    loader = LoadImages(vid, img_size=160)
+    frames = [x[1] for x in loader]
+    assert loader.mode == 'video' and loader.nframes == 3 and loader.frame == 3 and len(frames) == 3
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        LoadImages(tmp_path / 'none')
+
+
+def letter_rgb(img0: np.ndarray, size: int) -> np.ndarray:
+    """The letterboxed (3, h, w) RGB array LoadImages should give."""
+    from utils.augmentations import letterbox
+    return letterbox(img0, size)[0][:, :, ::-1].transpose(2, 0, 1)
+
+
+# --- the command line (train.py belongs to the training issue) -----------------------------------------------------
+
+@pytest.mark.skipif(not (ROOT / 'train.py').exists(), reason='train.py is not written yet')
+def test_train_on_planted_faults(tmp_path):
+    data, faulty = make_faulty(tmp_path / 'faulty')
+    before = snapshot(tmp_path / 'faulty')
+    run = tmp_path / 'run'  # the working directory: whatever train.py writes lands here, not in the checkout
+    run.mkdir()
+    (run / 'cfg').symlink_to(ROOT / 'cfg')
+    set_read_only(tmp_path / 'faulty', True)
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--cfg', 'cfg/yolov3-tiny.cfg', '--data',
+                            str(data), '--weights', str(TINY_WEIGHTS), '--img-size', '160', '--epochs', '1',
+                            '--batch-size', '8', '--device', 'cpu'], cwd=run, capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        set_read_only(tmp_path / 'faulty', False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    for f, reason in faulty.items():  # named once (train and val share the folder), with the reason
+        assert len(re.findall(re.escape(f) + '.*' + reason, out)) == 1, f'{f} not reported once:\n{out[-4000:]}'
+    assert 'Traceback' not in out
+    assert snapshot(tmp_path / 'faulty') == before  # no dataset file changed or added
+
+
+@pytest.mark.skipif(not (ROOT / 'train.py').exists(), reason='train.py is not written yet')
+def test_train_missing_dataset(tmp_path):
+    missing = tmp_path / 'nowhere' / 'images'
+    cfg = tmp_path / 'missing.data'
+    cfg.write_text(f'classes=80\ntrain={missing}\nvalid={missing}\nnames={COCO_NAMES}\n')
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--cfg', str(ROOT / 'cfg' / 'yolov3-tiny.cfg'),
+                        '--data', str(cfg), '--weights', str(TINY_WEIGHTS), '--img-size', '160', '--epochs', '1',
+                        '--batch-size', '8', '--device', 'cpu'], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and str(missing) in out and 'Traceback' not in out, out[-3000:]
