@@ -79,6 +79,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order ([obj] without a group)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def save_on_master(save_fn, *args, **kwargs) -> None:
     """Call save_fn(*args, **kwargs) on the main process only."""
     if is_main_process():

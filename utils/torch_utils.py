@@ -130,7 +130,7 @@ class ModelEMA:
         msd = bare.state_dict()
         for k, v in self.ema.state_dict().items():
             if v.dtype.is_floating_point:  # integer buffers (BN num_batches_tracked) are left alone
-                v.mul_(d).add_(msd[k].detach().to(v.dtype), alpha=1 - d)
+                v.lerp_(msd[k].detach().to(v.dtype), 1 - d)  # exact no-op where model == average (frozen)
 
     def update_attr(self, model: nn.Module, include: tuple[str, ...] = ('nc', 'hyp', 'gr', 'names')) -> None:
         """Copy plain attributes that training sets on the model (class count, hyp, names) onto the EMA copy."""
