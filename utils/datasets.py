@@ -366,7 +366,9 @@ class LoadImagesAndLabels(Dataset):
             raise DatasetError(f'{path}: image can no longer be read (changed since the dataset was checked?)')
         if r != 1:
             new = (int(w0 * r), int(h0 * r))
-            if (img.shape[1], img.shape[0]) != new:
+            dw, dh = abs(img.shape[1] - new[0]), abs(img.shape[0] - new[1])
+            reduced_close = flag != cv2.IMREAD_COLOR and dw <= 1 and dh <= 1  # the decoder rounds up odd sizes
+            if (dw or dh) and not reduced_close:  # a 1-pixel resample would only blur; labels are normalised
                 # as the original: INTER_AREA only when shrinking for testing, INTER_LINEAR otherwise
                 interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
                 img = cv2.resize(img, new, interpolation=interp)
