@@ -86,6 +86,8 @@ def detect(opt: argparse.Namespace) -> Path:
     """Run detection as configured by the command-line options; returns the output folder."""
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
+    if not stream and '*' not in source and not Path(source).exists():  # fail before loading the model
+        raise DetectError(f'--source {source} does not exist')
 
     # model: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet
     onnx = str(opt.weights).lower().endswith('.onnx')

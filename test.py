@@ -56,6 +56,8 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     data = data if isinstance(data, dict) else load_data_config(data)
+    if dataloader is None:
+        check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
     if model is None:
         device = select_device(device, batch_size=batch_size)
         model = load_model(weights, cfg, imgsz, device)
@@ -68,7 +70,6 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
     names = ['object'] if single_cls else list(data['names'])
 
     if dataloader is None:
-        check_dataset(data, splits=('valid',))
         dataloader, _ = create_dataloader(data['valid'], imgsz, batch_size, stride=_model_stride(model), pad=0.5,
                                           rect=True, single_cls=single_cls, shuffle=False, workers=workers,
                                           nc=int(data['nc']), prefix='test: ')

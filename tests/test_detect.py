@@ -1,0 +1,153 @@
+"""detect.py as users run it: sample images, a video, .pt and .onnx weights, a booby-trapped checkpoint, headless."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detect import DetectError, detect, parse_opt
+from tests.conftest import COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
+from utils.data_config import DatasetError
+
+CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+PERSON, BUS, TIE = 0, 5, 27
+
+
+def run_detect(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python detect.py ARGS from the repository root."""
+    return subprocess.run([sys.executable, 'detect.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def label_classes(txt: Path) -> list[int]:
+    """Class column of a --save-txt file, after checking each row is `class x y w h` with normalised numbers."""
+    rows = [line.split() for line in txt.read_text().splitlines()]
+    for r in rows:
+        assert len(r) == 5 and all(0 <= float(v) <= 1 for v in r[1:]), r
+    return [int(r[0]) for r in rows]
+
+
+def test_samples_with_labels(tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'keep.me').write_text('an earlier result')  # the original emptied --output; this port never does
+    r = run_detect('--cfg', str(CFG), '--names', str(COCO_NAMES), '--weights', str(TINY_WEIGHTS),
+                   '--source', str(SAMPLES), '--output', str(out), '--img-size', '416', '--save-txt')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / 'keep.me').read_text() == 'an earlier result'
+    bus, zidane = label_classes(out / 'bus.txt'), label_classes(out / 'zidane.txt')
+    assert bus.count(PERSON) >= 3 and BUS in bus
+    assert zidane.count(PERSON) >= 2 and TIE in zidane
+    for name in ('bus.jpg', 'zidane.jpg'):
+        drawn, orig = cv2.imread(str(out / name)), cv2.imread(str(SAMPLES / name))
+        assert drawn.shape == orig.shape
+        assert (np.abs(drawn.astype(int) - orig).max(2) > 60).mean() > 0.005  # boxes and labels were drawn
+    assert re.search(r'bus\.jpg: \d+x\d+ \d+ persons, 1 bus, Done', r.stdout)
+
+
+def test_video_comes_out_as_video(tmp_path):
+    src = tmp_path / 'clip.mp4'
+    im = cv2.resize(cv2.imread(str(SAMPLES / 'bus.jpg')), (320, 400))
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*'mp4v'), 10, (320, 400))
+    for k in range(5):  # five frames, the scene panning right
+        writer.write(np.roll(im, 6 * k, axis=1))
+    writer.release()
+    out = tmp_path / 'out'
+    r = run_detect('--cfg', str(CFG), '--names', str(COCO_NAMES), '--weights', str(TINY_WEIGHTS),
+                   '--source', str(src), '--output', str(out), '--img-size', '320', '--save-txt', '--classes', '5')
+    assert r.returncode == 0, r.stderr[-3000:]
+    cap = cv2.VideoCapture(str(out / 'clip.mp4'))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok and n == 5 and size == (320, 400)
+    for k in range(1, 6):  # one label file per frame; --classes 5 keeps only the bus
+        assert label_classes(out / f'clip_{k}.txt') == [BUS]
+
+
+def test_pt_checkpoint_and_headless_view(tmp_path):
+    from models import load_model, model_checkpoint, save_checkpoint
+
+    pt = tmp_path / 'tiny.pt'
+    save_checkpoint(model_checkpoint(load_model(TINY_WEIGHTS, CFG, 416)), pt)
+    env = {k: v for k, v in os.environ.items() if k not in ('DISPLAY', 'WAYLAND_DISPLAY')}
+    out = tmp_path / 'out'
+    # no --cfg: the checkpoint carries its cfg; --view-img on a machine without a display says so and goes on
+    r = run_detect('--cfg', '', '--names', str(COCO_NAMES), '--weights', str(pt), '--source', str(SAMPLES / 'bus.jpg'),
+                   '--output', str(out), '--img-size', '416', '--save-txt', '--view-img', env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'cannot show a window' in r.stdout
+    bus = label_classes(out / 'bus.txt')
+    assert bus.count(PERSON) >= 3 and BUS in bus
+
+
+class _Evil:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_booby_trapped_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / 'code_ran'
+    evil = tmp_path / 'evil.pt'
+    torch.save({'model': _Evil(marker), 'cfg': CFG.read_text()}, evil)
+    r = run_detect('--weights', str(evil), '--names', str(COCO_NAMES), '--source', str(SAMPLES),
+                   '--output', str(tmp_path / 'out'))
+    assert r.returncode != 0
+    assert not marker.exists()
+    assert 'refused' in r.stderr and str(evil) in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_onnx_export_matches_and_detects(tmp_path):
+    onnx_file = tmp_path / 'tiny.onnx'
+    r = subprocess.run([sys.executable, 'models.py', '--cfg', str(CFG), '--weights', str(TINY_WEIGHTS),
+                        '--onnx', str(onnx_file), '--img-size', '320'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    import onnxruntime as ort
+
+    from models import load_model
+    from utils.augmentations import letterbox
+
+    img = letterbox(cv2.imread(str(SAMPLES / 'bus.jpg')), 320, auto=False)[0][:, :, ::-1].transpose(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(img))[None].float() / 255
+    with torch.no_grad():
+        ref = load_model(TINY_WEIGHTS, CFG, 320)(x)[0].numpy()
+    sess = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == ref.shape == (1, 3 * (100 + 400), 85)
+    assert (np.abs(got - ref) / np.maximum(1, np.abs(ref))).max() < 1e-3
+
+    out = tmp_path / 'out'
+    r = run_detect('--names', str(COCO_NAMES), '--weights', str(onnx_file), '--source', str(SAMPLES / 'bus.jpg'),
+                   '--output', str(out), '--save-txt')
+    assert r.returncode == 0, r.stderr[-3000:]
+    bus = label_classes(out / 'bus.txt')
+    assert bus.count(PERSON) >= 3 and BUS in bus
+    with pytest.raises(DetectError, match='--augment needs the PyTorch model'):
+        detect(parse_opt(['--weights', str(onnx_file), '--source', str(SAMPLES), '--augment']))
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    with pytest.raises(DetectError, match='nowhere.jpg does not exist'):
+        detect(parse_opt(['--weights', str(TINY_WEIGHTS), '--source', str(tmp_path / 'nowhere.jpg')]))
+    names = tmp_path / 'three.names'
+    names.write_text('a\nb\nc\n')
+    with pytest.raises(DatasetError, match='3 class names but the model has 80 classes'):
+        detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--names', str(names),
+                          '--source', str(SAMPLES), '--output', str(tmp_path / 'out')]))
+    assert not (tmp_path / 'out').exists()

@@ -1,0 +1,109 @@
+"""test.py as users and train.py run it: the coco128 mAP of the original, pycocotools, custom-data COCO metrics."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, TINY_WEIGHTS
+from utils.coco import coco80_to_coco91_class
+
+CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+
+
+def run_testpy(*args: str) -> subprocess.CompletedProcess:
+    """python test.py ARGS from the repository root."""
+    return subprocess.run([sys.executable, 'test.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def all_row(stdout: str) -> list[float]:
+    """The numbers of the table's `all` row: images, targets, P, R, mAP@0.5, mAP@0.5:0.95, F1."""
+    m = re.search(r'^\s+all\s+(.*)$', stdout, re.M)
+    assert m, stdout[-3000:]
+    return [float(v) for v in m.group(1).split()]
+
+
+def test_coco128_map_matches_original(coco128_data, tmp_path):
+    # the acceptance run (~20 s): the original gives P 0.375, R 0.44, mAP@0.5 0.424; pycocotools AP50 0.436, AP 0.231
+    r = run_testpy('--cfg', str(CFG), '--data', str(coco128_data), '--weights', str(TINY_WEIGHTS), '--img-size',
+                   '416', '--batch-size', '16', '--device', 'cpu', '--save-json', '--save-dir', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    images, targets, p, rec, map50, map_, f1 = all_row(r.stdout)
+    assert (images, targets) == (128, 929)  # 939 COCO boxes less the 10 crowd boxes the YOLO labels leave out
+    assert map50 == pytest.approx(0.424, abs=0.005)
+    assert p == pytest.approx(0.375, abs=0.01) and rec == pytest.approx(0.44, abs=0.01)
+    assert 0.15 < map_ < map50
+    assert re.search(r'^\s+person\s+128\s+254\s', r.stdout, re.M)  # the per-class table
+    assert re.search(r'Speed: [\d.]+/[\d.]+/[\d.]+ ms inference/NMS/total', r.stdout)
+    coco_ap, coco_ap50 = (float(v) for v in re.search(r'pycocotools: AP@\[\.5:\.95\] ([\d.]+)\s+AP50 ([\d.]+)',
+                                                       r.stdout).groups())
+    assert abs(coco_ap50 - map50) < 0.025 and coco_ap == pytest.approx(0.23, abs=0.01)
+    preds = json.loads((tmp_path / 'predictions.json').read_text())
+    assert {'image_id', 'category_id', 'bbox', 'score'} <= set(preds[0])
+    cats = {d['category_id'] for d in preds}
+    assert cats <= set(coco80_to_coco91_class()) and max(cats) > 80  # COCO's 91-class ids, not 0-79
+    for f in ('test_batch0_gt.jpg', 'test_batch0_pred.jpg', 'precision_recall_curve.png'):
+        assert (tmp_path / f).stat().st_size > 10_000, f
+
+
+def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
+    # as train.py calls it: its own model (train mode before and after), its own dataloader and loss function;
+    # the subset has no COCO annotation file, so the ground truth JSON is written from the YOLO labels
+    import torch
+
+    from models import load_model
+    from test import test
+    from utils.data_config import load_data_config
+    from utils.datasets import create_dataloader
+    from utils.loss import compute_loss
+
+    data = load_data_config(coco16_data)
+    model = load_model(TINY_WEIGHTS, CFG, 256)
+    model.hyp = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'iou_t': 0.2, 'fl_gamma': 0.0}
+    model.gr = 1.0
+    model.train()
+    loader, dataset = create_dataloader(data['valid'], 256, 8, pad=0.5, rect=True, shuffle=False, workers=0)
+    results, maps, times = test(None, data, imgsz=256, model=model, dataloader=loader, compute_loss=compute_loss,
+                                save_json=True, save_dir=tmp_path)
+    assert model.training
+    assert len(results) == 8 and maps.shape == (80,) and len(times) == 3
+    p, r, map50, map_, f1, lbox, lobj, lcls = results
+    assert 0.3 < map50 < 0.9 and 0 < map_ < map50
+    assert lbox > 0 and lobj > 0 and lcls > 0
+    assert 0 < maps[0] < 1  # person (class 0) has targets in the subset: its own mAP@0.5:0.95
+    gt = json.loads((tmp_path / 'ground_truth.json').read_text())
+    assert len(gt['images']) == 16 and len(gt['annotations']) == sum(len(x) for x in dataset.labels)
+    # COCO's evaluation of the same detections agrees with ours at IoU 0.5
+    from utils.coco import coco_evaluate
+    stats = coco_evaluate(tmp_path / 'ground_truth.json', tmp_path / 'predictions.json', verbose=False)
+    assert abs(stats[1] - map50) < 0.03
+    # no loss function (the command line): the losses are zeros
+    results = test(None, data, imgsz=256, model=model, dataloader=loader, plots=False, save_dir=tmp_path)[0]
+    assert results[5:] == (0.0, 0.0, 0.0) and results[2] == pytest.approx(map50)
+    assert torch.is_grad_enabled()
+
+
+def test_benchmark_task_writes_table(coco16_data, tmp_path):
+    from models import load_model
+    from test import benchmark
+    from utils.data_config import load_data_config
+
+    model = load_model(TINY_WEIGHTS, CFG, 160).fuse()
+    opt = Namespace(cfg=str(CFG), batch_size=16, conf_thres=0.001, single_cls=False, workers=0, save_dir=tmp_path)
+    out = benchmark(opt, model, load_data_config(coco16_data), sizes=[160, 224], ious=(0.6,))
+    y = np.loadtxt(out, ndmin=2)
+    assert y.shape == (2, 11) and y[:, 0].tolist() == [160, 224]
+    assert (y[:, 4] > 0.1).all()  # mAP@0.5 at both sizes
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    bad = tmp_path / 'bad.data'
+    bad.write_text(f'classes=80\ntrain={tmp_path}/nothing\nvalid={tmp_path}/nothing\n')
+    r = run_testpy('--cfg', str(CFG), '--data', str(bad), '--weights', str(TINY_WEIGHTS), '--device', 'cpu')
+    assert r.returncode != 0
+    assert f'{tmp_path}/nothing' in r.stderr and 'Traceback' not in r.stderr
