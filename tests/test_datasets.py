@@ -18,8 +18,8 @@ from PIL import Image
 from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset
 from utils import datasets as ds_mod
 from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import (LoadImages, LoadImagesAndLabels, create_dataloader, img2label_paths, list_image_files,
-                            verify_image_label)
+from utils.datasets import (LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam, create_dataloader,
+                            img2label_paths, list_image_files, verify_image_label)
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 
@@ -196,6 +196,19 @@ def test_verify_exif_and_duplicates(tmp_path):
     assert labels is None and status == 'corrupt' and str(empty) in msg and '0 bytes' in msg
 
 
+def test_exif_rotated_image_in_training(tmp_path):
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'labels').mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 400 wide x 200 high, shown 200 x 400
+    Image.new('RGB', (400, 200), (0, 0, 255)).save(tmp_path / 'images' / 'a.jpg', exif=exif)
+    (tmp_path / 'labels' / 'a.txt').write_text('0 0.5 0.5 0.5 0.5\n')
+    ds = LoadImagesAndLabels(str(tmp_path / 'images'), 128, augment=True, hyp=HYP)
+    assert tuple(ds.shapes[0]) == (200, 400)
+    img, (h0, w0), (h, w) = ds.load_image(0)  # decoded at 1/2 scale, orientation applied
+    assert (h0, w0) == (400, 200) and img.shape[:2] == (h, w) == (128, 64)
+
+
 # --- the planted-faults dataset ------------------------------------------------------------------------------------
 
 def test_planted_faults_read_only(tmp_path, capsys):
@@ -350,6 +363,27 @@ def test_load_images_and_video(tmp_path):
     assert loader.mode == 'video' and loader.nframes == 3 and loader.frame == 3 and len(frames) == 3
     with pytest.raises(FileNotFoundError, match='does not exist'):
         LoadImages(tmp_path / 'none')
+
+
+def test_streams_and_webcam_from_video_file(tmp_path):
+    vid = tmp_path / 'cam.avi'  # a video file stands in for a camera or an RTSP/HTTP stream: same cv2.VideoCapture
+    writer = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*'MJPG'), 30, (192, 108))
+    for i in range(20):
+        writer.write(np.full((108, 192, 3), 10 * i, np.uint8))
+    writer.release()
+    lst = tmp_path / 'streams.txt'
+    lst.write_text(f'{vid}\n{vid}\n')
+    streams = LoadStreams(str(lst), img_size=160)
+    sources, img, img0, cap = next(iter(streams))
+    assert len(sources) == 2 and img.shape == (2, 3, 96, 160) and img.dtype == np.uint8 and cap is None
+    assert img0[0].shape == (108, 192, 3) and streams.rect  # 90 rows padded to 96: the minimum rectangle
+    n = sum(1 for _ in zip(range(10_000), streams))  # ends when the streams end
+    assert n < 10_000
+    cam = LoadWebcam(str(vid), img_size=160)
+    frames = [x for x in cam]
+    assert len(frames) == 20 and frames[0][1].shape == (3, 96, 160) and frames[0][0] == 'webcam_0.jpg'
+    with pytest.raises(ConnectionError, match='cannot open stream'):
+        LoadStreams(str(tmp_path / 'none.avi'))
 
 
 def letter_rgb(img0: np.ndarray, size: int) -> np.ndarray:
