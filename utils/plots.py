@@ -23,9 +23,9 @@ _HEX = ('1f77b4', 'ff7f0e', '2ca02c', 'd62728', '9467bd', '8c564b', 'e377c2', '7
 PALETTE = [tuple(int(h[i:i + 2], 16) for i in (4, 2, 0)) for h in _HEX]
 
 # results.txt layout written by train.py, one row per epoch: 'epoch/epochs', memory, then these columns
-RESULTS_COLUMNS = ('box', 'objectness', 'classification', 'total loss', 'targets', 'img_size',
+RESULTS_COLUMNS = ('GIoU', 'objectness', 'classification', 'total loss', 'targets', 'img_size',
                    'precision', 'recall', 'mAP@0.5', 'mAP@0.5:0.95', 'F1',
-                   'val box', 'val objectness', 'val classification')
+                   'val GIoU', 'val objectness', 'val classification')
 
 
 def _pyplot():

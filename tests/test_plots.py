@@ -1,0 +1,69 @@
+"""Plots train.py and test.py write: image mosaics with labelled boxes, results.png, evolve.png, PR curve."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from utils.plots import (RESULTS_COLUMNS, class_color, output_to_target, plot_evolution, plot_images, plot_pr_curve,
+                         plot_results)
+
+
+def test_output_to_target_normalises():
+    out = [torch.tensor([[10., 20, 50, 60, 0.9, 3]]), torch.zeros(0, 6)]
+    t = output_to_target(out, width=100, height=200)
+    assert t.shape == (1, 7) and t[0].tolist() == pytest.approx([0, 3, 0.3, 0.2, 0.4, 0.2, 0.9])
+
+
+def test_plot_images_draws_class_coloured_boxes(tmp_path):
+    imgs = torch.zeros(2, 3, 64, 96, dtype=torch.uint8)  # black (B, 3, H, W)
+    targets = torch.tensor([[1, 2, 0.5, 0.5, 0.5, 0.5]])  # image 1, class 2, centre box of half size
+    f = tmp_path / 'batch.jpg'
+    mosaic = plot_images(imgs, targets, paths=['a.jpg', 'b.jpg'], fname=f, names=['x', 'y', 'car'])
+    assert f.is_file() and cv2.imread(str(f)).shape == mosaic.shape == (2 * 64, 2 * 96, 3)
+    # image 1 is the second tile of the first row: its box's left edge runs at x = 96 + 24, y from 16 to 48
+    near_edge = mosaic[30:45, 96 + 22:96 + 27].astype(int)  # anti-aliased line: the closest pixel to the colour
+    assert np.abs(near_edge - class_color(2)[::-1]).sum(-1).min() < 40  # the RGB mosaic gets the class colour
+    assert mosaic[32, 96 + 48].tolist() == [0, 0, 0]  # inside the box: the image itself
+    assert mosaic[100, 40].tolist() == [255, 255, 255]  # empty tiles stay white
+    # predictions (7 columns): only boxes above the confidence threshold are drawn
+    pred = np.array([[0, 1, 0.5, 0.5, 0.5, 0.5, 0.2]])
+    assert plot_images(imgs, pred, fname=None)[4:60, 4:92].max() == 0  # conf 0.2: nothing drawn in tile 0
+    pred[0, 6] = 0.9
+    assert plot_images(imgs, pred, fname=None)[4:60, 4:92].max() > 100  # conf 0.9: box and label drawn
+
+
+def _results_file(path, epochs=3):
+    rows = []
+    for e in range(epochs):
+        losses = [3 - 0.5 * e, 2 - 0.3 * e, 1 - 0.2 * e]
+        vals = [0.3 + 0.05 * e, 0.4, 0.35 + 0.02 * e, 0.2 + 0.01 * e, 0.35, 2.5, 1.5, 0.8]
+        rows.append(('%10s' * 2 + '%10.3g' * 6 + '%10.4g' * 8) % (f'{e}/{epochs - 1}', '1.2G', *losses, sum(losses),
+                                                                 120, 320, *vals))
+    path.write_text('\n'.join(rows) + '\n')
+    return path
+
+
+def test_plot_results_every_column(tmp_path):
+    f = _results_file(tmp_path / 'results.txt')
+    out = plot_results(f, save_path=tmp_path / 'results.png')
+    assert out.stat().st_size > 20_000 and len(RESULTS_COLUMNS) == 14
+    bad = tmp_path / 'bad.txt'
+    bad.write_text('0/2 0G 1 2 x\n')
+    with pytest.raises(ValueError, match='bad.txt'):
+        plot_results(bad, save_path=tmp_path / 'bad.png')
+
+
+def test_plot_evolution_and_pr_curve(tmp_path):
+    keys = ['lr0', 'momentum', 'giou']
+    rng = np.random.default_rng(0)
+    x = np.column_stack((rng.random((6, 8)), rng.random((6, 3))))
+    np.savetxt(tmp_path / 'evolve.txt', x, fmt='%10.4g')
+    assert plot_evolution(keys, tmp_path / 'evolve.txt', tmp_path / 'evolve.png').stat().st_size > 10_000
+    with pytest.raises(ValueError, match='expected 8 results'):
+        plot_evolution(keys[:2], tmp_path / 'evolve.txt', tmp_path / 'e2.png')
+    px = np.linspace(0, 1, 1000)
+    py = np.stack([1 - px, np.clip(1.2 - 2 * px, 0, 1)])
+    out = plot_pr_curve(px, py, np.array([0.5, 0.3]), tmp_path / 'pr.png', names=['a', 'b'], classes=[0, 1])
+    assert out.stat().st_size > 10_000
