@@ -30,6 +30,7 @@ from utils.data_config import DatasetError
 
 IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
 VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
+AUG_KEYS = ('degrees', 'translate', 'scale', 'shear', 'hsv_h', 'hsv_s', 'hsv_v')  # hyp entries augmentation reads
 CACHE_VERSION = 1  # bump when the cache layout or the checks change
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
@@ -203,8 +204,9 @@ class LoadImagesAndLabels(Dataset):
         self.path = path
         self.verbose = rank in (-1, 0)
         self.prefix = prefix
-        if augment and not hyp:
-            raise ValueError('augment=True needs hyp (degrees, translate, scale, shear, hsv_h, hsv_s, hsv_v)')
+        missing = [k for k in AUG_KEYS if k not in self.hyp] if augment else []
+        if missing:
+            raise ValueError(f"augment=True needs hyp values for {', '.join(missing)}")
 
         img_files = list_image_files(path)
         cache = self._load_or_scan(path, img_files, img2label_paths(img_files), nc)
@@ -249,7 +251,8 @@ class LoadImagesAndLabels(Dataset):
     def _load_or_scan(self, path: Any, img_files: list[str], label_files: list[str], nc: int | None) -> dict:
         """The checked labels of img_files: from the cache next to the labels when it is current, else a scan."""
         single = path[0] if isinstance(path, (list, tuple)) and len(path) == 1 else path
-        if isinstance(single, (str, Path)) and os.path.isfile(single):  # as the original: beside a .txt list
+        if (isinstance(single, (str, Path)) and os.path.isfile(single)
+                and str(single).rsplit('.', 1)[-1].lower() not in IMG_FORMATS):  # as the original: beside a .txt list
             cache_path = Path(single).with_suffix('.cache')
         else:  # as the original: labels/train2017 -> labels/train2017.cache
             cache_path = Path(label_files[0]).parent.with_suffix('.cache')
