@@ -1,0 +1,88 @@
+"""The Darknet cfg parser on small inline cfgs: typing, validation and error messages."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REF_CFG
+from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg
+
+NET = "[net]\nwidth=416\nheight=416\nchannels=3\nmomentum=0.9\nsteps=400000,450000\nscales=.1,.1\n"
+
+
+def test_types():
+    text = NET + """
+# a comment
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=1
+pad=1
+activation=leaky   # trailing comment
+
+[yolo]
+mask = 1,2,3
+anchors = 10,14,  23,27,  37,58,  81,82
+classes=80
+num=4
+jitter=.3
+scale_x_y = 1.05
+iou_loss=ciou
+
+[route]
+layers = -1, 0
+"""
+    net, conv, yolo, route = parse_cfg_text(text, 'inline.cfg')
+    assert net == {'type': 'net', 'line': 1, 'width': 416, 'height': 416, 'channels': 3, 'momentum': 0.9,
+                   'steps': [400000, 450000], 'scales': [0.1, 0.1]}
+    assert conv['filters'] == 16 and isinstance(conv['filters'], int) and conv['activation'] == 'leaky'
+    assert conv['line'] == 10
+    assert yolo['mask'] == [1, 2, 3]
+    assert yolo['anchors'] == [(10.0, 14.0), (23.0, 27.0), (37.0, 58.0), (81.0, 82.0)]
+    assert yolo['jitter'] == pytest.approx(0.3) and yolo['scale_x_y'] == pytest.approx(1.05)
+    assert yolo['iou_loss'] == 'ciou'
+    assert route['layers'] == [-1, 0]
+
+
+def test_crlf_and_header_spacing():
+    sections = parse_cfg_text(NET.replace('\n', '\r\n') + "[maxpool] \r\nsize=2\r\nstride=1\r\n", 'crlf.cfg')
+    assert sections[1] == {'type': 'maxpool', 'line': 8, 'size': 2, 'stride': 1}
+
+
+def test_misspelled_key_names_file_line_section_key():
+    with pytest.raises(ConfigError) as e:
+        parse_cfg_text(NET + "[convolutional]\nfilters=16\nsise=3\n", 'my.cfg')
+    msg = str(e.value)
+    assert msg.startswith('my.cfg:10:'), msg
+    assert "'sise'" in msg and '[convolutional]' in msg and 'line 8' in msg
+
+
+@pytest.mark.parametrize('body, parts', [
+    ("[convolutional]\nfilters=sixteen\n", ["my.cfg:9:", "'filters'", "sixteen"]),
+    ("[convolutional]\nactivation=leakyy\n", ["my.cfg:9:", "leakyy"]),
+    ("[yolo]\nanchors=10,13,16\n", ["my.cfg:9:", "pairs"]),
+    ("[convlutional]\nfilters=3\n", ["my.cfg:8:", "[convlutional]"]),
+    ("[convolutional]\nfilters=3\nfilters=4\n", ["my.cfg:10:", "twice"]),
+    ("[convolutional]\nfilters 3\n", ["my.cfg:9:", "key=value"]),
+])
+def test_bad_values_and_sections(body, parts):
+    with pytest.raises(ConfigError) as e:
+        parse_cfg_text(NET + body, 'my.cfg')
+    for p in parts:
+        assert p in str(e.value)
+
+
+def test_must_start_with_net_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match='must start with a \\[net\\]'):
+        parse_cfg_text("[convolutional]\nfilters=3\n", 'x.cfg')
+    with pytest.raises(ConfigError, match='nope.cfg: cfg file not found'):
+        parse_model_cfg(tmp_path / 'nope.cfg')
+
+
+def test_every_reference_cfg_parses():
+    files = sorted(REF_CFG.glob('*.cfg'))
+    assert len(files) == 20
+    for f in files:
+        sections = parse_model_cfg(f)
+        assert sections[0]['type'] == 'net'
+        assert any(s['type'] == 'yolo' for s in sections), f
