@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from models import CheckpointError, WeightsError, load_model
 from utils.augmentations import letterbox
 from utils.boxes import scale_coords, xyxy2xywh
 from utils.data_config import DatasetError, load_names
-from utils.datasets import LoadImages, LoadStreams, clean_str
+from utils.datasets import LoadImages, LoadStreams
 from utils.nms import non_max_suppression
 from utils.parse_config import ConfigError
 from utils.plots import class_color, plot_one_box
@@ -82,6 +83,45 @@ def detection_summary(det: torch.Tensor, names: list[str]) -> str:
     return s
 
 
+
+def safe_name(s: str) -> str:
+    """A file name made from a stream address or path: anything but letters, digits, '.', '-' becomes '_'."""
+    return re.sub(r'[^\w.-]+', '_', s).strip('_') or 'stream'
+
+
+def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape."""
+    gn = torch.tensor(shape[:2], dtype=torch.float32)[[1, 0, 1, 0]]  # (w, h, w, h)
+    xywh = (xyxy2xywh(det[:, :4].cpu().float()) / gn).tolist()  # (n, 4)
+    path.write_text(''.join(('%g ' * 4 + '%g\n') % (c, *b) for c, b in zip(det[:, 5].tolist(), xywh)))
+
+
+class VideoWriters:
+    """Output videos by path, opened at the first frame's size; release() finishes the files."""
+
+    def __init__(self, fourcc: str):
+        self.fourcc = fourcc
+        self.open: dict[Path, cv2.VideoWriter] = {}
+
+    def write(self, path: Path, frame: np.ndarray, fps: float, keep_others: bool) -> None:
+        """Append a BGR frame to the video at path; a new video file closes the others unless keep_others."""
+        if path not in self.open:
+            if not keep_others:
+                self.release()
+            h, w = frame.shape[:2]
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*self.fourcc), fps, (w, h))
+            if not writer.isOpened():
+                raise DetectError(f'{path}: cannot write video with --fourcc {self.fourcc}')
+            self.open[path] = writer
+        self.open[path].write(frame)
+
+    def release(self) -> None:
+        """Finish every open video (an unreleased writer leaves an unplayable file)."""
+        for writer in self.open.values():
+            writer.release()
+        self.open.clear()
+
+
 def detect(opt: argparse.Namespace) -> Path:
     """Run detection as configured by the command-line options; returns the output folder."""
     source, out = str(opt.source), Path(opt.output)
@@ -120,12 +160,12 @@ def detect(opt: argparse.Namespace) -> Path:
 
     imgsz = model.img_hw[0] if onnx else opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
-    vid_path, vid_writer = None, None
+    writers = VideoWriters(opt.fourcc)
     t0 = time.time()
     try:
         for path, img, im0s, vid_cap in dataset:
+            imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
             if onnx:  # the export has one fixed input size: letterbox to exactly that, not a minimum rectangle
-                imgs0 = im0s if stream else [im0s]
                 img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1]
                                                      .transpose(2, 0, 1)) for x in imgs0])
             img = torch.from_numpy(img).to(device)
@@ -141,28 +181,23 @@ def detect(opt: argparse.Namespace) -> Path:
                                        classes=opt.classes, agnostic=opt.agnostic_nms)
 
             for i, det in enumerate(pred):  # det: (n, 6) [x1, y1, x2, y2, conf, cls] in input pixels
+                im0 = imgs0[i].copy() if stream else imgs0[i]
                 if stream:
-                    p, s, im0 = path[i], f'{i}: ', im0s[i].copy()
-                    frame = dataset.count
+                    p, s, frame = path[i], f'{i}: ', dataset.count
+                    stem = f'stream{i}_{safe_name(Path(p).stem if os.path.isfile(p) else p)}'
                 else:
-                    p, im0 = path, im0s
+                    p, frame, stem = path, getattr(dataset, 'frame', 0), Path(path).stem
                     if dataset.mode == 'video':  # the loader advances count only when a video ends
                         s = f'video {dataset.count + 1}/{dataset.nf} ({dataset.frame}/{dataset.nframes}) {p}: '
                     else:
                         s = f'image {dataset.count}/{dataset.nf} {p}: '
-                    frame = getattr(dataset, 'frame', 0)
                 video = stream or dataset.mode == 'video'
-                stem = clean_str(Path(p).stem if not stream else p) or 'stream'
-                save_path = out / (f'{stem}.mp4' if video else Path(p).name)
                 s += '%gx%g ' % img.shape[2:]
                 if len(det):
-                    det[:, :4] = scale_coords(img.shape[2:], det[:, :4], im0.shape).round()
+                    det[:, :4] = scale_coords(img.shape[2:], det[:, :4], im0.shape).round()  # original pixels
                     s += detection_summary(det, names)
                 if opt.save_txt:  # one file per image (per frame for videos): class x y w h, normalised
-                    txt = out / (f'{stem}_{frame}.txt' if video else f'{stem}.txt')
-                    gn = torch.tensor(im0.shape)[[1, 0, 1, 0]]  # whwh
-                    xywh = (xyxy2xywh(det[:, :4].cpu()) / gn).tolist()  # (n, 4)
-                    txt.write_text(''.join(('%g ' * 4 + '%g\n') % (c, *b) for c, b in zip(det[:, 5].tolist(), xywh)))
+                    write_labels(out / (f'{stem}_{frame}.txt' if video else f'{stem}.txt'), det, im0.shape)
                 for *xyxy, conf, cls in reversed(det.tolist()):
                     plot_one_box(xyxy, im0, label=f'{names[int(cls)]} {conf:.2f}', color=class_color(int(cls)))
                 print(f'{s}Done. ({t2 - t1:.3f}s)')
@@ -171,24 +206,15 @@ def detect(opt: argparse.Namespace) -> Path:
                     cv2.imshow(str(p), im0)
                     if cv2.waitKey(1) == ord('q'):
                         raise KeyboardInterrupt
-                if not video:
-                    cv2.imwrite(str(save_path), im0)
+                if video:
+                    fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
+                    writers.write(out / f'{stem}.mp4', im0, fps, keep_others=stream)
                 else:
-                    if vid_path != save_path:  # a new video: a new writer at the source's size and rate
-                        vid_path = save_path
-                        if vid_writer is not None:
-                            vid_writer.release()
-                        fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
-                        h, w = im0.shape[:2]
-                        vid_writer = cv2.VideoWriter(str(save_path), cv2.VideoWriter_fourcc(*opt.fourcc), fps, (w, h))
-                        if not vid_writer.isOpened():
-                            raise DetectError(f'{save_path}: cannot write video with --fourcc {opt.fourcc}')
-                    vid_writer.write(im0)
+                    cv2.imwrite(str(out / Path(p).name), im0)
     except KeyboardInterrupt:
         print('Stopped.')
     finally:
-        if vid_writer is not None:
-            vid_writer.release()  # finishes the file: an unreleased writer leaves an unplayable video
+        writers.release()
         if view_img:
             cv2.destroyAllWindows()
     print(f'Results saved to {out.resolve()}')

@@ -73,6 +73,27 @@ def test_video_comes_out_as_video(tmp_path):
         assert label_classes(out / f'clip_{k}.txt') == [BUS]
 
 
+def test_several_streams_from_a_list(tmp_path):
+    # a .txt source is a list of streams (here two video files, read by threads as cameras would be)
+    im = cv2.resize(cv2.imread(str(SAMPLES / 'bus.jpg')), (160, 192))
+    for name in ('cam_a.mp4', 'cam_b.mp4'):
+        writer = cv2.VideoWriter(str(tmp_path / name), cv2.VideoWriter_fourcc(*'mp4v'), 30, (160, 192))
+        for _ in range(60):  # long enough that the reader threads are still running at the first frame
+            writer.write(im)
+        writer.release()
+    (tmp_path / 'streams.txt').write_text(f"{tmp_path / 'cam_a.mp4'}\n{tmp_path / 'cam_b.mp4'}\n")
+    out = tmp_path / 'out'
+    before = set(tmp_path.iterdir())
+    r = run_detect('--cfg', str(CFG), '--names', str(COCO_NAMES), '--weights', str(TINY_WEIGHTS),
+                   '--source', str(tmp_path / 'streams.txt'), '--output', str(out), '--img-size', '192')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(tmp_path.iterdir()) - before == {out}  # everything went into --output
+    for name in ('stream0_cam_a.mp4', 'stream1_cam_b.mp4'):
+        cap = cv2.VideoCapture(str(out / name))
+        assert cap.read()[0] and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 160, name
+        cap.release()
+
+
 def test_pt_checkpoint_and_headless_view(tmp_path):
     from models import load_model, model_checkpoint, save_checkpoint
 
