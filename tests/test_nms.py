@@ -94,8 +94,10 @@ def test_matches_greedy_reference_and_max_det():
 
 def test_time_limit_and_bad_thresholds(capsys):
     p = pred_rows([(50, 50, 20, 20, 0.9, {0: 1.0})]).repeat(3, 1, 1)
+    threads = torch.get_num_threads()
     out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
     assert [len(o) for o in out] == [1, 0, 0]
+    assert torch.get_num_threads() == threads  # NMS runs single-threaded on the CPU, then restores the setting
     assert 'time limit' in capsys.readouterr().out
     with pytest.raises(ValueError, match='conf_thres'):
         non_max_suppression(p, 1.5, 0.6)

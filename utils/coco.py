@@ -19,7 +19,7 @@ def coco80_to_coco91_class() -> list[int]:
 
 
 def numeric_image_id(path: str | os.PathLike) -> int | None:
-    """COCO image id from a file name: the number after the last '_' (COCO_val2014_000000000042.jpg -> 42), else None."""
+    """COCO image id from a file name: the number after its last '_' (COCO_val2014_000000000042.jpg -> 42) or None."""
     tail = Path(path).stem.split('_')[-1]
     return int(tail) if tail.isdigit() else None
 
