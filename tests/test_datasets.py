@@ -343,6 +343,16 @@ def test_create_dataloader_workers_and_seed(coco16_data):
     assert not torch.equal(a[0][0], c[0][0])
 
 
+def test_create_dataloader_distributed_split(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    seen = []
+    for rank in (0, 1):
+        loader, _ = create_dataloader(path, 160, 4, rank=rank, world_size=2, workers=0, seed=3)
+        loader.sampler.set_epoch(1)
+        seen.append([p for _, _, paths, _ in loader for p in paths])
+    assert len(seen[0]) == len(seen[1]) == 8 and not set(seen[0]) & set(seen[1])  # each rank its own half
+
+
 def test_load_images_and_video(tmp_path):
     for name in ('bus.jpg', 'zidane.jpg'):
         (tmp_path / name).write_bytes((COCO128.parents[1] / 'samples' / name).read_bytes())

@@ -474,7 +474,8 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
         shuffle = False
     batch_size = min(batch_size, len(dataset))
     nw = min((os.cpu_count() or 1) // max(world_size, 1), batch_size if batch_size > 1 else 0, workers)
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if world_size > 1 else None
+    sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0), shuffle=shuffle, seed=seed)
+               if world_size > 1 else None)
     generator = torch.Generator()
     generator.manual_seed(seed + max(rank, 0) * 1000)  # worker seeds: this + worker id, distinct per rank
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
