@@ -162,12 +162,12 @@ def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False) -> torch.op
             pg1.append(v)
         else:
             pg0.append(v)
+    # groups given as dicts so an empty one (e.g. no BN weights left after --freeze-layers) keeps the group indices
+    groups = [{'params': pg0}, {'params': pg1, 'weight_decay': hyp['weight_decay']}, {'params': pg2}]
     if adam:
-        optimizer = torch.optim.Adam(pg0, lr=hyp['lr0'])
+        optimizer = torch.optim.Adam(groups, lr=hyp['lr0'])
     else:
-        optimizer = torch.optim.SGD(pg0, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
-    optimizer.add_param_group({'params': pg1, 'weight_decay': hyp['weight_decay']})
-    optimizer.add_param_group({'params': pg2})
+        optimizer = torch.optim.SGD(groups, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
     print(f'Optimizer groups: {len(pg2)} .bias, {len(pg1)} Conv2d.weight, {len(pg0)} other')
     return optimizer
 
