@@ -101,3 +101,37 @@ def test_time_limit_and_bad_thresholds(capsys):
     assert 'time limit' in capsys.readouterr().out
     with pytest.raises(ValueError, match='conf_thres'):
         non_max_suppression(p, 1.5, 0.6)
+
+
+def offset_trick_nms(pred: torch.Tensor, conf_thres: float, iou_thres: float) -> torch.Tensor:
+    """The archive's formulation for one image: classes kept apart by shifting boxes 4096 px per class index,
+    torchvision.ops.nms, then merge-NMS with IoUs taken on the shifted boxes."""
+    x = pred[pred[:, 4] > conf_thres]
+    x = x[((x[:, 2:4] > 2) & (x[:, 2:4] < 4096)).all(1)].clone()
+    x[:, 5:] *= x[:, 4:5]
+    box = torch.cat((x[:, :2] - x[:, 2:4] / 2, x[:, :2] + x[:, 2:4] / 2), 1)
+    i, j = (x[:, 5:] > conf_thres).nonzero(as_tuple=True)
+    x = torch.cat((box[i], x[i, j + 5, None], j[:, None].float()), 1)
+    shifted, scores = x[:, :4] + x[:, 5:6] * 4096, x[:, 4]
+    keep = torch.ops.torchvision.nms(shifted, scores, iou_thres)
+    w = (box_iou(shifted[keep], shifted) > iou_thres) * scores[None]
+    x[keep, :4] = (w @ x[:, :4]) / w.sum(1, keepdim=True)
+    return x[keep]
+
+
+def test_merge_nms_equals_class_offset_formulation():
+    # clusters of jittered boxes with several plausible classes each: plenty of merging and multi-label rows
+    g = torch.Generator().manual_seed(1)
+    centres = torch.rand(12, 2, generator=g) * 300 + 50
+    xy = centres.repeat_interleave(30, 0) + torch.randn(360, 2, generator=g) * 4
+    wh = torch.rand(12, 2, generator=g).repeat_interleave(30, 0) * 80 + 20 + torch.randn(360, 2, generator=g) * 3
+    obj = torch.rand(360, 1, generator=g)
+    cls = torch.rand(360, 6, generator=g) ** 3
+    p = torch.cat((xy, wh, obj, cls), 1)
+    ours = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6)[0]
+    ref = offset_trick_nms(p.clone(), 0.01, 0.6)
+    assert len(ours) == len(ref) > 50
+    key = lambda d: d[(d[:, 5] * 10 + d[:, 4]).argsort()]  # same order for both: by class, then score
+    assert torch.allclose(key(ours), key(ref), atol=1e-3)
+    plain = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, merge=False)[0]
+    assert (key(plain)[:, :4] - key(ours)[:, :4]).abs().max() > 1  # the merge did move boxes
