@@ -102,6 +102,17 @@ def test_coco_ids_and_class_map():
     assert find_coco_annotations(COCO128 / 'labels') is None
 
 
+def test_find_coco_annotations_for_image_lists(tmp_path):
+    (tmp_path / 'annotations').mkdir()
+    (tmp_path / 'annotations' / 'instances_val2014.json').write_text('{}')
+    (tmp_path / '5k.txt').write_text('./images/val2014/COCO_val2014_000000000042.jpg\n')
+    assert find_coco_annotations(tmp_path / '5k.txt') == tmp_path / 'annotations' / 'instances_val2014.json'
+    (tmp_path / 'annotations' / 'instances_val2017.json').write_text('{}')
+    (tmp_path / 'val2017.txt').write_text('./images/val2017/000000000139.jpg\n')
+    assert find_coco_annotations(tmp_path / 'val2017.txt') == tmp_path / 'annotations' / 'instances_val2017.json'
+    assert find_coco_annotations(tmp_path / '5k.txt') is None  # two candidates: ground truth from the labels instead
+
+
 def test_coco_gt_from_labels_scores_perfect_predictions(tmp_path):
     gt = CocoGroundTruth(['cat', 'dog'])
     boxes = np.array([[10, 20, 110, 220], [200, 50, 300, 90.]])

@@ -35,13 +35,20 @@ def image_ids(paths: Sequence[str | os.PathLike]) -> dict[str, int]:
 
 
 def find_coco_annotations(images_path: str | os.PathLike) -> Path | None:
-    """COCO's own annotation file for an images folder laid out as COCO's: <root>/images/<split> ->
-    <root>/annotations/instances_<split>.json; None where there is none."""
+    """COCO's own annotation file for a split laid out as COCO's, or None where there is none:
+    <root>/images/<split>/ -> <root>/annotations/instances_<split>.json; a list <root>/<name>.txt ->
+    <root>/annotations/instances_<name>.json, else the one <root>/annotations/instances_val*.json (as the original)."""
     p = Path(images_path)
-    if not p.is_dir():
-        return None
-    f = p.parent.parent / 'annotations' / f'instances_{p.name}.json'
-    return f if f.is_file() else None
+    if p.is_dir():
+        f = p.parent.parent / 'annotations' / f'instances_{p.name}.json'
+        return f if f.is_file() else None
+    if p.is_file() and p.suffix == '.txt':
+        f = p.parent / 'annotations' / f'instances_{p.stem}.json'
+        if f.is_file():
+            return f
+        val = sorted((p.parent / 'annotations').glob('instances_val*.json'))
+        return val[0] if len(val) == 1 else None
+    return None
 
 
 def prediction_records(image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray,
