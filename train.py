@@ -150,7 +150,8 @@ def load_hyp(path: str | Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------------------
 # optimizer, schedule, freezing
 
-def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False,
+                    log: Callable[[str], None] = print) -> torch.optim.Optimizer:
     """The original's three groups: 0 = BN and other weights (no decay), 1 = conv weights (decay), 2 = biases."""
     pg0, pg1, pg2 = [], [], []
     for name, v in de_parallel(model).named_parameters():
@@ -168,7 +169,7 @@ def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False) -> torch.op
         optimizer = torch.optim.Adam(groups, lr=hyp['lr0'])
     else:
         optimizer = torch.optim.SGD(groups, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
-    print(f'Optimizer groups: {len(pg2)} .bias, {len(pg1)} Conv2d.weight, {len(pg0)} other')
+    log(f'Optimizer groups: {len(pg2)} .bias, {len(pg1)} Conv2d.weight, {len(pg0)} other')
     return optimizer
 
 
@@ -282,14 +283,18 @@ def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
 # training
 
 def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
-          log: Callable[[str], None] = print) -> tuple[float, ...]:
-    """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls)."""
+          log: Callable[[str], None] = print, epoch_times: list | None = None) -> tuple[float, ...]:
+    """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls).
+
+    epoch_times, when given, receives (epoch, training seconds, images) per epoch (for benchmarks; test excluded).
+    """
     info = du.env_info()
     main_proc = info.main
     world = info.world_size
+    if not main_proc:
+        log = _quiet  # rank 0 alone talks
     save_dir = Path(opt.save_dir)
     paths = run_paths(save_dir)
-    wdir = paths['last'].parent
     evolve = bool(opt.evolve)
     cuda = device.type == 'cuda'
     if opt.batch_size % world:
@@ -304,7 +309,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         check_dataset(data)  # downloads a missing dataset if the config says how
     du.barrier()
     nc = 1 if opt.single_cls else data['nc']
-    names = ['item'] if opt.single_cls and data['nc'] != 1 else data['names']
+    names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
 
     # model
     model = Darknet(opt.cfg, img_size=imgsz)
@@ -336,7 +341,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     model.to(device)
 
     # optimizer, schedule, AMP
-    optimizer = build_optimizer(model, hyp, opt.adam)
+    optimizer = build_optimizer(model, hyp, opt.adam, log)
     lf = CosineLR(opt.epochs, hyp['lrf'])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
     amp = opt.amp if opt.amp != 'auto' else ('fp16' if cuda else 'off')
@@ -345,7 +350,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model) if main_proc else None
 
-    start_epoch, best_fitness = 0, 0.0
+    start_epoch, best_fitness, last_opt_step = 0, 0.0, -1
     if ckpt is not None:  # resume: everything back where the last completed epoch left it
         if ckpt.get('optimizer') is not None:
             optimizer.load_state_dict(ckpt['optimizer'])
@@ -356,6 +361,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             ema.updates = int(ckpt.get('ema_updates', 0))
         start_epoch = int(ckpt['epoch']) + 1
         best_fitness = float(ckpt.get('best_fitness', 0.0))
+        last_opt_step = int(ckpt.get('last_opt_step', -1))
         scheduler.last_epoch = start_epoch - 1
         for g in optimizer.param_groups:  # LR of the epoch we continue with (no second warmup: ni keeps counting)
             g['lr'] = g['initial_lr'] * lf(start_epoch)
@@ -398,7 +404,6 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
 
     n_burn = n_burn_in(nb)
     accumulate = max(round(NBS / opt.batch_size), 1)
-    last_opt_step = -1
     results = (0.0,) * 8
     t0 = time.time()
     log(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
@@ -417,6 +422,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             log(('\n' + '%10s' * 8) % RESULTS_HEADER)
         pbar = tqdm(enumerate(loader), total=nb, disable=not main_proc, bar_format='{l_bar}{bar:10}{r_bar}')
         s = ''
+        t_epoch = time.perf_counter()
         seen: list[str] = []  # this rank's images this epoch (DDP: checked to be disjoint across ranks)
         for i, (imgs, targets, batch_paths, _) in pbar:
             ni = i + nb * epoch  # batches since the start of training
@@ -466,6 +472,10 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                 if ni == 0 and not evolve:
                     plot_images(imgs, targets, batch_paths, fname=save_dir / 'train_batch0.jpg', names=names)
         pbar.close()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        if epoch_times is not None:
+            epoch_times.append((epoch, time.perf_counter() - t_epoch, len(dataset)))
 
         if info.distributed:
             per_rank = du.all_gather_object(sorted(set(seen)))
@@ -500,7 +510,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                         training_results=paths['results'].read_text(),
                                         optimizer=optimizer.state_dict(),
                                         model_train={k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                                        ema_updates=ema.updates, scaler=scaler.state_dict(), hyp=dict(hyp),
+                                        ema_updates=ema.updates, last_opt_step=last_opt_step,
+                                        scaler=scaler.state_dict(), hyp=dict(hyp),
                                         opt=plain(vars(opt)), seed=opt.seed,
                                         rng={**rng_state(loader.generator),
                                              'multi_scale': _ms_state_to(ms_rng.getstate())})
@@ -539,6 +550,10 @@ def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log
     log(f"Results saved to {paths['results']}, weights to {paths['last'].parent}")
 
 
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
 def _ms_state_to(state: tuple) -> dict:
     return {'version': state[0], 'state': torch.tensor(state[1], dtype=torch.int64), 'gauss': state[2]}
 
@@ -574,7 +589,8 @@ def _tensorboard(save_dir: Path, name: str, log: Callable[[str], None]):
         log('tensorboard not installed: no scalars logged')
         return None
     log(f'Tensorboard: tensorboard --logdir {save_dir / "runs"}, view at http://localhost:6006/')
-    return SummaryWriter(log_dir=str(save_dir / 'runs' / (time.strftime('%Y%m%d-%H%M%S') + (f'_{name}' if name else ''))))
+    run = time.strftime('%Y%m%d-%H%M%S') + (f'_{name}' if name else '')
+    return SummaryWriter(log_dir=str(save_dir / 'runs' / run))
 
 
 # ------------------------------------------------------------------------------------------------------------------

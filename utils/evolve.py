@@ -19,7 +19,8 @@ GAINS = {'giou': 1, 'cls': 1, 'cls_pw': 1, 'obj': 1, 'obj_pw': 1, 'iou_t': 1, 'l
          'weight_decay': 1, 'fl_gamma': 0, 'hsv_h': 1, 'hsv_s': 1, 'hsv_v': 1, 'degrees': 1, 'translate': 1,
          'scale': 1, 'shear': 1}
 LIMITS = {'lr0': (1e-5, 1e-2), 'iou_t': (0.0, 0.7), 'momentum': (0.6, 0.98), 'weight_decay': (0.0, 0.001),
-          'hsv_s': (0.0, 0.9), 'hsv_v': (0.0, 0.9), 'translate': (0.0, 0.9), 'scale': (0.0, 0.9), 'fl_gamma': (0.0, 3.0)}
+          'hsv_s': (0.0, 0.9), 'hsv_v': (0.0, 0.9), 'translate': (0.0, 0.9), 'scale': (0.0, 0.9),
+          'fl_gamma': (0.0, 3.0)}
 
 
 def read_evolve(path: Path, keys: list[str]) -> np.ndarray:

@@ -6,6 +6,9 @@ import torch.nn as nn
 
 from utils.boxes import bbox_iou, wh_iou
 
+# build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
+Targets = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]
+
 
 def de_parallel(model: nn.Module) -> nn.Module:
     """The bare model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
@@ -39,8 +42,7 @@ class FocalLoss(nn.Module):
         return loss
 
 
-def build_targets(p: list[torch.Tensor], targets: torch.Tensor, model: nn.Module
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+def build_targets(p: list[torch.Tensor], targets: torch.Tensor, model: nn.Module) -> Targets:
     """Assign targets (n, 6) [image, class, x, y, w, h] (normalised xywh) to the anchors of every [yolo] layer.
 
     A target goes to every anchor of a layer whose width-height IoU with it exceeds hyp['iou_t'] (not only to the
