@@ -42,7 +42,13 @@ def _measure_here(data: str, img_size: int, batch_size: int, workers: int, epoch
         for imgs, *_ in loader:
             n += imgs.shape[0]
     dt = time.perf_counter() - t0
-    return {'images': n, 'seconds': dt, 'images_per_s': n / dt, 'module': sys.modules['utils.datasets'].__file__}
+    # CPU time per image in this process alone: less sensitive than wall time to other jobs on a shared machine
+    c0 = time.process_time()
+    for i in range(len(dataset)):
+        dataset[i]
+    cpu_ms = (time.process_time() - c0) / len(dataset) * 1e3
+    return {'images': n, 'seconds': dt, 'images_per_s': n / dt, 'cpu_ms_per_image': cpu_ms,
+            'module': sys.modules['utils.datasets'].__file__}
 
 
 def loader_rate(repo: str | Path | None = None, data: str | Path = DEFAULT_DATA, img_size: int = 320,
@@ -91,7 +97,8 @@ def main() -> None:
         res = _run(repo, opt.data, opt.img_size, opt.batch_size, opt.workers, opt.epochs, hyp)
         first = first or res['images_per_s']
         print(f"{repo}: {res['images_per_s']:.1f} images/s ({res['images']} images in {res['seconds']:.2f} s, "
-              f"{res['module']}) x{res['images_per_s'] / first:.2f} of the first")
+              f"{res['module']}) x{res['images_per_s'] / first:.2f} of the first; "
+              f"{res['cpu_ms_per_image']:.2f} CPU ms per image in one process")
 
 
 if __name__ == '__main__':
