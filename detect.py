@@ -172,6 +172,8 @@ def detect(opt: argparse.Namespace) -> Path:
             img = (img.half() if half else img.float()) / 255.0
             if img.ndim == 3:
                 img = img[None]  # (1, 3, h, w)
+            if device.type == 'cpu' and not onnx:  # NHWC input: oneDNN convolutions skip layout conversions
+                img = img.contiguous(memory_format=torch.channels_last)
 
             t1 = time_synchronized()
             with torch.no_grad():

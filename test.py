@@ -99,6 +99,8 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
     header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
     for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
         imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
+        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
         nb, _, height, width = imgs.shape
         whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
