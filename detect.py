@@ -138,7 +138,10 @@ def detect(opt: argparse.Namespace) -> Path:
         device, half = torch.device('cpu'), False
         nc = model.nc
     else:
-        device = select_device(opt.device)
+        try:
+            device = select_device(opt.device)
+        except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA
+            raise DetectError(str(e)) from None
         model = load_model(opt.weights, opt.cfg or None, opt.img_size, device).fuse().eval()
         half = opt.half and device.type != 'cpu'
         if opt.half and not half:

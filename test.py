@@ -32,6 +32,18 @@ from utils.torch_utils import select_device, time_synchronized
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
 
 
+class EvalError(Exception):
+    """An option of test.py that cannot work here (e.g. a CUDA --device on a machine without CUDA)."""
+
+
+def _device(device: str, batch_size: int) -> torch.device:
+    """select_device, with its refusals as EvalError so the command line reports them without a traceback."""
+    try:
+        return select_device(device, batch_size=batch_size)
+    except (RuntimeError, ValueError) as e:
+        raise EvalError(str(e)) from None
+
+
 def _model_stride(model: nn.Module) -> int:
     """Largest [yolo] stride of a Darknet model (32 for the YOLOv3 family)."""
     m = model.module if hasattr(model, 'module') else model
@@ -59,7 +71,7 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
     if dataloader is None:
         check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
     if model is None:
-        device = select_device(device, batch_size=batch_size)
+        device = _device(device, batch_size)
         model = load_model(weights, cfg, imgsz, device)
         model.fuse()
     else:
@@ -290,7 +302,7 @@ def main(opt: argparse.Namespace) -> int:
     Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
     data = load_data_config(opt.data)
     check_dataset(data, splits=('valid',))
-    device = select_device(opt.device, batch_size=opt.batch_size)
+    device = _device(opt.device, opt.batch_size)
     model = load_model(opt.weights, opt.cfg, opt.img_size, device).fuse()
     if opt.task == 'study':
         study(opt, model, data)
@@ -303,5 +315,5 @@ if __name__ == '__main__':
     args = parse_opt()
     try:
         sys.exit(main(args))
-    except (DatasetError, ConfigError, WeightsError, CheckpointError, FileNotFoundError) as err:
+    except (EvalError, DatasetError, ConfigError, WeightsError, CheckpointError, FileNotFoundError) as err:
         sys.exit(f'Error: {err}')
