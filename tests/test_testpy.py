@@ -9,6 +9,7 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import ROOT, TINY_WEIGHTS
 from utils.coco import coco80_to_coco91_class
@@ -64,7 +65,7 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
 
     data = load_data_config(coco16_data)
     model = load_model(TINY_WEIGHTS, CFG, 256)
-    model.hyp = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'iou_t': 0.2, 'fl_gamma': 0.0}
+    model.hyp = yaml.safe_load((ROOT / 'data' / 'hyp.scratch.yaml').read_text())  # as train.py sets them
     model.gr = 1.0
     model.train()
     loader, dataset = create_dataloader(data['valid'], 256, 8, pad=0.5, rect=True, shuffle=False, workers=0)
