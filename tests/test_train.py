@@ -342,3 +342,41 @@ def test_ddp_two_cpu_processes(coco8, tmp_path):
     assert 'DDP: distinct images per rank [4, 4], seen by every rank 0' in r.stdout
     assert len((tmp_path / 'results.txt').read_text().splitlines()) == 1
     assert load(tmp_path / 'weights' / 'last.pt')['epoch'] == 0
+
+
+def _append_rows(path: str, start: int) -> None:
+    """Worker for the concurrency test: ten generations' rows into one evolve.txt."""
+    from utils.evolve import append_result
+    for i in range(start, start + 10):
+        append_result(Path(path), {**HYP, 'lr0': 1e-4 * (i + 1)}, (0.1, 0.2, 0.3, 0.001 * i, 0.5, 1.0, 2.0, 3.0))
+
+
+def test_evolve_file_survives_concurrent_writers(tmp_path):
+    import multiprocessing as mp
+    from utils.evolve import read_evolve
+    path = tmp_path / 'evolve.txt'
+    ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+    procs = [ctx.Process(target=_append_rows, args=(str(path), 10 * k)) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    x = read_evolve(path, list(HYP))
+    assert x.shape == (30, 8 + len(HYP))
+    assert np.allclose(sorted(x[:, 8 + list(HYP).index('lr0')]), [1e-4 * (i + 1) for i in range(30)])
+    assert x[0, 3] == x[:, 3].max()  # sorted by fitness, best first
+
+
+def test_mutation_keeps_limits_and_fixed_keys():
+    from utils.evolve import LIMITS, mutate
+    rng = np.random.default_rng(0)
+    assert mutate(HYP, np.zeros((0, 8 + len(HYP))), rng) == HYP  # no history: the given hyp is the first parent
+    rows = np.array([[0, 0, 0.5, 0.3, 0, 0, 0, 0] + list(HYP.values()),
+                     [0, 0, 0.1, 0.05, 0, 0, 0, 0] + list(HYP.values())])
+    for _ in range(50):
+        child = mutate(HYP, rows, rng)
+        assert child['lrf'] == HYP['lrf'] and child['fl_gamma'] == HYP['fl_gamma']  # gain 0: never mutated
+        assert child['degrees'] == 0.0  # 0 stays 0 (the original's disabled geometric augmentation)
+        assert all(lo <= child[k] <= hi for k, (lo, hi) in LIMITS.items())
+        assert child != HYP
