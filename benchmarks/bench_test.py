@@ -31,10 +31,13 @@ def default_data(folder: Path) -> Path:
     return f
 
 
-def run_once(repo: Path, cfg: str, data: str, weights: str, img_size: int, batch_size: int) -> dict:
+def run_once(repo: Path, cfg: str, data: str, weights: str, img_size: int, batch_size: int,
+             save_dir: str) -> dict:
     """Run test.py in repo; return wall seconds, the `all` row's mAP@0.5 and the printed speed line."""
     cmd = [sys.executable, 'test.py', '--cfg', cfg, '--data', data, '--weights', weights, '--img-size', str(img_size),
            '--batch-size', str(batch_size), '--device', 'cpu']
+    if '--save-dir' in (repo / 'test.py').read_text():  # plots into a temporary folder, not the checkout
+        cmd += ['--save-dir', save_dir]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -63,7 +66,8 @@ def main() -> None:
         data = opt.data or str(default_data(Path(tmp)))
         results = []
         for repo in repos:
-            runs = [run_once(repo, opt.cfg, data, opt.weights, opt.img_size, opt.batch_size) for _ in range(opt.runs)]
+            runs = [run_once(repo, opt.cfg, data, opt.weights, opt.img_size, opt.batch_size, tmp)
+                    for _ in range(opt.runs)]
             best = min(runs, key=lambda x: x['seconds'])
             results.append(best)
             print(f"{repo}: {best['seconds']:.1f} s wall, {best['images']} images, mAP@0.5 {best['map50']:.3f}\n"
