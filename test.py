@@ -137,7 +137,8 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
 
             if save_json:
                 path = str(paths[si])
-                image_id = id_of.get(path) if gt_builder is not None else numeric_image_id(path)
+                # own ground truth: ids from the dataset's file list (a loader without one: in order of appearance)
+                image_id = id_of.setdefault(path, len(id_of) + 1) if gt_builder is not None else numeric_image_id(path)
                 if image_id is None:
                     raise DatasetError(f"{path}: COCO annotations need numeric image file names "
                                        f"(e.g. 000000000009.jpg); pass --coco-gt or leave out COCO's file")
