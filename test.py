@@ -114,7 +114,7 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
         if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
-        nb, _, height, width = imgs.shape
+        _, _, height, width = imgs.shape  # rectangular batch: H, W multiples of 32
         whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
 
         t = time_synchronized()
