@@ -86,6 +86,9 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     # no loss function (the command line): the losses are zeros
     results = test(None, data, imgsz=256, model=model, dataloader=loader, plots=False, save_dir=tmp_path)[0]
     assert results[5:] == (0.0, 0.0, 0.0) and results[2] == pytest.approx(map50)
+    # test-time augmentation (flip + two scales, merged before NMS): a different, still sound, result
+    tta = test(None, data, imgsz=256, model=model, dataloader=loader, augment=True, plots=False, save_dir=tmp_path)[0]
+    assert tta[2] != map50 and abs(tta[2] - map50) < 0.15
     assert torch.is_grad_enabled()
 
 
