@@ -299,6 +299,11 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     cuda = device.type == 'cuda'
     if opt.batch_size % world:
         raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the number of processes {world}')
+    if opt.sync_bn and info.distributed and not cuda:
+        raise ValueError('--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); leave it out '
+                         'for DDP on the CPU')
+    if opt.sync_bn and not info.distributed:
+        log('--sync-bn has no effect in a single process')
     imgsz, imgsz_test, grid_min, grid_max, multi_scale = check_img_sizes(opt.img_size, opt.multi_scale)
     init_seeds(opt.seed + 1 + max(info.rank, 0), deterministic=opt.deterministic)
     ms_rng = random.Random(opt.seed)  # multi-scale sizes: same stream on every rank so DDP shapes match
@@ -389,7 +394,11 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                        cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
                                        single_cls=opt.single_cls, shuffle=False, nc=nc, prefix='val: ')[0]
     if ckpt is not None and ckpt.get('rng'):
-        set_rng_state(ckpt['rng'], loader.generator)
+        if main_proc:  # the saved states are rank 0's
+            set_rng_state(ckpt['rng'], loader.generator)
+        else:  # other ranks: fresh streams of their own, distinct per rank and per resume point
+            init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
+            loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
         if 'multi_scale' in ckpt['rng']:
             ms_rng.setstate(_ms_state_from(ckpt['rng']['multi_scale']))
     del ckpt
