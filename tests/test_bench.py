@@ -17,8 +17,9 @@ import compat_original  # noqa: E402
 
 def test_parse_all_row_both_table_layouts():
     """The 'all' row of the 2020 table (P R mAP F1) and of this checkout's (with mAP@0.5:0.95) parse alike."""
-    old = '               Class    Images   Targets ...\n                 all       128       929     0.375     0.44     0.424     0.38\n'
-    new = 'x\r                 all           16           72        0.287        0.468        0.479        0.233    0.328\n'
+    old = ('               Class    Images   Targets ...\n'
+           '                 all       128       929     0.375     0.44     0.424     0.38\n')
+    new = 'x\r                 all           16           72        0.287        0.468        0.479    0.233  0.328\n'
     assert bench.parse_all_row(old) == {'images': 128, 'targets': 929, 'P': 0.375, 'R': 0.44, 'mAP50': 0.424}
     assert bench.parse_all_row(new)['mAP50'] == pytest.approx(0.479)
     assert bench.parse_all_row('no table') == {}
