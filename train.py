@@ -179,13 +179,17 @@ def n_burn_in(nb: int) -> int:
 
 
 def warmup_values(ni: int, n_burn: int, lr_targets: list[float], hyp: dict, batch_size: int) -> dict[str, Any]:
-    """Burn-in at integrated batch ni: LRs of the three groups, momentum, obj GIoU ratio gr, accumulation count.
+    """Burn-in at integrated batch ni: LRs and weight decays of the three groups, momentum, obj GIoU ratio gr,
+    accumulation count.
 
-    As the original: bias LR (group 2) falls 0.1 -> its target, other LRs rise 0 -> target, momentum
-    0.9 -> hyp['momentum'], gr 0 -> 1, accumulate 1 -> NBS / batch_size, all linear over n_burn iterations.
+    As the original: bias LR (group 2) falls 0.1 -> its target, other LRs rise 0 -> target, conv weight decay
+    (group 1) rises 0 -> hyp['weight_decay'], momentum 0.9 -> hyp['momentum'], gr 0 -> 1, accumulate
+    1 -> NBS / batch_size, all linear over n_burn iterations.
     """
     xi = [0, n_burn]
     return {'lr': [float(np.interp(ni, xi, [0.1 if j == 2 else 0.0, t])) for j, t in enumerate(lr_targets)],
+            'weight_decay': [float(np.interp(ni, xi, [0.0, hyp['weight_decay'] if j == 1 else 0.0]))
+                             for j in range(len(lr_targets))],
             'momentum': float(np.interp(ni, xi, [0.9, hyp['momentum']])),
             'gr': float(np.interp(ni, xi, [0.0, 1.0])),
             'accumulate': max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))}
@@ -344,6 +348,10 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     model.gr = 1.0  # objectness target = GIoU (burn-in ramps it from 0)
     model.names = names
     model.to(device)
+    # NHWC on the CPU: oneDNN convolutions without layout conversions, about 1.2x faster forward + backward
+    channels_last = device.type == 'cpu'
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     # optimizer, schedule, AMP
     optimizer = build_optimizer(model, hyp, opt.adam, log)
@@ -445,8 +453,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                   opt.batch_size)
                 bare.gr = w['gr']
                 accumulate = w['accumulate']
-                for g, lr in zip(optimizer.param_groups, w['lr']):
-                    g['lr'] = lr
+                for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
+                    g['lr'], g['weight_decay'] = lr, wd
                     if 'momentum' in g:
                         g['momentum'] = w['momentum']
 
@@ -455,6 +463,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                     img_size = multi_scale_size(ms_rng, grid_min, grid_max)
                 imgs = resize_batch(imgs, img_size)
 
+            if channels_last:
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
             with autocast:
                 pred = model(imgs)
             loss, loss_items = compute_loss(pred, targets, bare)
@@ -524,6 +534,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                         opt=plain(vars(opt)), seed=opt.seed,
                                         rng={**rng_state(loader.generator),
                                              'multi_scale': _ms_state_to(ms_rng.getstate())})
+                for k in ('model', 'model_train'):  # NCHW (contiguous) tensors whatever layout training used
+                    ckpt[k] = {n: v.contiguous() for n, v in ckpt[k].items()}
                 save_checkpoint(ckpt, paths['last'])
                 if improved or not paths['best'].exists():
                     save_checkpoint(ckpt, paths['best'])

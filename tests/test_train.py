@@ -60,14 +60,15 @@ def test_warmup_interpolates_lr_momentum_gr_accumulate():
     targets = [0.01, 0.01, 0.01]
     w0 = train.warmup_values(0, 500, targets, HYP, batch_size=16)
     assert w0['lr'] == [0.0, 0.0, 0.1] and w0['momentum'] == pytest.approx(0.9)
-    assert w0['gr'] == 0.0 and w0['accumulate'] == 1
+    assert w0['gr'] == 0.0 and w0['accumulate'] == 1 and w0['weight_decay'] == [0.0, 0.0, 0.0]
     mid = train.warmup_values(250, 500, targets, HYP, batch_size=16)
     assert mid['lr'] == pytest.approx([0.005, 0.005, 0.055])
     assert mid['momentum'] == pytest.approx((0.9 + 0.937) / 2) and mid['gr'] == pytest.approx(0.5)
     assert mid['accumulate'] == round(1 + 3 * 0.5)  # 1 -> 64 / 16 = 4
+    assert mid['weight_decay'] == pytest.approx([0.0, HYP['weight_decay'] / 2, 0.0])
     end = train.warmup_values(500, 500, targets, HYP, batch_size=16)
     assert end['lr'] == pytest.approx(targets) and end['momentum'] == pytest.approx(0.937)
-    assert end['gr'] == 1.0 and end['accumulate'] == 4
+    assert end['gr'] == 1.0 and end['accumulate'] == 4 and end['weight_decay'] == [0.0, HYP['weight_decay'], 0.0]
     assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
 
 
@@ -261,6 +262,12 @@ def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part)]))
     monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    # after epoch 0 (one batch, ni = 0): momentum and weight decay as burn-in set them at ni = 0, LR already
+    # stepped by the cosine schedule to epoch 1
+    groups = load(part / 'weights' / 'last.pt')['optimizer']['param_groups']
+    assert [g['momentum'] for g in groups] == pytest.approx([0.9] * 3)
+    assert [g['weight_decay'] for g in groups] == [0.0, 0.0, 0.0]
+    assert [g['lr'] for g in groups] == pytest.approx([HYP['lr0'] * train.CosineLR(2, HYP['lrf'])(1)] * 3)
     assert train.main(train.parse_opt(['--resume', str(part / 'weights' / 'last.pt')])) == 0
 
     a, b = load(full / 'weights' / 'last.pt'), load(part / 'weights' / 'last.pt')
