@@ -113,8 +113,8 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
         names = d.get('names')
         if isinstance(names, dict):  # {0: person, 1: bicycle, ...}
             names = [str(names[k]) for k in sorted(names)]
-        elif isinstance(names, str):  # a .names file
-            names = load_names(_resolve(names, bases if 'root' not in out else [Path.cwd(), cfg.resolve().parent]))
+        elif isinstance(names, str):  # a .names file, found like the config's other files (not under `path`)
+            names = load_names(_resolve(names, [Path.cwd(), cfg.resolve().parent, ROOT]))
         elif names is not None:
             names = [str(x) for x in names]
         nc = d.get('nc')
