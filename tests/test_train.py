@@ -387,3 +387,20 @@ def test_mutation_keeps_limits_and_fixed_keys():
         assert child['degrees'] == 0.0  # 0 stays 0 (the original's disabled geometric augmentation)
         assert all(lo <= child[k] <= hi for k, (lo, hi) in LIMITS.items())
         assert child != HYP
+
+
+def test_distributed_env_and_single_process_helpers(monkeypatch, tmp_path):
+    from utils import distributed as du
+    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(k, raising=False)
+    assert du.env_info() == du.DistInfo() and du.env_info().main and not du.env_info().distributed
+    monkeypatch.setenv('RANK', '3')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    info = du.env_info()
+    assert (info.rank, info.local_rank, info.world_size, info.distributed, info.main) == (3, 1, 4, True, False)
+    # no process group: every helper is a no-op or the identity
+    assert du.is_main_process() and du.get_world_size() == 1 and du.all_gather_object('x') == ['x']
+    du.barrier()
+    du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
+    assert (tmp_path / 'f.txt').read_text() == 'saved'

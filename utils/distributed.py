@@ -70,15 +70,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Send a picklable python object from rank src to every rank and return it (identity without a group)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's picklable object, in rank order ([obj] without a group)."""
     if not is_initialized():
