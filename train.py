@@ -393,14 +393,14 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     # loaders
     loader, dataset = create_dataloader(data['train'], imgsz, opt.batch_size // world, GS, hyp=hyp, augment=True,
                                         cache=opt.cache_images, rect=opt.rect, rank=info.rank, world_size=world,
-                                        workers=opt.workers, single_cls=opt.single_cls, seed=opt.seed, nc=nc,
+                                        workers=opt.workers, single_cls=opt.single_cls, seed=opt.seed, nc=data['nc'],
                                         prefix='train: ')
     nb = len(loader)
     testloader = None
     if main_proc:
         testloader = create_dataloader(data['valid'], imgsz_test, opt.batch_size, GS, hyp=hyp, augment=False,
                                        cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
-                                       single_cls=opt.single_cls, shuffle=False, nc=nc, prefix='val: ')[0]
+                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ')[0]
     if ckpt is not None and ckpt.get('rng'):
         if main_proc:  # the saved states are rank 0's
             set_rng_state(ckpt['rng'], loader.generator)

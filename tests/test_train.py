@@ -404,3 +404,14 @@ def test_distributed_env_and_single_process_helpers(monkeypatch, tmp_path):
     du.barrier()
     du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
     assert (tmp_path / 'f.txt').read_text() == 'saved'
+
+
+def test_single_cls_trains_a_one_class_cfg(coco8, tmp_path):
+    # the 80-class labels stay valid (checked against the data's 80 classes), then all become class 0
+    args = ['--cfg', str(ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'), '--data', str(coco8), '--weights', '',
+            '--img-size', '128', '--epochs', '1', '--batch-size', '8', '--device', 'cpu', '--workers', '0',
+            '--single-cls', '--save-dir', str(tmp_path)]
+    assert train.main(train.parse_opt(args)) == 0
+    row = (tmp_path / 'results.txt').read_text().split()
+    assert float(row[4]) == 0.0 and float(row[2]) > 0  # no class loss for one class, box loss trained
+    assert train.main(train.parse_opt(args[:-3] + ['--save-dir', str(tmp_path / 'b')])) == 2  # 80 vs 1 classes
