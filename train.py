@@ -347,6 +347,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     model.hyp['cls'] *= nc / 80  # as the original: the class gain was tuned for COCO's 80 classes
     model.gr = 1.0  # objectness target = GIoU (burn-in ramps it from 0)
     model.names = names
+    if main_proc:
+        model.info(img_size=imgsz)
     model.to(device)
     # NHWC on the CPU: oneDNN convolutions without layout conversions, about 1.2x faster forward + backward
     channels_last = device.type == 'cpu'
@@ -489,7 +491,9 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                                    targets.shape[0], imgs.shape[-1])
                 pbar.set_description(s)
                 if ni == 0 and not evolve:
-                    plot_images(imgs, targets, batch_paths, fname=save_dir / 'train_batch0.jpg', names=names)
+                    mosaic = plot_images(imgs, targets, batch_paths, fname=save_dir / 'train_batch0.jpg', names=names)
+                    if tb is not None:
+                        tb.add_image('train_batch0', mosaic, epoch, dataformats='HWC')
         pbar.close()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
