@@ -580,10 +580,12 @@ def _quiet(_: str) -> None:
 
 
 def _ms_state_to(state: tuple) -> dict:
+    """random.Random state -> tensors and plain values for a weights_only checkpoint."""
     return {'version': state[0], 'state': torch.tensor(state[1], dtype=torch.int64), 'gauss': state[2]}
 
 
 def _ms_state_from(d: dict) -> tuple:
+    """The inverse of _ms_state_to."""
     return d['version'], tuple(int(x) for x in d['state'].tolist()), d['gauss']
 
 
@@ -655,8 +657,7 @@ def main(opt: argparse.Namespace) -> int:
                 return 0
         if hyp is None:
             hyp = load_hyp(opt.hyp)
-        device = select_device('cpu' if opt.device == 'cpu' else opt.device,
-                               batch_size=None if info.distributed else opt.batch_size)
+        device = select_device(opt.device, batch_size=None if info.distributed else opt.batch_size)
         if info.distributed:
             if device.type == 'cpu':
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
