@@ -229,9 +229,8 @@ def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0)
 
 def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
     """All RNG states as tensors and plain values (loadable with weights_only=True)."""
-    version, pystate, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': {'version': version, 'state': torch.tensor(pystate, dtype=torch.int64), 'gauss': gauss},
+    state = {'python': _pystate_to(random.getstate()),
              'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
                        'has_gauss': int(has_gauss), 'cached': float(cached)},
              'torch': torch.get_rng_state()}
@@ -244,8 +243,7 @@ def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]
 
 def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
     """Restore what rng_state() saved."""
-    py = state['python']
-    random.setstate((py['version'], tuple(int(x) for x in py['state'].tolist()), py['gauss']))
+    random.setstate(_pystate_from(state['python']))
     n = state['numpy']
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
     torch.set_rng_state(state['torch'])
@@ -410,7 +408,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
             loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
         if 'multi_scale' in ckpt['rng']:
-            ms_rng.setstate(_ms_state_from(ckpt['rng']['multi_scale']))
+            ms_rng.setstate(_pystate_from(ckpt['rng']['multi_scale']))
     del ckpt
 
     tb = None
@@ -537,7 +535,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                         scaler=scaler.state_dict(), hyp=dict(hyp),
                                         opt=plain(vars(opt)), seed=opt.seed,
                                         rng={**rng_state(loader.generator),
-                                             'multi_scale': _ms_state_to(ms_rng.getstate())})
+                                             'multi_scale': _pystate_to(ms_rng.getstate())})
                 for k in ('model', 'model_train'):  # NCHW (contiguous) tensors whatever layout training used
                     ckpt[k] = {n: v.contiguous() for n, v in ckpt[k].items()}
                 save_checkpoint(ckpt, paths['last'])
@@ -579,13 +577,13 @@ def _quiet(_: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _ms_state_to(state: tuple) -> dict:
-    """random.Random state -> tensors and plain values for a weights_only checkpoint."""
+def _pystate_to(state: tuple) -> dict:
+    """A python random state -> tensors and plain values for a weights_only checkpoint."""
     return {'version': state[0], 'state': torch.tensor(state[1], dtype=torch.int64), 'gauss': state[2]}
 
 
-def _ms_state_from(d: dict) -> tuple:
-    """The inverse of _ms_state_to."""
+def _pystate_from(d: dict) -> tuple:
+    """The inverse of _pystate_to."""
     return d['version'], tuple(int(x) for x in d['state'].tolist()), d['gauss']
 
 
