@@ -245,7 +245,7 @@ def test_kill_9_then_resume(coco8, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
-    args = base_args(coco8, '--notest', epochs=2, size=128)
+    args = base_args(coco8, '--notest', '--multi-scale', epochs=2, size=128)  # sizes 64-160 from a saved RNG
     full = tmp_path / 'full'
     assert train.main(train.parse_opt(args + ['--save-dir', str(full)])) == 0
 
@@ -278,6 +278,7 @@ def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
         return [r.split()[:1] + r.split()[2:] for r in (d / 'results.txt').read_text().splitlines()]
 
     assert rows(full) == rows(part)
+    assert all(int(r[6]) in range(64, 161, 32) for r in rows(full))  # img_size column (memory column dropped)
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
