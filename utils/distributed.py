@@ -37,8 +37,11 @@ def env_info() -> DistInfo:
                     world_size=int(os.environ.get('WORLD_SIZE', 1)))
 
 
-def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for single processes."""
+def init_distributed(device: torch.device, timeout_s: float = 10800.0) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for single processes.
+
+    The timeout is long because the other ranks wait at a barrier while rank 0 tests a whole validation set.
+    """
     info = env_info()
     if not info.distributed or is_initialized():
         return info
