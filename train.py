@@ -420,12 +420,13 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         tb = _tensorboard(save_dir, opt.name, log)
 
     n_burn = n_burn_in(nb)
-    accumulate = max(round(NBS / opt.batch_size), 1)
+    batch_size = loader.batch_size * world  # as the original: at most the number of training images
+    accumulate = max(round(NBS / batch_size), 1)
     results = (0.0,) * 8
     t0 = time.time()
     log(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
-        f'{loader.num_workers} dataloader workers; effective batch {opt.batch_size * accumulate} '
-        f'({opt.batch_size} x {accumulate} accumulated, {world} process{"es" if world > 1 else ""}); '
+        f'{loader.num_workers} dataloader workers; effective batch {batch_size * accumulate} '
+        f'({batch_size} x {accumulate} accumulated, {world} process{"es" if world > 1 else ""}); '
         f'AMP {amp}; {n_burn} burn-in iterations')
     log(f'Starting training for {opt.epochs} epochs...')
     img_size = imgsz
@@ -450,7 +451,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
 
             if ni <= n_burn:
                 w = warmup_values(ni, n_burn, [g['initial_lr'] * lf(epoch) for g in optimizer.param_groups], hyp,
-                                  opt.batch_size)
+                                  batch_size)
                 bare.gr = w['gr']
                 accumulate = w['accumulate']
                 for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
@@ -473,7 +474,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                     f'non-finite loss at epoch {epoch}, batch {i}: GIoU {loss_items[0]:.4g}, obj {loss_items[1]:.4g}, '
                     f'cls {loss_items[2]:.4g}, total {loss_items[3]:.4g}; stopped, {paths["last"]} is the last good '
                     f'checkpoint')
-            scaler.scale(loss * (opt.batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
+            scaler.scale(loss * (batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
 
             if ni - last_opt_step >= accumulate:
                 scaler.step(optimizer)
