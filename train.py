@@ -264,6 +264,19 @@ def plain(x: Any) -> Any:
     return x
 
 
+def run_checkpoint(ema: ModelEMA, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   hyp: dict, opt: argparse.Namespace, **state: Any) -> dict:
+    """Everything --resume needs, as tensors and plain values: the EMA model (what test/detect use), the raw model,
+    optimizer, GradScaler, EMA update count, hyp, options, seed, cfg text, plus the given state (epoch, ...)."""
+    ckpt = model_checkpoint(ema.ema, optimizer=optimizer.state_dict(),
+                            model_train={k: v.detach().cpu() for k, v in de_parallel(model).state_dict().items()},
+                            ema_updates=ema.updates, scaler=scaler.state_dict(), hyp=dict(hyp),
+                            opt=plain(vars(opt)), seed=opt.seed, **state)
+    for k in ('model', 'model_train'):  # NCHW (contiguous) tensors whatever layout training used
+        ckpt[k] = {n: v.contiguous() for n, v in ckpt[k].items()}
+    return ckpt
+
+
 def strip_optimizer(path: str | Path) -> None:
     """Drop the optimizer and training-only state from a checkpoint (for a smaller final file), atomically."""
     ckpt = load_checkpoint(path)
@@ -283,6 +296,39 @@ def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------------------------------
 # training
+
+def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: list[str], imgsz: int,
+                ckpt: dict | None, log: Callable[[str], None] = print) -> Darknet:
+    """The Darknet model of opt.cfg with its starting weights (the resumed checkpoint's raw weights, a .pt's matching
+    tensors, or Darknet weights), frozen layers, and the attributes the loss reads (hyp, gr, nc via the cfg)."""
+    main_proc = du.env_info().main
+    model = Darknet(opt.cfg, img_size=imgsz)
+    if model.nc != nc:
+        raise ValueError(f"{opt.cfg} has {model.nc} classes but {opt.data} has {nc}"
+                         f"{' (--single-cls)' if opt.single_cls else ''}; use a cfg with classes={nc}")
+    weights = str(opt.weights or '')
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model_train'] if ckpt.get('model_train') else ckpt['model'])
+    elif weights.endswith('.pt'):
+        pre = load_checkpoint(weights)
+        if transfer_weights(model, pre['model'], verbose=main_proc)[0] == 0:
+            raise CheckpointError(f'{weights}: no tensor fits the model built from {opt.cfg}')
+    elif weights:
+        if main_proc:
+            attempt_download(weights)
+        du.barrier()
+        load_darknet_weights(model, weights)
+    if opt.freeze_layers or opt.freeze:
+        frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
+        log(f'Frozen {frozen:,} parameters, training {trainable:,}')
+    model.hyp = dict(hyp)
+    model.hyp['cls'] *= nc / 80  # as the original: the class gain was tuned for COCO's 80 classes
+    model.gr = 1.0  # objectness target = GIoU (burn-in ramps it from 0)
+    model.names = names
+    if main_proc:
+        model.info(img_size=imgsz)
+    return model
+
 
 def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
           log: Callable[[str], None] = print, epoch_times: list | None = None) -> tuple[float, ...]:
@@ -319,34 +365,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
 
     # model
-    model = Darknet(opt.cfg, img_size=imgsz)
-    if model.nc != nc:
-        raise ValueError(f"{opt.cfg} has {model.nc} classes but {opt.data} has {nc}"
-                         f"{' (--single-cls)' if opt.single_cls else ''}; use a cfg with classes={nc}")
-    ckpt = None
-    weights = str(opt.weights or '')
-    if opt.resume:
-        ckpt = load_checkpoint(opt.resume)
-        model.load_state_dict(ckpt['model_train'] if ckpt.get('model_train') else ckpt['model'])
-    elif weights.endswith('.pt'):
-        pre = load_checkpoint(weights)
-        if transfer_weights(model, pre['model'], verbose=main_proc)[0] == 0:
-            raise CheckpointError(f'{weights}: no tensor fits the model built from {opt.cfg}')
-        del pre
-    elif weights:
-        if main_proc:
-            attempt_download(weights)
-        du.barrier()
-        load_darknet_weights(model, weights)
-    if opt.freeze_layers or opt.freeze:
-        frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
-        log(f'Frozen {frozen:,} parameters, training {trainable:,}')
-    model.hyp = dict(hyp)
-    model.hyp['cls'] *= nc / 80  # as the original: the class gain was tuned for COCO's 80 classes
-    model.gr = 1.0  # objectness target = GIoU (burn-in ramps it from 0)
-    model.names = names
-    if main_proc:
-        model.info(img_size=imgsz)
+    ckpt = load_checkpoint(opt.resume) if opt.resume else None
+    model = build_model(opt, hyp, nc, names, imgsz, ckpt, log)
     model.to(device)
     # NHWC on the CPU: oneDNN convolutions without layout conversions, about 1.2x faster forward + backward
     channels_last = device.type == 'cpu'
@@ -528,17 +548,11 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             improved = fi > best_fitness
             best_fitness = max(best_fitness, fi)
             if (not opt.nosave) or (final_epoch and not evolve):
-                ckpt = model_checkpoint(ema.ema, epoch=epoch, best_fitness=best_fitness,
-                                        training_results=paths['results'].read_text(),
-                                        optimizer=optimizer.state_dict(),
-                                        model_train={k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                                        ema_updates=ema.updates, last_opt_step=last_opt_step,
-                                        scaler=scaler.state_dict(), hyp=dict(hyp),
-                                        opt=plain(vars(opt)), seed=opt.seed,
-                                        rng={**rng_state(loader.generator),
-                                             'multi_scale': _pystate_to(ms_rng.getstate())})
-                for k in ('model', 'model_train'):  # NCHW (contiguous) tensors whatever layout training used
-                    ckpt[k] = {n: v.contiguous() for n, v in ckpt[k].items()}
+                ckpt = run_checkpoint(ema, bare, optimizer, scaler, hyp, opt, epoch=epoch,
+                                      best_fitness=best_fitness, last_opt_step=last_opt_step,
+                                      training_results=paths['results'].read_text(),
+                                      rng={**rng_state(loader.generator),
+                                           'multi_scale': _pystate_to(ms_rng.getstate())})
                 save_checkpoint(ckpt, paths['last'])
                 if improved or not paths['best'].exists():
                     save_checkpoint(ckpt, paths['best'])
