@@ -230,7 +230,8 @@ def detect(opt: argparse.Namespace) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     """Arguments of `python detect.py` (the original's)."""
     p = argparse.ArgumentParser(prog='detect.py', description='Detect objects in images, videos and streams.')
-    p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model cfg (.pt: optional; .onnx: unused)')
+    p.add_argument('--cfg', type=str, default='',
+                   help='model cfg (default: the cfg saved in a .pt; cfg/yolov3-spp.cfg for .weights)')
     p.add_argument('--names', type=str, default='data/coco.names', help='class names file, one a line')
     p.add_argument('--weights', type=str, default='weights/yolov3-spp-ultralytics.pt', help='.weights, .pt or .onnx')
     p.add_argument('--source', type=str, default='data/samples',

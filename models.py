@@ -488,12 +488,13 @@ def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int
         model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)
         model.seen = int(ckpt.get('seen', model.seen))
     else:
-        if not cfg:
-            _missing_cfg(weights)
-        model = Darknet(cfg, img_size)
+        model = Darknet(cfg or DEFAULT_CFG, img_size)
         attempt_download(weights)
         load_darknet_weights(model, weights)
     return model.to(device).eval()
+
+
+DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # as the original's --cfg default
 
 
 def _missing_cfg(weights: str):

@@ -213,7 +213,8 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
 def get_args_parser() -> argparse.ArgumentParser:
     """Arguments of `python test.py` (the original's, plus --save-dir, --coco-gt, --workers)."""
     p = argparse.ArgumentParser(prog='test.py', description='Evaluate a YOLOv3 model: P, R, mAP, COCO metrics.')
-    p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model cfg (optional for a .pt)')
+    p.add_argument('--cfg', type=str, default='',
+                   help='model cfg (default: the cfg saved in a .pt; cfg/yolov3-spp.cfg for .weights)')
     p.add_argument('--data', type=str, default='data/coco2014.data', help='dataset config (.data or .yaml)')
     p.add_argument('--weights', type=str, default='weights/yolov3-spp-ultralytics.pt', help='.weights or .pt')
     p.add_argument('--batch-size', type=int, default=16, help='images per batch')
