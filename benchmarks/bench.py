@@ -12,9 +12,10 @@ For each --repo, one after another, in fresh subprocesses, with yolov3-tiny from
 2. test: `test.py --img-size 416 --batch-size 16 --conf-thres 0.001 --iou-thres 0.6 --device cpu`, timed as the
    whole command (start-up, model, data, inference, NMS, metrics) and as the loop over the test batches alone,
    with the mAP@0.5 it prints;
-3. train: `train.py --img-size 320 --batch-size 16 --epochs 2 --notest --device cpu` from the Darknet weights;
-   the figure is the second epoch, from the start of its batch loop to its end (loader start included), so
-   start-up, the first (warm-up) epoch and the final test do not count; the whole command is reported as well.
+3. train: `train.py --img-size 320 --batch-size 16 --epochs 3 --notest --device cpu` from the Darknet weights;
+   the figure is the median of the epochs after the first, each from the start of its batch loop to its end
+   (loader start included), so start-up, the first (warm-up) epoch and the final test do not count; the whole
+   command is reported as well.
 
 Times of each batch loop come from a probe on tqdm's iterator installed in the child process (both codes drive
 their loops through tqdm), so neither checkout is edited. Peak memory: the largest single process of the command
@@ -36,6 +37,7 @@ import platform
 import re
 import runpy
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,6 +188,18 @@ def make_dataset(dst: Path, n: int | None) -> tuple[Path, Path]:
     return images, data
 
 
+def git_state(repo: Path) -> str:
+    """'<short commit>' of a git checkout, '+dirty' when tracked files differ from it; '' for a plain folder."""
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ''
+    return head + ('+dirty' if dirty else '')
+
+
 def is_original(repo: Path) -> bool:
     """The 2020 archive layout: utils/utils.py next to a models.py with the global ONNX_EXPORT switch."""
     models = repo / 'models.py'
@@ -259,7 +273,7 @@ def bench_test(repo: Path, compat: bool, cfg: Path, data: Path, n_images: int, i
 
 def bench_train(repo: Path, compat: bool, cfg: Path, data: Path, n_images: int, img_size: int, epochs: int,
                 tmp: Path, env: dict, timeout: float) -> dict:
-    """train.py for `epochs` epochs with --notest; the last epoch's loop time and images/s, the first's, memory."""
+    """train.py for `epochs` epochs with --notest: median epoch after the first (s, images/s), the first, memory."""
     argv = ['--cfg', str(cfg), '--data', str(data), '--weights', str(WEIGHTS), '--img-size', str(img_size),
             '--batch-size', '16', '--epochs', str(epochs), '--notest', '--device', 'cpu']
     meter, loops, _ = run_script(repo, 'train.py', argv, compat, tmp / 'train', env, timeout)
@@ -267,12 +281,13 @@ def bench_train(repo: Path, compat: bool, cfg: Path, data: Path, n_images: int, 
     ep = [x for x in loops if x['total'] == nb and len(x['t']) == nb + 1 and x['end']][:epochs]  # test loop last
     if len(ep) < epochs:
         raise RuntimeError(f'{repo}: found {len(ep)} training loops of {nb} batches, expected {epochs}')
-    last, first = ep[-1], ep[0]
-    epoch_s = last['end'] - last['t'][0]
-    res = {**meter, 'epoch_s': epoch_s, 'images_per_s': n_images / epoch_s,
-           'first_epoch_s': first['end'] - first['t'][0]}
-    if nb > 1:  # the same epoch without its first batch (loader start, first-iteration allocations, batch plot)
-        res['steady_images_per_s'] = (n_images - 16) / (last['end'] - last['t'][2])
+    timed = ep[1:] or ep  # the first epoch warms up (allocator, oneDNN primitives, first-batch plot)
+    times = [x['end'] - x['t'][0] for x in timed]
+    epoch_s = statistics.median(times)
+    res = {**meter, 'epoch_s': epoch_s, 'images_per_s': n_images / epoch_s, 'epochs_s': times,
+           'first_epoch_s': ep[0]['end'] - ep[0]['t'][0]}
+    if nb > 1:  # the same epochs without their first batch (loader start, first-iteration allocations, batch plot)
+        res['steady_images_per_s'] = statistics.median((n_images - 16) / (x['end'] - x['t'][2]) for x in timed)
     return res
 
 
@@ -300,7 +315,7 @@ def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
         images, data = make_dataset(tmp / 'data', opt.images)
         n = len(list(images.glob('*.jpg')))
         env = child_env(compat, tmp)
-        res = {'repo': str(repo), 'compat': compat, 'patches': patches, 'images': n}
+        res = {'repo': str(repo), 'git': git_state(repo), 'compat': compat, 'patches': patches, 'images': n}
         steps = [('loader', lambda: bench_loader(src, images, opt.loader_epochs, env)),
                  ('test', lambda: bench_test(src, compat, opt.cfg, data, n, opt.test_size, tmp, env, opt.timeout)),
                  ('train', lambda: bench_train(src, compat, opt.cfg, data, n, opt.train_size, opt.train_epochs, tmp,
@@ -330,12 +345,13 @@ def _fmt(name: str, r: dict) -> str:
         return (f"{r['wall_s']:.1f} s command, {r['loop_s']:.1f} s loop ({r['loop_images_per_s']:.1f} images/s), "
                 f"mAP@0.5 {r.get('mAP50', float('nan')):.3f}, {mem} {load}")
     steady = f", {r['steady_images_per_s']:.2f} without batch 0" if 'steady_images_per_s' in r else ''
-    return (f"epoch {r['epoch_s']:.1f} s = {r['images_per_s']:.2f} images/s{steady} (first epoch "
-            f"{r['first_epoch_s']:.1f} s), command {r['wall_s']:.1f} s, {mem} {load}")
+    each = ', '.join(f'{x:.1f}' for x in r['epochs_s'])
+    return (f"epoch {r['epoch_s']:.1f} s = {r['images_per_s']:.2f} images/s{steady} (epochs timed: {each} s; "
+            f"first {r['first_epoch_s']:.1f} s), command {r['wall_s']:.1f} s, {mem} {load}")
 
 
 # (measurement, key, label, higher is better)
-SUMMARY = [('train', 'images_per_s', 'train images/s (last epoch)', True),
+SUMMARY = [('train', 'images_per_s', 'train images/s (median epoch)', True),
            ('train', 'epoch_s', 'train epoch s', False),
            ('train', 'wall_s', 'train command s', False),
            ('train', 'maxrss_mb', 'train peak RSS MB', False),
@@ -373,7 +389,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                    'default: this one')
     p.add_argument('--cfg', type=Path, default=DEFAULT_CFG, help='model cfg given to every checkout')
     p.add_argument('--images', type=int, default=None, help='use the first N coco128 images (default: all 128)')
-    p.add_argument('--train-epochs', type=int, default=2, help='epochs of train.py; the last one is the figure')
+    p.add_argument('--train-epochs', type=int, default=3,
+                   help='epochs of train.py; the figure is the median epoch after the first')
     p.add_argument('--train-size', type=int, default=320, help='train.py --img-size')
     p.add_argument('--test-size', type=int, default=416, help='test.py --img-size')
     p.add_argument('--loader-epochs', type=int, default=3, help='timed loader epochs (after one warm-up epoch)')
@@ -405,7 +422,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"CUDA {'yes' if info['cuda'] else 'no'}; 1-min load {load1():.2f}")
     results = []
     for repo in repos:
-        print(f'{repo}:')
+        state = git_state(repo)
+        print(f"{repo}{f' (git {state})' if state else ''}{' via compat_original' if is_original(repo) else ''}:")
         results.append(bench_repo(repo, opt))
     print()
     print(summary_table(results))

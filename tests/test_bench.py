@@ -31,7 +31,7 @@ def test_summary_table_ratios():
     b = {'repo': '/x/main', 'train': {'images_per_s': 6.0, 'epoch_s': 16.0}, 'test': {'mAP50': 0.423}}
     table = bench.summary_table([a, b]).splitlines()
     row = {line[:30].strip(): line[30:].split() for line in table[1:]}
-    assert row['train images/s (last epoch)'][-1] == '1.50'
+    assert row['train images/s (median epoch)'][-1] == '1.50'
     assert row['train epoch s'][-1] == '2.00'
     assert row['test mAP@0.5'][-1] == '-'
 
@@ -72,4 +72,4 @@ def test_quick_run_this_checkout(tmp_path, capsys):
     assert 0 < r['test']['mAP50'] <= 1 and r['test']['images'] == 8 and r['test']['wall_s'] > r['test']['loop_s']
     assert r['train']['images_per_s'] > 0 and r['train']['maxrss_mb'] > 100 and r['train']['peak_pss_mb'] > 0
     assert json.loads(out.read_text())['machine']['cores'] >= 1
-    assert 'train images/s (last epoch)' in capsys.readouterr().out
+    assert 'train images/s (median epoch)' in capsys.readouterr().out
