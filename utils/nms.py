@@ -6,9 +6,8 @@ import time
 from typing import Iterator, Sequence
 
 import torch
-import torchvision
 
-from utils.boxes import box_iou, xywh2xyxy
+from utils.boxes import batched_nms, box_iou, xywh2xyxy
 
 MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped, as the original
 
@@ -75,7 +74,7 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_t
                 continue
 
             group = torch.zeros_like(det[:, 5]) if agnostic else det[:, 5]
-            keep = torchvision.ops.batched_nms(det[:, :4], det[:, 4], group.long(), iou_thres)  # sorted by score
+            keep = batched_nms(det[:, :4], det[:, 4], group.long(), iou_thres)  # sorted by score
             if merge and 1 < n < 3000:  # as the original: merge only below 3000 candidates (memory of the n x n IoU)
                 iou = box_iou(det[keep, :4], det[:, :4])  # (k, n)
                 same = group[keep, None] == group[None]  # IoU only counts within a class (unless agnostic)
