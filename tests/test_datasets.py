@@ -307,6 +307,17 @@ def test_cache_images_ram(tmp_path, capsys, monkeypatch):
     assert all(im is None for im in ds.imgs) and ds[0][0].shape == (3, 160, 160)
 
 
+def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
+    """Training (augment) loaders keep small sets decoded in RAM; evaluation and large sets read from disk."""
+    make_subset(tmp_path, 4)
+    images = str(tmp_path / 'images')
+    train = LoadImagesAndLabels(images, 160, augment=True, hyp=HYP)
+    assert all(im is not None and max(im.shape[:2]) == 160 for im in train.imgs)
+    assert all(im is None for im in LoadImagesAndLabels(images, 160).imgs)  # a test pass reads each image once
+    monkeypatch.setattr(ds_mod, 'AUTO_CACHE_BYTES', 1000)  # "large" set
+    assert all(im is None for im in LoadImagesAndLabels(images, 160, augment=True, hyp=HYP).imgs)
+
+
 # --- items, batches, loaders ---------------------------------------------------------------------------------------
 
 def test_items_rect_and_collate(coco16_data):

@@ -32,6 +32,7 @@ IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
 VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
 AUG_KEYS = ('degrees', 'translate', 'scale', 'shear', 'hsv_h', 'hsv_s', 'hsv_v')  # hyp entries augmentation reads
 CACHE_VERSION = 1  # bump when the cache layout or the checks change
+AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
 __all__ = ['LoadImagesAndLabels', 'LoadImages', 'LoadWebcam', 'LoadStreams', 'create_dataloader', 'letterbox',
@@ -236,6 +237,10 @@ class LoadImagesAndLabels(Dataset):
         self.img_hw: list[tuple[int, int] | None] = [None] * n
         if cache_images:
             self._cache_images()
+        elif augment and self._cache_bytes() <= min(AUTO_CACHE_BYTES, 0.3 * _available_memory()):
+            # a small training set (coco128 at 320: 30 MB) is decoded once instead of 4 times per mosaic every
+            # epoch: JPEG decoding is ~80% of the loader's work, and on few cores it competes with training
+            self._cache_images()
 
     def _log(self, msg: str) -> None:
         """Print on the main process only."""
@@ -333,10 +338,14 @@ class LoadImagesAndLabels(Dataset):
                 shapes[i] = [1, 1 / mini]
         self.batch_shapes = np.ceil(shapes * self.img_size / self.stride + pad).astype(int) * self.stride
 
+    def _cache_bytes(self) -> int:
+        """RAM that the decoded, resized images take."""
+        r = self.img_size / self.shapes.max(1)
+        return int((np.floor(self.shapes[:, 0] * r) * np.floor(self.shapes[:, 1] * r) * 3).sum())
+
     def _cache_images(self) -> None:
         """Decode and resize every image into RAM, after saying how much that takes; refuse if it would not fit."""
-        r = self.img_size / self.shapes.max(1)
-        need = int((np.floor(self.shapes[:, 0] * r) * np.floor(self.shapes[:, 1] * r) * 3).sum())
+        need = self._cache_bytes()
         avail = _available_memory()
         self._log(f'Caching images needs {need / 1e9:.2f} GB of RAM ({avail / 1e9:.2f} GB available)')
         if need > 0.8 * avail:  # leave room for the model, the workers and the rest of the system
