@@ -136,47 +136,38 @@ def yolov3(nc: int = 80, spp: bool = False) -> Cfg:
 
 
 def yolov3_tiny(nc: int = 80, three_heads: bool = False, mask2: tuple = (1, 2, 3)) -> Cfg:
+    """YOLOv3-tiny (2 heads, 6 anchors) or yolov3-tiny3 (a third, stride-8 head; the 9 COCO anchors)."""
     c = Cfg(net(momentum=0.9))
+    taps = {}  # backbone outputs the upsampled heads join: stride 16 and stride 8
     for i, f in enumerate((16, 32, 64, 128, 256, 512)):
         c.conv(f, 3)
-        if i == 4:
-            p4 = c.n - 1
-        if i == 3:
-            p3 = c.n - 1
+        if i in (3, 4):
+            taps[i] = c.n - 1
         c.maxpool(2, 1 if i == 5 else 2)
     c.conv(1024, 3)
     c.conv(256, 1)
     branch = c.n - 1
     c.conv(512, 3)
     c.conv((nc + 5) * 3, 1, act='linear', bn=False)
-    if three_heads:  # yolov3-tiny3: a third, stride-8 output
-        c.yolo([6, 7, 8], COCO_ANCHORS, nc, **yolo_kv())
-        c.route(branch)
-        c.conv(128, 1)
-        c.upsample()
-        c.route(c.n - 1, p4)
-        c.conv(256, 3)
-        branch = c.n - 1
-        c.conv((nc + 5) * 3, 1, act='linear', bn=False)
-        c.yolo([3, 4, 5], COCO_ANCHORS, nc, **yolo_kv())
-        c.route(branch)
-        c.conv(128, 1)
-        c.upsample()
-        c.route(c.n - 1, p3)
-        c.conv(128, 3)
-        c.conv((nc + 5) * 3, 1, act='linear', bn=False)
-        c.yolo([0, 1, 2], COCO_ANCHORS, nc, **yolo_kv())
-        return c
-    c.yolo([3, 4, 5], TINY_ANCHORS, nc, **yolo_kv(random=True))
-    c.route(branch)
-    c.conv(128, 1)
-    c.upsample()
-    c.route(c.n - 1, p4)
-    c.conv(256, 3)
-    c.conv((nc + 5) * 3, 1, act='linear', bn=False)
-    # as the official weights (and the original): the second head uses anchors 1,2,3, not 0,1,2; with 0,1,2 the
-    # official weights lose a third of their mAP
-    c.yolo(list(mask2), TINY_ANCHORS, nc, **yolo_kv())
+    if three_heads:
+        # as Darknet's yolov3-tiny3.cfg: the third head reads the 128-filter conv of the stride-8 stage
+        heads = [([6, 7, 8], None, None), ([3, 4, 5], taps[4], 256), ([0, 1, 2], taps[3], 128)]
+        anchors = COCO_ANCHORS
+    else:
+        # as the official weights (and the original): the second head uses anchors 1,2,3, not 0,1,2; with 0,1,2
+        # the official weights lose a third of their mAP
+        heads = [([3, 4, 5], None, None), (list(mask2), taps[4], 256)]
+        anchors = TINY_ANCHORS
+    for mask, tap, filters in heads:
+        if tap is not None:  # lateral: reduce the previous head's branch, upsample, join the backbone tap
+            c.route(branch)
+            c.conv(128, 1)
+            c.upsample()
+            c.route(c.n - 1, tap)
+            c.conv(filters, 3)
+            branch = c.n - 1
+            c.conv((nc + 5) * 3, 1, act='linear', bn=False)
+        c.yolo(mask, anchors, nc, **yolo_kv())
     return c
 
 
