@@ -142,7 +142,9 @@ def detect(opt: argparse.Namespace) -> Path:
             device = select_device(opt.device)
         except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA
             raise DetectError(str(e)) from None
-        model = load_model(opt.weights, opt.cfg or None, opt.img_size, device).fuse().eval()
+        model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device).fuse().eval()
+        if opt.img_size is None:  # Darknet detects at the network size its cfg gives
+            opt.img_size = int(model.hyperparams.get('width', 416))
         half = opt.half and device.type != 'cpu'
         if opt.half and not half:
             print('WARNING: --half needs a CUDA device; running in fp32')
@@ -237,7 +239,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--source', type=str, default='data/samples',
                    help='image, folder, glob, video, webcam index (0), rtsp/http URL, or .txt list of streams')
     p.add_argument('--output', type=str, default='output', help='output folder (existing files are kept)')
-    p.add_argument('--img-size', type=int, default=512, help='inference size (pixels)')
+    p.add_argument('--img-size', type=int, default=None,
+                   help="inference size (pixels); default: the cfg's [net] width, as Darknet (the original: 512)")
     p.add_argument('--conf-thres', type=float, default=0.3, help='object confidence threshold')
     p.add_argument('--iou-thres', type=float, default=0.6, help='IoU threshold for NMS')
     p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')

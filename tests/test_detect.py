@@ -39,8 +39,9 @@ def test_samples_with_labels(tmp_path):
     out.mkdir()
     (out / 'keep.me').write_text('an earlier result')  # the original emptied --output; this port never does
     r = run_detect('--cfg', str(CFG), '--names', str(COCO_NAMES), '--weights', str(TINY_WEIGHTS),
-                   '--source', str(SAMPLES), '--output', str(out), '--img-size', '416', '--save-txt')
+                   '--source', str(SAMPLES), '--output', str(out), '--save-txt')  # the command
     assert r.returncode == 0, r.stderr[-3000:]
+    assert 'zidane.jpg: 288x416' in r.stdout  # default size: the cfg's [net] width (416), as Darknet
     assert (out / 'keep.me').read_text() == 'an earlier result'
     bus, zidane = label_classes(out / 'bus.txt'), label_classes(out / 'zidane.txt')
     assert bus.count(PERSON) >= 3 and BUS in bus
