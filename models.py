@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
-from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg
-from utils.torch_utils import conv_flops, count_parameters, fuse_conv_and_bn
+from utils.parse_config import ConfigError, parse_cfg_text
+from utils.torch_utils import conv_flops, count_parameters, fuse_conv_and_bn, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
 # eps=1e-4 moves the official yolov3-tiny outputs by up to 5e-4 against Darknet/OpenCV, eps=1e-6 by about 5e-6.
@@ -376,8 +376,9 @@ def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> 
     expected = sum(t.numel() for t in tensors)
     if values.size != expected:
         layers = 'all layers' if cutoff < 0 else f'the first {cutoff} layers'
+        why = ('a truncated file, or ' if values.size < expected else '') + 'the weights of another model?'
         raise WeightsError(f"{path}: holds {values.size:,} float32 values but {model.cfg_path} needs {expected:,} for "
-                           f"{layers}: {'a truncated file, or ' if values.size < expected else ''}the weights of another model?")
+                           f"{layers}: {why}")
     ptr = 0
     with torch.no_grad():
         for t in tensors:
@@ -445,7 +446,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def transfer_weights(model: nn.Module, state_dict: dict, verbose: bool = True) -> tuple[int, int]:
     """Load the entries of state_dict whose names and shapes match the model; print `transferred X/Y`."""
     own = model.state_dict()
-    matched = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    matched = intersect_state_dicts(state_dict, own)
     model.load_state_dict(matched, strict=False)
     if verbose:
         print(f"transferred {len(matched)}/{len(own)} items")
@@ -459,12 +460,12 @@ def model_checkpoint(model: Darknet, **extra: Any) -> dict:
             'version': [int(v) for v in m.version], 'seen': int(m.seen), **extra}
 
 
-def load_weights(model: Darknet, weights: str | Path) -> None:
+def load_weights(model: Darknet, weights: str | Path, verbose: bool = True) -> None:
     """Load .pt (matching tensors transferred) or Darknet weights into an existing model."""
     weights = str(weights)
     if weights.endswith('.pt'):
         ckpt = load_checkpoint(weights)
-        n, total = transfer_weights(model, ckpt['model'])
+        n, total = transfer_weights(model, ckpt['model'], verbose)
         if n == 0:
             raise CheckpointError(f"{weights}: no tensor fits the model built from {model.cfg_path}")
         model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import test as val  # test.py: test() is called in-process after each epoch
 from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_download, load_checkpoint,
-                    load_darknet_weights, model_checkpoint, save_checkpoint, transfer_weights)
+                    load_weights, model_checkpoint, save_checkpoint)
 from utils import distributed as du
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
@@ -309,15 +309,11 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
     weights = str(opt.weights or '')
     if ckpt is not None:
         model.load_state_dict(ckpt['model_train'] if ckpt.get('model_train') else ckpt['model'])
-    elif weights.endswith('.pt'):
-        pre = load_checkpoint(weights)
-        if transfer_weights(model, pre['model'], verbose=main_proc)[0] == 0:
-            raise CheckpointError(f'{weights}: no tensor fits the model built from {opt.cfg}')
     elif weights:
-        if main_proc:
-            attempt_download(weights)
+        if main_proc and not weights.endswith('.pt'):
+            attempt_download(weights)  # official Darknet files only
         du.barrier()
-        load_darknet_weights(model, weights)
+        load_weights(model, weights, verbose=main_proc)  # .pt: matching tensors; else Darknet weights
     if opt.freeze_layers or opt.freeze:
         frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
         log(f'Frozen {frozen:,} parameters, training {trainable:,}')
