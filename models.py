@@ -460,16 +460,23 @@ def model_checkpoint(model: Darknet, **extra: Any) -> dict:
             'version': [int(v) for v in m.version], 'seen': int(m.seen), **extra}
 
 
+def _load_checkpoint_state(model: Darknet, ckpt: dict, source: str, verbose: bool = True) -> None:
+    """Put a checkpoint's weights into model: all of them when they fit exactly, else the matching ones (printing
+    `transferred X/Y`); none matching is an error. The Darknet header values come along."""
+    own = model.state_dict()
+    if set(own) == set(ckpt['model']) and all(own[k].shape == v.shape for k, v in ckpt['model'].items()):
+        model.load_state_dict(ckpt['model'])
+    elif transfer_weights(model, ckpt['model'], verbose)[0] == 0:
+        raise CheckpointError(f"{source}: no tensor fits the model built from {model.cfg_path}")
+    model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)
+    model.seen = int(ckpt.get('seen', model.seen))
+
+
 def load_weights(model: Darknet, weights: str | Path, verbose: bool = True) -> None:
     """Load .pt (matching tensors transferred) or Darknet weights into an existing model."""
     weights = str(weights)
     if weights.endswith('.pt'):
-        ckpt = load_checkpoint(weights)
-        n, total = transfer_weights(model, ckpt['model'], verbose)
-        if n == 0:
-            raise CheckpointError(f"{weights}: no tensor fits the model built from {model.cfg_path}")
-        model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)
-        model.seen = int(ckpt.get('seen', model.seen))
+        _load_checkpoint_state(model, load_checkpoint(weights), weights, verbose)
     else:
         load_darknet_weights(model, weights)
 
@@ -481,13 +488,7 @@ def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int
     if weights.endswith('.pt'):
         ckpt = load_checkpoint(weights)
         model = Darknet(cfg if cfg else ckpt.get('cfg') or _missing_cfg(weights), img_size)
-        own = model.state_dict()
-        if set(own) == set(ckpt['model']) and all(own[k].shape == v.shape for k, v in ckpt['model'].items()):
-            model.load_state_dict(ckpt['model'])
-        elif transfer_weights(model, ckpt['model'])[0] == 0:
-            raise CheckpointError(f"{weights}: no tensor fits the model built from {model.cfg_path}")
-        model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)
-        model.seen = int(ckpt.get('seen', model.seen))
+        _load_checkpoint_state(model, ckpt, weights)
     else:
         model = Darknet(cfg or DEFAULT_CFG, img_size)
         attempt_download(weights)
