@@ -121,7 +121,7 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
         inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
         t_inf += time_synchronized() - t
         if compute_loss is not None and train_out is not None:
-            loss += compute_loss([x.float() for x in train_out], targets, model)[1][:3]
+            loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
 
         t = time_synchronized()
         output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,

@@ -33,11 +33,11 @@ from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_d
 from utils import distributed as du
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.loss import compute_loss, de_parallel
+from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
-from utils.torch_utils import ModelEMA, count_parameters, init_seeds, select_device
+from utils.torch_utils import ModelEMA, count_parameters, de_parallel, init_seeds, select_device
 
 ROOT = Path(__file__).resolve().parent
 GS = 32  # grid size: the largest stride; image sizes must be multiples of it
@@ -300,7 +300,7 @@ def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
 def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: list[str], imgsz: int,
                 ckpt: dict | None, log: Callable[[str], None] = print) -> Darknet:
     """The Darknet model of opt.cfg with its starting weights (the resumed checkpoint's raw weights, a .pt's matching
-    tensors, or Darknet weights), frozen layers, and the attributes the loss reads (hyp, gr, nc via the cfg)."""
+    tensors, or Darknet weights), frozen layers and class names."""
     main_proc = du.env_info().main
     model = Darknet(opt.cfg, img_size=imgsz)
     if model.nc != nc:
@@ -317,9 +317,6 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
     if opt.freeze_layers or opt.freeze:
         frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
         log(f'Frozen {frozen:,} parameters, training {trainable:,}')
-    model.hyp = dict(hyp)
-    model.hyp['cls'] *= nc / 80  # as the original: the class gain was tuned for COCO's 80 classes
-    model.gr = 1.0  # objectness target = GIoU (burn-in ramps it from 0)
     model.names = names
     if main_proc:
         model.info(img_size=imgsz)
@@ -378,6 +375,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     autocast = nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model) if main_proc else None
+    loss_hyp = {**hyp, 'cls': hyp['cls'] * nc / 80}  # as the original: the class gain was tuned for COCO's 80 classes
+    compute_loss = ComputeLoss(model, loss_hyp)  # gr: objectness target = GIoU (burn-in ramps it from 0)
 
     start_epoch, best_fitness, last_opt_step = 0, 0.0, -1
     if ckpt is not None:  # resume: everything back where the last completed epoch left it
@@ -468,7 +467,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             if ni <= n_burn:
                 w = warmup_values(ni, n_burn, [g['initial_lr'] * lf(epoch) for g in optimizer.param_groups], hyp,
                                   batch_size)
-                bare.gr = w['gr']
+                compute_loss.gr = w['gr']
                 accumulate = w['accumulate']
                 for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
                     g['lr'], g['weight_decay'] = lr, wd
@@ -484,7 +483,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
             with autocast:
                 pred = model(imgs)
-            loss, loss_items = compute_loss(pred, targets, bare)
+            loss, loss_items = compute_loss(pred, targets)
             if not _all_finite(loss, device):
                 raise NonFiniteLossError(
                     f'non-finite loss at epoch {epoch}, batch {i}: GIoU {loss_items[0]:.4g}, obj {loss_items[1]:.4g}, '

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from models import Darknet, load_darknet_weights
 from tests.conftest import REF_CFG, SHARED, TINY_WEIGHTS
-from utils.loss import FocalLoss, build_targets, compute_loss
+from utils.loss import ComputeLoss, FocalLoss, build_targets
 
 FIXTURE = SHARED / 'fixtures' / 'loss_parity_tiny320.pt'
 HYP = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'iou_t': 0.20, 'fl_gamma': 0.0}
@@ -24,13 +24,18 @@ class FakeYOLO(nn.Module):
 
 
 class FakeModel(nn.Module):
-    """One or two fake [yolo] layers, hyp, gr and nc: the loss's whole view of a model."""
+    """One or two fake [yolo] layers and nc: the loss's whole view of a model."""
 
-    def __init__(self, layers: list[FakeYOLO], nc: int = 80, hyp: dict | None = None, gr: float = 1.0):
+    def __init__(self, layers: list[FakeYOLO], nc: int = 80):
         super().__init__()
         self.module_list = nn.ModuleList(layers)
         self.yolo_layers = list(range(len(layers)))
-        self.nc, self.hyp, self.gr = nc, dict(hyp or HYP), gr
+        self.nc = nc
+
+
+def targets_of(p, targets, model, iou_t=HYP['iou_t']):
+    """build_targets for a (fake) model's anchors and classes."""
+    return build_targets(p, targets, [m.anchor_vec for m in model.module_list], model.nc, iou_t)
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +45,6 @@ def parity():
     model = Darknet(REF_CFG / 'yolov3-tiny.cfg', img_size=320)
     load_darknet_weights(model, TINY_WEIGHTS)
     model.train()
-    model.gr = d['gr']
     with torch.no_grad():
         p = model(d['images'].float() / 255)
     return d, model, p
@@ -49,8 +53,7 @@ def parity():
 @pytest.mark.parametrize('setting', ['bce', 'focal_gamma1.5'])
 def test_loss_parity_with_original(parity, setting):
     d, model, p = parity
-    model.hyp = d[setting]['hyp']
-    loss, items = compute_loss(p, d['targets'], model)
+    loss, items = ComputeLoss(model, d[setting]['hyp'], gr=d['gr'])(p, d['targets'])
     ref = torch.tensor([d[setting][k] for k in ('lbox', 'lobj', 'lcls', 'total')])
     assert items.shape == (4,)
     assert torch.allclose(items, ref, rtol=1e-3, atol=0), (items, ref)
@@ -59,11 +62,10 @@ def test_loss_parity_with_original(parity, setting):
 
 def test_loss_backward_gives_finite_gradients(parity):
     d, model, _ = parity
-    model.hyp = d['bce']['hyp']
     model.zero_grad()
     p = model(d['images'][:2].float() / 255)
     targets = d['targets'][d['targets'][:, 0] < 2]
-    loss, _ = compute_loss(p, targets, model)
+    loss, _ = ComputeLoss(model, d['bce']['hyp'], gr=d['gr'])(p, targets)
     loss.backward()
     grads = [q.grad for q in model.parameters() if q.grad is not None]
     assert len(grads) == len(list(model.parameters()))
@@ -77,7 +79,7 @@ def test_build_targets_all_anchors_above_threshold():
     p = [torch.zeros(2, 3, 10, 10, 85)]
     # one 36x36 px box (IoU 0.79 and 0.81 with the first two anchors, ~0.014 with the third) centred at (0.55, 0.25)
     targets = torch.tensor([[1, 7, 0.55, 0.25, 36 / 320, 36 / 320]])
-    tcls, tbox, indices, anch = build_targets(p, targets, model)
+    tcls, tbox, indices, anch = targets_of(p, targets, model)
     b, a, gj, gi = indices[0]
     assert sorted(a.tolist()) == [0, 1]  # every anchor above iou_t, not only the best one
     assert b.tolist() == [1, 1] and tcls[0].tolist() == [7, 7]
@@ -92,26 +94,25 @@ def test_build_targets_threshold_and_layers():
     p = [torch.zeros(1, 2, 10, 10, 85), torch.zeros(1, 2, 20, 20, 85)]
     targets = torch.tensor([[0, 3, 0.5, 0.5, 180 / 320, 200 / 320],
                             [0, 4, 0.999, 1.0, 22 / 320, 22 / 320]])  # centre on the border: stays inside the grid
-    tcls, tbox, indices, _ = build_targets(p, targets, model)
+    tcls, tbox, indices, _ = targets_of(p, targets, model)
     assert indices[0][1].tolist() == [0, 1] and tcls[0].tolist() == [3, 4]
     assert indices[0][2].tolist() == [5, 9] and indices[0][3].tolist() == [5, 9]
     assert sorted(indices[1][1].tolist()) == [0, 1] and tcls[1].tolist() == [4, 4]
     assert indices[1][2].max() == 19
-    model.hyp['iou_t'] = 0.95  # nothing matches this well
-    tcls, tbox, indices, anch = build_targets(p, targets, model)
+    tcls, tbox, indices, anch = targets_of(p, targets, model, iou_t=0.95)  # nothing matches this well
     assert all(len(t) == 0 for t in tcls) and all(x.shape == (0, 4) for x in tbox)
 
 
 def test_build_targets_rejects_class_out_of_range():
     model = FakeModel([FakeYOLO([(32, 32)], 32)], nc=3)
     with pytest.raises(ValueError, match='class 3 .*3 classes'):
-        build_targets([torch.zeros(1, 1, 10, 10, 8)], torch.tensor([[0, 3, 0.5, 0.5, 0.1, 0.1]]), model)
+        targets_of([torch.zeros(1, 1, 10, 10, 8)], torch.tensor([[0, 3, 0.5, 0.5, 0.1, 0.1]]), model)
 
 
 def test_loss_without_targets_is_objectness_only():
     model = FakeModel([FakeYOLO([(32, 32)], 32)], nc=2)
     p = [torch.full((2, 1, 4, 4, 7), -3.0, requires_grad=True)]
-    loss, items = compute_loss(p, torch.zeros(0, 6), model)
+    loss, items = ComputeLoss(model, HYP)(p, torch.zeros(0, 6))
     expected_obj = HYP['obj'] * math.log1p(math.exp(-3.0))  # BCE of logit -3 against target 0, mean
     assert items[0] == 0 and items[2] == 0
     assert items[1].item() == pytest.approx(expected_obj, rel=1e-5)
@@ -127,16 +128,17 @@ def test_loss_perfect_prediction_and_objectness_ratio():
     p[0, 0, 1, 2, 4] = 20.0
     p[0, 0, 1, 2, 5:] = torch.tensor([-20.0, 20.0])
     targets = torch.tensor([[0, 1, 2.5 / 4, 1.5 / 4, 2 / 4, 2 / 4]])
+    loss_fn = ComputeLoss(model, HYP)
     for gr in (0.0, 1.0):
-        model.gr = gr
-        _, items = compute_loss([p], targets, model)
+        loss_fn.gr = gr
+        _, items = loss_fn([p], targets)
         assert items.tolist() == pytest.approx([0, 0, 0, 0], abs=1e-4)
     # a worse box lowers the objectness target when gr = 1 but not when gr = 0
     p[0, 0, 1, 2, 2:4] = 1.0
-    model.gr = 0.0
-    obj_gr0 = compute_loss([p], targets, model)[1][1]
-    model.gr = 1.0
-    obj_gr1 = compute_loss([p], targets, model)[1][1]
+    loss_fn.gr = 0.0
+    obj_gr0 = loss_fn([p], targets)[1][1]
+    loss_fn.gr = 1.0
+    obj_gr1 = loss_fn([p], targets)[1][1]
     assert obj_gr0 < 1e-3 < obj_gr1
 
 

@@ -61,12 +61,11 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     from test import test
     from utils.data_config import load_data_config
     from utils.datasets import create_dataloader
-    from utils.loss import compute_loss
+    from utils.loss import ComputeLoss
 
     data = load_data_config(coco16_data)
     model = load_model(TINY_WEIGHTS, CFG, 256)
-    model.hyp = yaml.safe_load((ROOT / 'data' / 'hyp.scratch.yaml').read_text())  # as train.py sets them
-    model.gr = 1.0
+    compute_loss = ComputeLoss(model, yaml.safe_load((ROOT / 'data' / 'hyp.scratch.yaml').read_text()))
     model.train()
     loader, dataset = create_dataloader(data['valid'], 256, 8, pad=0.5, rect=True, shuffle=False, workers=0)
     results, maps, times = test(None, data, imgsz=256, model=model, dataloader=loader, compute_loss=compute_loss,

@@ -105,10 +105,10 @@ def test_multi_scale_sizes():
 def test_accumulated_scaled_loss_equals_nominal_batch_gradient():
     # loss * bs / 64 summed over 64 / bs batches = the gradient of one 64-image batch (objectness-only targets, so
     # the per-batch means have equal weights)
-    from utils.loss import compute_loss
+    from utils.loss import ComputeLoss
     torch.manual_seed(0)
     model = Darknet(CFG, 64)
-    model.hyp, model.gr = dict(HYP), 1.0
+    compute_loss = ComputeLoss(model, HYP)
     model.eval()  # BN on running statistics: the same function for any batch split
     x = torch.rand(8, 3, 64, 64)
     empty = torch.zeros(0, 6)
@@ -116,7 +116,7 @@ def test_accumulated_scaled_loss_equals_nominal_batch_gradient():
     def grads(chunks: int) -> torch.Tensor:
         model.zero_grad()
         for xc in x.chunk(chunks):
-            loss, _ = compute_loss(model(xc)[1], empty, model)
+            loss, _ = compute_loss(model(xc)[1], empty)
             (loss * xc.shape[0] / 8).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -321,15 +321,16 @@ def test_evolve_two_generations(coco8, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco8, tmp_path, monkeypatch, capsys):
-    from utils import loss as loss_module
+    from utils.loss import ComputeLoss
     calls = {'n': 0}
 
-    def nan_in_second_epoch(p, targets, model):
-        calls['n'] += 1
-        loss, items = loss_module.compute_loss(p, targets, model)
-        return (loss * float('nan'), items) if calls['n'] > 1 else (loss, items)
+    class NanInSecondEpoch(ComputeLoss):
+        def __call__(self, p, targets):
+            calls['n'] += 1
+            loss, items = super().__call__(p, targets)
+            return (loss * float('nan'), items) if calls['n'] > 1 else (loss, items)
 
-    monkeypatch.setattr(train, 'compute_loss', nan_in_second_epoch)
+    monkeypatch.setattr(train, 'ComputeLoss', NanInSecondEpoch)
     rc = train.main(train.parse_opt(base_args(coco8, '--notest', '--save-dir', str(tmp_path), epochs=2, size=128)))
     assert rc == 1
     err = capsys.readouterr().err

@@ -5,16 +5,10 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import bbox_iou, wh_iou
+from utils.torch_utils import de_parallel
 
 # build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
 Targets = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]
-
-
-def de_parallel(model: nn.Module) -> nn.Module:
-    """The bare model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
-    if isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
 
 
 class FocalLoss(nn.Module):
@@ -42,24 +36,23 @@ class FocalLoss(nn.Module):
         return loss
 
 
-def build_targets(p: list[torch.Tensor], targets: torch.Tensor, model: nn.Module) -> Targets:
+def build_targets(p: list[torch.Tensor], targets: torch.Tensor, anchor_vecs: list[torch.Tensor], nc: int,
+                  iou_t: float) -> Targets:
     """Assign targets (n, 6) [image, class, x, y, w, h] (normalised xywh) to the anchors of every [yolo] layer.
 
-    A target goes to every anchor of a layer whose width-height IoU with it exceeds hyp['iou_t'] (not only to the
-    best anchor), in the grid cell holding its centre. Returns per layer: classes (m,), boxes (m, 4) as
-    [x offset in cell, y offset in cell, w, h] in grid units, indices (image, anchor, gj, gi) and anchors (m, 2)
-    in grid units.
+    anchor_vecs: per layer (na, 2) anchors in grid units of that layer. A target goes to every anchor of a layer
+    whose width-height IoU with it exceeds iou_t (not only to the best anchor), in the grid cell holding its centre.
+    Returns per layer: classes (m,), boxes (m, 4) as [x offset in cell, y offset in cell, w, h] in grid units,
+    indices (image, anchor, gj, gi) and anchors (m, 2) in grid units.
     """
-    model = de_parallel(model)
-    nc, iou_t = model.nc, model.hyp['iou_t']
     nt = targets.shape[0]
     if nt and targets[:, 1].max() >= nc:
         raise ValueError(f"label class {int(targets[:, 1].max())} is out of range for a model with {nc} classes "
                          f"(classes must be 0-{nc - 1}); check the labels or the cfg's classes=")
     tcls, tbox, indices, anch = [], [], [], []
     gain = torch.ones(6, device=targets.device)
-    for i, j in enumerate(model.yolo_layers):
-        anchor_vec = model.module_list[j].anchor_vec.to(targets.device)  # (na, 2) in grid units
+    for i, anchor_vec in enumerate(anchor_vecs):
+        anchor_vec = anchor_vec.to(targets.device)  # (na, 2) in grid units
         na = anchor_vec.shape[0]
         ny, nx = p[i].shape[2:4]  # p[i]: (bs, na, ny, nx, no)
         gain[2:] = torch.tensor([nx, ny, nx, ny], device=targets.device)
@@ -83,49 +76,61 @@ def build_targets(p: list[torch.Tensor], targets: torch.Tensor, model: nn.Module
     return tcls, tbox, indices, anch
 
 
-def compute_loss(p: list[torch.Tensor], targets: torch.Tensor, model: nn.Module
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6).
+class ComputeLoss:
+    """The YOLOv3 loss of one model: takes the [yolo] layers' anchors, the class count and the hyperparameters once,
+    then is called as loss_fn(predictions, targets).
 
-    Returns (loss (1,), loss_items (4,) = [lbox, lobj, lcls, total], detached). Reads model.hyp (giou, obj, cls
-    gains, cls_pw, obj_pw, iou_t, fl_gamma), model.gr (objectness target = (1 - gr) + gr * GIoU) and model.nc.
+    hyp: giou, obj, cls gains (cls as the loss should use it: train.py scales it by nc / 80), cls_pw, obj_pw, iou_t,
+    fl_gamma. gr: objectness target = (1 - gr) + gr * GIoU; train.py ramps it 0 -> 1 during burn-in.
     """
-    bare = de_parallel(model)
-    h, gr, nc = bare.hyp, bare.gr, bare.nc
-    device = p[0].device
-    p = [pi.float() for pi in p]  # losses in fp32 even when the forward ran under autocast
-    lcls = torch.zeros(1, device=device)
-    lbox = torch.zeros(1, device=device)
-    lobj = torch.zeros(1, device=device)
-    tcls, tbox, indices, anchors = build_targets(p, targets, bare)
 
-    # as the original: mean reduction per layer, summed over layers, then the gains; no division by batch size here
-    # (train.py scales by batch_size / 64 for accumulation)
-    bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['cls_pw']], device=device))
-    bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['obj_pw']], device=device))
-    if h.get('fl_gamma', 0.0) > 0:
-        bce_cls, bce_obj = FocalLoss(bce_cls, h['fl_gamma']), FocalLoss(bce_obj, h['fl_gamma'])
+    def __init__(self, model: nn.Module, hyp: dict[str, float], gr: float = 1.0):
+        bare = de_parallel(model)
+        self.anchor_vecs = [bare.module_list[j].anchor_vec.detach().clone() for j in bare.yolo_layers]
+        self.nc = int(bare.nc)
+        self.hyp = dict(hyp)
+        self.gr = gr
 
-    for i, pi in enumerate(p):
-        b, a, gj, gi = indices[i]
-        tobj = torch.zeros_like(pi[..., 0])  # (bs, na, ny, nx)
-        nb = b.shape[0]
-        if nb:
-            ps = pi[b, a, gj, gi]  # (nb, nc + 5) predictions at the assigned anchors and cells
-            pxy = ps[:, :2].sigmoid()
-            pwh = ps[:, 2:4].exp().clamp(max=1e3) * anchors[i]
-            giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (nb,)
-            lbox += (1.0 - giou).mean()
-            # objectness target: 1 blended with the (non-negative) GIoU of the prediction
-            tobj[b, a, gj, gi] = (1.0 - gr) + gr * giou.detach().clamp(0).to(tobj.dtype)
-            if nc > 1:  # as the original: no class loss for single-class models
-                t = torch.zeros_like(ps[:, 5:])  # (nb, nc)
-                t[torch.arange(nb, device=device), tcls[i]] = 1.0
-                lcls += bce_cls(ps[:, 5:], t)
-        lobj += bce_obj(pi[..., 4], tobj)
+    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6).
 
-    lbox *= h['giou']
-    lobj *= h['obj']
-    lcls *= h['cls']
-    loss = lbox + lobj + lcls
-    return loss, torch.cat((lbox, lobj, lcls, loss)).detach()
+        Returns (loss (1,), loss_items (4,) = [lbox, lobj, lcls, total], detached).
+        """
+        h, gr, nc = self.hyp, self.gr, self.nc
+        device = p[0].device
+        p = [pi.float() for pi in p]  # losses in fp32 even when the forward ran under autocast
+        lcls = torch.zeros(1, device=device)
+        lbox = torch.zeros(1, device=device)
+        lobj = torch.zeros(1, device=device)
+        tcls, tbox, indices, anchors = build_targets(p, targets, self.anchor_vecs, nc, h['iou_t'])
+
+        # as the original: mean reduction per layer, summed over layers, then the gains; no division by batch size
+        # here (train.py scales by batch_size / 64 for accumulation)
+        bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['cls_pw']], device=device))
+        bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['obj_pw']], device=device))
+        if h.get('fl_gamma', 0.0) > 0:
+            bce_cls, bce_obj = FocalLoss(bce_cls, h['fl_gamma']), FocalLoss(bce_obj, h['fl_gamma'])
+
+        for i, pi in enumerate(p):
+            b, a, gj, gi = indices[i]
+            tobj = torch.zeros_like(pi[..., 0])  # (bs, na, ny, nx)
+            nb = b.shape[0]
+            if nb:
+                ps = pi[b, a, gj, gi]  # (nb, nc + 5) predictions at the assigned anchors and cells
+                pxy = ps[:, :2].sigmoid()
+                pwh = ps[:, 2:4].exp().clamp(max=1e3) * anchors[i]
+                giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (nb,)
+                lbox += (1.0 - giou).mean()
+                # objectness target: 1 blended with the (non-negative) GIoU of the prediction
+                tobj[b, a, gj, gi] = (1.0 - gr) + gr * giou.detach().clamp(0).to(tobj.dtype)
+                if nc > 1:  # as the original: no class loss for single-class models
+                    t = torch.zeros_like(ps[:, 5:])  # (nb, nc)
+                    t[torch.arange(nb, device=device), tcls[i]] = 1.0
+                    lcls += bce_cls(ps[:, 5:], t)
+            lobj += bce_obj(pi[..., 4], tobj)
+
+        lbox *= h['giou']
+        lobj *= h['obj']
+        lcls *= h['cls']
+        loss = lbox + lobj + lcls
+        return loss, torch.cat((lbox, lobj, lcls, loss)).detach()

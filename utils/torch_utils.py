@@ -31,6 +31,13 @@ def select_device(device: str = '', batch_size: int | None = None) -> torch.devi
     return torch.device('cuda', local_rank if local_rank < ng else 0)
 
 
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
+    if isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
 def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
     """Seed python, numpy and torch; optionally force deterministic kernels."""
     random.seed(seed)
@@ -107,8 +114,7 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
-        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
-                                                  nn.parallel.DistributedDataParallel)) else model
+        bare = de_parallel(model)
         self.ema = deepcopy(bare).eval()
         self.updates = updates  # optimizer steps seen so far (saved in checkpoints so --resume continues the ramp)
         self.decay_max = decay
@@ -125,17 +131,15 @@ class ModelEMA:
         """Blend the model's current floating-point state into the average."""
         self.updates += 1
         d = self.decay(self.updates)
-        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
-                                                  nn.parallel.DistributedDataParallel)) else model
+        bare = de_parallel(model)
         msd = bare.state_dict()
         for k, v in self.ema.state_dict().items():
             if v.dtype.is_floating_point:  # integer buffers (BN num_batches_tracked) are left alone
                 v.lerp_(msd[k].detach().to(v.dtype), 1 - d)  # exact no-op where model == average (frozen)
 
-    def update_attr(self, model: nn.Module, include: tuple[str, ...] = ('nc', 'hyp', 'gr', 'names')) -> None:
-        """Copy plain attributes that training sets on the model (class count, hyp, names) onto the EMA copy."""
-        bare = model.module if isinstance(model, (nn.parallel.DataParallel,
-                                                  nn.parallel.DistributedDataParallel)) else model
+    def update_attr(self, model: nn.Module, include: tuple[str, ...] = ('names',)) -> None:
+        """Copy plain attributes of the model (its class names) onto the EMA copy."""
+        bare = de_parallel(model)
         for k in include:
             if hasattr(bare, k):
                 setattr(self.ema, k, getattr(bare, k))
