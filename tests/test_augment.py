@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.augmentations import PAD_COLOR, augment_hsv, combine_mosaic, letterbox, random_affine
+from utils.augmentations import PAD_COLOR, augment_hsv, box_candidates, combine_mosaic, letterbox, random_affine
 from utils.boxes import xywh2xyxy
 from utils.datasets import LoadImagesAndLabels
 from tests.conftest import COCO128_IMAGES
@@ -96,6 +96,25 @@ def test_integer_shift_matches_warp():
     M = np.float64([[1, 0, -30], [0, 1, -30]])
     slow = cv2.warpAffine(img, M, (100, 60), flags=cv2.INTER_LINEAR, borderValue=PAD_COLOR)
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_box_filter_thresholds():
+    """The original's filter: keep w > 4 px, h > 4 px, area ratio (divided by the scale s) > 0.2, aspect < 10."""
+    def keep(w: float, h: float, w0: float | None = None, h0: float | None = None, s: float = 1.0) -> bool:
+        box0 = np.array([[0, 0, w if w0 is None else w0, h if h0 is None else h0]], float)
+        return bool(box_candidates(box0, np.array([[10, 10, 10 + w, 10 + h]], float), s)[0])
+
+    assert keep(4.01, 20) and not keep(4.0, 20) and not keep(3.99, 20)  # width
+    assert keep(20, 4.01) and not keep(20, 4.0)  # height
+    assert keep(20.1, 20, 100, 20) and not keep(19.9, 20, 100, 20)  # 20% of the area left
+    assert keep(80.1, 20, 100, 40, s=2.0) and not keep(79.9, 20, 100, 40, s=2.0)  # as the original: ratio / s (not s**2)
+    assert keep(99.9, 10) and not keep(100, 10) and not keep(10, 100.1)  # aspect ratio, either way round
+    # through random_affine with no geometric change: a 4 px box goes, a 5 px one stays
+    img = draw(64, 64, [])
+    t = np.array([[0, 10, 10, 14, 30], [1, 30, 10, 35, 30], [2, 5, 40, 60, 45]], np.float32)  # 4x20, 5x20, 55x5
+    _, kept = random_affine(img, t.copy(), 0, 0, 0, 0)
+    assert kept[:, 0].tolist() == [1.0]  # 55x5 has aspect 11: dropped too
+    np.testing.assert_array_equal(kept[0], t[1])
 
 
 def test_combine_mosaic_placement():

@@ -116,6 +116,28 @@ def test_yaml_data_config(tmp_path):
         load_data_config(y)
 
 
+def test_duplicate_class_names(tmp_path):
+    (tmp_path / 'images').mkdir()
+    names = tmp_path / 'x.names'
+    names.write_text('cat\ndog\n\ncat\nbird\ndog\n')
+    cfg = tmp_path / 'x.data'
+    cfg.write_text('classes=5\ntrain=images\nvalid=images\nnames=x.names\n')
+    with pytest.raises(DatasetError) as e:
+        load_data_config(cfg)
+    assert str(e.value) == (f"{names}: duplicate class names: 'cat' (lines 1, 4); 'dog' (lines 2, 6); "
+                            f"each class needs its own name")
+    y = tmp_path / 'x.yaml'
+    y.write_text('train: images\nval: images\nnames: [person, car, person]\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{y}: duplicate class names: 'person' (classes 0, 2)")):
+        load_data_config(y)
+    y.write_text('train: images\nval: images\nnames: {0: a, 1: b, 2: b}\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{y}: duplicate class names: 'b' (classes 1, 2)")):
+        load_data_config(y)
+    y.write_text('train: images\nval: images\nnames: x.names\n')  # a names file from a YAML: its own lines
+    with pytest.raises(DatasetError, match=re.escape(f"{names}: duplicate class names: 'cat' (lines 1, 4)")):
+        load_data_config(y)
+
+
 def test_shipped_configs():
     for name in ('coco2014.data', 'coco2017.data', 'coco128.data', 'coco128.yaml'):
         d = load_data_config(ROOT / 'data' / name)

@@ -90,13 +90,24 @@ def warp_boxes(boxes: np.ndarray, M: np.ndarray) -> np.ndarray:
     return np.stack((x.min(1), y.min(1), x.max(1), y.max(1)), 1)
 
 
+# as the original (random_affine in its utils/datasets.py): a warped box is kept when it is more than 4 px wide and
+# high, keeps more than 20% of its area and has an aspect ratio under 10
+BOX_MIN_WH = 4.0  # px, strict: a box exactly 4 px wide is dropped
+BOX_MIN_AREA_RATIO = 0.2
+BOX_MAX_ASPECT = 10.0  # strict: an aspect ratio of exactly 10 is dropped
+
+
 def box_candidates(box0: np.ndarray, box1: np.ndarray, s: float) -> np.ndarray:
-    """Boolean mask of warped boxes to keep: > 2 px wide and high, > 20% of the area, aspect ratio < 20."""
+    """Boolean mask of warped (n, 4) xyxy boxes box1 to keep, given the boxes box0 before the warp and its scale s.
+
+    Kept: > 4 px wide and high, > 20% of the area, aspect ratio < 10 (the original's thresholds).
+    """
     w0, h0 = box0[:, 2] - box0[:, 0], box0[:, 3] - box0[:, 1]
     w, h = box1[:, 2] - box1[:, 0], box1[:, 3] - box1[:, 1]
     ar = np.maximum(w / (h + 1e-16), h / (w + 1e-16))
     # as the original: the area ratio divides by s (not s**2)
-    return (w > 2) & (h > 2) & (w * h / (w0 * h0 * s + 1e-16) > 0.2) & (ar < 20)
+    return ((w > BOX_MIN_WH) & (h > BOX_MIN_WH) & (w * h / (w0 * h0 * s + 1e-16) > BOX_MIN_AREA_RATIO)
+            & (ar < BOX_MAX_ASPECT))
 
 
 def random_affine(img: np.ndarray, targets: np.ndarray | None = None, degrees: float = 10, translate: float = 0.1,

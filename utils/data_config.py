@@ -23,14 +23,29 @@ class DatasetError(Exception):
 
 
 def load_names(path: str | Path) -> list[str]:
-    """Read class names, one a line (blank lines ignored), from a `.names` file."""
+    """Read class names, one a line (blank lines ignored), from a `.names` file; duplicates are an error."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{p}: class names file not found")
     try:
-        return [x.strip() for x in p.read_text(encoding='utf-8').splitlines() if x.strip()]
+        lines = p.read_text(encoding='utf-8').splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{p}: cannot read class names: {e}") from e
+    numbered = [(i, x.strip()) for i, x in enumerate(lines, 1) if x.strip()]
+    check_unique_names([x for _, x in numbered], p, [i for i, _ in numbered])
+    return [x for _, x in numbered]
+
+
+def check_unique_names(names: list[str], source: str | Path, lines: list[int] | None = None) -> None:
+    """Raise DatasetError naming the source and each duplicated class name (with its lines or class indices)."""
+    where: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        where.setdefault(name, []).append(lines[k] if lines is not None else k)
+    dups = {n: w for n, w in where.items() if len(w) > 1}
+    if dups:
+        unit = 'lines' if lines is not None else 'classes'
+        listed = '; '.join(f"{n!r} ({unit} {', '.join(map(str, w))})" for n, w in dups.items())
+        raise DatasetError(f"{source}: duplicate class names: {listed}; each class needs its own name")
 
 
 def _exists(p: Path) -> bool:
@@ -117,6 +132,8 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
             names = load_names(_resolve(names, [Path.cwd(), cfg.resolve().parent, ROOT]))
         elif names is not None:
             names = [str(x) for x in names]
+        if names is not None and not isinstance(d.get('names'), str):  # a .names file was checked as it was read
+            check_unique_names(names, cfg)
         nc = d.get('nc')
         out['train'] = _resolve_entry(d.get('train'), bases)
         out['valid'] = _resolve_entry(d.get('val', d.get('valid')), bases)
