@@ -18,8 +18,8 @@ from PIL import Image
 from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset
 from utils import datasets as ds_mod
 from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import (LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam, create_dataloader,
-                            img2label_paths, list_image_files, verify_image_label)
+from utils.datasets import (LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam, RectDistributedSampler,
+                            create_dataloader, img2label_paths, list_image_files, verify_image_label)
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 
@@ -384,6 +384,60 @@ def test_create_dataloader_distributed_split(coco16_data):
         loader.sampler.set_epoch(1)
         seen.append([p for _, _, paths, _ in loader for p in paths])
     assert len(seen[0]) == len(seen[1]) == 8 and not set(seen[0]) & set(seen[1])  # each rank its own half
+
+
+def rank_batches(ds: LoadImagesAndLabels, bs: int, world: int, **kw) -> list[list[list[int]]]:
+    """Per rank, the index chunks of bs that a DataLoader over a RectDistributedSampler would form."""
+    out = []
+    for rank in range(world):
+        idx = list(RectDistributedSampler(ds, bs, world, rank, **kw))
+        assert len(idx) % bs == 0
+        out.append([idx[i:i + bs] for i in range(0, len(idx), bs)])
+    return out
+
+
+@pytest.mark.parametrize('world, bs', [(2, 4), (4, 3)])
+def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
+    ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, bs, rect=True)
+    nb = int(ds.batch.max()) + 1  # 4 batches of 4, or 6 of 3 with a last one of 1
+    assert len({tuple(x) for x in ds.batch_shapes}) > 1  # several planned shapes, so mixing them would show
+    plain = list(torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=0, shuffle=False))
+    assert any(len({ds.batch[i] for i in plain[k:k + bs]}) > 1 for k in range(0, len(plain), bs))  # the fault
+
+    for kw in ({}, {'shuffle': True, 'seed': 5}):
+        ranks = rank_batches(ds, bs, world, **kw)
+        assert len({len(r) for r in ranks}) == 1  # every rank the same number of batches
+        for chunk in (c for r in ranks for c in r):
+            assert len({ds.batch[i] for i in chunk}) == 1  # one planned batch, hence one shape
+        assert {i for r in ranks for c in r for i in c} == set(range(len(ds)))  # every image
+        dealt = [ds.batch[c[0]] for r in ranks for c in r]  # planned batch of each dealt batch
+        assert set(dealt) == set(range(nb)) and len(dealt) - nb == -nb % world  # disjoint up to padding
+
+
+def test_rect_distributed_sampler_epochs(coco16_data):
+    ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, 2, rect=True)  # 8 planned batches
+    s = RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)
+    a = list(s)
+    s.set_epoch(1)
+    b = list(s)
+    assert a != b and sorted(a) != sorted(b)  # another batch order and another half of the batches
+    assert list(RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)) == a  # deterministic from seed + epoch
+    assert list(RectDistributedSampler(ds, 2, 2, 1)) == [i for b in range(1, 8, 2) for i in (2 * b, 2 * b + 1)]
+
+
+def test_create_dataloader_distributed_rect(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    seen = []
+    for rank in (0, 1):
+        loader, ds = create_dataloader(path, 160, 3, rect=True, rank=rank, world_size=2, workers=0, pad=0.5)
+        assert isinstance(loader.sampler, RectDistributedSampler) and len(loader) == 3  # 6 planned batches / 2
+        loader.sampler.set_epoch(1)
+        for imgs, _, paths, _ in loader:  # collate works: one shape per batch, the planned one
+            b = ds.batch[ds.img_files.index(paths[0])]
+            assert tuple(imgs.shape[2:]) == tuple(ds.batch_shapes[b]) and len(imgs) == 3
+            seen.append(set(paths))
+    assert set().union(*seen) == set(ds.img_files)
+    assert sum(len(x) for x in seen) == 16  # only the last planned batch (1 image) padded with itself
 
 
 def test_load_images_and_video(tmp_path):

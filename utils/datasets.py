@@ -35,8 +35,9 @@ CACHE_VERSION = 1  # bump when the cache layout or the checks change
 AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
-__all__ = ['LoadImagesAndLabels', 'LoadImages', 'LoadWebcam', 'LoadStreams', 'create_dataloader', 'letterbox',
-           'img2label_paths', 'list_image_files', 'verify_image_label', 'IMG_FORMATS', 'VID_FORMATS']
+__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'LoadImages', 'LoadWebcam', 'LoadStreams',
+           'create_dataloader', 'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label',
+           'IMG_FORMATS', 'VID_FORMATS']
 
 
 def img2label_paths(img_paths: Sequence[str]) -> list[str]:
@@ -467,12 +468,57 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
+class RectDistributedSampler(DistributedSampler):
+    """DistributedSampler for rectangular batches: every rank receives whole planned batches, so each batch it loads
+    has one planned shape (a plain DistributedSampler deals image i to rank i % world and mixes shapes in a batch).
+
+    The dataset's planned batches (dataset.batch, consecutive images of similar aspect ratio) are dealt to the ranks
+    in turn, batch order shuffled per epoch from seed + epoch if shuffle. Padding repeats images, as
+    DistributedSampler does: a short planned batch (the last) is filled up to batch_size with its own images (same
+    shape) so the DataLoader's chunks of batch_size line up with the planned batches, and whole batches are repeated
+    from the start so every rank gets the same number. Use with DataLoader(batch_size=batch_size, drop_last=False).
+    """
+
+    def __init__(self, dataset: LoadImagesAndLabels, batch_size: int, num_replicas: int, rank: int,
+                 shuffle: bool = False, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        planned = np.asarray(dataset.batch)  # (n,) planned batch of each image
+        groups = [np.flatnonzero(planned == b).tolist() for b in range(int(planned.max()) + 1)]
+        if max(len(g) for g in groups) > batch_size:
+            raise ValueError(f'planned batches of up to {max(len(g) for g in groups)} images do not fit batch_size '
+                             f'{batch_size}')
+        self.batch_size = batch_size
+        self.batches = [(g * math.ceil(batch_size / len(g)))[:batch_size] for g in groups]  # each batch_size long
+        self.num_batches = math.ceil(len(self.batches) / num_replicas)  # per rank
+        self.num_samples = self.num_batches * batch_size
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        nb = len(self.batches)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)  # the same order on every rank
+            order = torch.randperm(nb, generator=g).tolist()
+        else:
+            order = list(range(nb))
+        total = self.num_batches * self.num_replicas
+        order = (order * math.ceil(total / nb))[:total]  # pad with whole batches from the start
+        return iter([i for b in order[self.rank::self.num_replicas] for i in self.batches[b]])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
                       augment: bool = False, cache: bool = False, pad: float = 0.0, rect: bool = False,
                       rank: int = -1, world_size: int = 1, workers: int = 8, image_weights: bool = False,
                       single_cls: bool = False, shuffle: bool = True, seed: int = 0, nc: int | None = None,
                       prefix: str = '') -> tuple[DataLoader, LoadImagesAndLabels]:
-    """(DataLoader, dataset) for training or testing; a DistributedSampler when world_size > 1 (call set_epoch)."""
+    """(DataLoader, dataset) for training or testing; a DistributedSampler when world_size > 1 (call set_epoch).
+
+    With rect and world_size > 1 the sampler is a RectDistributedSampler (a DistributedSampler subclass): each rank
+    loads whole planned batches, so rectangular batches work under torchrun.
+    """
     with _rank_zero_first(rank):
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                       image_weights=image_weights, cache_images=cache, single_cls=single_cls,
@@ -483,8 +529,11 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
         shuffle = False
     batch_size = min(batch_size, len(dataset))
     nw = min((os.cpu_count() or 1) // max(world_size, 1), batch_size if batch_size > 1 else 0, workers)
-    sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0), shuffle=shuffle, seed=seed)
-               if world_size > 1 else None)
+    sampler = None
+    if world_size > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
+        sampler = RectDistributedSampler(dataset, batch_size, world_size, max(rank, 0), shuffle=shuffle, seed=seed)
+    elif world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0), shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + max(rank, 0) * 1000)  # worker seeds: this + worker id, distinct per rank
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
