@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import math
 import os
 import pickle
@@ -21,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
 from utils.parse_config import ConfigError, parse_cfg_text
-from utils.torch_utils import conv_flops, count_parameters, fuse_conv_and_bn, intersect_state_dicts
+from utils.torch_utils import count_parameters, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
 # eps=1e-4 moves the official yolov3-tiny outputs by up to 5e-4 against Darknet/OpenCV, eps=1e-6 by about 5e-6.
@@ -106,123 +110,174 @@ def _stride2(mdef: dict) -> tuple[int, int]:
     return mdef.get('stride_y', s), mdef.get('stride_x', s)
 
 
-def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels: int = 3
-                   ) -> tuple[nn.ModuleList, list[int], list[int]]:
-    """Build one module per cfg section (the [net] section excluded): (module_list, yolo indices, reused outputs)."""
-    module_list = nn.ModuleList()
-    channels: list[int] = []  # output channels of each layer
-    strides: list[tuple[int, int]] = []  # cumulative (sy, sx) downsampling of each layer
-    reused: set[int] = set()
-    yolo_layers: list[int] = []
-    yolo_defs = [d for d in module_defs if d['type'] == 'yolo']
+# The original's bias prior for the convolution before each [yolo] layer (focal-loss paper, section 3.3): a fresh
+# head predicts objectness sigmoid(-4.5) ~ 0.011 and class probabilities ~ 0.6 / nc instead of 0.5 everywhere.
+OBJ_PRIOR = -4.5
 
-    def prev(i: int) -> tuple[int, tuple[int, int]]:
-        return (channels[i - 1], strides[i - 1]) if i else (in_channels, (1, 1))
 
-    def absolute(i: int, refs: list[int], key: str, mdef: dict) -> list[int]:
+def class_prior(nc: int) -> float:
+    """The class-logit bias prior of a fresh head with nc classes (as the original: log(0.6 / (nc - 0.99)))."""
+    return math.log(0.6 / (nc - 0.99))
+
+
+def add_bias_prior(head: nn.Module, na: int, nc: int) -> None:
+    """Add the prior to the output bias of a head convolution (its BatchNorm2d bias if it has one); in place."""
+    bias = head.BatchNorm2d.bias if hasattr(head, 'BatchNorm2d') else head.Conv2d.bias
+    with torch.no_grad():
+        b = bias[:na * (nc + 5)].view(na, nc + 5)  # (na, 5 + nc); ASFF weight rows after these stay as they are
+        b[:, 4] += OBJ_PRIOR
+        b[:, 5:] += class_prior(nc)
+
+
+class _Builder:
+    """What the section builders share while create_modules walks the cfg: the layers so far and their shapes."""
+
+    def __init__(self, module_defs: list[dict], cfg_name: str, in_channels: int):
+        self.defs, self.cfg_name, self.in_channels = module_defs, cfg_name, in_channels
+        self.module_list = nn.ModuleList()
+        self.channels: list[int] = []  # output channels of each layer
+        self.strides: list[tuple[float, float]] = []  # cumulative (sy, sx) downsampling of each layer
+        self.reused: set[int] = set()  # layers whose outputs later layers read
+        self.yolo_layers: list[int] = []
+
+    def prev(self, i: int) -> tuple[int, tuple[float, float]]:
+        """(channels, strides) of the input to layer i."""
+        return (self.channels[i - 1], self.strides[i - 1]) if i else (self.in_channels, (1, 1))
+
+    def error(self, i: int, text: str) -> ConfigError:
+        """A ConfigError naming the cfg file, the line and layer i."""
+        mdef = self.defs[i]
+        return ConfigError(f"{self.cfg_name}:{mdef['line']}: layer {i} [{mdef['type']}] {text}")
+
+    def absolute(self, i: int, refs: list[int], key: str) -> list[int]:
+        """Layer references (negative = relative) as absolute indices of earlier layers."""
         out = [i + r if r < 0 else r for r in refs]
         for r, a in zip(refs, out):
             if not 0 <= a < i:
-                raise ConfigError(f"{cfg_name}:{mdef['line']}: layer {i} [{mdef['type']}] {key}={r} refers to "
-                                  f"layer {a}, which is not an earlier layer")
+                raise self.error(i, f"{key}={r} refers to layer {a}, which is not an earlier layer")
         return out
 
+
+Built = tuple[nn.Module, int, tuple[float, float]]  # (module, output channels, cumulative (sy, sx) stride)
+
+
+def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
+    for key in ('filters', 'size'):
+        if key not in mdef:
+            raise b.error(i, f"has no {key!r}")
+    c_in, s_in = b.prev(i)
+    filters, k, bn = mdef['filters'], mdef['size'], mdef.get('batch_normalize', 0)
+    stride, pad = _stride2(mdef), _conv_padding(mdef)
+    act = mdef.get('activation', 'logistic')  # Darknet's default activation
+    s_out = (s_in[0] * stride[0], s_in[1] * stride[1])
+    if 'share_index' in mdef:
+        j = b.absolute(i, [mdef['share_index']], 'share_index')[0]
+        src = b.module_list[j]
+        if isinstance(src, nn.Sequential) and hasattr(src, 'Conv2d') and \
+                src.Conv2d.weight.shape == (filters, c_in, k, k) and hasattr(src, 'BatchNorm2d') == bool(bn):
+            return SharedConv(src, j, stride, pad, act), filters, s_out
+        # Darknet stops here ("... don't match for the share_layer"); we build a layer of its own
+        print(f"WARNING: {b.cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: layer {j} "
+              f"is not a convolution of the same shape (Darknet rejects this cfg); layer {i} gets weights of its own")
+    groups = mdef.get('groups', 1)
+    if c_in % groups or filters % groups:
+        raise b.error(i, f"groups={groups} does not divide {c_in} input / {filters} output channels")
+    module = nn.Sequential()
+    module.add_module('Conv2d', nn.Conv2d(c_in, filters, k, stride, pad, dilation=mdef.get('dilation', 1),
+                                          groups=groups, bias=not bn))
+    if bn:
+        module.add_module('BatchNorm2d', nn.BatchNorm2d(filters, momentum=BN_MOMENTUM, eps=BN_EPS))
+    module.add_module('activation', make_activation(act))
+    return module, filters, s_out
+
+
+def _build_maxpool(b: _Builder, i: int, mdef: dict) -> Built:
+    c_in, s_in = b.prev(i)
+    sy, sx = _stride2(mdef)
+    return MaxPoolDarknet(mdef.get('size', sx), (sy, sx), mdef.get('padding')), c_in, (s_in[0] * sy, s_in[1] * sx)
+
+
+def _build_avgpool(b: _Builder, i: int, mdef: dict) -> Built:
+    return nn.AdaptiveAvgPool2d(1), *b.prev(i)
+
+
+def _build_upsample(b: _Builder, i: int, mdef: dict) -> Built:
+    c_in, s_in = b.prev(i)
+    st = mdef.get('stride', 2)
+    return nn.Upsample(scale_factor=st, mode='nearest'), c_in, (s_in[0] / st, s_in[1] / st)
+
+
+def _build_route(b: _Builder, i: int, mdef: dict) -> Built:
+    layers = b.absolute(i, mdef['layers'], 'layers')
+    groups = mdef.get('groups', 1)
+    b.reused.update(layers)
+    return Route(layers, groups, mdef.get('group_id', 0)), sum(b.channels[j] for j in layers) // groups, \
+        b.strides[layers[0]]
+
+
+def _build_shortcut(b: _Builder, i: int, mdef: dict) -> Built:
+    layers = b.absolute(i, mdef['from'], 'from')
+    b.reused.update(layers)
+    return Shortcut(layers, mdef.get('activation', 'linear')), *b.prev(i)
+
+
+def _build_reorg3d(b: _Builder, i: int, mdef: dict) -> Built:
+    c_in, s_in = b.prev(i)
+    st = mdef.get('stride', 2)
+    return Reorg3d(st), c_in * st * st, (s_in[0] * st, s_in[1] * st)
+
+
+def _build_dropout(b: _Builder, i: int, mdef: dict) -> Built:
+    return nn.Dropout(mdef.get('probability', 0.5)), *b.prev(i)
+
+
+def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
+    for key in ('mask', 'anchors', 'classes'):
+        if key not in mdef:
+            raise b.error(i, f"has no {key!r}")
+    anchors, mask, nc = mdef['anchors'], mdef['mask'], mdef['classes']
+    if any(not 0 <= m < len(anchors) for m in mask):
+        raise b.error(i, f"mask {mask} indexes outside its {len(anchors)} anchors")
+    asff = b.absolute(i, mdef['from'], 'from') if 'from' in mdef else []
+    yi = len(b.yolo_layers)
+    src = asff[yi] if asff else i - 1  # the convolution whose output this layer decodes
+    expected = (nc + 5) * len(mask) + len(asff)
+    if b.defs[src]['type'] != 'convolutional' or b.channels[src] != expected:
+        asff_text = (' + len(from)', f' + {len(asff)}') if asff else ('', '')
+        raise ConfigError(
+            f"{b.cfg_name}: layer {src} ([{b.defs[src]['type']}] at line {b.defs[src]['line']}) feeds [yolo] layer {i} "
+            f"with {b.channels[src]} filters, but (classes + 5) * len(mask){asff_text[0]} = ({nc} + 5) * {len(mask)}"
+            f"{asff_text[1]} = {expected}")
+    stride = b.strides[src]
+    module = YOLOLayer([anchors[m] for m in mask], nc, stride[1], yi, mdef.get('scale_x_y', 1.0), asff)
+    head = b.module_list[src]
+    if isinstance(head, nn.Sequential):  # a SharedConv head would move its source layer's bias: left alone
+        add_bias_prior(head, module.na, nc)  # as the original's create_modules
+    b.reused.update(asff)
+    b.yolo_layers.append(i)
+    return module, b.channels[src], stride
+
+
+BUILDERS = {'convolutional': _build_convolutional, 'maxpool': _build_maxpool, 'avgpool': _build_avgpool,
+            'upsample': _build_upsample, 'route': _build_route, 'shortcut': _build_shortcut,
+            'reorg3d': _build_reorg3d, 'dropout': _build_dropout, 'yolo': _build_yolo}
+
+
+def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels: int = 3
+                   ) -> tuple[nn.ModuleList, list[int], list[int]]:
+    """Build one module per cfg section (the [net] section excluded): (module_list, yolo indices, reused outputs).
+
+    The convolution feeding each [yolo] layer starts with the original's bias prior (add_bias_prior).
+    """
+    b = _Builder(module_defs, cfg_name, in_channels)
     for i, mdef in enumerate(module_defs):
-        t = mdef['type']
-        c_in, s_in = prev(i)
-        if t == 'convolutional':
-            for key in ('filters', 'size'):
-                if key not in mdef:
-                    raise ConfigError(f"{cfg_name}:{mdef['line']}: layer {i} [convolutional] has no {key!r}")
-            filters, k, bn = mdef['filters'], mdef['size'], mdef.get('batch_normalize', 0)
-            stride, pad = _stride2(mdef), _conv_padding(mdef)
-            act = mdef.get('activation', 'logistic')  # Darknet's default activation
-            share = None
-            if 'share_index' in mdef:
-                j = absolute(i, [mdef['share_index']], 'share_index', mdef)[0]
-                src = module_list[j]
-                if isinstance(src, nn.Sequential) and hasattr(src, 'Conv2d') and \
-                        src.Conv2d.weight.shape == (filters, c_in, k, k) and hasattr(src, 'BatchNorm2d') == bool(bn):
-                    share = SharedConv(src, j, stride, pad, act)
-                else:  # Darknet stops here ("... don't match for the share_layer"); we build a layer of its own
-                    print(f"WARNING: {cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: "
-                          f"layer {j} is not a convolution of the same shape (Darknet rejects this cfg); "
-                          f"layer {i} gets weights of its own")
-            if share is not None:
-                module = share
-            else:
-                groups = mdef.get('groups', 1)
-                if c_in % groups or filters % groups:
-                    raise ConfigError(f"{cfg_name}:{mdef['line']}: layer {i} groups={groups} does not divide "
-                                      f"{c_in} input / {filters} output channels")
-                module = nn.Sequential()
-                module.add_module('Conv2d', nn.Conv2d(c_in, filters, k, stride, pad, dilation=mdef.get('dilation', 1),
-                                                      groups=groups, bias=not bn))
-                if bn:
-                    module.add_module('BatchNorm2d', nn.BatchNorm2d(filters, momentum=BN_MOMENTUM, eps=BN_EPS))
-                module.add_module('activation', make_activation(act))
-            c_out, s_out = filters, (s_in[0] * stride[0], s_in[1] * stride[1])
-        elif t == 'maxpool':
-            sy, sx = _stride2(mdef)
-            module = MaxPoolDarknet(mdef.get('size', sx), (sy, sx), mdef.get('padding'))
-            c_out, s_out = c_in, (s_in[0] * sy, s_in[1] * sx)
-        elif t == 'avgpool':
-            module = nn.AdaptiveAvgPool2d(1)
-            c_out, s_out = c_in, s_in
-        elif t == 'upsample':
-            st = mdef.get('stride', 2)
-            module = nn.Upsample(scale_factor=st, mode='nearest')
-            c_out, s_out = c_in, (s_in[0] / st, s_in[1] / st)
-        elif t == 'route':
-            layers = absolute(i, mdef['layers'], 'layers', mdef)
-            groups, gid = mdef.get('groups', 1), mdef.get('group_id', 0)
-            c_out = sum(channels[j] for j in layers) // groups
-            s_out = strides[layers[0]]
-            module = Route(layers, groups, gid)
-            reused.update(layers)
-        elif t == 'shortcut':
-            layers = absolute(i, mdef['from'], 'from', mdef)
-            module = Shortcut(layers, mdef.get('activation', 'linear'))
-            c_out, s_out = c_in, s_in
-            reused.update(layers)
-        elif t == 'reorg3d':
-            st = mdef.get('stride', 2)
-            module = Reorg3d(st)
-            c_out, s_out = c_in * st * st, (s_in[0] * st, s_in[1] * st)
-        elif t == 'dropout':
-            module = nn.Dropout(mdef.get('probability', 0.5))
-            c_out, s_out = c_in, s_in
-        elif t == 'yolo':
-            for key in ('mask', 'anchors', 'classes'):
-                if key not in mdef:
-                    raise ConfigError(f"{cfg_name}:{mdef['line']}: layer {i} [yolo] has no {key!r}")
-            anchors, mask, nc = mdef['anchors'], mdef['mask'], mdef['classes']
-            if any(not 0 <= m < len(anchors) for m in mask):
-                raise ConfigError(f"{cfg_name}:{mdef['line']}: layer {i} [yolo] mask {mask} indexes outside its "
-                                  f"{len(anchors)} anchors")
-            asff = absolute(i, mdef['from'], 'from', mdef) if 'from' in mdef else []
-            yi = len(yolo_layers)
-            src = asff[yi] if asff else i - 1
-            expected = (nc + 5) * len(mask) + len(asff)
-            if module_defs[src]['type'] != 'convolutional' or channels[src] != expected:
-                raise ConfigError(
-                    f"{cfg_name}: layer {src} ([{module_defs[src]['type']}] at line {module_defs[src]['line']}) "
-                    f"feeds [yolo] layer {i} with {channels[src]} filters, but (classes + 5) * len(mask)"
-                    f"{' + len(from)' if asff else ''} = ({nc} + 5) * {len(mask)}{' + %d' % len(asff) if asff else ''}"
-                    f" = {expected}")
-            stride = strides[src]
-            module = YOLOLayer([anchors[m] for m in mask], nc, stride[1], yi, mdef.get('scale_x_y', 1.0), asff)
-            reused.update(asff)
-            yolo_layers.append(i)
-            c_out, s_out = channels[src], stride
-        else:  # parse_config only lets supported sections through
-            raise ConfigError(f"{cfg_name}:{mdef['line']}: section [{t}] is not implemented")
-        module_list.append(module)
-        channels.append(c_out)
-        strides.append(s_out)
-    if not yolo_layers and yolo_defs:
-        raise ConfigError(f"{cfg_name}: no [yolo] layer was built")
-    return module_list, yolo_layers, sorted(reused)
+        if mdef['type'] not in BUILDERS:  # parse_config only lets supported sections through
+            raise b.error(i, "is not implemented")
+        module, c_out, s_out = BUILDERS[mdef['type']](b, i, mdef)
+        b.module_list.append(module)
+        b.channels.append(c_out)
+        b.strides.append(s_out)
+    return b.module_list, b.yolo_layers, sorted(b.reused)
 
 
 class Darknet(nn.Module):
@@ -247,6 +302,7 @@ class Darknet(nn.Module):
         self.nc = self.module_list[self.yolo_layers[0]].nc if self.yolo_layers else 0  # classes of the [yolo] layers
         self.version = np.array([0, 2, 5], dtype=np.int32)  # Darknet header: major, minor, revision
         self.seen = 0  # images seen in training, as stored in .weights headers
+        self.names: list[str] | None = None  # class names when known (saved in checkpoints), else None
         if verbose:
             self.info(verbose=True)
 
@@ -291,15 +347,35 @@ class Darknet(nn.Module):
             outs.append(io)
         return torch.cat(outs, 1), None
 
+    def head_convs(self) -> list[int]:
+        """Index of the convolution feeding each [yolo] layer (for ASFF heads, the `from=` layer it decodes)."""
+        out = []
+        for i in self.yolo_layers:
+            y = self.module_list[i]
+            out.append(y.asff_layers[y.index] if y.asff_layers else i - 1)
+        return out
+
     def fuse(self) -> 'Darknet':
-        """Fold every BatchNorm2d into its convolution (in place, for inference)."""
+        """Fold every BatchNorm2d into its convolution (in place, for inference: BN uses its running statistics)."""
         for m in self.module_list:
             if isinstance(m, nn.Sequential) and hasattr(m, 'BatchNorm2d'):
-                fused = fuse_conv_and_bn(m.Conv2d, m.BatchNorm2d)
-                m.Conv2d = fused
+                m.Conv2d = fuse_conv_bn_eval(m.Conv2d.eval(), m.BatchNorm2d.eval())  # a new Conv2d with a bias
                 del m.BatchNorm2d
         self.fused = True
         return self
+
+    def gflops(self, img_size: int | tuple[int, int]) -> float:
+        """GFLOPs of one forward pass of a (1, 3, h, w) image, counted by torch's FlopCounterMode.
+
+        Counted on a copy built from the cfg on the meta device: shapes only, no arithmetic, no memory.
+        """
+        from torch.utils.flop_counter import FlopCounterMode  # imported here: only the summary needs it
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
+            twin = Darknet(self.cfg_text).eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), h, w))
+        return counter.get_total_flops() / 1e9
 
     def info(self, verbose: bool = False, img_size: int | tuple[int, int] | None = None) -> str:
         """Print (and return) a summary: layers, parameters, gradients, GFLOPs at img_size."""
@@ -313,8 +389,8 @@ class Darknet(nn.Module):
         size = (size, size) if isinstance(size, int) else size
         n_p, n_g = count_parameters(self)
         try:
-            gflops = f", {conv_flops(self, size):.1f} GFLOPs at {size[0]}x{size[1]}"
-        except RuntimeError:
+            gflops = f", {self.gflops(size):.1f} GFLOPs at {size[0]}x{size[1]}"
+        except RuntimeError:  # a size the network cannot take (e.g. not a multiple of its stride)
             gflops = ''
         s = f"Model Summary: {len(self.module_list)} layers, {n_p:,} parameters, {n_g:,} gradients{gflops}"
         print(s)
@@ -354,37 +430,108 @@ def cutoff_from_name(path: str | Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> None:
-    """Load a Darknet .weights file; a size that does not fit the model is an error naming the counts."""
+def read_darknet_file(path: str | Path) -> tuple[np.ndarray, int, np.ndarray]:
+    """(version (3,) int32, images seen, float32 values) of a Darknet .weights file; a bad file is a WeightsError."""
     path = Path(path)
-    if cutoff == -1:
-        cutoff = cutoff_from_name(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise WeightsError(f"{path}: the file is empty (0 bytes); download or copy it again")
+    if data.size < 20:
+        raise WeightsError(f"{path}: {data.size} bytes is too short for a Darknet weights header (a truncated file?)")
+    major, minor, revision = data[:12].view(np.int32)
+    seen_int64 = major * 10 + minor >= 2 and major < 1000 and minor < 1000  # Darknet's own header rule
+    hdr = 12 + (8 if seen_int64 else 4)
+    if (data.size - hdr) % 4:
+        raise WeightsError(f"{path}: {data.size - hdr:,} bytes after the header is not a whole number of float32 "
+                           f"values: a truncated or damaged file")
+    seen = int(data[12:hdr].view(np.int64 if seen_int64 else np.int32)[0])
+    return np.array([major, minor, revision], dtype=np.int32), seen, data[hdr:].view(np.float32)
+
+
+def darknet_value_count(model: Darknet, cutoff: int = -1) -> int:
+    """How many float32 values a Darknet .weights file of this model holds (of its first `cutoff` layers)."""
+    return sum(t.numel() for seq in _conv_layers(model, cutoff) for t in _darknet_tensors(seq))
+
+
+def _misfit_error(model: Darknet, path: str | Path, n_values: int, cutoff: int) -> WeightsError:
+    expected = darknet_value_count(model, cutoff)
+    layers = 'all layers' if cutoff < 0 else f'the first {cutoff} layers'
+    why = ('a truncated file, or ' if n_values < expected else '') + 'the weights of another model'
+    return WeightsError(
+        f"{path}: holds {n_values:,} float32 values but {model.cfg_path} needs {expected:,} for {layers} "
+        f"({model.nc} classes) and no other class count makes them fit: {why}. To fine-tune from this file use the "
+        f"cfg of the model these weights belong to (any classes=), or pass --weights '' to start from random weights")
+
+
+def _fill_from_values(model: Darknet, values: np.ndarray, cutoff: int, path: str | Path) -> None:
+    """Copy Darknet-ordered values into the model's conv layers; a count that does not fit changes nothing."""
     if getattr(model, 'fused', False):
         raise WeightsError(f"{path}: load Darknet weights before model.fuse()")
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size < 20:
-        raise WeightsError(f"{path}: {data.size} bytes is too short for a Darknet weights header")
-    major, minor, revision = data[:12].view(np.int32)
-    seen_int64 = major * 10 + minor >= 2 and major < 1000 and minor < 1000
-    hdr = 12 + (8 if seen_int64 else 4)
-    model.version = np.array([major, minor, revision], dtype=np.int32)
-    model.seen = int(data[12:hdr].view(np.int64 if seen_int64 else np.int32)[0])
-    if (data.size - hdr) % 4:
-        raise WeightsError(f"{path}: {data.size - hdr} bytes after the header is not a whole number of float32 values")
-    values = data[hdr:].view(np.float32)
-    tensors = [t for seq in _conv_layers(model, cutoff) for t in _darknet_tensors(seq)]
-    expected = sum(t.numel() for t in tensors)
-    if values.size != expected:
-        layers = 'all layers' if cutoff < 0 else f'the first {cutoff} layers'
-        why = ('a truncated file, or ' if values.size < expected else '') + 'the weights of another model?'
-        raise WeightsError(f"{path}: holds {values.size:,} float32 values but {model.cfg_path} needs {expected:,} for "
-                           f"{layers}: {why}")
+    if values.size != darknet_value_count(model, cutoff):
+        raise _misfit_error(model, path, values.size, cutoff)
     ptr = 0
     with torch.no_grad():
-        for t in tensors:
+        for t in (t for seq in _conv_layers(model, cutoff) for t in _darknet_tensors(seq)):
             n = t.numel()
             t.copy_(torch.from_numpy(values[ptr:ptr + n].reshape(t.shape)))
             ptr += n
+
+
+def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> None:
+    """Load a Darknet .weights file into a model it fits exactly; otherwise a WeightsError naming the counts.
+
+    (load_weights also takes files of the same network with another class count.)
+    """
+    if cutoff == -1:
+        cutoff = cutoff_from_name(path)
+    version, seen, values = read_darknet_file(path)
+    _fill_from_values(model, values, cutoff, path)
+    model.version, model.seen = version, seen
+
+
+def cfg_with_classes(text: str, nc: int, path: str = '<cfg>') -> str:
+    """The cfg text with classes=nc in every [yolo] section and the matching filters= in the convolution before it
+    ((nc + 5) * len(mask), plus len(from) for ASFF heads); every other line as it was."""
+    defs = parse_cfg_text(text, path)[1:]
+    lines = text.splitlines(keepends=True)
+    starts = [d['line'] for d in defs] + [len(lines) + 1]  # 1-based header lines of the layers, then the end
+
+    def set_key(i: int, key: str, value: int) -> None:
+        for n in range(starts[i], starts[i + 1] - 1):  # 0-based indices of the lines after layer i's header
+            if re.match(rf'\s*{key}\s*=', lines[n]):
+                end = lines[n][len(lines[n].rstrip('\r\n')):]
+                lines[n] = f'{key}={value}{end}'
+                return
+        raise ConfigError(f"{path}:{defs[i]['line']}: layer {i} [{defs[i]['type']}] has no {key!r}")
+
+    for k, i in enumerate(j for j, d in enumerate(defs) if d['type'] == 'yolo'):
+        d = defs[i]
+        frm = [r + i if r < 0 else r for r in d.get('from', [])]
+        set_key(i, 'classes', nc)
+        set_key(frm[k] if frm else i - 1, 'filters', (nc + 5) * len(d['mask']) + len(frm))
+    return ''.join(lines)
+
+
+def darknet_source_classes(model: Darknet, n_values: int, cutoff: int = -1) -> int | None:
+    """The class count >= 1 with which the model's cfg needs exactly n_values Darknet values, else None.
+
+    The count is linear in the classes (only the convolutions before the [yolo] layers change), so two meta-device
+    builds (shapes only) give it, and a third checks the answer.
+    """
+    def count(nc: int) -> int:
+        with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
+            return darknet_value_count(Darknet(cfg_with_classes(model.cfg_text, nc, model.cfg_path)), cutoff)
+
+    if not model.yolo_layers:
+        return None
+    c1, c2 = count(1), count(2)
+    per_class = c2 - c1
+    if per_class <= 0 or n_values < c1 or (n_values - c1) % per_class:
+        return None
+    nc = 1 + (n_values - c1) // per_class
+    return nc if count(nc) == n_values else None
 
 
 def save_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> None:
@@ -454,45 +601,255 @@ def transfer_weights(model: nn.Module, state_dict: dict, verbose: bool = True) -
 
 
 def model_checkpoint(model: Darknet, **extra: Any) -> dict:
-    """A minimal checkpoint dict for a model: its state_dict, cfg text and Darknet header values."""
+    """A minimal checkpoint dict for a model: its state_dict, cfg text, class names and Darknet header values."""
     m = model.module if hasattr(model, 'module') else model
+    names = getattr(m, 'names', None)
     return {'model': {k: v.detach().cpu() for k, v in m.state_dict().items()}, 'cfg': m.cfg_text,
+            'names': list(names) if names is not None else None,
             'version': [int(v) for v in m.version], 'seen': int(m.seen), **extra}
 
 
-def _load_checkpoint_state(model: Darknet, ckpt: dict, source: str, verbose: bool = True) -> None:
-    """Put a checkpoint's weights into model: all of them when they fit exactly, else the matching ones (printing
-    `transferred X/Y`); none matching is an error. The Darknet header values come along."""
+# ----------------------------------------------------------------------------------------------------------------
+# weights into a model: exact loads, transfer to other class counts, class-mapped heads
+
+COCO_NAMES = Path(__file__).resolve().parent / 'data' / 'coco.names'  # 80-class Darknet weights are COCO's
+
+
+@functools.lru_cache(maxsize=1)
+def _coco_names() -> tuple[str, ...] | None:
+    if not COCO_NAMES.is_file():
+        return None
+    return tuple(s.strip() for s in COCO_NAMES.read_text(encoding='utf-8').splitlines() if s.strip())
+
+
+def coco_names() -> list[str] | None:
+    """The 80 COCO class names of data/coco.names (found beside models.py, not in the cwd), or None if missing."""
+    names = _coco_names()
+    return list(names) if names else None
+
+
+class _Source:
+    """Weights to put into a model: a state_dict, its class names (None with the reason when unknown), header."""
+
+    def __init__(self, label: str, state: dict[str, torch.Tensor], names: list[str] | None, no_names: str,
+                 version: Any, seen: int, layers: int = -1):
+        self.label, self.state, self.names, self.no_names = label, state, names, no_names
+        self.version, self.seen = np.array(version, dtype=np.int32), int(seen)
+        self.layers = layers  # only layers below this index come from the source (partial Darknet files); -1: all
+
+
+def _layer_of(key: str) -> int:
+    """Layer index of a Darknet state_dict key: 'module_list.15.Conv2d.weight' -> 15."""
+    return int(key.split('.')[1])
+
+
+def _check_names(names: list[str], model: Darknet) -> list[str]:
+    names = [str(n) for n in names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate class names {', '.join(map(repr, dup))}: every class needs a name of its own "
+                         f"(class mapping finds a class by its name)")
+    if len(names) != model.nc:
+        raise ValueError(f"{len(names)} class names given but {model.cfg_path} has {model.nc} classes")
+    return names
+
+
+def _mapping_off(src: _Source, names: list[str] | None, map_classes: bool) -> str:
+    """Why the heads are not mapped by class name ('' where they may be)."""
+    if names is None:
+        return 'no class names given'
+    if not map_classes:
+        return 'turned off (map_classes=False, train.py --no-class-map)'
+    if src.names is None:
+        return f'{src.label} carries no class names ({src.no_names})'
+    return ''
+
+
+def _source_classes(model: Darknet, state: dict) -> dict[int, int]:
+    """{head conv index: source class count} for heads where state holds that convolution with another row count
+    that is (classes + 5) * anchors (+ ASFF rows) for the same input: the same network with other classes."""
     own = model.state_dict()
-    if set(own) == set(ckpt['model']) and all(own[k].shape == v.shape for k, v in ckpt['model'].items()):
-        model.load_state_dict(ckpt['model'])
-    elif transfer_weights(model, ckpt['model'], verbose)[0] == 0:
-        raise CheckpointError(f"{source}: no tensor fits the model built from {model.cfg_path}")
-    model.version = np.array(ckpt.get('version', model.version), dtype=np.int32)
-    model.seen = int(ckpt.get('seen', model.seen))
+    out = {}
+    for j, i in zip(model.head_convs(), model.yolo_layers):
+        y, key = model.module_list[i], f'module_list.{j}.Conv2d.weight'
+        w = state.get(key)
+        if w is None or w.shape[1:] != own[key].shape[1:]:
+            continue
+        rows = w.shape[0] - len(y.asff_layers)
+        if rows > 5 * y.na and rows % y.na == 0:
+            out[j] = rows // y.na - 5
+    return out
 
 
-def load_weights(model: Darknet, weights: str | Path, verbose: bool = True) -> None:
-    """Load .pt (matching tensors transferred) or Darknet weights into an existing model."""
+def _row_pairs(y: YOLOLayer, nc_src: int, cls_src: list[int | None]) -> tuple[list[int], list[int]]:
+    """(rows of a new head, source rows they copy): every anchor's box and objectness rows, the class rows whose
+    source class is known (cls_src[c]; None keeps the fresh row), then the ASFF weight rows."""
+    no, no_src = y.nc + 5, nc_src + 5
+    dst, src = [], []
+    for a in range(y.na):  # rows are anchor-major: (na, 5 + nc)
+        dst += [a * no + f for f in range(5)]
+        src += [a * no_src + f for f in range(5)]
+        for c, s in enumerate(cls_src):
+            if s is not None:
+                dst.append(a * no + 5 + c)
+                src.append(a * no_src + 5 + s)
+    n = len(y.asff_layers)
+    return dst + [y.na * no + e for e in range(n)], src + [y.na * no_src + e for e in range(n)]
+
+
+def _mapped_state(model: Darknet, src: _Source, src_nc: dict[int, int], cls_src: list[int | None]) -> dict:
+    """Head tensors built row by row: fresh rows of the model (bias prior included) overwritten by source rows."""
+    own, out = model.state_dict(), {}
+    yolo_of = dict(zip(model.head_convs(), (model.module_list[i] for i in model.yolo_layers)))
+    for k, v in own.items():
+        j = _layer_of(k)
+        if j not in src_nc or k not in src.state:
+            continue
+        s = src.state[k]
+        dst_rows, src_rows = _row_pairs(yolo_of[j], src_nc[j], cls_src)
+        if v.dim() and s.dim() and v.shape[1:] == s.shape[1:]:  # per-row tensors: conv weight, bias, BN vectors
+            t = v.detach().clone()
+            t[dst_rows] = s[src_rows].to(t)
+            out[k] = t
+        elif s.shape == v.shape:  # e.g. BN num_batches_tracked
+            out[k] = s
+    return out
+
+
+def _put_state(model: Darknet, src: _Source, names: list[str] | None, map_classes: bool, verbose: bool) -> None:
+    """Put a source's weights into the model: tensors of the same name and shape as they are; heads of the same
+    network with other classes mapped by class name (or left fresh, with the bias prior); print what was done."""
+    own = model.state_dict()
+    src_nc = _source_classes(model, src.state)
+    why_off = _mapping_off(src, names, map_classes)
+    if not why_off and any(len(src.names) != n for n in src_nc.values()):
+        why_off = f"{src.label} has {len(src.names)} class names for {sorted(set(src_nc.values()))} classes"
+    mapping = bool(src_nc) and not why_off and (names != src.names or any(n != model.nc for n in src_nc.values()))
+    state = {}
+    for k, v in own.items():
+        s = src.state.get(k)
+        j = _layer_of(k)
+        if s is None or (src.layers >= 0 and j >= src.layers) or (mapping and j in src_nc):
+            continue
+        if s.shape == v.shape:
+            state[k] = s
+    n_whole = len(state)
+    fresh = [j for j, n in src_nc.items() if n != model.nc] if not mapping else []
+    cls_src = [src.names.index(n) if n in src.names else None for n in names] if mapping else []
+    if mapping:
+        state.update(_mapped_state(model, src, src_nc, cls_src))
+    if not state:
+        raise WeightsError(f"{src.label}: no tensor fits the model built from {model.cfg_path}")
+    model.load_state_dict(state, strict=False)
+    model.version, model.seen = src.version, src.seen
+    if names is not None:
+        model.names = list(names)
+    else:  # the source's names describe the model only where every head came from the source as it was
+        whole = src_nc and not fresh and all(n == model.nc for n in src_nc.values())
+        model.names = list(src.names) if whole and src.names and len(src.names) == model.nc else None
+    if verbose and (n_whole < len(own) or mapping):
+        _report(model, src, src_nc, n_whole, len(own), fresh, cls_src if mapping else None)
+    matters = src.names is None or names != src.names or any(n != model.nc for n in src_nc.values())
+    if verbose and names is not None and src_nc and why_off and matters:
+        print(f"class mapping off: {why_off}")
+
+
+def _report(model: Darknet, src: _Source, src_nc: dict[int, int], n_whole: int, n_own: int, fresh: list[int],
+            cls_src: list[int | None] | None) -> None:
+    """Print the transfer: items loaded whole, heads re-initialised or mapped (then one line per class)."""
+    print(f"transferred {n_whole}/{n_own} items from {src.label}")
+    heads = fresh if cls_src is None else sorted(src_nc)
+    if heads:
+        sd = model.state_dict()
+        rows = sorted({(src.state[f'module_list.{j}.Conv2d.weight'].shape[0], sd[f'module_list.{j}.Conv2d.weight']
+                        .shape[0]) for j in heads})
+        filters = ', '.join(f'{a} -> {b}' for a, b in rows)
+        classes = f"{'/'.join(str(n) for n in sorted({src_nc[j] for j in heads}))} -> {model.nc} classes"
+        what = 're-initialised' if cls_src is None else 'mapped by class name'
+        print(f"{len(heads)} output convolution{'s' * (len(heads) > 1)} {what}: {filters} filters ({classes})")
+    if cls_src is not None:
+        print('box and objectness rows copied; class rows:')
+        for name, s in zip(model.names, cls_src):
+            print(f"  {name} <- {'(new)' if s is None else f'{src.names[s]} ({s})'}")
+
+
+def _darknet_source(model: Darknet, path: str, names: list[str] | None, map_classes: bool,
+                    verbose: bool) -> _Source | None:
+    """Read a Darknet file: straight into the model when it fits and no mapping is asked for (None returned), else
+    into a twin of the model built with the file's class count (inferred from its size), returned as a _Source."""
+    version, seen, values = read_darknet_file(path)
+    cutoff = cutoff_from_name(path)
+    nc_src = model.nc if values.size == darknet_value_count(model, cutoff) else \
+        darknet_source_classes(model, values.size, cutoff)
+    if nc_src is None:
+        raise _misfit_error(model, path, values.size, cutoff)
+    coco = coco_names() if nc_src == 80 and cutoff < 0 else None  # partial files hold no heads: nothing to map
+    no_names = ('data/coco.names is missing' if nc_src == 80 and cutoff < 0 else
+                f'only 80-class Darknet weights are taken as COCO\'s; this file has {nc_src} classes'
+                if cutoff < 0 else f'a partial file of the first {cutoff} layers')
+    src = _Source(path, {}, coco, no_names, version, seen, cutoff)
+    if nc_src == model.nc and (names is None or _mapping_off(src, names, map_classes) or names == coco):
+        _fill_from_values(model, values, cutoff, path)
+        model.version, model.seen = version, seen
+        model.names = list(names) if names is not None else coco
+        why_off = _mapping_off(src, names, map_classes)
+        if verbose and names is not None and why_off and cutoff < 0 and names != coco:
+            print(f"class mapping off: {why_off}; {path} loaded as it is")
+        return None
+    if verbose and nc_src != model.nc:
+        print(f"{path}: Darknet weights of this network with {nc_src} classes ({model.cfg_path} has {model.nc})")
+    twin = Darknet(cfg_with_classes(model.cfg_text, nc_src, model.cfg_path) if nc_src != model.nc else model.cfg_text)
+    _fill_from_values(twin, values, cutoff, path)
+    src.state = twin.state_dict()
+    return src
+
+
+def _checkpoint_source(ckpt: dict, label: str) -> _Source:
+    names = ckpt.get('names')
+    ok = isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+    return _Source(label, ckpt['model'], list(names) if ok else None, 'a checkpoint saved without them',
+                   ckpt.get('version', [0, 2, 5]), ckpt.get('seen', 0))
+
+
+def load_weights(model: Darknet, weights: str | Path, names: list[str] | None = None, map_classes: bool = True,
+                 verbose: bool = True) -> None:
+    """Load a .pt checkpoint or Darknet weights into the model, transferring what fits, and set model.names.
+
+    Weights of the same network with another class count load everything but the output convolutions before the
+    [yolo] layers; those are mapped by class name when `names` (the model's classes) are given, map_classes is on
+    and the source has names (box and objectness rows as they are, known classes from their source class, unknown
+    ones fresh), else left fresh with the bias prior. Prints what it did when verbose.
+    """
     weights = str(weights)
+    names = _check_names(names, model) if names is not None else None
     if weights.endswith('.pt'):
-        _load_checkpoint_state(model, load_checkpoint(weights), weights, verbose)
+        src = _checkpoint_source(load_checkpoint(weights), weights)
     else:
-        load_darknet_weights(model, weights)
+        src = _darknet_source(model, weights, names, map_classes, verbose)
+        if src is None:  # loaded as it is
+            return
+    try:
+        _put_state(model, src, names, map_classes, verbose)
+    except WeightsError as e:
+        raise (CheckpointError(str(e)) if weights.endswith('.pt') else e) from None
 
 
 def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int | tuple[int, int] = 416,
-               device: str | torch.device = 'cpu') -> Darknet:
-    """Build a model from cfg (or, for .pt, the cfg saved in it) and load the weights; eval mode on `device`."""
+               device: str | torch.device = 'cpu', verbose: bool = True) -> Darknet:
+    """Build a model from cfg (or, for .pt, the cfg saved in it), load the weights (load_weights' rules, class
+    names from the checkpoint, COCO's for 80-class Darknet weights; model.names None when unknown); eval mode."""
     weights = str(weights)
     if weights.endswith('.pt'):
         ckpt = load_checkpoint(weights)
         model = Darknet(cfg if cfg else ckpt.get('cfg') or _missing_cfg(weights), img_size)
-        _load_checkpoint_state(model, ckpt, weights)
+        try:
+            _put_state(model, _checkpoint_source(ckpt, weights), None, False, verbose)
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
     else:
         model = Darknet(cfg or DEFAULT_CFG, img_size)
         attempt_download(weights)
-        load_darknet_weights(model, weights)
+        load_weights(model, weights, verbose=verbose)
     return model.to(device).eval()
 
 
