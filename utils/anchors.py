@@ -1,0 +1,300 @@
+"""Anchors for a dataset: how well a model's anchors fit the training labels, and new anchors for a cfg.
+
+The fit uses the matching of our loss (utils/loss.py build_targets): a target goes to every anchor of a [yolo]
+layer whose width-height IoU with it exceeds iou_t. BPR (best possible recall) is the share of targets that match at
+least one anchor; anchors per target is the mean number they match (an anchor listed in two layers' masks counts
+twice, as the loss assigns it twice); fitness is the original's kmean_anchors fitness, the mean best IoU counting
+only IoUs above iou_t.
+
+    python -m utils.anchors --data data/person.data --cfg cfg/yolov3-tiny-1cls.cfg --img-size 320
+
+computes anchors for the training labels (k-means, then a genetic refinement reproducible with --seed) and writes a
+copy of the cfg with them in every [yolo] `anchors=` line (masks and everything else unchanged).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from models import YOLOLayer
+from utils.augmentations import BOX_MAX_ASPECT, BOX_MIN_WH
+from utils.boxes import wh_iou
+from utils.data_config import DatasetError, check_dataset, load_data_config
+from utils.datasets import LoadImagesAndLabels
+from utils.parse_config import ConfigError, parse_model_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HYP = ROOT / 'data' / 'hyp.scratch.yaml'
+BPR_WARN = 0.98  # below this best possible recall, check_anchors warns
+
+
+class AnchorError(Exception):
+    """Anchors cannot be computed or written; the message names the file and what is wrong."""
+
+
+def label_wh(labels: Sequence[np.ndarray], shapes: np.ndarray, img_size: int) -> np.ndarray:
+    """(n, 2) widths and heights of all labels in pixels at the training size, as the loader letterboxes.
+
+    labels: per image (k, 5) [class, x, y, w, h] normalised; shapes: (images, 2) original (w, h). Each image's long
+    side is scaled to img_size.
+    """
+    out = [lb[:, 3:5] * (s / s.max()) * img_size for lb, s in zip(labels, np.asarray(shapes, np.float64)) if len(lb)]
+    return np.concatenate(out, 0) if out else np.zeros((0, 2))
+
+
+def kept_by_loader(wh: np.ndarray) -> np.ndarray:
+    """Boolean mask of (n, 2) box sizes the training loader keeps: its box filter (utils/augmentations.py
+    box_candidates) drops boxes <= 4 px wide or high and boxes of aspect ratio >= 10, so the loss never sees them."""
+    w, h = wh[:, 0], wh[:, 1]
+    return (w > BOX_MIN_WH) & (h > BOX_MIN_WH) & (np.maximum(w / h, h / w) < BOX_MAX_ASPECT)
+
+
+def anchor_fit(wh: torch.Tensor, anchors: torch.Tensor, thr: float) -> tuple[float, float, float]:
+    """(fitness, BPR, anchors per target) of (n, 2) target sizes against the (m, 2) anchors the layers use."""
+    iou = wh_iou(wh, anchors.to(wh.dtype))  # (n, m)
+    best = iou.max(1).values  # (n,)
+    fitness = (best * (best > thr)).mean()  # as the original's kmean_anchors
+    return float(fitness), float((best > thr).float().mean()), float((iou > thr).float().sum(1).mean())
+
+
+def model_anchors(model: nn.Module) -> torch.Tensor:
+    """(m, 2) anchors in pixels of every [yolo] layer of a Darknet model (DDP-wrapped or not), in layer order."""
+    anchors = [m.anchors.detach().float().cpu() for m in model.modules() if isinstance(m, YOLOLayer)]
+    if not anchors:
+        raise AnchorError('the model has no [yolo] layers')
+    return torch.cat(anchors, 0)
+
+
+def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Callable[[str], None] = print,
+                  data: str | None = None, cfg: str | None = None) -> float:
+    """Log how well the model's anchors fit the dataset's labels at img_size and return the BPR.
+
+    dataset: a utils.datasets.LoadImagesAndLabels (.labels, .shapes). Below 0.98 BPR a WARNING gives the
+    `python -m utils.anchors` command that computes better anchors (data and cfg fill in its paths).
+    """
+    wh = label_wh(dataset.labels, dataset.shapes, img_size)
+    keep = kept_by_loader(wh)
+    if not keep.any():
+        log(f'WARNING: anchors: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at {img_size}: '
+            f'the loader drops them all (train at a larger --img-size)')
+        return 0.0
+    _, bpr, aat = anchor_fit(torch.from_numpy(wh[keep]).float(), model_anchors(model), thr)
+    log(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} (iou_t {thr:g})')
+    if bpr < BPR_WARN:
+        log(f'WARNING: anchors: only {bpr:.1%} of the labels can match an anchor (BPR < {BPR_WARN}); compute anchors '
+            f'for this data with: python -m utils.anchors --data {data or "<data>"} --cfg {cfg or "<cfg>"} '
+            f'--img-size {img_size}  and train with the cfg it writes')
+    return bpr
+
+
+def cfg_anchors(path: str | Path) -> tuple[np.ndarray, list[list[int]]]:
+    """The anchors (n, 2) of a cfg's [yolo] layers and each layer's mask; every layer must list the same number."""
+    yolos = [s for s in parse_model_cfg(path) if s['type'] == 'yolo']
+    if not yolos:
+        raise AnchorError(f'{path}: no [yolo] section, so no anchors to compute')
+    for s in yolos:
+        if 'anchors' not in s or 'mask' not in s:
+            raise AnchorError(f"{path}:{s['line']}: [yolo] needs anchors= and mask=")
+    n = {len(s['anchors']) for s in yolos}
+    if len(n) > 1:
+        raise AnchorError(f'{path}: the [yolo] sections list different numbers of anchors ({sorted(n)}); '
+                          f'one list shared by all (selected by mask=) is expected')
+    return np.array(yolos[0]['anchors'], np.float64), [list(s['mask']) for s in yolos]
+
+
+def used_anchors(anchors: np.ndarray, masks: list[list[int]]) -> torch.Tensor:
+    """(m, 2) anchors as the layers use them: each layer's mask of the cfg's list, concatenated."""
+    return torch.from_numpy(np.concatenate([anchors[m] for m in masks], 0)).float()
+
+
+def by_area(anchors: np.ndarray) -> np.ndarray:
+    """(n, 2) anchors sorted small to large (the order the masks of a cfg expect)."""
+    return anchors[np.argsort(anchors.prod(1), kind='stable')]
+
+
+def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, gen: int = 1000, seed: int = 0,
+                   start: np.ndarray | None = None, log: Callable[[str], None] = print) -> np.ndarray:
+    """n anchors (n, 2), sorted by area, for target sizes wh (t, 2): k-means, then `gen` generations of mutation
+    keeping improvements of the fitness (with masks, as the layers use them). Reproducible from seed.
+
+    start: other anchors (the cfg's) to refine instead when they fit better than the k-means result.
+    """
+    from scipy.cluster.vq import kmeans  # scipy only for this tool, not for training
+
+    rng = np.random.default_rng(seed)
+    pts = wh[(wh >= 2.0).all(1)]  # as the original: sub-2-pixel boxes would drag the clusters to zero
+    sigma = pts.std(0)
+    sigma[sigma == 0] = 1.0  # all boxes the same width (or height): nothing to whiten
+    used = sorted({i for m in masks for i in m})  # anchors some layer uses (yolov3-tiny's masks skip anchor 0)
+    nu = len(used)
+    log(f'anchors: k-means for the {nu} anchors the masks use, on {len(pts)} boxes...')
+    c, _ = kmeans(pts / sigma, min(nu, len(pts)), iter=30, rng=np.random.default_rng(seed))
+    c = c * sigma
+    if len(c) < nu:  # fewer distinct boxes than anchors: complete with label sizes
+        c = np.concatenate([c, pts[rng.integers(0, len(pts), nu - len(c))]], 0)
+    k = np.empty((n, 2))
+    k[used] = by_area(c)
+    for i in range(n):  # an anchor no mask uses copies its nearest used neighbour, so the list stays sorted
+        if i not in used:
+            k[i] = k[max([u for u in used if u < i], default=min(used))]
+    k = k.clip(min=2.0)
+    wh_t = torch.from_numpy(wh).float()
+
+    def fitness(a: np.ndarray) -> float:
+        return anchor_fit(wh_t, used_anchors(by_area(a), masks), thr)[0]
+
+    f = fitness(k)
+    log(f'anchors: k-means fitness {f:.4f}')
+    if start is not None and len(start) == n and fitness(start) > f:
+        k, f = start.astype(np.float64), fitness(start)
+        log(f"anchors: the cfg's anchors fit better ({f:.4f}): refining those instead")
+    mp, s = 0.9, 0.1  # as the original: mutation probability and sigma
+    for _ in tqdm(range(gen), desc='Evolving anchors', file=sys.stderr, disable=gen == 0):
+        v = np.ones_like(k)
+        while (v == 1).all():  # mutate until something changes
+            v = ((rng.random(k.shape) < mp) * rng.random() * rng.standard_normal(k.shape) * s + 1).clip(0.3, 3.0)
+        kg = (k * v).clip(min=2.0)
+        fg = fitness(kg)
+        if fg > f:
+            f, k = fg, kg
+    return by_area(k)
+
+
+def format_anchors(anchors: np.ndarray) -> str:
+    """Darknet's anchors= value: `w,h,  w,h, ...` in whole pixels."""
+    return ',  '.join(f'{int(w)},{int(h)}' for w, h in np.round(anchors).astype(int))
+
+
+def cfg_with_anchors(text: str, anchors: np.ndarray, path: str = '<cfg>') -> tuple[str, int]:
+    """cfg text with the value of every [yolo] anchors= line replaced (spacing, comments, line endings kept);
+    returns (text, lines replaced)."""
+    value = format_anchors(anchors)
+    lines = text.splitlines(keepends=True)
+    section, n = '', 0
+    for i, line in enumerate(lines):
+        body = line.rstrip('\r\n')
+        code = body.split('#', 1)[0]
+        stripped = code.strip()
+        if stripped.startswith('['):
+            section = stripped.strip('[]').strip().lower()
+            continue
+        if section != 'yolo' or '=' not in stripped or stripped.split('=', 1)[0].strip() != 'anchors':
+            continue
+        eq = code.index('=') + 1
+        start = eq + len(code[eq:]) - len(code[eq:].lstrip())  # first character of the value
+        end = len(code.rstrip())
+        lines[i] = body[:start] + value + body[end:] + line[len(body):]
+        n += 1
+    if n == 0:
+        raise AnchorError(f'{path}: no anchors= line in a [yolo] section')
+    return ''.join(lines), n
+
+
+def read_iou_t(path: str | Path) -> float:
+    """iou_t from a hyperparameter YAML."""
+    p = Path(path)
+    try:
+        hyp = yaml.safe_load(p.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise AnchorError(f'{p}: cannot read hyperparameters: {e}') from e
+    if not isinstance(hyp, dict) or not isinstance(hyp.get('iou_t'), (int, float)) or isinstance(hyp['iou_t'], bool):
+        raise AnchorError(f'{p}: no numeric iou_t (the anchor matching threshold)')
+    return float(hyp['iou_t'])
+
+
+def default_out(cfg: Path, data: Path) -> Path:
+    """Where the new cfg goes by default: beside the input, named after it and the data."""
+    return cfg.with_name(f'{cfg.stem}-{data.stem}-anchors{cfg.suffix or ".cfg"}')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options of `python -m utils.anchors`."""
+    p = argparse.ArgumentParser(prog='python -m utils.anchors', description=__doc__.split('\n\n')[0])
+    p.add_argument('--data', required=True, help='dataset .data or .yaml (its train images and labels are used)')
+    p.add_argument('--cfg', required=True, help='model cfg whose [yolo] anchors to replace (never overwritten)')
+    p.add_argument('--img-size', type=int, required=True,
+                   help="training image size in pixels (the loader's long side; train.py's --img-size)")
+    p.add_argument('--out', default='', help='new cfg path (default: beside --cfg, <cfg>-<data>-anchors.cfg); '
+                                             'must not exist')
+    p.add_argument('--hyp', default=str(DEFAULT_HYP), help='hyperparameter YAML giving iou_t')
+    p.add_argument('--seed', type=int, default=0, help='seed of k-means and of the genetic refinement')
+    p.add_argument('--gen', type=int, default=1000, help='generations of the genetic refinement')
+    return p
+
+
+def parse_opt(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (argv, or sys.argv)."""
+    return get_args_parser().parse_args(argv)
+
+
+def main(opt: argparse.Namespace) -> int:
+    """Compute anchors for opt.data and write them into a copy of opt.cfg (errors raise AnchorError and others)."""
+    cfg, data = Path(opt.cfg), Path(opt.data)
+    out = Path(opt.out) if opt.out else default_out(cfg, data)
+    if opt.img_size <= 0 or opt.gen < 0:
+        raise AnchorError(f'--img-size must be > 0 and --gen >= 0 (got {opt.img_size}, {opt.gen})')
+    if out.exists():  # also catches --out equal to --cfg: the input is never overwritten
+        raise AnchorError(f'{out}: output cfg exists; give another --out (nothing written)')
+    if not out.parent.is_dir():
+        raise AnchorError(f'{out}: folder {out.parent} does not exist (nothing written)')
+    thr = read_iou_t(opt.hyp)
+    anchors0, masks = cfg_anchors(cfg)
+    with open(cfg, encoding='utf-8', newline='') as f:  # newline='': keep the file's line endings as they are
+        text = f.read()
+    cfg_with_anchors(text, anchors0, str(cfg))  # fails now, before the work, if there is nothing to replace
+
+    d = load_data_config(data)
+    check_dataset(d, ('train',))
+    ds = LoadImagesAndLabels(d['train'], opt.img_size, nc=d['nc'], prefix='anchors: ')
+    wh = label_wh(ds.labels, ds.shapes, opt.img_size)
+    if not len(wh):
+        raise AnchorError(f'{data}: no labels in the training images {d["train"]}; anchors need labelled boxes '
+                          f'(nothing written)')
+    keep = kept_by_loader(wh)
+    if not keep.any():
+        raise AnchorError(f'{data}: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at '
+                          f'--img-size {opt.img_size} (the loader drops them all); nothing written')
+    print(f'anchors: {int(keep.sum())} boxes of {len(ds)} images at {opt.img_size}, iou_t {thr:g}'
+          + (f'; {int((~keep).sum())} boxes <= {BOX_MIN_WH:g} px or of aspect >= {BOX_MAX_ASPECT:g} left out '
+             f'(the loader drops them)' if not keep.all() else ''))
+    wh = wh[keep]
+    wh_t = torch.from_numpy(wh).float()
+
+    def report(name: str, a: np.ndarray) -> None:
+        f, bpr, aat = anchor_fit(wh_t, used_anchors(a, masks), thr)
+        print(f'{name}: fitness {f:.4f}, BPR {bpr:.4f}, {aat:.2f} anchors per target; anchors {format_anchors(a)}')
+
+    report(f'before ({cfg})', anchors0)
+    new = evolve_anchors(wh, len(anchors0), masks, thr, opt.gen, opt.seed, start=anchors0)
+    new = by_area(np.round(new))  # the whole pixels written (and measured), small to large
+    report('after', new)
+    text_new, n = cfg_with_anchors(text, new, str(cfg))
+    try:
+        f = open(out, 'x', encoding='utf-8', newline='')  # 'x': never replaces a file created meanwhile
+    except FileExistsError as e:
+        raise AnchorError(f'{out}: output cfg exists; give another --out (nothing written)') from e
+    except OSError as e:
+        raise AnchorError(f'{out}: cannot write: {e.strerror or e} (nothing written)') from e
+    try:
+        with f:
+            f.write(text_new)
+    except OSError as e:
+        out.unlink(missing_ok=True)  # no half-written cfg
+        raise AnchorError(f'{out}: cannot write: {e.strerror or e} (nothing written)') from e
+    print(f'wrote {out} (anchors= in {n} [yolo] sections, masks unchanged); train with --cfg {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main(parse_opt()))
+    except (AnchorError, DatasetError, ConfigError) as err:
+        sys.exit(f'Error: {err}')
