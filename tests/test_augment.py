@@ -107,7 +107,7 @@ def test_box_filter_thresholds():
     assert keep(4.01, 20) and not keep(4.0, 20) and not keep(3.99, 20)  # width
     assert keep(20, 4.01) and not keep(20, 4.0)  # height
     assert keep(20.1, 20, 100, 20) and not keep(19.9, 20, 100, 20)  # 20% of the area left
-    assert keep(80.1, 20, 100, 40, s=2.0) and not keep(79.9, 20, 100, 40, s=2.0)  # as the original: ratio / s (not s**2)
+    assert keep(80.1, 20, 100, 40, s=2.0) and not keep(79.9, 20, 100, 40, s=2.0)  # as the original: ratio / s
     assert keep(99.9, 10) and not keep(100, 10) and not keep(10, 100.1)  # aspect ratio, either way round
     # through random_affine with no geometric change: a 4 px box goes, a 5 px one stays
     img = draw(64, 64, [])
