@@ -639,8 +639,26 @@ class _Source:
 
 
 def _layer_of(key: str) -> int:
-    """Layer index of a Darknet state_dict key: 'module_list.15.Conv2d.weight' -> 15."""
-    return int(key.split('.')[1])
+    """Layer index of a Darknet state_dict key: 'module_list.15.Conv2d.weight' -> 15 (-1 for other keys)."""
+    parts = key.split('.')
+    return int(parts[1]) if len(parts) > 2 and parts[0] == 'module_list' and parts[1].isdigit() else -1
+
+
+def _foreign_error(model: Darknet, src: _Source, src_nc: dict[int, int]) -> WeightsError | None:
+    """An error naming the source tensors that have no place in the model (outside heads of other classes), if any:
+    the weights of another network, which a name-and-shape match would load only by accident."""
+    own = model.state_dict()
+    foreign = [k for k, s in src.state.items()
+               if (k not in own or s.shape != own[k].shape) and _layer_of(k) not in src_nc]
+    if not foreign:
+        return None
+    k = foreign[0]
+    where = f"{tuple(own[k].shape)} in the model" if k in own else "not in the model"
+    return WeightsError(
+        f"{src.label}: {len(foreign)} of its {len(src.state)} tensors do not fit the model of {model.cfg_path} (e.g. "
+        f"{k} {tuple(src.state[k].shape)}, {where}): the weights of another model. To fine-tune from this file use "
+        f"the cfg of the model these weights belong to (any classes=), or pass --weights '' to start from random "
+        f"weights")
 
 
 def _check_names(names: list[str], model: Darknet) -> list[str]:
@@ -721,6 +739,8 @@ def _put_state(model: Darknet, src: _Source, names: list[str] | None, map_classe
     network with other classes mapped by class name (or left fresh, with the bias prior); print what was done."""
     own = model.state_dict()
     src_nc = _source_classes(model, src.state)
+    if (err := _foreign_error(model, src, src_nc)) is not None:
+        raise err
     why_off = _mapping_off(src, names, map_classes)
     if not why_off and any(len(src.names) != n for n in src_nc.values()):
         why_off = f"{src.label} has {len(src.names)} class names for {sorted(set(src_nc.values()))} classes"
@@ -872,9 +892,13 @@ OFFICIAL = {  # name: (release address, size in bytes)
 
 
 def attempt_download(path: str | Path) -> Path:
-    """Download a missing official Darknet file to `path`; a bad download is deleted and reported."""
+    """Download a missing official Darknet file to `path`; a bad download is deleted and reported, an empty file is
+    a WeightsError (not "not found")."""
     path = Path(path)
-    if path.exists() and path.stat().st_size > 0:
+    if path.is_file():
+        if path.stat().st_size == 0:
+            again = f"; delete it to download it again from {OFFICIAL[path.name][0]}" if path.name in OFFICIAL else ''
+            raise WeightsError(f"{path}: the file is empty (0 bytes){again}")
         return path
     if path.name not in OFFICIAL:
         raise FileNotFoundError(f"{path}: weights file not found")

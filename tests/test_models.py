@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -141,7 +142,36 @@ OWN_CFGS = ['yolov3.cfg', 'yolov3-spp.cfg', 'yolov3-tiny.cfg', 'yolov3-tiny3.cfg
 
 @pytest.mark.parametrize('name', OWN_CFGS)
 def test_own_cfg_is_the_reference_network(name):
-    assert _structure(ROOT / 'cfg' / name) == _structure(REF_CFG / name)
+    ours, ref = _structure(ROOT / 'cfg' / name), _structure(REF_CFG / name)
+    if name == 'yolov3-tiny-1cls.cfg':  # ours on purpose: the second head's anchors as the official weights'
+        assert ref[-1]['mask'] == [0, 1, 2] and ours[-1]['mask'] == [1, 2, 3] == _structure(ROOT / 'cfg' /
+                                                                                             'yolov3-tiny.cfg')[-1]['mask']
+        ref[-1]['mask'] = [1, 2, 3]
+    assert ours == ref
+
+
+@pytest.mark.parametrize('name', sorted(p.name for p in REF_CFG.glob('*.cfg')))
+def test_random_init_heads_have_the_bias_prior(name):
+    """As the original's create_modules: objectness -4.5, classes log(0.6 / (nc - 0.99)) on every fresh head."""
+    model = Darknet(REF_CFG / name)
+    assert model.head_convs()
+    for j, i in zip(model.head_convs(), model.yolo_layers):
+        y, conv = model.module_list[i], model.module_list[j].Conv2d
+        bound = 1 / math.sqrt(conv.weight[0].numel())  # PyTorch's default bias init: U(-bound, bound)
+        bias = conv.bias.detach()
+        b = bias[:y.na * y.no].view(y.na, y.no)
+        assert (b[:, 4] + 4.5).abs().max() <= bound, (name, j)
+        assert (b[:, 5:] - math.log(0.6 / (y.nc - 0.99))).abs().max() <= bound, (name, j)
+        assert b[:, :4].abs().max() <= bound and (bias[y.na * y.no:].abs() <= bound).all()  # box, ASFF rows as init
+
+
+@pytest.mark.parametrize('name, size, bflops', [('yolov3.cfg', 416, 65.86), ('yolov3.cfg', 608, 140.69),
+                                                ('yolov3-spp.cfg', 608, 141.45), ('yolov3-tiny.cfg', 416, 5.56)])
+def test_gflops_are_darknets_bflops(name, size, bflops):
+    """FlopCounterMode's count is the figure Darknet publishes (pjreddie.com/darknet/yolo, 'Bn' column)."""
+    with torch.device('meta'):  # shapes only: counting needs no arithmetic
+        model = Darknet(ROOT / 'cfg' / name)
+    assert model.gflops(size) == pytest.approx(bflops, abs=0.006)
 
 
 def test_own_cfgs_are_up_to_date_with_generator(tmp_path):

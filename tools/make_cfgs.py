@@ -3,7 +3,7 @@
     python tools/make_cfgs.py            # (re)writes cfg/*.cfg
 
 Each architecture is built block by block (Darknet-53 residual stages, CSP stages, SPP, FPN/PAN heads) so that the
-layer list is easy to audit; tests/test_cfgs.py checks every file against the reference cfg of the same name.
+layer list is easy to audit; tests/test_models.py checks every file against the reference cfg of the same name.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def yolov3(nc: int = 80, spp: bool = False) -> Cfg:
     return c
 
 
-def yolov3_tiny(nc: int = 80, three_heads: bool = False, mask2: tuple = (1, 2, 3)) -> Cfg:
+def yolov3_tiny(nc: int = 80, three_heads: bool = False) -> Cfg:
     """YOLOv3-tiny (2 heads, 6 anchors) or yolov3-tiny3 (a third, stride-8 head; the 9 COCO anchors)."""
     c = Cfg(net(momentum=0.9))
     taps = {}  # backbone outputs the upsampled heads join: stride 16 and stride 8
@@ -154,9 +154,10 @@ def yolov3_tiny(nc: int = 80, three_heads: bool = False, mask2: tuple = (1, 2, 3
         heads = [([6, 7, 8], None, None), ([3, 4, 5], taps[4], 256), ([0, 1, 2], taps[3], 128)]
         anchors = COCO_ANCHORS
     else:
-        # as the official weights (and the original): the second head uses anchors 1,2,3, not 0,1,2; with 0,1,2
-        # the official weights lose a third of their mAP
-        heads = [([3, 4, 5], None, None), (list(mask2), taps[4], 256)]
+        # as the official weights (and the original's yolov3-tiny.cfg): the second head uses anchors 1,2,3, not
+        # 0,1,2; with 0,1,2 the official weights lose a third of their mAP. The 1-class cfg too (the original's has
+        # 0,1,2): fine-tuning it from the official weights then starts with the boxes those weights predict
+        heads = [([3, 4, 5], None, None), ([1, 2, 3], taps[4], 256)]
         anchors = TINY_ANCHORS
     for mask, tap, filters in heads:
         if tap is not None:  # lateral: reduce the previous head's branch, upsample, join the backbone tap
@@ -275,7 +276,7 @@ def yolov4_tiny(nc: int = 80) -> Cfg:
 
 HEADER = """{name}: {what}
 Written for this project from the published Darknet architecture by tools/make_cfgs.py;
-tests/test_cfgs.py checks it layer by layer against the reference cfg of the same name.
+tests/test_models.py checks it layer by layer against the reference cfg of the same name.
 Input size, and [net] training settings, are Darknet's; train.py uses its own --img-size and --hyp."""
 
 MODELS = {
@@ -287,7 +288,7 @@ MODELS = {
     'yolov4-tiny.cfg': (lambda: yolov4_tiny(), 'YOLOv4-tiny, CSP-tiny backbone, 80 COCO classes'),
     'yolov3-1cls.cfg': (lambda: yolov3(nc=1), 'YOLOv3 for one class (custom data)'),
     'yolov3-spp-1cls.cfg': (lambda: yolov3(nc=1, spp=True), 'YOLOv3-SPP for one class (custom data)'),
-    'yolov3-tiny-1cls.cfg': (lambda: yolov3_tiny(nc=1, mask2=(0, 1, 2)), 'YOLOv3-tiny for one class (custom data)'),
+    'yolov3-tiny-1cls.cfg': (lambda: yolov3_tiny(nc=1), 'YOLOv3-tiny for one class (custom data)'),
     'yolov3-tiny3-1cls.cfg': (lambda: yolov3_tiny(nc=1, three_heads=True), 'YOLOv3-tiny3 for one class'),
 }
 
