@@ -91,7 +91,8 @@ def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Cal
     if bpr < BPR_WARN:
         log(f'WARNING: anchors: only {bpr:.1%} of the labels can match an anchor (BPR < {BPR_WARN}); compute anchors '
             f'for this data with: python -m utils.anchors --data {data or "<data>"} --cfg {cfg or "<cfg>"} '
-            f'--img-size {img_size}  and train with the cfg it writes')
+            f'--img-size {img_size}  and train with the cfg it writes (pretrained heads predict sizes relative to '
+            f'the anchors they were trained with: when fine-tuning, compare both)')
     return bpr
 
 
