@@ -1,4 +1,5 @@
-"""Darknet cfg -> PyTorch YOLO model; Darknet .weights reading/writing; .pt checkpoints; conversion and ONNX export.
+"""Darknet cfg -> PyTorch YOLO model; Darknet .weights reading/writing; .pt checkpoints (with class names); transfer
+of weights to the same network with other classes (heads mapped by class name); conversion and ONNX export.
 
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.weights --convert   # -> .pt
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.pt --convert        # -> .weights
