@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.boxes import box_iou
+from torchvision.ops import box_iou, nms
+
 from utils.nms import non_max_suppression
 
 
@@ -92,28 +93,33 @@ def test_matches_greedy_reference_and_max_det():
     assert torch.equal(capped, out[:7])
 
 
-def test_time_limit_and_bad_thresholds(capsys):
+def test_time_limit_and_bad_thresholds(capsys, monkeypatch):
     p = pred_rows([(50, 50, 20, 20, 0.9, {0: 1.0})]).repeat(3, 1, 1)
     threads = torch.get_num_threads()
+
+    def no_thread_change(n: int) -> None:
+        raise AssertionError(f'NMS changed the process-wide torch thread count to {n}')
+
+    monkeypatch.setattr(torch, 'set_num_threads', no_thread_change)
     out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
     assert [len(o) for o in out] == [1, 0, 0]
-    assert torch.get_num_threads() == threads  # NMS runs single-threaded on the CPU, then restores the setting
+    assert torch.get_num_threads() == threads  # NMS leaves the process-wide thread count alone
     assert 'time limit' in capsys.readouterr().out
     with pytest.raises(ValueError, match='conf_thres'):
         non_max_suppression(p, 1.5, 0.6)
 
 
-def offset_trick_nms(pred: torch.Tensor, conf_thres: float, iou_thres: float) -> torch.Tensor:
-    """The archive's formulation for one image: classes kept apart by shifting boxes 4096 px per class index,
-    torchvision.ops.nms, then merge-NMS with IoUs taken on the shifted boxes."""
+def offset_trick_nms(pred: torch.Tensor, conf_thres: float, iou_thres: float, agnostic: bool = False) -> torch.Tensor:
+    """The archive's formulation for one image: classes kept apart by shifting boxes 4096 px per class index
+    (none if agnostic), torchvision.ops.nms, then merge-NMS with IoUs taken on the shifted boxes."""
     x = pred[pred[:, 4] > conf_thres]
     x = x[((x[:, 2:4] > 2) & (x[:, 2:4] < 4096)).all(1)].clone()
     x[:, 5:] *= x[:, 4:5]
     box = torch.cat((x[:, :2] - x[:, 2:4] / 2, x[:, :2] + x[:, 2:4] / 2), 1)
     i, j = (x[:, 5:] > conf_thres).nonzero(as_tuple=True)
     x = torch.cat((box[i], x[i, j + 5, None], j[:, None].float()), 1)
-    shifted, scores = x[:, :4] + x[:, 5:6] * 4096, x[:, 4]
-    keep = torch.ops.torchvision.nms(shifted, scores, iou_thres)
+    shifted, scores = x[:, :4] + x[:, 5:6] * 4096 * (not agnostic), x[:, 4]
+    keep = nms(shifted, scores, iou_thres)
     w = (box_iou(shifted[keep], shifted) > iou_thres) * scores[None]
     x[keep, :4] = (w @ x[:, :4]) / w.sum(1, keepdim=True)
     return x[keep]
@@ -135,3 +141,7 @@ def test_merge_nms_equals_class_offset_formulation():
     assert torch.allclose(key(ours), key(ref), atol=1e-3)
     plain = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, merge=False)[0]
     assert (key(plain)[:, :4] - key(ours)[:, :4]).abs().max() > 1  # the merge did move boxes
+    ours = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, agnostic=True)[0]
+    ref = offset_trick_nms(p.clone(), 0.01, 0.6, agnostic=True)
+    assert 12 <= len(ours) == len(ref) < 100  # agnostic: one box or a few per cluster, merged across classes
+    assert torch.allclose(key(ours), key(ref), atol=1e-3)

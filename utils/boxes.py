@@ -1,10 +1,8 @@
 """Box format conversions, IoU variants and coordinate rescaling shared by loss, metrics, data and detect."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,61 +26,6 @@ def xywh2xyxy(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     y[:, 2] = x[:, 0] + x[:, 2] / 2
     y[:, 3] = x[:, 1] + x[:, 3] / 2
     return y
-
-
-def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m) (the formula of torchvision.ops.box_iou)."""
-    area1 = (box1[:, 2] - box1[:, 0]) * (box1[:, 3] - box1[:, 1])
-    area2 = (box2[:, 2] - box2[:, 0]) * (box2[:, 3] - box2[:, 1])
-    lt = torch.max(box1[:, None, :2], box2[:, :2])  # (n, m, 2)
-    rb = torch.min(box1[:, None, 2:], box2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(2)
-    return inter / (area1[:, None] + area2 - inter)
-
-
-_NMS: Callable | None = None
-
-
-def _nms_kernel() -> Callable:
-    """torchvision's compiled NMS operator (torch.ops.torchvision.nms).
-
-    Loaded from torchvision's extension library directly: `import torchvision` pulls in torch._dynamo, sympy and the
-    model zoo, about 1.1-1.3 s of every test/detect/train start-up on a 2-core machine, for this one kernel.
-    Falls back to importing torchvision where the library cannot be found.
-    """
-    global _NMS
-    if _NMS is None:
-        try:
-            _NMS = torch.ops.torchvision.nms  # registered already (torchvision imported elsewhere)
-        except (AttributeError, RuntimeError):
-            spec = importlib.util.find_spec('torchvision')
-            folder = Path(spec.origin).parent if spec and spec.origin else None
-            libs = sorted(folder.glob('_C*.so')) + sorted(folder.glob('_C*.pyd')) if folder else []
-            try:
-                torch.ops.load_library(str(libs[0]))
-                _NMS = torch.ops.torchvision.nms
-            except (IndexError, OSError, RuntimeError, AttributeError):
-                import torchvision
-                _NMS = torchvision.ops.nms
-    return _NMS
-
-
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_thres: float) -> torch.Tensor:
-    """Indices of the xyxy boxes (n, 4) kept by NMS within each group, by decreasing score (torchvision's
-    batched_nms: boxes of different groups are offset apart so one NMS call never lets them suppress each other)."""
-    nms = _nms_kernel()
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    if boxes.shape[0] <= (1000 if boxes.device.type == 'cpu' else 5000):  # one call is cheapest for few boxes
-        offsets = groups.to(boxes) * (boxes.max() + 1)
-        return nms(boxes + offsets[:, None], scores, iou_thres)
-    # many boxes: NMS is quadratic, so one call per group is faster (torchvision switches at the same sizes)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    for g in torch.unique(groups):
-        idx = torch.where(groups == g)[0]
-        keep[idx[nms(boxes[idx], scores[idx], iou_thres)]] = True
-    kept = torch.where(keep)[0]
-    return kept[scores[kept].argsort(descending=True, stable=True)]
 
 
 def bbox_iou(box1: torch.Tensor, box2: torch.Tensor, x1y1x2y2: bool = True,

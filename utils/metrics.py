@@ -6,8 +6,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from utils.boxes import box_iou
-
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)  # COCO's mAP@0.5:0.95 thresholds
 PR_SCORE = 0.1  # as the original: P and R are reported at this confidence (ultralytics/yolov3 issue 898)
 _trapezoid = getattr(np, 'trapezoid', None) or np.trapz  # numpy 2 renamed trapz; requirements allow numpy 1.23
@@ -28,6 +26,8 @@ def match_predictions(pred: torch.Tensor, labels: torch.Tensor, iouv: torch.Tens
     claims it and is correct at every threshold below that IoU. A prediction whose best target is taken is wrong,
     even if another target of its class would have matched.
     """
+    from torchvision.ops import box_iou  # lazy, as in utils/nms.py: test.py has imported it for NMS already
+
     iouv = iouv.to(pred.device)
     correct = torch.zeros(pred.shape[0], iouv.numel(), dtype=torch.bool, device=pred.device)
     if not pred.shape[0] or not labels.shape[0]:
