@@ -7,11 +7,10 @@ train.py calls test() in-process after every epoch with its EMA model and its ow
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -20,14 +19,13 @@ from tqdm import tqdm
 
 from models import CheckpointError, WeightsError, load_model
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy
-from utils.coco import (CocoGroundTruth, coco80_to_coco91_class, coco_evaluate, find_coco_annotations, image_ids,
-                        numeric_image_id, prediction_records)
+from utils.coco import CocoJson, find_coco_annotations
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.metrics import IOU_THRESHOLDS, ap_per_class, match_predictions
+from utils.metrics import IOU_THRESHOLDS, APResult, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
 from utils.parse_config import ConfigError
-from utils.torch_utils import select_device, time_synchronized
+from utils.torch_utils import de_parallel, select_device, time_synchronized
 
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
 
@@ -46,9 +44,158 @@ def _device(device: str, batch_size: int) -> torch.device:
 
 def _model_stride(model: nn.Module) -> int:
     """Largest [yolo] stride of a Darknet model (32 for the YOLOv3 family)."""
-    m = model.module if hasattr(model, 'module') else model
+    m = de_parallel(model)
     strides = [m.module_list[i].stride for i in getattr(m, 'yolo_layers', [])]
     return int(max(strides)) if strides else 32
+
+
+class EvalRun(NamedTuple):
+    """What the batch loop of one evaluation gathers."""
+    stats: list[tuple]  # per image with labels or detections: (correct (n, 10), conf (n,), cls (n,), target cls (m,))
+    loss: torch.Tensor  # (3,) summed val box, obj, cls loss (zeros without compute_loss)
+    seen: int  # images evaluated
+    t_inf: float  # seconds of inference
+    t_nms: float  # seconds of NMS
+
+
+class Summary(NamedTuple):
+    """Metrics over the whole set."""
+    mp: float  # mean precision at PR_SCORE
+    mr: float  # mean recall at PR_SCORE
+    map50: float  # mAP@0.5
+    map: float  # mAP@0.5:0.95
+    mf1: float  # mean F1
+    maps: np.ndarray  # (nc,) per-class mAP@0.5:0.95 (the mean for classes without targets)
+    nt: np.ndarray  # (nc,) targets per class
+    res: APResult | None  # per-class results, None when no image had targets
+
+
+def class_names(data: dict, model: nn.Module, single_cls: bool) -> list[str]:
+    """Row labels: 'object' for --single-cls, the dataset's names, else those the checkpoint carries (a data file
+    without names gets load_data_config's placeholders 'class0', 'class1', ...)."""
+    if single_cls:
+        return ['object']
+    names, nc = list(data['names']), int(data['nc'])
+    carried = getattr(de_parallel(model), 'names', None)
+    if names == [f'class{i}' for i in range(nc)] and carried is not None and len(carried) == nc:
+        return list(carried)
+    return names
+
+
+def val_loader(data: dict, imgsz: int, batch_size: int, model: nn.Module, single_cls: bool,
+               workers: int) -> torch.utils.data.DataLoader:
+    """The validation loader of the original: rectangular batches padded by half a stride, not shuffled."""
+    loader, _ = create_dataloader(data['valid'], imgsz, batch_size, stride=_model_stride(model), pad=0.5, rect=True,
+                                  single_cls=single_cls, shuffle=False, workers=workers, nc=int(data['nc']),
+                                  prefix='test: ')
+    return loader
+
+
+def coco_json(data: dict, dataloader: torch.utils.data.DataLoader, names: list[str], single_cls: bool,
+              coco_gt: str | Path | None) -> CocoJson:
+    """COCO JSON writer: against --coco-gt, COCO's annotations found beside the images, or the labels."""
+    gt_file = Path(coco_gt) if coco_gt else None
+    if gt_file is None and not single_cls and isinstance(data.get('valid'), str):
+        gt_file = find_coco_annotations(data['valid'])
+    return CocoJson(list(getattr(dataloader.dataset, 'img_files', [])), names, gt_file)
+
+
+def image_stats(pred: torch.Tensor, labels: torch.Tensor, tbox: torch.Tensor, iouv: torch.Tensor) -> tuple | None:
+    """One image's entry of EvalRun.stats from detections (n, 6), labels (m, 5) [class, xywh] and their boxes (m, 4)
+    xyxy in the same pixels; None for an image with neither."""
+    if not len(pred):
+        if not len(labels):
+            return None
+        return torch.zeros(0, iouv.numel(), dtype=torch.bool), torch.zeros(0), torch.zeros(0), labels[:, 0].cpu()
+    correct = match_predictions(pred, torch.cat((labels[:, 0:1], tbox), 1), iouv)  # (n, 10)
+    return correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()
+
+
+def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf_thres: float, iou_thres: float,
+                 multi_label: bool = True, merge: bool = True, augment: bool = False,
+                 compute_loss: Callable | None = None, coco: CocoJson | None = None,
+                 plot: Callable | None = None) -> EvalRun:
+    """Run the model and NMS over the loader; match detections to labels (and add them to coco); plot(batch_i,
+    imgs, targets, paths, output) is called for each batch when given."""
+    device = next(model.parameters()).device
+    iouv = IOU_THRESHOLDS.to(device)
+    loss = torch.zeros(3, device=device)
+    stats, seen, t_inf, t_nms = [], 0, 0.0, 0.0
+    header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
+    for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
+        imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
+        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
+        height, width = imgs.shape[2:]  # rectangular batch: H, W multiples of 32
+        whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
+
+        t = time_synchronized()
+        inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
+        t_inf += time_synchronized() - t
+        if compute_loss is not None and train_out is not None:
+            loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
+        t = time_synchronized()
+        output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,
+                                     multi_label=multi_label, merge=merge)
+        t_nms += time_synchronized() - t
+
+        for si, pred in enumerate(output):  # pred: (n, 6) [x1, y1, x2, y2, conf, cls] in letterboxed pixels
+            labels = targets[targets[:, 0] == si, 1:]  # (m, 5) [class, x, y, w, h]
+            tbox = xywh2xyxy(labels[:, 1:5]) * whwh  # (m, 4) letterboxed pixels
+            clip_coords(pred, (height, width))
+            seen += 1
+            if coco is not None:
+                shape0, ratio_pad = shapes[si]
+                box = scale_coords(imgs.shape[2:], pred[:, :4].clone(), shape0, ratio_pad).cpu().numpy()
+                gbox = scale_coords(imgs.shape[2:], tbox.clone(), shape0, ratio_pad).cpu().numpy()
+                coco.add(str(paths[si]), shape0, box, pred[:, 4].cpu().numpy(), pred[:, 5].cpu().numpy(),
+                         labels[:, 0].long().tolist(), gbox)
+            entry = image_stats(pred, labels, tbox, iouv)
+            if entry is not None:
+                stats.append(entry)
+        if plot is not None:
+            plot(batch_i, imgs, targets, paths, output)
+    return EvalRun(stats, loss, seen, t_inf, t_nms)
+
+
+def summarize(stats: list[tuple], nc: int) -> Summary:
+    """P, R, mAP@0.5, mAP@0.5:0.95, F1 and per-class mAPs from EvalRun.stats."""
+    maps, nt, res = np.zeros(nc), np.zeros(nc, dtype=np.int64), None
+    if not stats:
+        return Summary(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, res)
+    tp, conf, pcls, tcls = (torch.cat(x, 0).numpy() for x in zip(*stats))
+    nt = np.bincount(tcls.astype(np.int64), minlength=nc)
+    if not len(tcls):
+        return Summary(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, res)
+    res = ap_per_class(tp, conf, pcls, tcls)
+    ap50, ap = res.ap[:, 0], res.ap.mean(1)
+    maps += ap.mean()
+    maps[res.classes] = ap
+    return Summary(float(res.p.mean()), float(res.r.mean()), float(ap50.mean()), float(ap.mean()),
+                   float(res.f1.mean()), maps, nt, res)
+
+
+def print_summary(s: Summary, seen: int, names: list[str], per_class: bool) -> None:
+    """The `all` row and, when per_class, one row per class with targets."""
+    pf = '%20s' + '%13i' * 2 + '%13.3g' * 5
+    print(pf % ('all', seen, s.nt.sum(), s.mp, s.mr, s.map50, s.map, s.mf1))
+    if per_class and s.res is not None:
+        r = s.res
+        for i, c in enumerate(r.classes):
+            print(pf % (names[c], seen, s.nt[c], r.p[i], r.r[i], r.ap[i, 0], r.ap[i].mean(), r.f1[i]))
+
+
+def batch_plotter(save_dir: Path, names: list[str]) -> Callable:
+    """eval_batches' plot hook: ground truth and predictions of the first batch as test_batch0_{gt,pred}.jpg."""
+    from utils.plots import output_to_target, plot_images
+
+    def plot(batch_i: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str], output: list) -> None:
+        if batch_i < 1:
+            plot_images(imgs, targets, paths=paths, names=names, fname=save_dir / f'test_batch{batch_i}_gt.jpg')
+            plot_images(imgs, output_to_target(output, imgs.shape[3], imgs.shape[2]), paths=paths, names=names,
+                        fname=save_dir / f'test_batch{batch_i}_pred.jpg')
+    return plot
 
 
 @torch.no_grad()
@@ -71,143 +218,33 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
     if dataloader is None:
         check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
     if model is None:
-        device = _device(device, batch_size)
-        model = load_model(weights, cfg, imgsz, device)
-        model.fuse()
-    else:
-        device = next(model.parameters()).device
+        model = load_model(weights, cfg, imgsz, _device(device, batch_size)).fuse()
     was_training = model.training
     model.eval()
     nc = 1 if single_cls else int(data['nc'])
-    names = ['object'] if single_cls else list(data['names'])
-
+    names = class_names(data, model, single_cls)
     if dataloader is None:
-        dataloader, _ = create_dataloader(data['valid'], imgsz, batch_size, stride=_model_stride(model), pad=0.5,
-                                          rect=True, single_cls=single_cls, shuffle=False, workers=workers,
-                                          nc=int(data['nc']), prefix='test: ')
-    dataset = dataloader.dataset
-    img_files = list(getattr(dataset, 'img_files', []))
+        dataloader = val_loader(data, imgsz, batch_size, model, single_cls, workers)
+    coco = coco_json(data, dataloader, names, single_cls, coco_gt) if save_json else None
 
-    # COCO JSON: COCO's own annotations (91-class ids, numeric file names) or ground truth written from the labels
-    gt_file, gt_builder, category_ids, id_of = None, None, None, {}
-    if save_json:
-        gt_file = Path(coco_gt) if coco_gt else None
-        if gt_file is None and not single_cls and isinstance(data.get('valid'), str):
-            gt_file = find_coco_annotations(data['valid'])
-        if gt_file is None:
-            id_of = image_ids(img_files)
-            gt_builder = CocoGroundTruth(names)
-        elif nc == 80:
-            category_ids = coco80_to_coco91_class()
-    jdict: list[dict] = []
-    eval_ids: list[int] = []
-
-    iouv = IOU_THRESHOLDS.to(device)
-    niou = iouv.numel()
-    seen = 0
-    t_inf = t_nms = 0.0
-    loss = torch.zeros(3, device=device)
-    stats: list[tuple] = []
-    header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
-    for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
-        imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
-        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
-        _, _, height, width = imgs.shape  # rectangular batch: H, W multiples of 32
-        whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
-
-        t = time_synchronized()
-        inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
-        t_inf += time_synchronized() - t
-        if compute_loss is not None and train_out is not None:
-            loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
-
-        t = time_synchronized()
-        output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,
-                                     multi_label=multi_label, merge=merge)
-        t_nms += time_synchronized() - t
-
-        for si, pred in enumerate(output):  # pred: (n, 6) [x1, y1, x2, y2, conf, cls] in letterboxed pixels
-            labels = targets[targets[:, 0] == si, 1:]  # (m, 5) [class, x, y, w, h]
-            nl = len(labels)
-            seen += 1
-            tbox = xywh2xyxy(labels[:, 1:5]) * whwh  # (m, 4) letterboxed pixels
-            clip_coords(pred, (height, width))
-
-            if save_json:
-                path = str(paths[si])
-                # own ground truth: ids from the dataset's file list (a loader without one: in order of appearance)
-                image_id = id_of.setdefault(path, len(id_of) + 1) if gt_builder is not None else numeric_image_id(path)
-                if image_id is None:
-                    raise DatasetError(f"{path}: COCO annotations need numeric image file names "
-                                       f"(e.g. 000000000009.jpg); pass --coco-gt or leave out COCO's file")
-                eval_ids.append(image_id)
-                shape0, ratio_pad = shapes[si]
-                box = scale_coords(imgs[si].shape[1:], pred[:, :4].clone(), shape0, ratio_pad)
-                jdict += prediction_records(image_id, box.cpu().numpy(), pred[:, 4].cpu().numpy(),
-                                            pred[:, 5].cpu().numpy(), category_ids)
-                if gt_builder is not None:
-                    gbox = scale_coords(imgs[si].shape[1:], tbox.clone(), shape0, ratio_pad)
-                    gt_builder.add_image(image_id, Path(path).name, shape0[0], shape0[1],
-                                         labels[:, 0].long().tolist(), gbox.cpu().numpy())
-
-            if not len(pred):
-                if nl:
-                    stats.append((torch.zeros(0, niou, dtype=torch.bool), torch.zeros(0), torch.zeros(0),
-                                  labels[:, 0].cpu()))
-                continue
-            correct = match_predictions(pred, torch.cat((labels[:, 0:1], tbox), 1), iouv)  # (n, 10)
-            stats.append((correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()))
-
-        if plots and batch_i < 1:
-            from utils.plots import output_to_target, plot_images
-            plot_images(imgs, targets, paths=paths, names=names, fname=save_dir / f'test_batch{batch_i}_gt.jpg')
-            plot_images(imgs, output_to_target(output, width, height), paths=paths, names=names,
-                        fname=save_dir / f'test_batch{batch_i}_pred.jpg')
-
-    # statistics over the whole set
-    mp = mr = map50 = map_ = mf1 = 0.0
-    maps = np.zeros(nc)
-    nt = np.zeros(nc, dtype=np.int64)
-    res = None
-    if stats:
-        tp, conf, pcls, tcls = (torch.cat(x, 0).numpy() for x in zip(*stats))
-        nt = np.bincount(tcls.astype(np.int64), minlength=nc)
-        if len(tcls):
-            res = ap_per_class(tp, conf, pcls, tcls)
-            ap50, ap = res.ap[:, 0], res.ap.mean(1)
-            mp, mr, map50, map_, mf1 = res.p.mean(), res.r.mean(), ap50.mean(), ap.mean(), res.f1.mean()
-            maps += map_
-            maps[res.classes] = ap
-    pf = '%20s' + '%13i' * 2 + '%13.3g' * 5
-    print(pf % ('all', seen, nt.sum(), mp, mr, map50, map_, mf1))
-    if verbose and nc > 1 and res is not None:
-        for i, c in enumerate(res.classes):
-            print(pf % (names[c], seen, nt[c], res.p[i], res.r[i], res.ap[i, 0], res.ap[i].mean(), res.f1[i]))
-    if plots and res is not None:
+    run = eval_batches(model, dataloader, conf_thres, iou_thres, multi_label, merge, augment, compute_loss, coco,
+                       batch_plotter(save_dir, names) if plots else None)
+    s = summarize(run.stats, nc)
+    print_summary(s, run.seen, names, per_class=verbose and nc > 1)
+    if plots and s.res is not None:
         from utils.plots import plot_pr_curve
-        plot_pr_curve(res.px, res.py, res.ap[:, 0], save_dir / 'precision_recall_curve.png', names, res.classes)
-
-    n = max(seen, 1)
-    times = (t_inf / n * 1e3, t_nms / n * 1e3, (t_inf + t_nms) / n * 1e3)
+        plot_pr_curve(s.res.px, s.res.py, s.res.ap[:, 0], save_dir / 'precision_recall_curve.png', names,
+                      s.res.classes)
+    n = max(run.seen, 1)
+    times = (run.t_inf / n * 1e3, run.t_nms / n * 1e3, (run.t_inf + run.t_nms) / n * 1e3)
     print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g'
           % (*times, imgsz, imgsz, getattr(dataloader, 'batch_size', None) or batch_size))
-
-    if save_json and seen:
-        pred_file = save_dir / 'predictions.json'
-        pred_file.write_text(json.dumps(jdict))
-        if gt_builder is not None:
-            gt_file = gt_builder.save(save_dir / 'ground_truth.json')
-            print(f'COCO ground truth written from the labels: {gt_file}')
-        print(f'\nCOCO mAP with pycocotools: predictions {pred_file}, ground truth {gt_file}')
-        stats_coco = coco_evaluate(gt_file, pred_file, img_ids=sorted(set(eval_ids)))
-        print(f'pycocotools: AP@[.5:.95] {stats_coco[0]:.3f}  AP50 {stats_coco[1]:.3f}')
+    if coco is not None and run.seen:
+        coco.evaluate(save_dir)
 
     model.train(was_training)
-    results = (float(mp), float(mr), float(map50), float(map_), float(mf1),
-               *(loss.cpu() / max(len(dataloader), 1)).tolist())
-    return results, maps, times
+    results = (s.mp, s.mr, s.map50, s.map, s.mf1, *(run.loss.cpu() / max(len(dataloader), 1)).tolist())
+    return results, s.maps, times
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -246,9 +283,7 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
 
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)
-    loader, _ = create_dataloader(data['valid'], opt.img_size, opt.batch_size, stride=_model_stride(model),
-                                  pad=0.5, rect=True, single_cls=opt.single_cls, shuffle=False, workers=opt.workers,
-                                  nc=int(data['nc']), prefix='test: ')
+    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
     y = []
     for iou in x:
         t = time.time()
@@ -278,9 +313,7 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
     sizes = list(range(256, 640, 128)) if sizes is None else sizes
     y = []
     for s in sizes:
-        loader, _ = create_dataloader(data['valid'], s, opt.batch_size, stride=_model_stride(model), pad=0.5,
-                                      rect=True, single_cls=opt.single_cls, shuffle=False, workers=opt.workers,
-                                      nc=int(data['nc']), prefix='test: ')
+        loader = val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)
         for iou in ious:
             t = time.time()
             r = test(opt.cfg, data, batch_size=opt.batch_size, imgsz=s, conf_thres=opt.conf_thres, iou_thres=iou,

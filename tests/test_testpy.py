@@ -110,3 +110,17 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     r = run_testpy('--cfg', str(CFG), '--data', str(bad), '--weights', str(TINY_WEIGHTS), '--device', 'cpu')
     assert r.returncode != 0
     assert f'{tmp_path}/nothing' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_row_labels_from_data_else_checkpoint():
+    import torch.nn as nn
+
+    from test import class_names
+
+    model = nn.Linear(1, 1)
+    model.names = ['person', 'car']  # as models.load_model sets it from a checkpoint
+    unnamed = {'nc': 2, 'names': ['class0', 'class1']}  # load_data_config's placeholders for a .data without names
+    assert class_names(unnamed, model, single_cls=False) == ['person', 'car']
+    assert class_names({'nc': 2, 'names': ['cat', 'dog']}, model, single_cls=False) == ['cat', 'dog']  # data wins
+    assert class_names(unnamed, nn.Linear(1, 1), single_cls=False) == ['class0', 'class1']  # nothing carried
+    assert class_names(unnamed, model, single_cls=True) == ['object']

@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from utils.data_config import DatasetError
+
 
 def coco80_to_coco91_class() -> list[int]:
     """COCO's 91-index category id of each of the 80 Darknet/YOLO class indices (the paper's ids, with gaps)."""
@@ -92,6 +94,48 @@ class CocoGroundTruth:
         path = Path(path)
         path.write_text(json.dumps(self.to_dict()))
         return path
+
+
+class CocoJson:
+    """test.py's COCO JSON of one evaluation: detections in original-image pixels, scored by pycocotools against
+    COCO's own annotation file (91-class ids, numeric file names) or against ground truth written from the labels."""
+
+    def __init__(self, img_files: Sequence[str], names: Sequence[str], gt_file: str | os.PathLike | None = None):
+        self.gt_file = Path(gt_file) if gt_file else None
+        self.gt_builder = CocoGroundTruth(names) if self.gt_file is None else None
+        # own ground truth: ids from the dataset's file list (a loader without one: in order of appearance)
+        self.id_of = image_ids(img_files) if self.gt_file is None else {}
+        self.category_ids = coco80_to_coco91_class() if self.gt_file is not None and len(names) == 80 else None
+        self.records: list[dict] = []
+        self.image_ids: list[int] = []
+
+    def add(self, path: str, shape: Sequence[int], boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+            gt_classes: Sequence[int], gt_boxes: np.ndarray) -> None:
+        """Add one image of original shape (h, w): detections boxes (n, 4) xyxy, scores (n,), classes (n,) and
+        its labels gt_boxes (m, 4) xyxy, all in original-image pixels (labels are used without COCO's file)."""
+        if self.gt_builder is not None:
+            image_id = self.id_of.setdefault(path, len(self.id_of) + 1)
+            self.gt_builder.add_image(image_id, Path(path).name, shape[0], shape[1], gt_classes, gt_boxes)
+        else:
+            image_id = numeric_image_id(path)
+            if image_id is None:
+                raise DatasetError(f"{path}: COCO annotations need numeric image file names (e.g. 000000000009.jpg); "
+                                 f"pass --coco-gt or leave out COCO's file")
+        self.image_ids.append(image_id)
+        self.records += prediction_records(image_id, boxes, scores, classes, self.category_ids)
+
+    def evaluate(self, save_dir: str | os.PathLike) -> np.ndarray:
+        """Write predictions.json (and ground_truth.json from the labels) into save_dir; pycocotools' stats (12,)."""
+        save_dir = Path(save_dir)
+        pred_file = save_dir / 'predictions.json'
+        pred_file.write_text(json.dumps(self.records))
+        if self.gt_builder is not None:
+            self.gt_file = self.gt_builder.save(save_dir / 'ground_truth.json')
+            print(f'COCO ground truth written from the labels: {self.gt_file}')
+        print(f'\nCOCO mAP with pycocotools: predictions {pred_file}, ground truth {self.gt_file}')
+        stats = coco_evaluate(self.gt_file, pred_file, img_ids=sorted(set(self.image_ids)))
+        print(f'pycocotools: AP@[.5:.95] {stats[0]:.3f}  AP50 {stats[1]:.3f}')
+        return stats
 
 
 def coco_evaluate(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
