@@ -18,8 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn as nn
 
-from models import CheckpointError, WeightsError, load_model
+from models import CheckpointError, WeightsError, coco_names, load_model
 from utils.augmentations import letterbox
 from utils.boxes import scale_coords, xyxy2xywh
 from utils.data_config import DatasetError, load_names
@@ -83,7 +84,6 @@ def detection_summary(det: torch.Tensor, names: list[str]) -> str:
     return s
 
 
-
 def safe_name(s: str) -> str:
     """A file name made from a stream address or path: anything but letters, digits, '.', '-' becomes '_'."""
     return re.sub(r'[^\w.-]+', '_', s).strip('_') or 'stream'
@@ -122,47 +122,96 @@ class VideoWriters:
         self.open.clear()
 
 
+def class_names(names_file: str | None, model_names: list[str] | None, nc: int) -> list[str]:
+    """Labels for the model's nc classes: --names when given (its count must match), else the names the checkpoint
+    carries, else COCO's (data/coco.names beside this script, whatever the cwd) for an 80-class model, else the
+    class indices."""
+    if names_file:
+        names = load_names(names_file)
+        if len(names) != nc:
+            raise DatasetError(f"{names_file}: {len(names)} class names but the model has {nc} classes")
+        return names
+    if model_names is not None and len(model_names) == nc:
+        return [str(n) for n in model_names]
+    coco = coco_names() if nc == 80 else None
+    return coco if coco is not None else [str(i) for i in range(nc)]
+
+
+def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch.device, bool]:
+    """The model of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
+    fused, in eval mode; returns (model, device, half). Sets opt.img_size to the cfg's width when not given."""
+    if str(opt.weights).lower().endswith('.onnx'):
+        if opt.augment:
+            raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
+        return OnnxModel(opt.weights), torch.device('cpu'), False
+    try:
+        device = select_device(opt.device)
+    except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA
+        raise DetectError(str(e)) from None
+    model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device).fuse().eval()
+    if opt.img_size is None:  # Darknet detects at the network size its cfg gives
+        opt.img_size = int(model.hyperparams.get('width', 416))
+    half = opt.half and device.type != 'cpu'
+    if opt.half and not half:
+        print('WARNING: --half needs a CUDA device; running in fp32')
+    return (model.half() if half else model), device, half
+
+
+def model_input(img: np.ndarray, imgs0: list[np.ndarray], model: nn.Module | OnnxModel, device: torch.device,
+                half: bool) -> torch.Tensor:
+    """The loader's letterboxed uint8 image(s) (3, h, w) or (B, 3, h, w) -> float (B, 3, h, w) in [0, 1]."""
+    onnx = isinstance(model, OnnxModel)
+    if onnx:  # the export has one fixed input size: letterbox to exactly that, not a minimum rectangle
+        img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1].transpose(2, 0, 1))
+                        for x in imgs0])
+    x = torch.from_numpy(img).to(device)
+    x = (x.half() if half else x.float()) / 255.0
+    if x.ndim == 3:
+        x = x[None]  # (1, 3, h, w)
+    if device.type == 'cpu' and not onnx:  # NHWC input: oneDNN convolutions skip layout conversions
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def frame_info(dataset: LoadImages | LoadStreams, path: str | list[str], i: int,
+               stream: bool) -> tuple[str, str, int, str, bool]:
+    """For image i of a loader step: (source path, log prefix, frame number, output stem, is video)."""
+    if stream:
+        p = path[i]
+        return p, f'{i}: ', dataset.count, f'stream{i}_{safe_name(Path(p).stem if os.path.isfile(p) else p)}', True
+    if dataset.mode == 'video':  # the loader advances count only when a video ends
+        s = f'video {dataset.count + 1}/{dataset.nf} ({dataset.frame}/{dataset.nframes}) {path}: '
+        return path, s, dataset.frame, Path(path).stem, True
+    return path, f'image {dataset.count}/{dataset.nf} {path}: ', getattr(dataset, 'frame', 0), Path(path).stem, False
+
+
+def draw_detections(det: torch.Tensor, im0: np.ndarray, names: list[str]) -> None:
+    """Draw detections (n, 6) [xyxy, conf, cls] in original pixels on the BGR image, best last (on top)."""
+    for *xyxy, conf, cls in reversed(det.tolist()):
+        plot_one_box(xyxy, im0, label=f'{names[int(cls)]} {conf:.2f}', color=class_color(int(cls)))
+
+
+def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
+    """Whether results are shown in a window: --view-img or a stream (as the original), where a window can open."""
+    view_img = opt.view_img or stream
+    why = window_unavailable() if view_img else None
+    if why:
+        print(f'WARNING: --view-img: cannot show a window: {why}; results are saved to {out} instead')
+    return view_img and not why
+
+
 def detect(opt: argparse.Namespace) -> Path:
     """Run detection as configured by the command-line options; returns the output folder."""
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
     if not stream and '*' not in source and not Path(source).exists():  # fail before loading the model
         raise DetectError(f'--source {source} does not exist')
-
-    # model: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet
-    onnx = str(opt.weights).lower().endswith('.onnx')
-    if onnx:
-        if opt.augment:
-            raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
-        model = OnnxModel(opt.weights)
-        device, half = torch.device('cpu'), False
-        nc = model.nc
-    else:
-        try:
-            device = select_device(opt.device)
-        except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA
-            raise DetectError(str(e)) from None
-        model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device).fuse().eval()
-        if opt.img_size is None:  # Darknet detects at the network size its cfg gives
-            opt.img_size = int(model.hyperparams.get('width', 416))
-        half = opt.half and device.type != 'cpu'
-        if opt.half and not half:
-            print('WARNING: --half needs a CUDA device; running in fp32')
-        if half:
-            model.half()
-        nc = model.nc
-    names = load_names(opt.names) if opt.names else [str(i) for i in range(nc)]
-    if len(names) != nc:
-        raise DatasetError(f"{opt.names}: {len(names)} class names but the model has {nc} classes")
+    model, device, half = load_detector(opt)
+    onnx = isinstance(model, OnnxModel)
+    names = class_names(opt.names, getattr(model, 'names', None), model.nc)
 
     out.mkdir(parents=True, exist_ok=True)  # never emptied: results of earlier runs stay unless overwritten
-    view_img = opt.view_img or stream  # as the original: streams are shown
-    if view_img:
-        why = window_unavailable()
-        if why:
-            print(f'WARNING: --view-img: cannot show a window: {why}; results are saved to {out} instead')
-            view_img = False
-
+    view_img = open_view(opt, stream, out)
     imgsz = model.img_hw[0] if onnx else opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     writers = VideoWriters(opt.fourcc)
@@ -170,45 +219,25 @@ def detect(opt: argparse.Namespace) -> Path:
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
-            if onnx:  # the export has one fixed input size: letterbox to exactly that, not a minimum rectangle
-                img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1]
-                                                     .transpose(2, 0, 1)) for x in imgs0])
-            img = torch.from_numpy(img).to(device)
-            img = (img.half() if half else img.float()) / 255.0
-            if img.ndim == 3:
-                img = img[None]  # (1, 3, h, w)
-            if device.type == 'cpu' and not onnx:  # NHWC input: oneDNN convolutions skip layout conversions
-                img = img.contiguous(memory_format=torch.channels_last)
-
+            x = model_input(img, imgs0, model, device, half)
             t1 = time_synchronized()
             with torch.no_grad():
-                pred = model(img) if onnx else model(img, augment=opt.augment)[0]
+                pred = model(x) if onnx else model(x, augment=opt.augment)[0]
             t2 = time_synchronized()
             pred = non_max_suppression(pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
                                        classes=opt.classes, agnostic=opt.agnostic_nms)
 
             for i, det in enumerate(pred):  # det: (n, 6) [x1, y1, x2, y2, conf, cls] in input pixels
                 im0 = imgs0[i].copy() if stream else imgs0[i]
-                if stream:
-                    p, s, frame = path[i], f'{i}: ', dataset.count
-                    stem = f'stream{i}_{safe_name(Path(p).stem if os.path.isfile(p) else p)}'
-                else:
-                    p, frame, stem = path, getattr(dataset, 'frame', 0), Path(path).stem
-                    if dataset.mode == 'video':  # the loader advances count only when a video ends
-                        s = f'video {dataset.count + 1}/{dataset.nf} ({dataset.frame}/{dataset.nframes}) {p}: '
-                    else:
-                        s = f'image {dataset.count}/{dataset.nf} {p}: '
-                video = stream or dataset.mode == 'video'
-                s += '%gx%g ' % img.shape[2:]
+                p, s, frame, stem, video = frame_info(dataset, path, i, stream)
+                s += '%gx%g ' % x.shape[2:]
                 if len(det):
-                    det[:, :4] = scale_coords(img.shape[2:], det[:, :4], im0.shape).round()  # original pixels
+                    det[:, :4] = scale_coords(x.shape[2:], det[:, :4], im0.shape).round()  # original pixels
                     s += detection_summary(det, names)
                 if opt.save_txt:  # one file per image (per frame for videos): class x y w h, normalised
                     write_labels(out / (f'{stem}_{frame}.txt' if video else f'{stem}.txt'), det, im0.shape)
-                for *xyxy, conf, cls in reversed(det.tolist()):
-                    plot_one_box(xyxy, im0, label=f'{names[int(cls)]} {conf:.2f}', color=class_color(int(cls)))
+                draw_detections(det, im0, names)
                 print(f'{s}Done. ({t2 - t1:.3f}s)')
-
                 if view_img:
                     cv2.imshow(str(p), im0)
                     if cv2.waitKey(1) == ord('q'):
@@ -234,7 +263,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='detect.py', description='Detect objects in images, videos and streams.')
     p.add_argument('--cfg', type=str, default='',
                    help='model cfg (default: the cfg saved in a .pt; cfg/yolov3-spp.cfg for .weights)')
-    p.add_argument('--names', type=str, default='data/coco.names', help='class names file, one a line')
+    p.add_argument('--names', type=str, default='',
+                   help="class names file, one a line (default: the checkpoint's names; COCO's for 80 classes)")
     p.add_argument('--weights', type=str, default='weights/yolov3-spp-ultralytics.pt', help='.weights, .pt or .onnx')
     p.add_argument('--source', type=str, default='data/samples',
                    help='image, folder, glob, video, webcam index (0), rtsp/http URL, or .txt list of streams')

@@ -20,9 +20,9 @@ CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 PERSON, BUS, TIE = 0, 5, 27
 
 
-def run_detect(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """python detect.py ARGS from the repository root."""
-    return subprocess.run([sys.executable, 'detect.py', *args], cwd=ROOT, capture_output=True, text=True,
+def run_detect(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """python detect.py ARGS, from the repository root unless cwd is given."""
+    return subprocess.run([sys.executable, str(ROOT / 'detect.py'), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
 
 
@@ -133,35 +133,54 @@ def test_booby_trapped_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
-def test_onnx_export_matches_and_detects(tmp_path):
+def test_onnx_runs_from_another_cwd_with_coco_names(tmp_path):
+    # models.py --onnx and the export's agreement with PyTorch are tested in test_models.py; here: detect.py runs the
+    # .onnx file, and without --names an 80-class model is labelled from data/coco.names beside the script
     onnx_file = tmp_path / 'tiny.onnx'
     r = subprocess.run([sys.executable, 'models.py', '--cfg', str(CFG), '--weights', str(TINY_WEIGHTS),
                         '--onnx', str(onnx_file), '--img-size', '320'], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-
-    import onnxruntime as ort
-
-    from models import load_model
-    from utils.augmentations import letterbox
-
-    img = letterbox(cv2.imread(str(SAMPLES / 'bus.jpg')), 320, auto=False)[0][:, :, ::-1].transpose(2, 0, 1)
-    x = torch.from_numpy(np.ascontiguousarray(img))[None].float() / 255
-    with torch.no_grad():
-        ref = load_model(TINY_WEIGHTS, CFG, 320)(x)[0].numpy()
-    sess = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert got.shape == ref.shape == (1, 3 * (100 + 400), 85)
-    assert (np.abs(got - ref) / np.maximum(1, np.abs(ref))).max() < 1e-3
-
     out = tmp_path / 'out'
-    r = run_detect('--names', str(COCO_NAMES), '--weights', str(onnx_file), '--source', str(SAMPLES / 'bus.jpg'),
-                   '--output', str(out), '--save-txt')
+    r = run_detect('--weights', str(onnx_file), '--source', str(SAMPLES / 'bus.jpg'), '--output', str(out),
+                   '--save-txt', cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert 'bus.jpg: 320x320 ' in r.stdout  # letterboxed to the export's fixed size
+    assert re.search(r'bus\.jpg: 320x320 \d+ persons, 1 bus, Done', r.stdout)
     bus = label_classes(out / 'bus.txt')
     assert bus.count(PERSON) >= 3 and BUS in bus
     with pytest.raises(DetectError, match='--augment needs the PyTorch model'):
         detect(parse_opt(['--weights', str(onnx_file), '--source', str(SAMPLES), '--augment']))
+
+
+def test_names_carried_by_a_one_class_checkpoint(tmp_path):
+    # a person detector: yolov3-tiny-1cls with its head rows mapped from the official weights' person class, saved
+    # as a plain dict; run from another folder without --names, it labels with the names the checkpoint carries
+    from models import Darknet, load_weights
+
+    cfg = ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'
+    model = Darknet(cfg, 416)
+    load_weights(model, TINY_WEIGHTS, names=['person'], verbose=False)
+    pt = tmp_path / 'person.pt'
+    torch.save({'model': model.state_dict(), 'cfg': cfg.read_text(), 'names': ['person']}, pt)
+    out = tmp_path / 'out'
+    r = run_detect('--weights', str(pt), '--source', str(SAMPLES / 'bus.jpg'), '--output', str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n = int(re.search(r'bus\.jpg: \d+x\d+ (\d+) persons, Done', r.stdout).group(1))
+    assert n >= 3
+    drawn, orig = cv2.imread(str(out / 'bus.jpg')), cv2.imread(str(SAMPLES / 'bus.jpg'))
+    assert (np.abs(drawn.astype(int) - orig).max(2) > 60).mean() > 0.005  # boxes and labels were drawn
+    # --names still overrides, and must have the model's class count
+    from detect import class_names
+
+    two = tmp_path / 'two.names'
+    two.write_text('pedestrian\n')
+    assert class_names(str(two), ['person'], 1) == ['pedestrian']
+    two.write_text('pedestrian\ncyclist\n')
+    with pytest.raises(DatasetError, match='two.names: 2 class names but the model has 1 classes'):
+        class_names(str(two), ['person'], 1)
+    assert class_names(None, None, 1) == ['0']  # nothing known: class indices
+    assert class_names(None, None, 80)[:2] == ['person', 'bicycle']  # 80 classes: COCO's
 
 
 def test_bad_options_are_clear_errors(tmp_path):
