@@ -9,7 +9,7 @@ import torch
 
 from utils.coco import (CocoGroundTruth, coco80_to_coco91_class, coco_evaluate, find_coco_annotations, image_ids,
                         prediction_records)
-from utils.metrics import IOU_THRESHOLDS, ap_per_class, compute_ap, fitness, match_predictions
+from utils.metrics import ap_per_class, compute_ap, fitness, match_predictions
 from tests.conftest import COCO128, COCO128_IMAGES
 
 
@@ -75,7 +75,6 @@ def test_match_predictions_greedy_by_confidence():
     assert correct.shape == (6, 10)
     assert correct.sum(1).tolist() == [10, 0, 8, 0, 0, 3]
     assert correct[2].tolist() == [True] * 8 + [False] * 2
-    assert IOU_THRESHOLDS.numel() == 10
 
 
 def test_match_predictions_second_target_not_taken_over():
@@ -87,14 +86,24 @@ def test_match_predictions_second_target_not_taken_over():
     assert match_predictions(pred[:0], labels).shape == (0, 10)
 
 
-def test_fitness_weights():
-    x = np.array([[0.5, 0.6, 0.4, 0.2, 0.3, 1, 2, 3], [0, 0, 1, 1, 0, 0, 0, 0]])
-    assert fitness(x) == pytest.approx([0.1 * 0.4 + 0.9 * 0.2, 1.0])
+def test_fitness_picks_the_epoch_with_better_map_over_thresholds():
+    # rows as train.py writes them: P, R, mAP@0.5, mAP@0.5:0.95, F1, val losses
+    a = [1.0, 1.0, 0.60, 0.20, 1.0, 0.1, 0.1, 0.1]  # perfect P, R, F1, losses and a better mAP@0.5 ...
+    b = [0.0, 0.0, 0.40, 0.25, 0.0, 9.0, 9.0, 9.0]  # ... lose to a better mAP@0.5:0.95 (as the original: 0.1/0.9)
+    c = [0.0, 0.0, 0.61, 0.20, 0.0, 9.0, 9.0, 9.0]  # same mAP@0.5:0.95: mAP@0.5 breaks the tie
+    f = fitness(np.array([a, b, c]))
+    assert f.argmax() == 1 and f[2] > f[0]
+    assert fitness(np.array([[0, 0, 1, 1, 0, 0, 0, 0]])) == pytest.approx([1.0])  # perfect mAPs: fitness 1
 
 
 def test_coco_ids_and_class_map():
-    m = coco80_to_coco91_class()
-    assert len(m) == 80 and len(set(m)) == 80 and m[0] == 1 and m[-1] == 90 and 12 not in m
+    # each of our 80 class indices maps to COCO's category of the same name (COCO's ids have gaps, e.g. no 12)
+    cats = json.loads((COCO128 / 'annotations' / 'instances_train2017.json').read_text())['categories']
+    coco_name = {c['id']: c['name'] for c in cats}
+    ours = (COCO128 / 'coco.names').read_text().splitlines()
+    assert [coco_name[cid] for cid in coco80_to_coco91_class()] == ours
+    rec = prediction_records(7, np.array([[1, 2, 3, 4.]]), np.array([0.5]), np.array([79]), coco80_to_coco91_class())
+    assert rec[0]['category_id'] == 90 and coco_name[90] == ours[79] == 'toothbrush'
     assert image_ids(['a/000000000009.jpg', 'b/COCO_val2014_000000000042.jpg']) == {
         'a/000000000009.jpg': 9, 'b/COCO_val2014_000000000042.jpg': 42}
     assert image_ids(['x/dog.jpg', 'x/cat.jpg']) == {'x/cat.jpg': 1, 'x/dog.jpg': 2}  # custom names: positions

@@ -45,25 +45,68 @@ def _results_file(path, epochs=3):
     return path
 
 
-def test_plot_results_every_column(tmp_path):
+@pytest.fixture
+def drawn_figures(monkeypatch) -> list:
+    """matplotlib figures the plot functions close after saving, kept open here so a test reads back what they drew."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, 'close', figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_plot_results_every_column(tmp_path, drawn_figures):
     f = _results_file(tmp_path / 'results.txt')
+    rows = np.array([[float(v) for v in line.split()[2:]] for line in f.read_text().splitlines()])  # (3, 14)
     out = plot_results(f, save_path=tmp_path / 'results.png')
-    assert out.stat().st_size > 20_000 and len(RESULTS_COLUMNS) == 14
+    assert cv2.imread(str(out)) is not None
+    (fig,) = drawn_figures
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert [ax.get_title() for ax in axes] == list(RESULTS_COLUMNS)
+    for k, ax in enumerate(axes):  # each subplot draws its column against the epoch (0, 1, 2 from '0/2', ...)
+        assert ax.lines[0].get_xdata().tolist() == [0, 1, 2]
+        assert ax.lines[0].get_ydata().tolist() == pytest.approx(rows[:, k].tolist(), rel=1e-3)
     bad = tmp_path / 'bad.txt'
     bad.write_text('0/2 0G 1 2 x\n')
-    with pytest.raises(ValueError, match='bad.txt'):
+    with pytest.raises(ValueError, match="bad.txt: cannot read 'x'"):
         plot_results(bad, save_path=tmp_path / 'bad.png')
+    assert not (tmp_path / 'bad.png').exists()
 
 
-def test_plot_evolution_and_pr_curve(tmp_path):
+def test_plot_evolution_marks_the_fittest(tmp_path, drawn_figures):
     keys = ['lr0', 'momentum', 'giou']
     rng = np.random.default_rng(0)
     x = np.column_stack((rng.random((6, 8)), rng.random((6, 3))))
     np.savetxt(tmp_path / 'evolve.txt', x, fmt='%10.4g')
-    assert plot_evolution(keys, tmp_path / 'evolve.txt', tmp_path / 'evolve.png').stat().st_size > 10_000
+    x = np.loadtxt(tmp_path / 'evolve.txt')  # as written (4 significant digits)
+    best = int((0.1 * x[:, 2] + 0.9 * x[:, 3]).argmax())
+    plot_evolution(keys, tmp_path / 'evolve.txt', tmp_path / 'evolve.png')
+    (fig,) = drawn_figures
+    for k, key in enumerate(keys):  # fitness against each hyperparameter, the fittest row's value in the title
+        ax = fig.axes[k]
+        xy = ax.collections[0].get_offsets()
+        assert np.asarray(xy[:, 0]).tolist() == pytest.approx(x[:, 8 + k].tolist())
+        assert np.asarray(xy[:, 1]).tolist() == pytest.approx((0.1 * x[:, 2] + 0.9 * x[:, 3]).tolist())
+        assert ax.lines[0].get_xdata().tolist() == pytest.approx([x[best, 8 + k]])  # the '+' on the best row
+        assert ax.get_title() == f'{key} = {x[best, 8 + k]:.3g}'
     with pytest.raises(ValueError, match='expected 8 results'):
         plot_evolution(keys[:2], tmp_path / 'evolve.txt', tmp_path / 'e2.png')
+
+
+def test_pr_curve_pixels(tmp_path):
+    # plot area: x from 90 to 990 px (recall 0..1), y from 820 down to 40 px (precision 0..1)
     px = np.linspace(0, 1, 1000)
     py = np.stack([1 - px, np.clip(1.2 - 2 * px, 0, 1)])
-    out = plot_pr_curve(px, py, np.array([0.5, 0.3]), tmp_path / 'pr.png', names=['a', 'b'], classes=[0, 1])
-    assert out.stat().st_size > 10_000
+    out = plot_pr_curve(px, py, np.array([0.5, 0.3]), tmp_path / 'pr.png', names=['a', 'b'], classes=[0, 4])
+    img = cv2.imread(str(out)).astype(int)  # BGR
+
+    def colour_near(recall: float, precision: float, bgr: tuple) -> bool:
+        x, y = round(90 + recall * 900), round(40 + (1 - precision) * 780)
+        return np.abs(img[y - 2:y + 3, x - 2:x + 3] - bgr).sum(-1).min() < 60
+
+    assert colour_near(0.3, 0.7, class_color(0)) and colour_near(0.8, 0.2, class_color(0))  # class a: p = 1 - r
+    assert colour_near(0.25, 0.7, class_color(4)) and not colour_near(0.3, 0.7, class_color(4))  # class b's curve
+    assert colour_near(0.5, 0.35, (255, 0, 0)) and colour_near(0.8, 0.1, (255, 0, 0))  # the mean, bold blue
+    assert not colour_near(0.5, 0.9, (255, 0, 0))
