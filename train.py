@@ -11,21 +11,19 @@ put them elsewhere); --name X renames them results_X.txt, weights/last_X.pt, wei
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 import test as val  # test.py: test() is called in-process after each epoch
 from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_download, load_checkpoint,
@@ -33,31 +31,17 @@ from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_d
 from utils import distributed as du
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
+from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
+                          n_burn_in, progress_row, train_one_epoch)
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
-from utils.torch_utils import ModelEMA, count_parameters, de_parallel, init_seeds, select_device
+from utils.torch_utils import ModelEMA, count_parameters, cpu_has_bf16, de_parallel, init_seeds, resolve_device
 
 ROOT = Path(__file__).resolve().parent
-GS = 32  # grid size: the largest stride; image sizes must be multiples of it
-NBS = 64  # nominal batch size: gradients are accumulated up to it, and the loss is scaled by batch_size / NBS
 RESULTS_HEADER = ('Epoch', 'mem', 'GIoU', 'obj', 'cls', 'total', 'targets', 'img_size')
 RESULTS_COLUMNS = RESULTS_HEADER + ('P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1', 'val GIoU', 'val obj', 'val cls')
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became inf/nan; training stopped and the last checkpoint was kept."""
-
-
-class CosineLR:
-    """LR factor of epoch x: cosine from 1 at epoch 0 to lrf at `epochs` (a class so it pickles for DDP/tests)."""
-
-    def __init__(self, epochs: int, lrf: float):
-        self.epochs, self.lrf = epochs, lrf
-
-    def __call__(self, x: float) -> float:
-        return ((1 + math.cos(x * math.pi / self.epochs)) / 2) * (1 - self.lrf) + self.lrf
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -173,41 +157,6 @@ def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False,
     return optimizer
 
 
-def n_burn_in(nb: int) -> int:
-    """Burn-in (warmup) iterations: as the original, max(3 epochs, 500 iterations)."""
-    return max(3 * nb, 500)
-
-
-def warmup_values(ni: int, n_burn: int, lr_targets: list[float], hyp: dict, batch_size: int) -> dict[str, Any]:
-    """Burn-in at integrated batch ni: LRs and weight decays of the three groups, momentum, obj GIoU ratio gr,
-    accumulation count.
-
-    As the original: bias LR (group 2) falls 0.1 -> its target, other LRs rise 0 -> target, conv weight decay
-    (group 1) rises 0 -> hyp['weight_decay'], momentum 0.9 -> hyp['momentum'], gr 0 -> 1, accumulate
-    1 -> NBS / batch_size, all linear over n_burn iterations.
-    """
-    xi = [0, n_burn]
-    return {'lr': [float(np.interp(ni, xi, [0.1 if j == 2 else 0.0, t])) for j, t in enumerate(lr_targets)],
-            'weight_decay': [float(np.interp(ni, xi, [0.0, hyp['weight_decay'] if j == 1 else 0.0]))
-                             for j in range(len(lr_targets))],
-            'momentum': float(np.interp(ni, xi, [0.9, hyp['momentum']])),
-            'gr': float(np.interp(ni, xi, [0.0, 1.0])),
-            'accumulate': max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))}
-
-
-def multi_scale_size(rng: random.Random, grid_min: int, grid_max: int) -> int:
-    """A random training size, a multiple of 32 between grid_min*32 and grid_max*32."""
-    return rng.randrange(grid_min, grid_max + 1) * GS
-
-
-def resize_batch(imgs: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Resize a batch (B, 3, H, W) so its long side is img_size, each side rounded up to a multiple of 32."""
-    sf = img_size / max(imgs.shape[2:])
-    if sf == 1:
-        return imgs
-    ns = [math.ceil(x * sf / GS) * GS for x in imgs.shape[2:]]
-    return F.interpolate(imgs, size=ns, mode='bilinear', align_corners=False)
-
 
 def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0) -> tuple[int, int]:
     """Freeze (requires_grad False) all but the convolutions feeding [yolo] layers, and/or the first `freeze`
@@ -241,16 +190,34 @@ def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]
     return state
 
 
-def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
-    """Restore what rng_state() saved."""
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None,
+                  log: Callable[[str], None] = print) -> None:
+    """Restore what rng_state() saved (the CUDA states of the devices this machine has)."""
     random.setstate(_pystate_from(state['python']))
     n = state['numpy']
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if state.get('cuda') is not None:
+        n_dev = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        restore_cuda_rng(list(state['cuda']), n_dev, torch.cuda.set_rng_state, log)
     if loader_generator is not None and 'loader' in state:
         loader_generator.set_state(state['loader'])
+
+
+def restore_cuda_rng(states: list[torch.Tensor], n_devices: int, set_state: Callable[[torch.Tensor, int], None],
+                     log: Callable[[str], None] = print) -> int:
+    """Put saved CUDA RNG states onto devices 0..n-1 with set_state(state, index), as many as both sides have (a
+    checkpoint from N GPUs resumed on M); say what was dropped or left fresh. Returns the number restored."""
+    n = min(len(states), n_devices)
+    for i in range(n):
+        set_state(states[i], i)
+    if len(states) > n_devices:
+        log(f'Resume: the checkpoint has CUDA RNG states of {len(states)} devices, this process sees {n_devices}: '
+            f'restored {n}, dropped {len(states) - n}')
+    elif len(states) < n_devices:
+        log(f'Resume: the checkpoint has CUDA RNG states of {len(states)} devices, this process sees {n_devices}: '
+            f'devices {n}-{n_devices - 1} keep fresh seeds')
+    return n
 
 
 def plain(x: Any) -> Any:
@@ -323,245 +290,251 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
     return model
 
 
-def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
-          log: Callable[[str], None] = print, epoch_times: list | None = None) -> tuple[float, ...]:
-    """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls).
+@dataclass
+class Parts:
+    """What set-up builds for the loop: the model (DDP-wrapped under torchrun) and everything that steps with it."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lf: CosineLR
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None  # rank 0 only: it tests and saves
+    compute_loss: ComputeLoss
+    amp: str  # off, fp16 or bf16
+    amp_dtype: torch.dtype | None
 
-    epoch_times, when given, receives (epoch, training seconds, images) per epoch (for benchmarks; test excluded).
-    """
-    info = du.env_info()
-    main_proc = info.main
-    world = info.world_size
-    if not main_proc:
-        log = _quiet  # rank 0 alone talks
-    save_dir = Path(opt.save_dir)
-    paths = run_paths(save_dir)
-    evolve = bool(opt.evolve)
-    cuda = device.type == 'cuda'
-    if opt.batch_size % world:
-        raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the number of processes {world}')
-    if opt.sync_bn and info.distributed and not cuda:
+
+def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] = print) -> tuple[str, torch.dtype | None]:
+    """The autocast dtype of --amp (auto: fp16 on CUDA, off on the CPU), warning where bf16 would be emulated."""
+    amp = amp if amp != 'auto' else ('fp16' if device.type == 'cuda' else 'off')
+    if amp == 'bf16' and device.type == 'cpu' and cpu_has_bf16() is False:
+        log('WARNING: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
+            'bf16 is emulated there, yolov3-tiny forward + backward measured about 15x slower than fp32; '
+            'use --amp off on this CPU')
+    return amp, {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
+
+
+def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.device,
+                  log: Callable[[str], None] = print) -> None:
+    """Refuse option combinations that cannot run (one clear error), note the ones that do nothing."""
+    if opt.batch_size % info.world_size:
+        raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the number of processes '
+                         f'{info.world_size}')
+    if opt.sync_bn and info.distributed and device.type != 'cuda':
         raise ValueError('--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); leave it out '
                          'for DDP on the CPU')
     if opt.sync_bn and not info.distributed:
         log('--sync-bn has no effect in a single process')
+
+
+def convert_sync_bn(model: nn.Module, log: Callable[[str], None] = print) -> nn.Module:
+    """The model with every BatchNorm as SyncBatchNorm (statistics over all DDP ranks), its state unchanged."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log(f'Using SyncBatchNorm ({sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())} layers)')
+    return model
+
+
+def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
+                info: du.DistInfo, log: Callable[[str], None] = print) -> Parts:
+    """Optimizer, cosine schedule, GradScaler, EMA and loss for a model on its device, then the DDP wrapper."""
+    optimizer = build_optimizer(model, hyp, opt.adam, log)
+    lf = CosineLR(opt.epochs, hyp['lrf'])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    amp, amp_dtype = resolve_amp(opt.amp, device, log)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEMA(model) if info.main else None
+    loss_hyp = {**hyp, 'cls': hyp['cls'] * model.nc / 80}  # as the original: the class gain was tuned for 80 classes
+    compute_loss = ComputeLoss(model, loss_hyp)  # gr: objectness target = GIoU (burn-in ramps it from 0)
+    wrapped: nn.Module = model
+    if info.distributed:
+        if opt.sync_bn:
+            wrapped = convert_sync_bn(wrapped, log)
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == 'cuda'
+                                                      else None)
+    return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss, amp, amp_dtype)
+
+
+def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.Namespace,
+                     log: Callable[[str], None] = print) -> tuple[int, float, LoopState]:
+    """--resume: optimizer, scaler, EMA and schedule back where the checkpoint's epoch ended; returns (first epoch
+    to train, best fitness so far, loop state)."""
+    if ckpt.get('optimizer') is not None:
+        parts.optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        parts.scaler.load_state_dict(ckpt['scaler'])
+    if parts.ema is not None:
+        parts.ema.ema.load_state_dict(ckpt['model'])
+        parts.ema.updates = int(ckpt.get('ema_updates', 0))
+    start_epoch = int(ckpt['epoch']) + 1
+    parts.scheduler.last_epoch = start_epoch - 1
+    for g in parts.optimizer.param_groups:  # LR of the epoch we continue with (no second warmup: ni keeps counting)
+        g['lr'] = g['initial_lr'] * parts.lf(start_epoch)
+    log(f"Resuming {opt.resume} from epoch {start_epoch} of {opt.epochs}")
+    state = replace(start, last_opt_step=int(ckpt.get('last_opt_step', -1)))
+    return start_epoch, float(ckpt.get('best_fitness', 0.0)), state
+
+
+def restore_rng(saved: dict | None, loader: Any, ms_rng: random.Random, info: du.DistInfo, opt: argparse.Namespace,
+                start_epoch: int, log: Callable[[str], None] = print) -> None:
+    """RNG streams of a resumed run: rank 0 gets the saved ones back, other ranks fresh ones of their own."""
+    if not saved:
+        return
+    if info.main:  # the saved states are rank 0's
+        set_rng_state(saved, loader.generator, log)
+    else:  # other ranks: fresh streams of their own, distinct per rank and per resume point
+        init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
+        loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
+    if 'multi_scale' in saved:
+        ms_rng.setstate(_pystate_from(saved['multi_scale']))
+
+
+def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
+                  imgsz_test: int) -> tuple[Any, Any, Any]:
+    """(train loader, train dataset, test loader or None): the test loader on rank 0 only, with the per-process
+    batch as the original (rank 0 tests alone, so the global batch would be world times larger there)."""
+    batch = opt.batch_size // info.world_size
+    loader, dataset = create_dataloader(data['train'], imgsz, batch, GS, hyp=hyp, augment=True,
+                                        cache=opt.cache_images, rect=opt.rect, rank=info.rank,
+                                        world_size=info.world_size, workers=opt.workers, single_cls=opt.single_cls,
+                                        seed=opt.seed, nc=data['nc'], prefix='train: ')
+    testloader = None
+    if info.main:
+        testloader = create_dataloader(data['valid'], imgsz_test, batch, GS, hyp=hyp, augment=False,
+                                       cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
+                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ')[0]
+    return loader, dataset, testloader
+
+
+def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: dict, data: dict, testloader: Any,
+              opt: argparse.Namespace, imgsz_test: int, best_fitness: float, save_state: dict, tb: Any,
+              device: torch.device, after_burn_in: bool) -> tuple[tuple[float, ...], float]:
+    """Rank 0 after an epoch: test the EMA model, append results.txt, log TensorBoard scalars, save last.pt (and
+    best.pt when fitness improved). Returns (results, best fitness)."""
+    save_dir, evolve = Path(opt.save_dir), bool(opt.evolve)
+    paths = run_paths(save_dir)
+    final_epoch = epoch + 1 == opt.epochs
+    parts.ema.update_attr(bare)
+    results = (0.0,) * 8
+    if not opt.notest or final_epoch:
+        results, _, _ = val.test(opt.cfg, data, batch_size=opt.batch_size // du.env_info().world_size,
+                                 imgsz=imgsz_test, model=parts.ema.ema, dataloader=testloader,
+                                 compute_loss=parts.compute_loss, save_dir=save_dir, single_cls=opt.single_cls,
+                                 multi_label=after_burn_in, plots=final_epoch and not evolve)
+        results = tuple(float(x) for x in results)
+    row = progress_row(epoch, opt.epochs, memory_used(device), stats.mloss[:4], stats.targets, stats.img_size)
+    if not evolve:
+        with open(paths['results'], 'a') as f:
+            f.write(row + '%10.4g' * 8 % results + '\n')
+    if tb is not None:
+        tags = ['train/giou_loss', 'train/obj_loss', 'train/cls_loss', 'metrics/precision', 'metrics/recall',
+                'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95', 'metrics/F1', 'val/giou_loss', 'val/obj_loss',
+                'val/cls_loss']
+        for x, tag in zip(list(stats.mloss[:3]) + list(results), tags):
+            tb.add_scalar(tag, x, epoch)
+    fi = float(fitness(np.array(results).reshape(1, -1))[0])
+    improved = fi > best_fitness
+    best_fitness = max(best_fitness, fi)
+    if (not opt.nosave) or (final_epoch and not evolve):
+        ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
+                              best_fitness=best_fitness, training_results=paths['results'].read_text(), **save_state)
+        save_checkpoint(ckpt, paths['last'])
+        if improved or not paths['best'].exists():
+            save_checkpoint(ckpt, paths['best'])
+    return results, best_fitness
+
+
+def start_outputs(opt: argparse.Namespace, info: du.DistInfo, log: Callable[[str], None]) -> Any:
+    """Rank 0 of a (non-evolve) run: clear a new run's old outputs; the TensorBoard writer (or None)."""
+    if not info.main or opt.evolve:
+        return None
+    save_dir = Path(opt.save_dir)
+    if not opt.resume:
+        for f in save_dir.glob('train_batch*.jpg'):
+            f.unlink()
+        run_paths(save_dir)['results'].unlink(missing_ok=True)  # as the original: a new run starts a new results.txt
+    return _tensorboard(save_dir, opt.name, log)
+
+
+def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
+          log: Callable[[str], None] = print) -> tuple[float, ...]:
+    """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls)."""
+    info = du.env_info()
+    log = log if info.main else _quiet  # rank 0 alone talks
+    check_options(opt, info, device, log)
     imgsz, imgsz_test, grid_min, grid_max, multi_scale = check_img_sizes(opt.img_size, opt.multi_scale)
     init_seeds(opt.seed + 1 + max(info.rank, 0), deterministic=opt.deterministic)
+    if device.type == 'cuda':  # autotuned convolutions pay off when the shapes stay the same
+        torch.backends.cudnn.benchmark = not (opt.deterministic or multi_scale or opt.rect)
     ms_rng = random.Random(opt.seed)  # multi-scale sizes: same stream on every rank so DDP shapes match
 
-    # data
     data = load_data_config(opt.data)
-    if main_proc:
+    if info.main:
         check_dataset(data)  # downloads a missing dataset if the config says how
     du.barrier()
     nc = 1 if opt.single_cls else data['nc']
     names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
-
-    # model
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
-    model = build_model(opt, hyp, nc, names, imgsz, ckpt, log)
-    model.to(device)
-    # NHWC on the CPU: oneDNN convolutions without layout conversions, about 1.2x faster forward + backward
-    channels_last = device.type == 'cpu'
+    model = build_model(opt, hyp, nc, names, imgsz, ckpt, log).to(device)
+    channels_last = device.type == 'cpu'  # oneDNN NHWC convolutions: ~1.2x faster forward + backward on the CPU
     if channels_last:
         model.to(memory_format=torch.channels_last)
-
-    # optimizer, schedule, AMP
-    optimizer = build_optimizer(model, hyp, opt.adam, log)
-    lf = CosineLR(opt.epochs, hyp['lrf'])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    amp = opt.amp if opt.amp != 'auto' else ('fp16' if cuda else 'off')
-    amp_dtype = {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
-    autocast = nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model) if main_proc else None
-    loss_hyp = {**hyp, 'cls': hyp['cls'] * nc / 80}  # as the original: the class gain was tuned for COCO's 80 classes
-    compute_loss = ComputeLoss(model, loss_hyp)  # gr: objectness target = GIoU (burn-in ramps it from 0)
-
-    start_epoch, best_fitness, last_opt_step = 0, 0.0, -1
-    if ckpt is not None:  # resume: everything back where the last completed epoch left it
-        if ckpt.get('optimizer') is not None:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if ema is not None:
-            ema.ema.load_state_dict(ckpt['model'])
-            ema.updates = int(ckpt.get('ema_updates', 0))
-        start_epoch = int(ckpt['epoch']) + 1
-        best_fitness = float(ckpt.get('best_fitness', 0.0))
-        last_opt_step = int(ckpt.get('last_opt_step', -1))
-        scheduler.last_epoch = start_epoch - 1
-        for g in optimizer.param_groups:  # LR of the epoch we continue with (no second warmup: ni keeps counting)
-            g['lr'] = g['initial_lr'] * lf(start_epoch)
-        if main_proc:
-            paths['results'].write_text(ckpt.get('training_results') or '')
-        log(f"Resuming {opt.resume} from epoch {start_epoch} of {opt.epochs}")
-
-    # DDP
-    if info.distributed:
-        if opt.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log('Using SyncBatchNorm')
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    bare = de_parallel(model)
-
-    # loaders
-    loader, dataset = create_dataloader(data['train'], imgsz, opt.batch_size // world, GS, hyp=hyp, augment=True,
-                                        cache=opt.cache_images, rect=opt.rect, rank=info.rank, world_size=world,
-                                        workers=opt.workers, single_cls=opt.single_cls, seed=opt.seed, nc=data['nc'],
-                                        prefix='train: ')
-    nb = len(loader)
-    testloader = None
-    if main_proc:
-        testloader = create_dataloader(data['valid'], imgsz_test, opt.batch_size, GS, hyp=hyp, augment=False,
-                                       cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
-                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ')[0]
-    if ckpt is not None and ckpt.get('rng'):
-        if main_proc:  # the saved states are rank 0's
-            set_rng_state(ckpt['rng'], loader.generator)
-        else:  # other ranks: fresh streams of their own, distinct per rank and per resume point
-            init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
-            loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
-        if 'multi_scale' in ckpt['rng']:
-            ms_rng.setstate(_pystate_from(ckpt['rng']['multi_scale']))
+    parts = build_parts(model, hyp, opt, device, info, log)
+    loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test)
+    batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
+    state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
+    start_epoch, best_fitness = 0, 0.0
+    if ckpt is not None:
+        start_epoch, best_fitness, state = restore_training(ckpt, parts, state, opt, log)
+        if info.main:
+            run_paths(Path(opt.save_dir))['results'].write_text(ckpt.get('training_results') or '')
+        restore_rng(ckpt.get('rng'), loader, ms_rng, info, opt, start_epoch, log)
     del ckpt
-
-    tb = None
-    if main_proc and not evolve:
-        for f in ([] if opt.resume else list(save_dir.glob('train_batch*.jpg'))):
-            f.unlink()
-        if not opt.resume and paths['results'].exists():
-            paths['results'].unlink()  # as the original: a new run starts a new results.txt
-        tb = _tensorboard(save_dir, opt.name, log)
-
-    n_burn = n_burn_in(nb)
-    batch_size = loader.batch_size * world  # as the original: at most the number of training images
-    accumulate = max(round(NBS / batch_size), 1)
-    results = (0.0,) * 8
-    t0 = time.time()
+    tb = start_outputs(opt, info, log)
+    cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
+                     amp_dtype=parts.amp_dtype, channels_last=channels_last,
+                     multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
+                     show=info.main)
     log(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
-        f'{loader.num_workers} dataloader workers; effective batch {batch_size * accumulate} '
-        f'({batch_size} x {accumulate} accumulated, {world} process{"es" if world > 1 else ""}); '
-        f'AMP {amp}; {n_burn} burn-in iterations')
+        f'{loader.num_workers} dataloader workers; effective batch {batch_size * state.accumulate} '
+        f'({batch_size} x {state.accumulate} accumulated, {info.world_size} process'
+        f'{"es" if info.world_size > 1 else ""}); AMP {parts.amp}; '
+        f'{cfg.n_burn} burn-in iterations')
     log(f'Starting training for {opt.epochs} epochs...')
-    img_size = imgsz
-    epoch = start_epoch
+    plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
+    results, t0, epoch = (0.0,) * 8, time.time(), start_epoch
     for epoch in range(start_epoch, opt.epochs):
-        model.train()
-        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+        if hasattr(loader.sampler, 'set_epoch'):
             loader.sampler.set_epoch(epoch)
-        mloss = torch.zeros(4, device=device)
-        if main_proc:
-            log(('\n' + '%10s' * 8) % RESULTS_HEADER)
-        pbar = tqdm(enumerate(loader), total=nb, disable=not main_proc, bar_format='{l_bar}{bar:10}{r_bar}')
-        s = ''
-        t_epoch = time.perf_counter()
-        seen: list[str] = []  # this rank's images this epoch (DDP: checked to be disjoint across ranks)
-        for i, (imgs, targets, batch_paths, _) in pbar:
-            ni = i + nb * epoch  # batches since the start of training
-            if info.distributed:
-                seen += [str(x) for x in batch_paths]
-            imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B,3,H,W) -> [0, 1]
-            targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h]
-
-            if ni <= n_burn:
-                w = warmup_values(ni, n_burn, [g['initial_lr'] * lf(epoch) for g in optimizer.param_groups], hyp,
-                                  batch_size)
-                compute_loss.gr = w['gr']
-                accumulate = w['accumulate']
-                for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
-                    g['lr'], g['weight_decay'] = lr, wd
-                    if 'momentum' in g:
-                        g['momentum'] = w['momentum']
-
-            if multi_scale:
-                if ni % accumulate == 0:  # as the original: a new size every accumulation step
-                    img_size = multi_scale_size(ms_rng, grid_min, grid_max)
-                imgs = resize_batch(imgs, img_size)
-
-            if channels_last:
-                imgs = imgs.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                pred = model(imgs)
-            loss, loss_items = compute_loss(pred, targets)
-            if not _all_finite(loss, device):
-                raise NonFiniteLossError(
-                    f'non-finite loss at epoch {epoch}, batch {i}: GIoU {loss_items[0]:.4g}, obj {loss_items[1]:.4g}, '
-                    f'cls {loss_items[2]:.4g}, total {loss_items[3]:.4g}; stopped, {paths["last"]} is the last good '
-                    f'checkpoint')
-            scaler.scale(loss * (batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
-
-            if ni - last_opt_step >= accumulate:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-                last_opt_step = ni
-
-            if main_proc:
-                mloss = (mloss * i + loss_items) / (i + 1)
-                s = ('%10s' * 2 + '%10.3g' * 6) % (f'{epoch}/{opt.epochs - 1}', _mem(device), *mloss.tolist(),
-                                                   targets.shape[0], imgs.shape[-1])
-                pbar.set_description(s)
-                if ni == 0 and not evolve:
-                    mosaic = plot_images(imgs, targets, batch_paths, fname=save_dir / 'train_batch0.jpg', names=names)
-                    if tb is not None:
-                        tb.add_image('train_batch0', mosaic, epoch, dataformats='HWC')
-        pbar.close()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        if epoch_times is not None:
-            epoch_times.append((epoch, time.perf_counter() - t_epoch, len(dataset)))
-
-        if info.distributed:
-            per_rank = du.all_gather_object(sorted(set(seen)))
-            if main_proc:
-                shared = set(per_rank[0]).intersection(*per_rank[1:])
-                log(f'DDP: distinct images per rank {[len(x) for x in per_rank]}, seen by every rank {len(shared)}')
-        scheduler.step()
-        final_epoch = epoch + 1 == opt.epochs
-        if main_proc:
-            ema.update_attr(bare)
-            if not opt.notest or final_epoch:
-                results, _, _ = val.test(opt.cfg, data, batch_size=opt.batch_size, imgsz=imgsz_test,
-                                         model=ema.ema, dataloader=testloader, compute_loss=compute_loss,
-                                         save_dir=save_dir, single_cls=opt.single_cls,
-                                         multi_label=ni > n_burn, plots=final_epoch and not evolve)
-                results = tuple(float(x) for x in results)
-            row = s + '%10.4g' * 8 % results + '\n'
-            if not evolve:
-                with open(paths['results'], 'a') as f:
-                    f.write(row)
-            if tb is not None:
-                tags = ['train/giou_loss', 'train/obj_loss', 'train/cls_loss', 'metrics/precision', 'metrics/recall',
-                        'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95', 'metrics/F1', 'val/giou_loss', 'val/obj_loss',
-                        'val/cls_loss']
-                for x, tag in zip(mloss[:3].tolist() + list(results), tags):
-                    tb.add_scalar(tag, x, epoch)
-            fi = float(fitness(np.array(results).reshape(1, -1))[0])
-            improved = fi > best_fitness
-            best_fitness = max(best_fitness, fi)
-            if (not opt.nosave) or (final_epoch and not evolve):
-                ckpt = run_checkpoint(ema, bare, optimizer, scaler, hyp, opt, epoch=epoch,
-                                      best_fitness=best_fitness, last_opt_step=last_opt_step,
-                                      training_results=paths['results'].read_text(),
-                                      rng={**rng_state(loader.generator),
-                                           'multi_scale': _pystate_to(ms_rng.getstate())})
-                save_checkpoint(ckpt, paths['last'])
-                if improved or not paths['best'].exists():
-                    save_checkpoint(ckpt, paths['best'])
-                del ckpt
+        log(('\n' + '%10s' * 8) % RESULTS_HEADER)
+        state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
+                                       scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
+                                       device=device, epoch=epoch, state=state, cfg=cfg,
+                                       checkpoint_name=str(run_paths(Path(opt.save_dir))['last']), ms_rng=ms_rng,
+                                       first_batch=plot)
+        parts.scheduler.step()
+        if info.main:
+            save_state = {'last_opt_step': state.last_opt_step, 'elastic_run_id': os.environ.get('TORCHELASTIC_RUN_ID'),
+                          'rng': {**rng_state(loader.generator), 'multi_scale': _pystate_to(ms_rng.getstate())}}
+            results, best_fitness = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
+                                              best_fitness, save_state, tb, device,
+                                              after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn)
         du.barrier()  # the other ranks wait while rank 0 tests and saves
-
-    if main_proc:
+    if info.main:
         log(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
-        if not evolve:
-            _finish(save_dir, opt, paths, log)
+        if not opt.evolve:
+            _finish(Path(opt.save_dir), opt, run_paths(Path(opt.save_dir)), log)
         if tb is not None:
             tb.close()
     du.barrier()
     return results
+
+
+def _plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Tensor, targets: torch.Tensor,
+                      paths: list) -> None:
+    """train_batch0.jpg (and its TensorBoard image): the first training batch with its labels."""
+    mosaic = plot_images(imgs, targets, paths, fname=save_dir / 'train_batch0.jpg', names=names)
+    if tb is not None:
+        tb.add_image('train_batch0', mosaic, 0, dataformats='HWC')
 
 
 def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log: Callable[[str], None]) -> None:
@@ -595,25 +568,6 @@ def _pystate_to(state: tuple) -> dict:
 def _pystate_from(d: dict) -> tuple:
     """The inverse of _pystate_to."""
     return d['version'], tuple(int(x) for x in d['state'].tolist()), d['gauss']
-
-
-def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """Whether the loss is finite on every rank (one rank stopping alone would hang the others)."""
-    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
-    if du.is_initialized():
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def _mem(device: torch.device) -> str:
-    """Memory for the progress bar: CUDA memory reserved, or the process's peak RSS on the CPU (GB)."""
-    if device.type == 'cuda':
-        return f'{torch.cuda.memory_reserved(device) / 1e9:.3g}G'
-    try:
-        import resource
-        return f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.3g}G'  # Linux: KiB
-    except ImportError:
-        return '0G'
 
 
 def _tensorboard(save_dir: Path, name: str, log: Callable[[str], None]):
@@ -654,18 +608,70 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
     return new, ckpt['hyp']
 
 
+def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace:
+    """Under torchrun --max-restarts, a restarted worker group (TORCHELASTIC_RESTART_COUNT > 0) continues this
+    launch's run from its weights/last.pt by itself, as --resume would (a last.pt of another launch is left alone)."""
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    if opt.resume or opt.evolve or restart == 0:
+        return opt
+    last = run_paths(Path(opt.save_dir))['last']
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    if not last.is_file() or load_checkpoint(last).get('elastic_run_id') != run_id:
+        log(f'Elastic restart {restart}: no checkpoint of this launch in {last.parent} yet, starting again')
+        return opt
+    log(f'Elastic restart {restart}: resuming {last}')
+    opt.resume = str(last)
+    return opt
+
+
+def launch(opt: argparse.Namespace, nproc: int) -> int:
+    """Train with one process per device on this machine through torch.distributed's elastic launcher (what
+    torchrun runs); returns the exit status (rank 0's)."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    print(f'--device {opt.device}: starting {nproc} processes, one per device (as torchrun --standalone '
+          f'--nproc_per_node {nproc} train.py ...)')
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend='c10d', rdzv_endpoint='localhost:0', max_restarts=0, monitor_interval=1,
+                          start_method='spawn')
+    try:
+        return int(elastic_launch(config, _worker)(vars(opt))[0])
+    except ChildFailedError as e:
+        print(f'ERROR: a training process failed: {e}', file=sys.stderr)
+        return 1
+
+
+def _worker(opt: dict) -> int:
+    """One process of launch(): torchrun's environment is set, so main() trains as rank LOCAL_RANK."""
+    return main(argparse.Namespace(**opt))
+
+
 def main(opt: argparse.Namespace) -> int:
     """Run training (or --resume, or --evolve) as the command line says; return the exit status."""
     info = du.env_info()
     try:
         hyp = None
+        if info.distributed:
+            opt = elastic_resume(opt, print if info.main else _quiet)
         if opt.resume:
             opt, hyp = resolve_resume(opt)
             if hyp is None:
                 return 0
         if hyp is None:
             hyp = load_hyp(opt.hyp)
-        device = select_device(opt.device, batch_size=None if info.distributed else opt.batch_size)
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device, nproc = resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)
+        if nproc > 1:
+            if opt.evolve:
+                raise ValueError('--evolve runs one process: give it one --device')
+            if opt.batch_size % nproc:
+                raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the {nproc} devices')
+            return launch(opt, nproc)
+        device = torch.device(device)
+        if not info.distributed and n_cuda > 1 and not str(opt.device).strip():
+            print(f'{n_cuda} CUDA devices visible, training on {device} only: --device 0,1,... trains on several')
         if info.distributed:
             if device.type == 'cpu':
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))

@@ -1,5 +1,6 @@
-"""train.py: schedule, optimizer groups, accumulation, EMA, multi-scale, checkpoints, resume, freeze, evolve, DDP,
-and short CPU runs through the command line on a few coco128 images at 128-160 pixels."""
+"""train.py and utils/engine.py: schedule, optimizer groups, accumulation, AMP, EMA, multi-scale, checkpoints, resume,
+freeze, evolve, device rules, DDP (torchrun, elastic restart, launcher), and short CPU runs through the command line
+on a few coco128 images at 64-160 pixels."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ import torch.nn as nn
 import train
 from models import Darknet, load_darknet_weights
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
+from utils import engine
 from utils.torch_utils import ModelEMA
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -48,25 +50,52 @@ def load(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # pure parts
 
-def test_cosine_lr_from_1_to_lrf():
-    lf = train.CosineLR(10, 0.0005)
-    values = [lf(e) for e in range(11)]
-    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.0005)
-    assert values[5] == pytest.approx((1 + 0.0005) / 2)
-    assert all(a > b for a, b in zip(values, values[1:]))
+def record_lrs(monkeypatch) -> list[tuple[int, list[float]]]:
+    """(epoch, LR of each optimizer group) as the optimizer had them after each epoch's batches of a real run."""
+    seen: list[tuple[int, list[float]]] = []
+    real = train.train_one_epoch
+
+    def recording(**kw):
+        out = real(**kw)
+        seen.append((kw['epoch'], [g['lr'] for g in kw['optimizer'].param_groups]))
+        return out
+
+    monkeypatch.setattr(train, 'train_one_epoch', recording)
+    return seen
+
+
+def test_lr_of_a_real_run_burn_in_then_the_originals_cosine(coco8, tmp_path, monkeypatch):
+    # 10 epochs of one batch, burn-in shortened to 2 iterations: epochs 0-2 ramp (biases 0.1 -> target, others
+    # 0 -> target), then the LR is lr0 times the original's lf = ((1 + cos(x * pi / epochs)) / 2) * 0.95 + 0.05,
+    # which the default hyp (lrf 0.05) reproduces; the last epoch ends near 0.05 * lr0
+    monkeypatch.setattr(train, 'n_burn_in', lambda nb: 2)
+    seen = record_lrs(monkeypatch)
+    assert train.main(train.parse_opt(base_args(coco8, '--notest', '--nosave', '--save-dir', str(tmp_path),
+                                                epochs=10, size=64))) == 0
+    lr0, epochs = HYP['lr0'], 10
+    original = [((1 + math.cos(x * math.pi / epochs)) / 2) * 0.95 + 0.05 for x in range(epochs)]
+    assert [e for e, _ in seen] == list(range(epochs))
+    for e, lrs in seen:
+        target = lr0 * original[e]
+        if e <= 2:  # burn-in at integrated batch e
+            expected = [target * e / 2, target * e / 2, 0.1 + (target - 0.1) * e / 2]
+        else:
+            expected = [target] * 3
+        assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12), e
+    assert seen[-1][1][0] == pytest.approx(lr0 * 0.0733, rel=1e-3) and seen[-1][1][0] < 0.08 * lr0
 
 
 def test_warmup_interpolates_lr_momentum_gr_accumulate():
     targets = [0.01, 0.01, 0.01]
-    w0 = train.warmup_values(0, 500, targets, HYP, batch_size=16)
+    w0 = engine.warmup_values(0, 500, targets, HYP, batch_size=16)
     assert w0['lr'] == [0.0, 0.0, 0.1] and w0['momentum'] == pytest.approx(0.9)
     assert w0['gr'] == 0.0 and w0['accumulate'] == 1 and w0['weight_decay'] == [0.0, 0.0, 0.0]
-    mid = train.warmup_values(250, 500, targets, HYP, batch_size=16)
+    mid = engine.warmup_values(250, 500, targets, HYP, batch_size=16)
     assert mid['lr'] == pytest.approx([0.005, 0.005, 0.055])
     assert mid['momentum'] == pytest.approx((0.9 + 0.937) / 2) and mid['gr'] == pytest.approx(0.5)
     assert mid['accumulate'] == round(1 + 3 * 0.5)  # 1 -> 64 / 16 = 4
     assert mid['weight_decay'] == pytest.approx([0.0, HYP['weight_decay'] / 2, 0.0])
-    end = train.warmup_values(500, 500, targets, HYP, batch_size=16)
+    end = engine.warmup_values(500, 500, targets, HYP, batch_size=16)
     assert end['lr'] == pytest.approx(targets) and end['momentum'] == pytest.approx(0.937)
     assert end['gr'] == 1.0 and end['accumulate'] == 4 and end['weight_decay'] == [0.0, HYP['weight_decay'], 0.0]
     assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
@@ -92,35 +121,113 @@ def test_multi_scale_sizes():
     assert (big, test_size, gmin * 32, gmax * 32, multi) == (448, 256, 192, 448, True)  # 0.67x - 1.5x
     assert train.check_img_sizes([256, 512, 416], False)[2:] == (8, 16, True)  # min != max -> multi-scale
     rng = __import__('random').Random(0)
-    sizes = {train.multi_scale_size(rng, gmin, gmax) for _ in range(300)}
+    sizes = {engine.multi_scale_size(rng, gmin, gmax) for _ in range(300)}
     assert sizes == set(range(192, 449, 32))
     imgs = torch.rand(2, 3, 448, 320)
-    assert train.resize_batch(imgs, 224).shape[2:] == (224, 160)
-    assert train.resize_batch(imgs, 200).shape[2:] == (224, 160)  # sides rounded up to multiples of 32
+    assert engine.resize_batch(imgs, 224).shape[2:] == (224, 160)
+    assert engine.resize_batch(imgs, 200).shape[2:] == (224, 160)  # sides rounded up to multiples of 32
     for bad in ([300, 300, 300], [320, 320, 0], [640, 320, 320]):
         with pytest.raises(ValueError, match='img-size'):
             train.check_img_sizes(bad, False)
 
 
-def test_accumulated_scaled_loss_equals_nominal_batch_gradient():
-    # loss * bs / 64 summed over 64 / bs batches = the gradient of one 64-image batch (objectness-only targets, so
-    # the per-batch means have equal weights)
+NO_BN_CFG = """[net]
+width=64
+height=64
+channels=3
+
+[convolutional]
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=255
+size=1
+stride=1
+pad=1
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=10,14, 23,27, 37,58
+classes=80
+num=3
+"""
+
+
+def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int, lr: float = 1.0,
+              amp_dtype: torch.dtype | None = None) -> tuple[train.LoopState, train.EpochStats]:
+    """One real train_one_epoch over in-memory batches with plain SGD, no burn-in, no EMA."""
     from utils.loss import ComputeLoss
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    cfg = train.LoopConfig(hyp=HYP, lf=train.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
+                           amp_dtype=amp_dtype, show=False)
+    return train.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
+                                 compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'), epoch=0,
+                                 state=train.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
+
+
+def test_accumulated_micro_batches_step_like_one_nominal_batch(tmp_path):
+    # the real loop: 4 micro-batches of 2 images, accumulated, make the same optimizer step as one batch of 8
+    # (objectness-only targets so the per-batch means weigh equally; no BatchNorm, whose statistics depend on the split)
+    cfg = tmp_path / 'nobn.cfg'
+    cfg.write_text(NO_BN_CFG)
     torch.manual_seed(0)
-    model = Darknet(CFG, 64)
-    compute_loss = ComputeLoss(model, HYP)
-    model.eval()  # BN on running statistics: the same function for any batch split
-    x = torch.rand(8, 3, 64, 64)
+    imgs = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8)
     empty = torch.zeros(0, 6)
+    ref = Darknet(cfg, 64)
+    a, b = copy.deepcopy(ref), copy.deepcopy(ref)
+    state, _ = run_epoch(a, [(x, empty, ['x'] * 2, None) for x in imgs.chunk(4)], accumulate=4, batch_size=2)
+    assert state.last_opt_step == 3  # one step, after the 4th micro-batch
+    run_epoch(b, [(imgs, empty, ['x'] * 8, None)], accumulate=1, batch_size=8)
+    moved = [(pa - pr).abs().max().item() for pa, pr in zip(a.parameters(), ref.parameters())]
+    assert max(moved) > 1e-4  # the step did something
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-7)
+    c = copy.deepcopy(ref)  # 3 micro-batches of an accumulation of 4: no step yet, the weights stay
+    state, _ = run_epoch(c, [(x, empty, ['x'] * 2, None) for x in imgs.chunk(4)[:3]], accumulate=4, batch_size=2)
+    assert state.last_opt_step == -1 and all(torch.equal(p, q) for p, q in zip(c.parameters(), ref.parameters()))
 
-    def grads(chunks: int) -> torch.Tensor:
-        model.zero_grad()
-        for xc in x.chunk(chunks):
-            loss, _ = compute_loss(model(xc)[1], empty)
-            (loss * xc.shape[0] / 8).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    assert torch.allclose(grads(4), grads(1), rtol=1e-4, atol=1e-7)
+def test_amp_bf16_training_step_on_cpu():
+    # a real step of yolov3-tiny under CPU autocast bf16: convolutions run in bf16, the loss is finite, weights move
+    model = Darknet(CFG, 64)
+    load_darknet_weights(model, TINY_WEIGHTS)
+    dtypes = set()
+    model.module_list[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    before = copy.deepcopy(model.state_dict())
+    imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.4, 0.6, 0.2, 0.2]])
+    _, stats = run_epoch(model, [(imgs, targets, ['a', 'b'], None)], accumulate=1, batch_size=2, lr=0.01,
+                         amp_dtype=torch.bfloat16)
+    assert dtypes == {torch.bfloat16}
+    assert all(math.isfinite(x) for x in stats.mloss) and stats.mloss[3] > 0
+    assert not torch.equal(before['module_list.0.Conv2d.weight'], model.module_list[0].Conv2d.weight)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_bf16_warning_only_without_bf16_instructions():
+    from utils.torch_utils import cpu_has_bf16
+    assert cpu_has_bf16('processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n') is False
+    assert cpu_has_bf16('flags\t\t: fpu avx512f avx512_bf16 amx_tile\n') is True
+    assert cpu_has_bf16('') is None  # unknown: no warning
+    logs: list[str] = []
+    assert train.resolve_amp('bf16', torch.device('cpu'), logs.append)[1] == torch.bfloat16
+    assert (any('15x slower' in s for s in logs)) == (cpu_has_bf16() is False)
+    logs.clear()
+    assert train.resolve_amp('auto', torch.device('cpu'), logs.append) == ('off', None) and not logs
+    assert train.resolve_amp('auto', torch.device('cuda', 0), logs.append) == ('fp16', torch.float16)
 
 
 def test_ema_update_and_ramp():
@@ -343,14 +450,42 @@ def test_bad_image_size_is_a_clear_error(coco8, tmp_path):
     assert r.returncode == 2 and 'multiple of 32' in r.stderr and 'Traceback' not in r.stderr
 
 
-def test_ddp_two_cpu_processes(coco8, tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        str(ROOT / 'train.py'), *base_args(coco8, epochs=1, size=128)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def torchrun(args: list[str], cwd: Path, env: dict[str, str], *launcher: str) -> subprocess.CompletedProcess:
+    """python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py (train.py) args."""
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           *launcher, str(ROOT / 'tests' / 'ddp_worker.py'), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=400, env={**os.environ, **env})
+
+
+def seen_images(d: Path, epoch: int) -> list[list[str]]:
+    """Per rank, the images ddp_worker.py recorded for an epoch."""
+    return [[ln.split()[0] for ln in (d / f'rank{r}_epoch{epoch}.txt').read_text().splitlines()] for r in (0, 1)]
+
+
+def test_ddp_elastic_restart_continues_from_last_checkpoint(coco8, tmp_path):
+    # 2 gloo workers under torchrun --max-restarts 1; rank 1 is SIGKILLed as epoch 1 starts; the agent restarts the
+    # group, which continues from weights/last.pt by itself: epochs 0, 1, 2 once each, the schedule continued
+    seen = tmp_path / 'seen'
+    seen.mkdir()
+    r = torchrun(base_args(coco8, '--notest', epochs=3, size=64), tmp_path,
+                 {'YOLO_TEST_KILL_EPOCH': '1', 'YOLO_TEST_SEEN_DIR': str(seen)}, '--max-restarts', '1')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'DDP: distinct images per rank [4, 4], seen by every rank 0' in r.stdout
-    assert len((tmp_path / 'results.txt').read_text().splitlines()) == 1
-    assert load(tmp_path / 'weights' / 'last.pt')['epoch'] == 0
+    assert 'Elastic restart 1: resuming' in r.stdout
+    assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/2', '1/2', '2/2']
+    ck = load(tmp_path / 'weights' / 'last.pt')
+    assert ck['epoch'] == 2 and ck['elastic_run_id']
+    # epoch 0: each rank half of the images, none seen by both
+    a, b = seen_images(seen, 0)
+    assert len(a) == len(b) == 4 and not set(a) & set(b) and len(set(a) | set(b)) == 8
+
+
+def test_device_list_launch_trains_one_process_per_device(coco8, tmp_path):
+    # what --device 0,1 does on a CUDA machine (one process per device through the elastic launcher), on the CPU
+    opt = train.parse_opt(base_args(coco8, '--notest', '--save-dir', str(tmp_path), epochs=1, size=64))
+    assert train.launch(opt, 2) == 0
+    rows = (tmp_path / 'results.txt').read_text().splitlines()
+    assert len(rows) == 1 and load(tmp_path / 'weights' / 'last.pt')['epoch'] == 0
+    assert load(tmp_path / 'weights' / 'last.pt')['opt']['batch_size'] == 8
 
 
 def _append_rows(path: str, start: int) -> None:
@@ -391,21 +526,108 @@ def test_mutation_keeps_limits_and_fixed_keys():
         assert child != HYP
 
 
-def test_distributed_env_and_single_process_helpers(monkeypatch, tmp_path):
+def test_distributed_env_and_helpers_in_a_process_group(monkeypatch, tmp_path):
+    import torch.distributed as dist
     from utils import distributed as du
-    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
+    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
         monkeypatch.delenv(k, raising=False)
     assert du.env_info() == du.DistInfo() and du.env_info().main and not du.env_info().distributed
+    assert du.local_world_size() == 1 and du.all_gather_object({'a': 1}) == [{'a': 1}]
     monkeypatch.setenv('RANK', '3')
     monkeypatch.setenv('LOCAL_RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     info = du.env_info()
     assert (info.rank, info.local_rank, info.world_size, info.distributed, info.main) == (3, 1, 4, True, False)
-    # no process group: every helper is a no-op or the identity
-    assert du.is_main_process() and du.get_world_size() == 1 and du.all_gather_object('x') == ['x']
-    du.barrier()
-    du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
-    assert (tmp_path / 'f.txt').read_text() == 'saved'
+    assert du.local_world_size() == 2
+    # a real (one-process gloo) group: the helpers go through torch.distributed
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert du.is_initialized() and du.is_main_process() and du.get_world_size() == 1
+        assert du.all_gather_object([1, 2]) == [[1, 2]]
+        du.barrier()
+        du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
+        assert (tmp_path / 'f.txt').read_text() == 'saved'
+    finally:
+        du.cleanup()
+    assert not du.is_initialized()
+
+
+def test_device_rules():
+    from utils.torch_utils import resolve_device
+    assert resolve_device('cpu', -1, 1, 8) == ('cpu', 0)
+    assert resolve_device('', -1, 1, 0) == ('cpu', 0)
+    assert resolve_device('', -1, 1, 2) == ('cuda:0', 0)
+    assert resolve_device('1', -1, 1, 2) == ('cuda:1', 1)
+    assert resolve_device('0,1', -1, 1, 2) == ('cuda:0', 2)  # no torchrun: one process per listed device
+    assert resolve_device('cuda:2,3', -1, 1, 4) == ('cuda:2', 2)
+    # torchrun: LOCAL_RANK takes the LOCAL_RANK-th listed device, or CUDA device LOCAL_RANK
+    assert resolve_device('2,3', 1, 2, 4) == ('cuda:3', 0)
+    assert resolve_device('', 1, 2, 2) == ('cuda:1', 0)
+    assert resolve_device('cpu', 1, 2, 0) == ('cpu', 0)
+    with pytest.raises(ValueError, match='lists 1 device.*2 processes'):
+        resolve_device('0', 0, 2, 2)
+    with pytest.raises(ValueError, match='2 CUDA device'):
+        resolve_device('', 2, 3, 2)
+    with pytest.raises(ValueError, match='CUDA is not available'):
+        resolve_device('0,1', -1, 1, 0)
+    with pytest.raises(ValueError, match=r'has 2 CUDA device.*\[3\]'):
+        resolve_device('0,3', -1, 1, 2)
+    for bad in ('gpu', '0,0', '-1'):
+        with pytest.raises(ValueError, match='--device'):
+            resolve_device(bad, -1, 1, 2)
+
+
+def test_device_list_without_cuda_is_one_clear_error(coco8, tmp_path, capsys):
+    assert train.main(train.parse_opt(base_args(coco8, '--save-dir', str(tmp_path))[:-4] + ['--device', '0,1'])) == 2
+    assert 'CUDA is not available' in capsys.readouterr().err and not (tmp_path / 'weights').exists()
+
+
+def test_cuda_rng_states_of_more_or_fewer_devices(capsys):
+    # a checkpoint from 2 GPUs resumed where there are fewer (here: none, or a fabricated 1)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    put: list = []
+    logs: list[str] = []
+    assert train.restore_cuda_rng(saved, 1, lambda s, i: put.append((i, int(s[0]))), logs.append) == 1
+    assert put == [(0, 0)] and 'restored 1, dropped 1' in logs[0]
+    assert train.restore_cuda_rng(saved[:1], 3, lambda s, i: None, logs.append) == 1 and 'devices 1-2' in logs[1]
+    state = train.rng_state()
+    state['cuda'] = saved
+    train.set_rng_state(state)  # on this CPU machine: nothing restored, no IndexError
+    out = capsys.readouterr().out
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert (f'sees {seen}' in out) == (seen != 2)
+
+
+def test_sync_bn_conversion_and_refusal_on_cpu_ddp():
+    from utils import distributed as du
+    model = Darknet(CFG, 64)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    sd = copy.deepcopy(model.state_dict())
+    logs: list[str] = []
+    converted = train.convert_sync_bn(model, logs.append)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn > 0
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in sd.items())
+    assert logs == [f'Using SyncBatchNorm ({n_bn} layers)']
+    opt = train.parse_opt(['--sync-bn', '--batch-size', '8'])
+    ddp2 = du.DistInfo(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(ValueError, match='--sync-bn needs CUDA'):
+        train.check_options(opt, ddp2, torch.device('cpu'))
+    train.check_options(opt, ddp2, torch.device('cuda', 0))  # allowed on CUDA
+    train.check_options(opt, du.DistInfo(), torch.device('cpu'), logs.append)
+    assert logs[-1] == '--sync-bn has no effect in a single process'
+    with pytest.raises(ValueError, match='multiple of the number of processes 2'):
+        train.check_options(train.parse_opt(['--batch-size', '7']), ddp2, torch.device('cpu'))
+
+
+def test_rank0_validates_with_the_per_process_batch(coco8):
+    from utils import distributed as du
+    from utils.data_config import load_data_config
+    opt = train.parse_opt(base_args(coco8, batch=8))
+    loader, _, testloader = train.build_loaders(load_data_config(str(coco8)), HYP, opt,
+                                                du.DistInfo(rank=0, local_rank=0, world_size=2), 128, 128)
+    assert loader.batch_size == 4 and testloader.batch_size == 4  # not the global 8
 
 
 def test_single_cls_trains_a_one_class_cfg(coco8, tmp_path):
@@ -417,3 +639,21 @@ def test_single_cls_trains_a_one_class_cfg(coco8, tmp_path):
     row = (tmp_path / 'results.txt').read_text().split()
     assert float(row[4]) == 0.0 and float(row[2]) > 0  # no class loss for one class, box loss trained
     assert train.main(train.parse_opt(args[:-3] + ['--save-dir', str(tmp_path / 'b')])) == 2  # 80 vs 1 classes
+
+
+def test_rect_training_run(coco8, tmp_path, monkeypatch):
+    # --rect: batches shaped by their images' aspect ratios (sorted), not all squares (and mosaic off)
+    shapes: list[tuple[int, int]] = []
+    real = train.train_one_epoch
+
+    def recording(**kw):
+        loader = kw['loader']
+        shapes.extend(tuple(imgs.shape[2:]) for imgs, *_ in loader)
+        return real(**kw)
+
+    monkeypatch.setattr(train, 'train_one_epoch', recording)
+    assert train.main(train.parse_opt(base_args(coco8, '--rect', '--notest', '--save-dir', str(tmp_path),
+                                                epochs=1, size=128, batch=4))) == 0
+    assert len(shapes) == 2 and all(max(s) == 128 for s in shapes) and min(min(s) for s in shapes) < 128
+    row = (tmp_path / 'results.txt').read_text().split()
+    assert row[0] == '0/0' and float(row[5]) > 0

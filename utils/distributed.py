@@ -37,6 +37,11 @@ def env_info() -> DistInfo:
                     world_size=int(os.environ.get('WORLD_SIZE', 1)))
 
 
+def local_world_size() -> int:
+    """Processes on this node as torchrun sets LOCAL_WORLD_SIZE (1 without torchrun)."""
+    return int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+
+
 def init_distributed(device: torch.device, timeout_s: float = 10800.0) -> DistInfo:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for single processes.
 
@@ -48,7 +53,16 @@ def init_distributed(device: torch.device, timeout_s: float = 10800.0) -> DistIn
     backend = 'nccl' if device.type == 'cuda' and dist.is_nccl_available() else 'gloo'
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return info
+    # under torchrun the agent's store outlives a failed attempt with its keys (gloo/NCCL peer addresses): a
+    # restarted group reading those would connect to dead processes, so each attempt gets keys of its own
+    store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f'yolo_attempt_{attempt}', store), rank=rank,
+                            world_size=world_size, timeout=timeout)
     return info
 
 

@@ -1,4 +1,4 @@
-"""Device selection, seeding, timing and small model utilities (conv+BN fusion, parameter/FLOP summary)."""
+"""Device selection (--device rules), seeding, timing, parameter counts, the EMA and the one DDP unwrap."""
 from __future__ import annotations
 
 import math
@@ -6,29 +6,86 @@ import os
 import random
 import time
 from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 
-def select_device(device: str = '', batch_size: int | None = None) -> torch.device:
-    """Return the torch.device for '--device' strings: '' (CUDA if available), 'cpu', '0', '0,1'."""
-    device = str(device).strip().lower().replace('cuda:', '')
-    cpu = device == 'cpu'
-    if cpu:
-        return torch.device('cpu')
-    if device:  # restrict to the requested GPUs before CUDA initialises
-        os.environ['CUDA_VISIBLE_DEVICES'] = device
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if not torch.cuda.is_available():
-        return torch.device('cpu')
-    ng = torch.cuda.device_count()
-    if batch_size and ng > 1 and batch_size % ng:
-        raise ValueError(f"batch size {batch_size} is not a multiple of the GPU count {ng}")
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    return torch.device('cuda', local_rank if local_rank < ng else 0)
+def select_device(device: str = '', batch_size: int | None = None, local_rank: int = -1) -> torch.device:
+    """The torch.device of a '--device' string: '' (CUDA if available), 'cpu', '0', '0,1' (CUDA indices as this
+    process sees them; the first of a list in a single process); under torchrun see resolve_device.
+
+    The environment (CUDA_VISIBLE_DEVICES) is left alone: the index is chosen from the list.
+    """
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev, nproc = resolve_device(device, local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', 1)), n_cuda)
+    if batch_size and nproc > 1 and batch_size % nproc:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the GPU count {nproc}")
+    return torch.device(dev)
+
+
+def resolve_device(spec: str, local_rank: int = -1, local_world_size: int = 1, n_cuda: int = 0) -> tuple[str, int]:
+    """The rules of --device as data: (this process's device, processes to start; 0 or 1 = train in this one).
+
+    Without torchrun (local_rank -1) a list of several CUDA indices asks for one process per device. Under torchrun
+    process LOCAL_RANK takes the LOCAL_RANK-th device of the list, so the list must have one per process of the node;
+    with no list it takes CUDA device LOCAL_RANK.
+    """
+    spec = str(spec).strip().lower().replace('cuda:', '')
+    if spec == 'cpu':
+        return 'cpu', 0
+    ids = parse_device_list(spec)
+    if not n_cuda:
+        if ids:
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        return 'cpu', 0
+    bad = [i for i in ids if i >= n_cuda]
+    if bad:
+        raise ValueError(f"--device {spec}: this machine has {n_cuda} CUDA device(s) (0-{n_cuda - 1}), not {bad}")
+    if local_rank < 0:
+        return f'cuda:{ids[0] if ids else 0}', len(ids)
+    if ids:
+        if len(ids) < local_world_size:
+            raise ValueError(f"--device {spec} lists {len(ids)} device(s) for {local_world_size} processes on this "
+                             f"node (torchrun --nproc_per_node): give one device per process")
+        return f'cuda:{ids[local_rank]}', 0
+    if local_rank >= n_cuda:
+        raise ValueError(f"{local_world_size} processes on this node but {n_cuda} CUDA device(s): start at most "
+                         f"{n_cuda} (torchrun --nproc_per_node) or use --device cpu")
+    return f'cuda:{local_rank}', 0
+
+
+def parse_device_list(spec: str) -> list[int]:
+    """CUDA indices of a --device string ('' -> [], '0,1' -> [0, 1]); anything else is a clear error."""
+    spec = spec.strip().lower().replace('cuda:', '')
+    if spec in ('', 'cuda'):
+        return []
+    try:
+        ids = [int(x) for x in spec.split(',') if x.strip() != '']
+    except ValueError:
+        raise ValueError(f"--device {spec!r}: expected 'cpu' or CUDA indices such as '0' or '0,1'") from None
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--device {spec!r}: CUDA indices must be distinct and non-negative")
+    return ids
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has native bf16 arithmetic (avx512_bf16 or amx_bf16 in /proc/cpuinfo flags); None when
+    unknown (no /proc/cpuinfo, e.g. macOS)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path('/proc/cpuinfo').read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith('flags') or line.startswith('Features'):
+            flags.update(line.split(':', 1)[-1].split())
+    if not flags:
+        return None
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})  # 'bf16': the aarch64 feature name
 
 
 def de_parallel(model: nn.Module) -> nn.Module:
@@ -58,48 +115,11 @@ def time_synchronized() -> float:
     return time.time()
 
 
-def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Fold an eval-mode BatchNorm2d into the preceding Conv2d; returns a new Conv2d with a bias."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                      padding_mode=conv.padding_mode).to(conv.weight.device)
-    with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
-    return fused
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return (total parameters, trainable parameters)."""
     n_p = sum(p.numel() for p in model.parameters())
     n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return n_p, n_g
-
-
-def conv_flops(model: nn.Module, img_size: tuple[int, int] | int = 416) -> float:
-    """GFLOPs (2 x multiply-adds) of one forward pass at img_size, counted from Conv2d output shapes."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    macs = 0
-
-    def hook(m: nn.Conv2d, _inp, out):
-        nonlocal macs
-        k = m.weight[0].numel()  # in/groups * kh * kw
-        macs += out.numel() * k
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    p = next(model.parameters())
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype))
-    finally:
-        model.train(training)
-        for hd in handles:
-            hd.remove()
-    return 2 * macs / 1e9
 
 
 def intersect_state_dicts(da: dict, db: dict) -> dict:

@@ -1,0 +1,57 @@
+"""train.py for torchrun runs in the tests, with two test-only behaviours switched on by the environment:
+
+YOLO_TEST_SEEN_DIR: each rank writes the images of each epoch to rank{R}_epoch{E}.txt there (one `path h w` line
+per image, h w the batch's tensor size), so a test can check that the ranks saw disjoint images in whole batches.
+YOLO_TEST_KILL_EPOCH=E: rank 1 of the first attempt (TORCHELASTIC_RESTART_COUNT 0) SIGKILLs itself as epoch E
+starts, so a test can check the elastic restart.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py <train.py arguments>
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+
+
+class RecordingLoader:
+    """A loader that appends the paths and tensor sizes of the batches it yields to a file."""
+
+    def __init__(self, loader: Any, path: Path):
+        self.loader, self.path = loader, path
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        with open(self.path, 'a') as f:
+            for imgs, targets, paths, shapes in self.loader:
+                f.writelines(f'{p} {imgs.shape[2]} {imgs.shape[3]}\n' for p in paths)
+                f.flush()
+                yield imgs, targets, paths, shapes
+
+
+def wrapped_epoch(real: Any, **kw: Any) -> Any:
+    """train_one_epoch with the test behaviours above."""
+    rank, epoch = int(os.environ.get('RANK', -1)), kw['epoch']
+    kill = os.environ.get('YOLO_TEST_KILL_EPOCH')
+    if kill and rank == 1 and epoch == int(kill) and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
+        os.kill(os.getpid(), signal.SIGKILL)
+    seen = os.environ.get('YOLO_TEST_SEEN_DIR')
+    if seen:
+        kw['loader'] = RecordingLoader(kw['loader'], Path(seen) / f'rank{rank}_epoch{epoch}.txt')
+    return real(**kw)
+
+
+if __name__ == '__main__':
+    real_epoch = train.train_one_epoch
+    train.train_one_epoch = lambda **kw: wrapped_epoch(real_epoch, **kw)
+    sys.exit(train.main(train.parse_opt()))

@@ -1,0 +1,233 @@
+"""One training epoch (train_one_epoch) and the schedule it follows: cosine LR, burn-in, accumulation, multi-scale.
+
+train.py builds the model, optimizer, loaders and checkpoints; this module runs the batches, after torchvision's
+references/detection/engine.py. Nothing here writes files or talks to other ranks except the loss check.
+"""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import distributed as du
+from utils.loss import ComputeLoss
+from utils.torch_utils import ModelEMA
+
+GS = 32  # grid size: the largest stride; image sizes must be multiples of it
+NBS = 64  # nominal batch size: gradients are accumulated up to it, and the loss is scaled by batch_size / NBS
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf/nan; training stopped and the last checkpoint was kept."""
+
+
+class CosineLR:
+    """LR factor of epoch x: cosine from 1 at epoch 0 to lrf at `epochs` (a class so it pickles for DDP/tests)."""
+
+    def __init__(self, epochs: int, lrf: float):
+        self.epochs, self.lrf = epochs, lrf
+
+    def __call__(self, x: float) -> float:
+        return ((1 + math.cos(x * math.pi / self.epochs)) / 2) * (1 - self.lrf) + self.lrf
+
+
+def n_burn_in(nb: int) -> int:
+    """Burn-in (warmup) iterations: as the original, max(3 epochs, 500 iterations)."""
+    return max(3 * nb, 500)
+
+
+def warmup_values(ni: int, n_burn: int, lr_targets: list[float], hyp: dict, batch_size: int) -> dict[str, Any]:
+    """Burn-in at integrated batch ni: LRs and weight decays of the three groups, momentum, obj GIoU ratio gr,
+    accumulation count.
+
+    As the original: bias LR (group 2) falls 0.1 -> its target, other LRs rise 0 -> target, conv weight decay
+    (group 1) rises 0 -> hyp['weight_decay'], momentum 0.9 -> hyp['momentum'], gr 0 -> 1, accumulate
+    1 -> NBS / batch_size, all linear over n_burn iterations.
+    """
+    xi = [0, n_burn]
+    return {'lr': [float(np.interp(ni, xi, [0.1 if j == 2 else 0.0, t])) for j, t in enumerate(lr_targets)],
+            'weight_decay': [float(np.interp(ni, xi, [0.0, hyp['weight_decay'] if j == 1 else 0.0]))
+                             for j in range(len(lr_targets))],
+            'momentum': float(np.interp(ni, xi, [0.9, hyp['momentum']])),
+            'gr': float(np.interp(ni, xi, [0.0, 1.0])),
+            'accumulate': max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))}
+
+
+def multi_scale_size(rng: random.Random, grid_min: int, grid_max: int) -> int:
+    """A random training size, a multiple of 32 between grid_min*32 and grid_max*32."""
+    return rng.randrange(grid_min, grid_max + 1) * GS
+
+
+def resize_batch(imgs: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Resize a batch (B, 3, H, W) so its long side is img_size, each side rounded up to a multiple of 32."""
+    sf = img_size / max(imgs.shape[2:])
+    if sf == 1:
+        return imgs
+    ns = [math.ceil(x * sf / GS) * GS for x in imgs.shape[2:]]
+    return F.interpolate(imgs, size=ns, mode='bilinear', align_corners=False)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the batch loop needs to know and never changes during a run."""
+    hyp: dict[str, float]
+    lf: Callable[[float], float]  # LR factor of an epoch (CosineLR)
+    n_burn: int  # burn-in iterations
+    batch_size: int  # images per optimizer micro-step over all ranks: the loss is scaled by batch_size / NBS
+    epochs: int
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
+    channels_last: bool = False
+    multi_scale: tuple[int, int] | None = None  # (grid_min, grid_max) for multi-scale training
+    distributed: bool = False  # DDP: gradients all-reduced only on optimizer steps (no_sync on micro-steps)
+    show: bool = True  # progress bar (rank 0)
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """Progress carried from batch to batch and epoch to epoch (and saved for --resume)."""
+    last_opt_step: int = -1  # integrated batch of the last optimizer step
+    accumulate: int = 1  # batches per optimizer step (ramped 1 -> NBS / batch during burn-in)
+    img_size: int = 0  # current multi-scale size
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Mean losses of the epoch and the shape of its last batch, as results.txt reports them."""
+    mloss: tuple[float, float, float, float]  # GIoU, obj, cls, total
+    targets: int
+    img_size: int
+
+
+def progress_row(epoch: int, epochs: int, mem: str, mloss: Iterable[float], targets: int, img_size: int) -> str:
+    """The progress bar's line, which also starts each results.txt row."""
+    return ('%10s' * 2 + '%10.3g' * 6) % (f'{epoch}/{epochs - 1}', mem, *mloss, targets, img_size)
+
+
+def memory_used(device: torch.device) -> str:
+    """Memory for the progress bar: CUDA memory reserved, or the process's peak RSS on the CPU (GB)."""
+    if device.type == 'cuda':
+        return f'{torch.cuda.memory_reserved(device) / 1e9:.3g}G'
+    try:
+        import resource
+        return f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.3g}G'  # Linux: KiB
+    except ImportError:
+        return '0G'
+
+
+class FiniteGuard:
+    """Watches the loss for inf/nan without a host sync per batch: the check is kept on the device and read (and,
+    under DDP, agreed across ranks, so no rank stops alone and hangs the others) only when asked, at optimizer
+    steps and at the end of an epoch, before a bad gradient can reach the weights."""
+
+    def __init__(self, device: torch.device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.batch = torch.full((), -1, dtype=torch.long, device=device)  # first bad batch of this rank
+        self.items = torch.zeros(4, device=device)  # its loss items
+
+    def record(self, i: int, loss: torch.Tensor, items: torch.Tensor) -> None:
+        """Note batch i's loss (device ops only)."""
+        self.batch = torch.where(self.ok, i, self.batch)
+        self.items = torch.where(self.ok, items.to(self.items.dtype), self.items)
+        self.ok = self.ok & torch.isfinite(loss.detach()).all()
+
+    def check(self, epoch: int, where: str) -> None:
+        """Raise NonFiniteLossError when any rank saw a non-finite loss since the start."""
+        flag = self.ok.float().reshape(1)
+        if du.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item():
+            return
+        if not self.ok.item():
+            g, o, c, t = self.items.tolist()
+            raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, batch {int(self.batch.item())}: GIoU {g:.4g}, '
+                                     f'obj {o:.4g}, cls {c:.4g}, total {t:.4g}; stopped, {where} is the last good '
+                                     f'checkpoint')
+        raise NonFiniteLossError(f'non-finite loss on another rank at epoch {epoch}; stopped, {where} is the last '
+                                 f'good checkpoint')
+
+
+def burn_in(optimizer: torch.optim.Optimizer, compute_loss: ComputeLoss, ni: int, epoch: int,
+            cfg: LoopConfig) -> int:
+    """Set the burn-in LRs, weight decays, momentum and loss gr of integrated batch ni; return the accumulation."""
+    w = warmup_values(ni, cfg.n_burn, [g['initial_lr'] * cfg.lf(epoch) for g in optimizer.param_groups], cfg.hyp,
+                      cfg.batch_size)
+    compute_loss.gr = w['gr']
+    for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
+        g['lr'], g['weight_decay'] = lr, wd
+        if 'momentum' in g:
+            g['momentum'] = w['momentum']
+    return w['accumulate']
+
+
+def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    compute_loss: ComputeLoss, ema: ModelEMA | None, device: torch.device, epoch: int,
+                    state: LoopState, cfg: LoopConfig, checkpoint_name: str = 'weights/last.pt',
+                    ms_rng: random.Random | None = None,
+                    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None
+                    ) -> tuple[LoopState, EpochStats]:
+    """Train one pass over loader; return the state to continue from and the epoch's mean losses.
+
+    An optimizer step (and EMA update) every state.accumulate batches, counted across epochs as the original.
+    first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it).
+    """
+    model.train()
+    nb = len(loader)
+    last_opt_step, accumulate, img_size = state.last_opt_step, state.accumulate, state.img_size
+    autocast = nullcontext() if cfg.amp_dtype is None else torch.autocast(device.type, dtype=cfg.amp_dtype)
+    guard = FiniteGuard(device)
+    mloss = torch.zeros(4, device=device)
+    targets = torch.zeros(0, 6)
+    imgs = torch.zeros(0, 3, img_size, img_size)
+    pbar = tqdm(enumerate(loader), total=nb, disable=not cfg.show, bar_format='{l_bar}{bar:10}{r_bar}')
+    for i, (imgs, targets, paths, _) in pbar:
+        ni = i + nb * epoch  # batches since the start of training
+        imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
+        targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h]
+        if ni <= cfg.n_burn:
+            accumulate = burn_in(optimizer, compute_loss, ni, epoch, cfg)
+        if cfg.multi_scale:
+            if ni % accumulate == 0:  # as the original: a new size every accumulation step
+                img_size = multi_scale_size(ms_rng, *cfg.multi_scale)
+            imgs = resize_batch(imgs, img_size)
+        if cfg.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+
+        step = ni - last_opt_step >= accumulate
+        # DDP all-reduces gradients in backward(): on micro-steps that would be wasted traffic
+        no_sync = model.no_sync() if cfg.distributed and not step else nullcontext()
+        with no_sync:
+            with autocast:
+                pred = model(imgs)
+            loss, loss_items = compute_loss(pred, targets)
+            scaler.scale(loss * (cfg.batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
+        guard.record(i, loss, loss_items)
+
+        if step:
+            guard.check(epoch, checkpoint_name)  # before the (possibly non-finite) gradients reach the weights
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            last_opt_step = ni
+
+        mloss = (mloss * i + loss_items) / (i + 1)  # on the device: no sync unless shown
+        if cfg.show:
+            pbar.set_description(progress_row(epoch, cfg.epochs, memory_used(device), mloss.tolist(),
+                                              targets.shape[0], imgs.shape[-1]))
+        if ni == 0 and first_batch is not None:
+            first_batch(imgs, targets, paths)
+    pbar.close()
+    guard.check(epoch, checkpoint_name)  # micro-steps after the last optimizer step
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]))
+    return replace(state, last_opt_step=last_opt_step, accumulate=accumulate, img_size=img_size), stats
