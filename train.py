@@ -29,6 +29,7 @@ import test as val  # test.py: test() is called in-process after each epoch
 from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_download, load_checkpoint,
                     load_weights, model_checkpoint, save_checkpoint)
 from utils import distributed as du
+from utils.anchors import check_anchors
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
 from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
@@ -73,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='', help="cuda device: '0' or '0,1', or 'cpu'")
     p.add_argument('--adam', action='store_true', help='Adam instead of SGD with Nesterov momentum')
     p.add_argument('--single-cls', action='store_true', help='train every class as class 0')
+    p.add_argument('--no-class-map', action='store_true',
+                   help="start new class rows fresh instead of copying the source model's rows for classes of the "
+                        "same name")
     p.add_argument('--freeze-layers', action='store_true', help='train only the convolutions feeding [yolo] layers')
     p.add_argument('--freeze', type=int, default=0, help='freeze the first N modules of the model')
     p.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across DDP ranks')
@@ -280,7 +284,8 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
         if main_proc and not weights.endswith('.pt'):
             attempt_download(weights)  # official Darknet files only
         du.barrier()
-        load_weights(model, weights, verbose=main_proc)  # .pt: matching tensors; else Darknet weights
+        # what fits is loaded; heads for other classes are mapped from the source's rows of the same class names
+        load_weights(model, weights, names=names, map_classes=not opt.no_class_map, verbose=main_proc)
     if opt.freeze_layers or opt.freeze:
         frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
         log(f'Frozen {frozen:,} parameters, training {trainable:,}')
@@ -480,6 +485,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         model.to(memory_format=torch.channels_last)
     parts = build_parts(model, hyp, opt, device, info, log)
     loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test)
+    if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
+        check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg)
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
     start_epoch, best_fitness = 0, 0.0

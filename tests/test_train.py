@@ -657,3 +657,35 @@ def test_rect_training_run(coco8, tmp_path, monkeypatch):
     assert len(shapes) == 2 and all(max(s) == 128 for s in shapes) and min(min(s) for s in shapes) < 128
     row = (tmp_path / 'results.txt').read_text().split()
     assert row[0] == '0/0' and float(row[5]) > 0
+
+
+@pytest.fixture(scope='module')
+def person8(tmp_path_factory) -> Path:
+    """coco8 as a one-class `person` dataset (person boxes only, class 0)."""
+    d = tmp_path_factory.mktemp('person8')
+    make_subset(d, 8)
+    for lb in (d / 'labels').glob('*.txt'):
+        lb.write_text(''.join(ln + '\n' for ln in lb.read_text().splitlines() if ln.split()[0] == '0'))
+    (d / 'person.names').write_text('person\n')
+    data = d / 'person.data'
+    data.write_text(f"classes=1\ntrain={d / 'images'}\nvalid={d / 'images'}\nnames={d / 'person.names'}\n")
+    return data
+
+
+def test_fine_tune_one_class_from_official_weights(person8, tmp_path):
+    # issue 10's command at a small size: the 80-class .weights into yolov3-tiny-1cls.cfg, the person rows mapped
+    # from COCO's person (or fresh with --no-class-map); the anchor check runs; the checkpoint carries the names
+    map50 = {}
+    for mapped in (True, False):
+        args = ['--cfg', str(ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'), '--data', str(person8), '--weights',
+                str(TINY_WEIGHTS), '--img-size', '128', '--epochs', '1', '--batch-size', '8', '--device', 'cpu',
+                '--workers', '0', '--notest', '--save-dir', str(tmp_path / str(mapped)),
+                *([] if mapped else ['--no-class-map'])]
+        r = cli(args, tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ('person <- person (0)' in r.stdout) == mapped, r.stdout[-3000:]
+        assert 'anchors: BPR' in r.stdout
+        ck = load(tmp_path / str(mapped) / 'weights' / 'last.pt')
+        assert ck['names'] == ['person'] and ck['opt']['no_class_map'] == (not mapped)
+        map50[mapped] = float((tmp_path / str(mapped) / 'results.txt').read_text().split()[10])
+    assert map50[True] > 2 * map50[False]  # after one epoch the mapped head still finds people (0.063 vs 0.012)
