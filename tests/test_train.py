@@ -479,6 +479,20 @@ def test_ddp_elastic_restart_continues_from_last_checkpoint(coco8, tmp_path):
     assert len(a) == len(b) == 4 and not set(a) & set(b) and len(set(a) | set(b)) == 8
 
 
+def test_ddp_rect_training(coco8, tmp_path):
+    # --rect under torchrun: each rank loads whole planned batches (one shape each), the ranks' images disjoint
+    seen = tmp_path / 'seen'
+    seen.mkdir()
+    r = torchrun(base_args(coco8, '--rect', '--notest', epochs=1, size=128, batch=4), tmp_path,
+                 {'YOLO_TEST_SEEN_DIR': str(seen)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len((tmp_path / 'results.txt').read_text().splitlines()) == 1
+    a, b = seen_images(seen, 0)
+    assert len(a) == len(b) == 4 and not set(a) & set(b) and len(set(a) | set(b)) == 8
+    shapes = {tuple(ln.split()[1:]) for k in (0, 1) for ln in (seen / f'rank{k}_epoch0.txt').read_text().splitlines()}
+    assert len(shapes) > 1 and all('128' in s for s in shapes)  # rectangles of long side 128, not one square
+
+
 def test_device_list_launch_trains_one_process_per_device(coco8, tmp_path):
     # what --device 0,1 does on a CUDA machine (one process per device through the elastic launcher), on the CPU
     opt = train.parse_opt(base_args(coco8, '--notest', '--save-dir', str(tmp_path), epochs=1, size=64))
