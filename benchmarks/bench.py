@@ -84,7 +84,19 @@ def _child(spec: dict) -> None:
     _install_tqdm_probe(spec['probe'])
     sys.path.insert(0, spec['repo'])  # the checkout's own modules (models, utils, test) win
     sys.argv = [spec['script']] + spec['argv']
-    runpy.run_path(spec['script'], run_name='__main__')
+    try:
+        runpy.run_path(spec['script'], run_name='__main__')
+    finally:
+        _record_cuda_memory(spec['probe'] + '.cuda.json')
+
+
+def _record_cuda_memory(path: str) -> None:
+    """Peak CUDA memory of this process (allocated by tensors, reserved by the caching allocator), if it used CUDA."""
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        with open(path, 'w') as f:
+            json.dump({'max_allocated': torch.cuda.max_memory_allocated(),
+                       'max_reserved': torch.cuda.max_memory_reserved()}, f)
 
 
 # --------------------------------------------------------------------------------------------------- process metering
@@ -299,8 +311,8 @@ def bench_loader(repo: Path, images: Path, epochs: int, env: dict) -> dict:
     os.environ.clear()
     os.environ.update(env)  # bench_loader hands os.environ to its child: the compat sitecustomize rides along
     try:
-        return {'images_per_s': bench_loader.loader_rate(repo, data=images, img_size=320, batch_size=16, workers=2,
-                                                         epochs=epochs)}
+        r = bench_loader.loader_figures(repo, data=images, img_size=320, batch_size=16, workers=2, epochs=epochs)
+        return {k: r[k] for k in ('images_per_s', 'images', 'seconds', 'cpu_ms_per_image')}
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -316,6 +328,8 @@ def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
         n = len(list(images.glob('*.jpg')))
         env = child_env(compat, tmp)
         res = {'repo': str(repo), 'git': git_state(repo), 'compat': compat, 'patches': patches, 'images': n}
+        for line in patches:
+            log(f'  patched in its temporary copy: {line}')
         steps = [('loader', lambda: bench_loader(src, images, opt.loader_epochs, env)),
                  ('test', lambda: bench_test(src, compat, opt.cfg, data, n, opt.test_size, tmp, env, opt.timeout)),
                  ('train', lambda: bench_train(src, compat, opt.cfg, data, n, opt.train_size, opt.train_epochs, tmp,
@@ -339,14 +353,14 @@ def _fmt(name: str, r: dict) -> str:
     """One line of a measurement."""
     load = f"(load {r['load_before']:.2f} -> {r['load_after']:.2f})"
     if name == 'loader':
-        return f"{r['images_per_s']:.1f} images/s {load}"
+        return f"{r['images_per_s']:.1f} images/s ({r['images']} images in {r['seconds']:.2f} s) {load}"
     mem = f"peak RSS {r['maxrss_mb']:.0f} MB, tree PSS {r['peak_pss_mb']:.0f} MB"
     if name == 'test':
         return (f"{r['wall_s']:.1f} s command, {r['loop_s']:.1f} s loop ({r['loop_images_per_s']:.1f} images/s), "
                 f"mAP@0.5 {r.get('mAP50', float('nan')):.3f}, {mem} {load}")
     steady = f", {r['steady_images_per_s']:.2f} without batch 0" if 'steady_images_per_s' in r else ''
     each = ', '.join(f'{x:.1f}' for x in r['epochs_s'])
-    return (f"epoch {r['epoch_s']:.1f} s = {r['images_per_s']:.2f} images/s{steady} (epochs timed: {each} s; "
+    return (f"epoch {r['epoch_s']:.2f} s = {r['images_per_s']:.2f} images/s{steady} (epochs timed: {each} s; "
             f"first {r['first_epoch_s']:.1f} s), command {r['wall_s']:.1f} s, {mem} {load}")
 
 

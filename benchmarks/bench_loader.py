@@ -54,7 +54,13 @@ def _measure_here(data: str, img_size: int, batch_size: int, workers: int, epoch
 def loader_rate(repo: str | Path | None = None, data: str | Path = DEFAULT_DATA, img_size: int = 320,
                 batch_size: int = 16, workers: int = 2, epochs: int = 3, hyp: dict | None = None) -> float:
     """Images/s of `repo`'s LoadImagesAndLabels (augment=True, mosaic) in a DataLoader; repo None = this checkout."""
-    return _run(repo or ROOT, data, img_size, batch_size, workers, epochs, hyp or ARCHIVE_AUG)['images_per_s']
+    return loader_figures(repo, data, img_size, batch_size, workers, epochs, hyp)['images_per_s']
+
+
+def loader_figures(repo: str | Path | None = None, data: str | Path = DEFAULT_DATA, img_size: int = 320,
+                   batch_size: int = 16, workers: int = 2, epochs: int = 3, hyp: dict | None = None) -> dict:
+    """loader_rate's measurement in full: images (delivered by the timed epochs), seconds, images_per_s, ..."""
+    return _run(repo or ROOT, data, img_size, batch_size, workers, epochs, hyp or ARCHIVE_AUG)
 
 
 def _run(repo: str | Path, data: str | Path, img_size: int, batch_size: int, workers: int, epochs: int,

@@ -13,8 +13,12 @@ puts them back for the current process (and for DataLoader workers forked from i
 - warnings the old code triggers on every batch (meshgrid indexing, pin_memory without a GPU) are silenced so the
   benchmark log stays readable; they do not change what runs.
 
-Two things cannot be done from outside, so `apply_patches(copy)` changes a temporary copy of the checkout (PATCHES
-lists each change with its reason; the checkout's own files are never edited):
+Three things cannot be done from outside, so `apply_patches(copy)` changes a temporary copy of the checkout (PATCHES
+lists each change with its reason; the checkout's own files, e.g. a plain `git clone -b archive`, are never edited):
+- the archive head (Nov 2020, after the grid-overflow fix #1551) clamps the long grid indices in build_targets with
+  0-dim float tensors as bounds (`gj.clamp_(0, gain[3] - 1)`), which torch 1.6 accepted and torch 2 refuses ("result
+  type Float can't be cast to the desired output type long int"); the patch passes the same bounds as ints. Archive
+  commits before that fix do not have the line, and the patch is then skipped;
 - numpy 2 refuses to turn a 1-element array into a float, which the original test.py does in mAP@0.5-only runs (its
   per-class table and `maps[c] = ap[i]`); the patch squeezes those (classes, 1) arrays to (classes,), so the printed
   and returned numbers are the ones numpy 1.17 produced;
@@ -33,6 +37,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 _INSTALLED = False
 
@@ -40,29 +45,43 @@ _INSTALLED = False
 _NUMPY_ALIASES = {'int': int, 'float': float, 'bool': bool, 'object': object, 'str': str, 'complex': complex}
 
 
-# (file, text in the original, replacement, why): applied to a temporary copy only
+class Patch(NamedTuple):
+    """One text replacement in a temporary copy of the original."""
+    file: str  # relative to the checkout
+    old: str  # text of the original, found exactly once
+    new: str  # its replacement
+    why: str
+    required: bool = True  # False: skipped where the text is absent (a change only some archive commits have)
+
+
+# applied to a temporary copy only
 PATCHES = [
-    ('test.py',
-     "            p, r, ap, f1 = p[:, 0], r[:, 0], ap.mean(1), ap[:, 0]  # [P, R, AP@0.5:0.95, AP@0.5]\n",
-     "            p, r, ap, f1 = p[:, 0], r[:, 0], ap.mean(1), ap[:, 0]  # [P, R, AP@0.5:0.95, AP@0.5]\n"
-     "        else:  # compat_original: numpy 2 will not convert the (nc, 1) arrays to scalars below\n"
-     "            p, r, ap, f1 = p[:, 0], r[:, 0], ap[:, 0], f1[:, 0]\n",
-     'numpy >= 2 raises on float(array of shape (1,)) in the per-class print and in maps[c] = ap[i]'),
-    ('models.py',
-     "                modules.add_module('ZeroPad2d', nn.ZeroPad2d((0, 1, 0, 1)))\n",
-     "                modules.add_module('ZeroPad2d', nn.ReplicationPad2d((0, 1, 0, 1)))  # compat_original\n",
-     'size-2/stride-1 maxpool padded the Darknet way (the max ignores the padding; replicating the edge is the '
-     'same), as in the reference figures of ../shared/README.md and the loss fixture'),
+    Patch('test.py',
+          "            p, r, ap, f1 = p[:, 0], r[:, 0], ap.mean(1), ap[:, 0]  # [P, R, AP@0.5:0.95, AP@0.5]\n",
+          "            p, r, ap, f1 = p[:, 0], r[:, 0], ap.mean(1), ap[:, 0]  # [P, R, AP@0.5:0.95, AP@0.5]\n"
+          "        else:  # compat_original: numpy 2 will not convert the (nc, 1) arrays to scalars below\n"
+          "            p, r, ap, f1 = p[:, 0], r[:, 0], ap[:, 0], f1[:, 0]\n",
+          'numpy >= 2 raises on float(array of shape (1,)) in the per-class print and in maps[c] = ap[i]'),
+    Patch('models.py',
+          "                modules.add_module('ZeroPad2d', nn.ZeroPad2d((0, 1, 0, 1)))\n",
+          "                modules.add_module('ZeroPad2d', nn.ReplicationPad2d((0, 1, 0, 1)))  # compat_original\n",
+          'size-2/stride-1 maxpool padded the Darknet way (the max ignores the padding; replicating the edge is the '
+          'same), as in the reference figures of ../shared/README.md and the loss fixture'),
+    Patch('utils/utils.py',
+          "indices.append((b, a, gj.clamp_(0, gain[3] - 1), gi.clamp_(0, gain[2] - 1)))",
+          "indices.append((b, a, gj.clamp_(0, int(gain[3]) - 1), gi.clamp_(0, int(gain[2]) - 1)))",
+          'torch 2 refuses float tensor bounds when clamping the long grid indices in place (build_targets of the '
+          'Nov 2020 archive head); the same bounds as ints', required=False),
 ]
 
 
 def apply_patches(root: str | Path) -> list[str]:
     """Apply PATCHES to the checkout copy at root (never the original files); return one line per patch applied."""
     done = []
-    for rel, old, new, why in PATCHES:
+    for rel, old, new, why, required in PATCHES:
         f = Path(root) / rel
         text = f.read_text()
-        if new in text:
+        if new in text or (not required and old not in text):
             continue
         if text.count(old) != 1:
             raise RuntimeError(f'compat patch for {rel} does not apply ({why}): expected text found '

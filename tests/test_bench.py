@@ -1,20 +1,35 @@
-"""benchmarks/bench.py: its pure helpers, the compat patch mechanism, and one --quick run on this checkout."""
+"""benchmarks/: bench.py's parsers and table, the compat patches for the 2020 original, one bench.py --quick run on
+this checkout, and gpu_check.py: its pure parts, its failure path, and `--device cpu --quick` end to end."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import COCO128, ROOT
+
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import bench  # noqa: E402  (benchmarks/ is not a package)
 import compat_original  # noqa: E402
+import gpu_check  # noqa: E402
 
 
+def label_rows(n: int) -> int:
+    """Label rows of the first n coco128 images: the targets test.py must count."""
+    total = 0
+    for im in sorted((COCO128 / 'images' / 'train2017').glob('*.jpg'))[:n]:
+        lb = COCO128 / 'labels' / 'train2017' / f'{im.stem}.txt'
+        total += sum(1 for x in lb.read_text().splitlines() if x.strip()) if lb.exists() else 0
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------- bench.py
 def test_parse_all_row_both_table_layouts():
     """The 'all' row of the 2020 table (P R mAP F1) and of this checkout's (with mAP@0.5:0.95) parse alike."""
     old = ('               Class    Images   Targets ...\n'
@@ -42,16 +57,40 @@ def test_is_original_and_compat_patch(tmp_path):
     (tmp_path / 'utils' / 'utils.py').write_text('')
     (tmp_path / 'models.py').write_text('ONNX_EXPORT = False\n')
     assert bench.is_original(tmp_path) and not bench.is_original(ROOT)
-    for rel, old, _, _ in compat_original.PATCHES:
-        f = tmp_path / rel
-        f.write_text(f.read_text() + 'x = 1\n' + old if f.exists() else 'x = 1\n' + old)
+    for p in compat_original.PATCHES:
+        f = tmp_path / p.file
+        f.write_text((f.read_text() if f.exists() else '') + 'x = 1\n' + p.old)
     assert len(compat_original.apply_patches(tmp_path)) == len(compat_original.PATCHES)
-    for rel, old, new, _ in compat_original.PATCHES:
-        assert new in (tmp_path / rel).read_text() and old not in (tmp_path / rel).read_text().replace(new, '')
+    for p in compat_original.PATCHES:
+        assert p.new in (tmp_path / p.file).read_text()
+        assert p.old not in (tmp_path / p.file).read_text().replace(p.new, '')
     assert compat_original.apply_patches(tmp_path) == []  # already applied
+    # an optional patch (a change only the Nov 2020 head has) is skipped where its text is absent; required ones fail
+    optional = [p for p in compat_original.PATCHES if not p.required]
+    assert optional and optional[0].file == 'utils/utils.py'
+    (tmp_path / 'utils' / 'utils.py').write_text('older build_targets\n')
+    assert compat_original.apply_patches(tmp_path) == []
     (tmp_path / 'test.py').write_text('something else\n')
-    with pytest.raises(RuntimeError, match='does not apply'):
+    with pytest.raises(RuntimeError, match='test.py does not apply'):
         compat_original.apply_patches(tmp_path)
+
+
+def test_build_targets_patch_fixes_the_torch2_crash_with_the_same_indices():
+    """The archive head's clamp_ with 0-dim float bounds raises under torch 2; the patched line clamps the same."""
+    patch = next(p for p in compat_original.PATCHES if p.file == 'utils/utils.py')
+    gain = torch.tensor([1, 1, 13, 13, 1, 1], dtype=torch.float32)  # (6,) xyxy grid gain of a 13x13 output
+    b = a = torch.zeros(4, dtype=torch.long)
+
+    def run(line: str) -> tuple:
+        gj, gi = torch.tensor([-1, 0, 12, 15]), torch.tensor([13, 5, -2, 12])  # (4,) long grid indices
+        indices = []
+        exec(line, {'indices': indices, 'b': b, 'a': a, 'gj': gj, 'gi': gi, 'gain': gain})
+        return indices[0]
+
+    with pytest.raises(RuntimeError, match="can't be cast"):
+        run(patch.old)
+    _, _, gj, gi = run(patch.new)
+    assert gj.tolist() == [0, 0, 12, 12] and gi.tolist() == [12, 5, 0, 12] and gj.dtype == torch.long
 
 
 def test_compat_install_restores_numpy_names():
@@ -63,13 +102,111 @@ def test_compat_install_restores_numpy_names():
 
 
 def test_quick_run_this_checkout(tmp_path, capsys):
-    """`bench.py --quick` on 8 images: every measurement runs and gives sane figures (a smoke run, not a timing)."""
+    """`bench.py --quick` on 8 images: the figures agree with the run (counts, rates from times, the JSON)."""
     out = tmp_path / 'r.json'
     results = bench.main(['--quick', '--images', '8', '--json', str(out)])
+    printed = capsys.readouterr().out
     r = results[0]
     assert r['images'] == 8 and not r['compat']
-    assert r['loader']['images_per_s'] > 0
-    assert 0 < r['test']['mAP50'] <= 1 and r['test']['images'] == 8 and r['test']['wall_s'] > r['test']['loop_s']
-    assert r['train']['images_per_s'] > 0 and r['train']['maxrss_mb'] > 100 and r['train']['peak_pss_mb'] > 0
-    assert json.loads(out.read_text())['machine']['cores'] >= 1
-    assert 'train images/s (median epoch)' in capsys.readouterr().out
+    # loader: 1 timed epoch of the 8 images, the rate is those images over the time taken
+    assert r['loader']['images'] == 8
+    assert r['loader']['images_per_s'] == pytest.approx(8 / r['loader']['seconds'])
+    # test.py: counted the 8 images and every label row of them; the loop is part of the command
+    assert (r['test']['images'], r['test']['targets']) == (8, label_rows(8))
+    assert 0 <= r['test']['mAP50'] <= 1 and r['test']['loop_s'] < r['test']['wall_s']
+    assert r['test']['loop_images_per_s'] == pytest.approx(8 / r['test']['loop_s'])
+    # train: --quick is 1 epoch, timed alone; images/s is 8 images over the epoch time, as printed
+    t = r['train']
+    assert len(t['epochs_s']) == 1 and t['epoch_s'] == t['epochs_s'][0] == t['first_epoch_s'] < t['wall_s']
+    assert t['images_per_s'] == pytest.approx(8 / t['epoch_s'])
+    m = re.search(r'epoch ([\d.]+) s = ([\d.]+) images/s', printed)
+    assert float(m.group(2)) == pytest.approx(8 / float(m.group(1)), rel=0.02)  # from the rounded printed figures
+    assert t['maxrss_mb'] > 100 and t['peak_pss_mb'] > 100  # a process that imported torch and built a model
+    saved = json.loads(out.read_text())
+    assert saved['results'][0]['train']['epoch_s'] == t['epoch_s'] and saved['machine']['cores'] >= 1
+    assert 'train images/s (median epoch)' in printed
+
+
+# ------------------------------------------------------------------------------------------------------ gpu_check.py
+def test_gpu_check_pure_parts():
+    """Peak table by device name, box IoU, the error line picked from a command's output."""
+    assert gpu_check.device_peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+    assert gpu_check.device_peak_tflops('NVIDIA H100 PCIe') == 756.0
+    assert gpu_check.device_peak_tflops('NVIDIA A100-SXM4-80GB') == 312.0
+    assert gpu_check.device_peak_tflops('NVIDIA GeForce RTX 3090') is None
+    assert gpu_check._iou_xywh([0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]) == pytest.approx(1.0)
+    assert gpu_check._iou_xywh([0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2]) == pytest.approx(0.02 / 0.06)
+    out = 'Traceback (most recent call last):\n  File "x"\nRuntimeError: CUDA out of memory\nexit\n'
+    assert gpu_check.error_lines(out) == 'RuntimeError: CUDA out of memory'
+
+
+def test_gpu_check_pack_copies_exactly_the_inputs(tmp_path):
+    """--pack copies the weights, names, samples, images and labels, nothing else, and refuses more than the limit."""
+    src = tmp_path / 'src'
+    for rel in ('coco128/images/train2017/a.jpg', 'coco128/labels/train2017/a.txt', 'coco128/coco.names',
+                'coco128/annotations/instances.json', 'weights/yolov3-tiny.weights', 'samples/bus.jpg',
+                'samples/zidane.jpg', 'samples/other.jpg'):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b'x' * 100)
+    inputs = gpu_check.Inputs(src / 'coco128', src / 'weights' / 'yolov3-tiny.weights', src / 'samples')
+    assert gpu_check.pack(inputs, tmp_path / 'pack') == 600  # 6 files of 100 bytes
+    got = sorted(str(p.relative_to(tmp_path / 'pack')) for p in (tmp_path / 'pack').rglob('*') if p.is_file())
+    assert got == ['coco128/coco.names', 'coco128/images/train2017/a.jpg', 'coco128/labels/train2017/a.txt',
+                   'samples/bus.jpg', 'samples/zidane.jpg', 'weights/yolov3-tiny.weights']
+    with pytest.raises(SystemExit, match='over 0 MiB'):
+        gpu_check.pack(inputs, tmp_path / 'pack2', limit_mib=0.0001)
+    assert not (tmp_path / 'pack2').exists()
+    with pytest.raises(SystemExit, match=r'missing input: .*nothing'):
+        gpu_check.main(['--device', 'cpu', '--data-dir', str(tmp_path / 'nothing')])
+
+
+def test_gpu_check_records_failures_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A failing or crashing step is recorded with its reason, the next step still runs, the exit status is 1."""
+    def failing(ctx):
+        raise gpu_check.CheckFailed('mAP@0.5 0.300, expected 0.423 +- 0.005')
+
+    def crashing(ctx):
+        raise KeyError('x')
+
+    monkeypatch.setitem(gpu_check.STEPS, 'test_fp32', failing)
+    monkeypatch.setitem(gpu_check.STEPS, 'loader', crashing)
+    monkeypatch.setitem(gpu_check.STEPS, 'detect_fp32', lambda ctx: {'objects': {'bus': {'bus': 1}}})
+    out = tmp_path / 'r.json'
+    rc = gpu_check.main(['--device', 'cpu', '--quick', '--only', 'test_fp32', 'loader', 'detect_fp32',
+                         'throughput_spp', '--out', str(out)])
+    assert rc == 1
+    res = json.loads(out.read_text())
+    by = {s['step']: s for s in res['steps']}
+    assert list(by) == ['test_fp32', 'detect_fp32', 'loader', 'throughput_spp']  # in the script's order
+    assert res['failed'] == ['test_fp32', 'loader']
+    assert by['test_fp32']['reason'] == 'mAP@0.5 0.300, expected 0.423 +- 0.005'
+    assert by['loader']['reason'] == "KeyError: 'x'"
+    assert by['detect_fp32']['status'] == 'pass' and by['throughput_spp']['status'] == 'skipped'
+    assert '2 failed: test_fp32, loader; 1 passed, 1 skipped' in capsys.readouterr().out
+
+
+def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
+    """`gpu_check.py --device cpu --quick`: every step passes or is skipped for want of CUDA, figures consistent."""
+    out = tmp_path / 'r.json'
+    rc = gpu_check.main(['--device', 'cpu', '--quick', '--out', str(out), '--logs', str(tmp_path / 'logs')])
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    by = {s['step']: s for s in res['steps']}
+    assert list(by) == gpu_check.STEP_NAMES
+    failed = {k: v['reason'] for k, v in by.items() if v['status'] == 'fail'}
+    assert rc == 0 and not failed, failed
+    cuda_only = {'train_fp16', 'test_half', 'detect_half', 'throughput_tiny', 'throughput_spp'}
+    assert {k for k, v in by.items() if v['status'] == 'skipped'} == cuda_only
+    assert all(by[k]['reason'] == 'needs CUDA' for k in cuda_only)
+    assert by['train_bf16']['checkpoint_epochs'] == {'last.pt': 1, 'best.pt': 1}
+    assert by['kill9_resume']['killed_after_epoch'] == 0 and by['kill9_resume']['rows_at_kill'] < 3
+    assert by['torchrun']['processes'] == 2 and by['torchrun']['backend'] == 'gloo'
+    assert by['elastic']['killed_local_rank'] == 1 and by['elastic']['rows_at_kill'] < 2
+    assert (by['test_fp32']['images'], by['test_fp32']['targets']) == (8, label_rows(8))
+    objects = by['detect_fp32']['objects']
+    assert {'bus', 'person'} <= set(objects['bus']) and {'person', 'tie'} <= set(objects['zidane'])
+    assert by['loader']['images'] == 8
+    assert by['loader']['images_per_s'] == pytest.approx(8 / by['loader']['timed_s'])
+    for name in gpu_check.STEP_NAMES:  # the printed table has a row per step, and each command's log was kept
+        assert re.search(rf'^{name}\s+{by[name]["status"]}\b', printed, re.M)
+    assert (tmp_path / 'logs' / 'elastic.log').read_text().startswith(sys.executable)

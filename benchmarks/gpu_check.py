@@ -1,0 +1,785 @@
+"""One command that proves the CUDA path (issue 11 item 3): AMP training, kill -9 + --resume, torchrun (NCCL) with
+an elastic restart, test.py / detect.py in fp32 and fp16, and throughput with the share of the card's peak.
+
+    python benchmarks/gpu_check.py --out gpu_check.json            # on a CUDA machine: about 5 minutes on one H100
+    python benchmarks/gpu_check.py --device cpu --quick            # every step that does not need CUDA, tiny, < 1 min
+    python benchmarks/gpu_check.py --pack                          # copy the inputs into gpu_inputs/ (git-ignored)
+    python benchmarks/gpu_check.py --inputs gpu_inputs --out $OUT/gpu_check.json --logs $OUT/logs
+
+Inputs, no network needed: --data-dir (a coco128 folder: images/train2017, labels/train2017, coco.names),
+--weights (the official yolov3-tiny.weights) and --samples (a folder with bus.jpg and zidane.jpg); they default to
+../shared, or to gpu_inputs/ when ../shared is absent. `--pack` copies exactly those files (about 57 MiB) into
+gpu_inputs/ so they can travel with the checkout to a machine without ../shared; `--inputs DIR` reads such a copy.
+
+Every command runs as a user would type it, in a subprocess, in a temporary folder. Each step records pass, fail
+(with the reason) or skipped (needs CUDA) and the script goes on; the exit status is 1 when any step failed.
+Steps (CUDA sizes; --quick: 8 images at 64-128 px and at most 3 epochs):
+  train_fp16, train_bf16  2-epoch fine-tune of yolov3-tiny on coco128 at 416 with --amp fp16 / bf16: finite losses,
+                          one results.txt row per epoch, last.pt and best.pt load with torch.load(weights_only=True)
+  kill9_resume            kill -9 during the second of 3 epochs, then --resume: epochs 0, 1, 2 in results.txt once
+  torchrun                torch.distributed.run, one process per visible GPU (NCCL; 2 gloo processes on the CPU):
+                          trains and writes one set of checkpoints
+  elastic                 torchrun --max-restarts 1, one worker SIGKILLed after the first epoch: the restarted
+                          workers continue from weights/last.pt by themselves, every epoch once, exit status 0
+  test_fp32, test_half    test.py at 416: mAP@0.5 0.423 +- 0.005 in fp32 (coco128, official weights), fp16 within 0.01
+  detect_fp32, detect_half  detect.py on bus.jpg, zidane.jpg: a bus and persons, persons and a tie; --half finds
+                          the same objects (classes and counts per image, boxes within IoU 0.9)
+  loader                  the mosaic training loader alone with all of the machine's cores (images/s)
+  throughput_tiny, throughput_spp  training images/s at 416, batch 64, AMP fp16 (loader included), peak GPU
+                          memory, MFU = forward FLOPs x 3 x images/s / the card's dense bf16 peak
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
+PACK_DIR = ROOT / 'gpu_inputs'  # git-ignored; `--pack` fills it
+CFG_TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+CFG_SPP = ROOT / 'cfg' / 'yolov3-spp.cfg'
+MAP_FP32, MAP_TOL, HALF_TOL = 0.423, 0.005, 0.01  # test.py, coco128 at 416, official yolov3-tiny weights, CPU
+SAMPLE_OBJECTS = {'bus': {'bus', 'person'}, 'zidane': {'person', 'tie'}}  # what the fp32 run must find
+# dense (no sparsity) bf16 tensor-core peaks in TFLOPS, first match in the device name wins; V100 has no bf16: fp16
+PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0), ('V100', 125.0)]
+GOAL_IMAGES_PER_S, GOAL_MFU = 1000.0, 0.35  # issue 11 item 4, yolov3-spp at 416 on one H100 (the original: 122 on V100)
+RESUMING = re.compile(r'^Resuming \S*last\.pt from epoch \d+', re.M)  # what train.py prints when it resumes
+STEP_NAMES = ['train_fp16', 'train_bf16', 'kill9_resume', 'torchrun', 'elastic', 'test_fp32', 'test_half',
+              'detect_fp32', 'detect_half', 'loader', 'throughput_tiny', 'throughput_spp']
+
+sys.path.insert(0, str(BENCH_DIR))
+import bench  # noqa: E402  (benchmarks/ is not a package: its tqdm probe and parsers)
+
+
+class CheckFailed(Exception):
+    """A step's check did not hold; the message is the reason recorded."""
+
+
+class NeedsCuda(Exception):
+    """The step needs a CUDA device."""
+
+
+@dataclass
+class Inputs:
+    """Where the data, the weights and the sample images come from."""
+    data_dir: Path  # coco128: images/train2017, labels/train2017, coco.names
+    weights: Path  # yolov3-tiny.weights
+    samples: Path  # bus.jpg, zidane.jpg
+
+    def files(self) -> list[tuple[Path, str]]:
+        """(source, path relative to a pack folder) of every input file."""
+        out = [(self.weights, 'weights/yolov3-tiny.weights'), (self.data_dir / 'coco.names', 'coco128/coco.names')]
+        out += [(self.samples / f'{s}.jpg', f'samples/{s}.jpg') for s in SAMPLE_OBJECTS]
+        for sub in ('images', 'labels'):
+            for f in sorted((self.data_dir / sub / 'train2017').glob('*')):
+                out.append((f, f'coco128/{sub}/train2017/{f.name}'))
+        return out
+
+    def check(self) -> None:
+        """One clear error naming the missing input."""
+        need = [self.data_dir / 'images' / 'train2017', self.data_dir / 'labels' / 'train2017',
+                self.data_dir / 'coco.names', self.weights] + [self.samples / f'{s}.jpg' for s in SAMPLE_OBJECTS]
+        missing = [str(p) for p in need if not p.exists()]
+        if missing:
+            raise SystemExit(f'gpu_check: missing input: {", ".join(missing)} (see --data-dir, --weights, --samples)')
+
+
+def default_inputs(opt: argparse.Namespace) -> Inputs:
+    """--data-dir/--weights/--samples, else --inputs (a pack folder), else ../shared, else gpu_inputs/."""
+    base = opt.inputs or (None if SHARED.is_dir() or not PACK_DIR.is_dir() else PACK_DIR)
+    if base is None:
+        d = Inputs(SHARED / 'datasets' / 'coco128', SHARED / 'weights' / 'yolov3-tiny.weights', SHARED / 'samples')
+    else:
+        d = Inputs(base / 'coco128', base / 'weights' / 'yolov3-tiny.weights', base / 'samples')
+    return Inputs(Path(opt.data_dir or d.data_dir).resolve(), Path(opt.weights or d.weights).resolve(),
+                  Path(opt.samples or d.samples).resolve())
+
+
+def pack(inputs: Inputs, dst: Path, limit_mib: float = 64.0) -> int:
+    """Copy exactly the inputs into dst (replacing an earlier pack); returns the bytes copied."""
+    inputs.check()
+    files = inputs.files()
+    total = sum(src.stat().st_size for src, _ in files)
+    if total > limit_mib * 2 ** 20:
+        raise SystemExit(f'gpu_check: the inputs are {total / 2 ** 20:.1f} MiB, over {limit_mib:.0f} MiB')
+    shutil.rmtree(dst, ignore_errors=True)
+    for src, rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst / rel)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------- set-up
+@dataclass
+class Ctx:
+    """What every step needs: inputs, device, sizes, the work folder."""
+    inputs: Inputs
+    device: str  # 'cpu' or a CUDA index such as '0'
+    quick: bool
+    work: Path
+    logs: Path | None = None
+    n_gpus: int = 0
+    data: Path = Path()  # .data over a symlinked copy of coco128 (caches land in work)
+    n_images: int = 0
+    n_targets: int = 0  # label rows of those images
+    shared: dict = field(default_factory=dict)  # figures one step hands to a later one (test_fp32 -> test_half)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds allowed to one command (a hang fails its step, and the rest still fit the run)."""
+        return 90.0 if self.quick else 240.0
+
+    @property
+    def cuda(self) -> bool:
+        """True when the steps run on CUDA."""
+        return self.device != 'cpu'
+
+    def size(self, cuda_size: int = 416, quick_size: int = 64) -> int:
+        """Image size of a training step."""
+        return quick_size if self.quick else cuda_size
+
+
+def make_dataset(inputs: Inputs, dst: Path, n: int | None, copies: int = 1) -> tuple[Path, int, int]:
+    """Symlink the first n images (and labels) `copies` times under dst; (.data file, images, label rows)."""
+    images, labels = dst / 'images', dst / 'labels'
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    n_targets = 0
+    src = sorted((inputs.data_dir / 'images' / 'train2017').glob('*.jpg'))[:n]
+    for k in range(copies):  # distinct names: the loader drops duplicate paths
+        for im in src:
+            (images / f'{k}_{im.name}').symlink_to(im)
+            lb = inputs.data_dir / 'labels' / 'train2017' / f'{im.stem}.txt'
+            if lb.exists():
+                (labels / f'{k}_{lb.name}').symlink_to(lb)
+                n_targets += sum(1 for x in lb.read_text().splitlines() if x.strip())
+    data = dst / 'check.data'
+    data.write_text(f'classes=80\ntrain={images}\nvalid={images}\nnames={inputs.data_dir / "coco.names"}\n')
+    return data, len(src) * copies, n_targets
+
+
+def run_cli(ctx: Ctx, name: str, cmd: list[str], cwd: Path, timeout: float, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run a command to completion (killed at timeout), its output saved as <logs>/<name>.log; returns it."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    # own session: at a timeout the whole tree goes (torchrun's workers, DataLoader workers), not only the parent
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        r = subprocess.CompletedProcess(cmd, 124, out, err + f'\nTimeoutError: killed after {timeout:.0f} s')
+    save_log(ctx, name, cmd, r.stdout + r.stderr)
+    return r
+
+
+def save_log(ctx: Ctx, name: str, cmd: list[str], text: str) -> None:
+    """Keep a command's output under --logs."""
+    if ctx.logs:
+        ctx.logs.mkdir(parents=True, exist_ok=True)
+        (ctx.logs / f'{name}.log').write_text(' '.join(map(str, cmd)) + '\n\n' + text)
+
+
+def error_lines(text: str) -> str:
+    """The last error a command printed (an 'XxxError: ...' line), else its last lines."""
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if re.match(r'^[\w.]*(Error|Exception|error)\b:?', x)]
+    return (errors[-1] if errors else ' | '.join(lines[-3:]))[-600:]
+
+
+def expect_rc0(r: subprocess.CompletedProcess, what: str) -> None:
+    """A failed command is a failed check, with its last error as the reason."""
+    if r.returncode:
+        raise CheckFailed(f'{what} exited {r.returncode}: {error_lines(r.stdout + r.stderr)}')
+
+
+def train_cmd(ctx: Ctx, *extra: str, epochs: int, cfg: Path = CFG_TINY, weights: str | None = None,
+              batch: int | None = None, data: Path | None = None, size: int | None = None) -> list[str]:
+    """train.py arguments for this machine (the script path first)."""
+    batch = batch or (8 if ctx.quick else 16)
+    # --quick: 8 images, where worker start-up and a test every epoch would be most of the time (the last epoch
+    # is still tested)
+    quick = ['--workers', '0', '--notest'] if ctx.quick else []
+    return [str(ROOT / 'train.py'), '--cfg', str(cfg), '--data', str(data or ctx.data),
+            '--weights', str(ctx.inputs.weights) if weights is None else weights,
+            '--img-size', str(size or ctx.size()),
+            '--epochs', str(epochs), '--batch-size', str(batch), *quick, *extra]
+
+
+# ----------------------------------------------------------------------------------------------------- run outputs
+def results_rows(run: Path) -> list[list[str]]:
+    """results.txt of a run as split rows (epoch 'i/n', mem, GIoU, obj, cls, total, targets, size, P, R, mAP...)."""
+    f = run / 'results.txt'
+    return [x.split() for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def check_epochs(run: Path, epochs: int) -> list[list[str]]:
+    """results.txt holds epochs 0..epochs-1 once each, in order, with finite losses."""
+    rows = results_rows(run)
+    got = [r[0] for r in rows]
+    want = [f'{i}/{epochs - 1}' for i in range(epochs)]
+    if got != want:
+        raise CheckFailed(f'results.txt epochs {got}, expected {want}')
+    bad = [r[0] for r in rows if not all(math.isfinite(float(x)) for x in r[2:6] + r[-3:])]
+    if bad:
+        raise CheckFailed(f'non-finite losses in results.txt at epochs {bad}')
+    return rows
+
+
+def check_checkpoints(run: Path, epochs: int) -> dict:
+    """weights/last.pt and best.pt load with weights_only=True; last.pt is the final epoch; finite tensors."""
+    import torch
+    out = {}
+    for name in ('last.pt', 'best.pt'):
+        f = run / 'weights' / name
+        if not f.exists():
+            raise CheckFailed(f'{f} missing')
+        try:
+            ck = torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any unpickling error is the finding)
+            raise CheckFailed(f'{f} does not load with weights_only=True: {e}') from None
+        bad = [k for k, v in ck['model'].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckFailed(f'{f}: non-finite tensors {bad[:3]}')
+        out[name] = ck['epoch']
+    if out['last.pt'] != epochs - 1:
+        raise CheckFailed(f"last.pt is epoch {out['last.pt']}, expected {epochs - 1}")
+    return out
+
+
+def checkpoint_files(run: Path) -> list[str]:
+    """Every .pt file under a run folder, relative."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob('*.pt'))
+
+
+# ----------------------------------------------------------------------------------------------------------- steps
+def step_train_amp(ctx: Ctx, amp: str) -> dict:
+    """2 epochs with --amp fp16/bf16: finite losses, a results.txt row per epoch, checkpoints load weights_only."""
+    if amp == 'fp16' and not ctx.cuda:
+        raise NeedsCuda
+    run, epochs = ctx.work / f'train_{amp}', 2
+    r = run_cli(ctx, f'train_{amp}', [sys.executable, *train_cmd(ctx, '--amp', amp, '--device', ctx.device,
+                                                                 '--save-dir', str(run), epochs=epochs)],
+                ctx.work, ctx.timeout)
+    expect_rc0(r, f'train.py --amp {amp}')
+    rows = check_epochs(run, epochs)
+    ck = check_checkpoints(run, epochs)
+    return {'total_loss': [float(x[5]) for x in rows],
+            'mAP50': [float(x[10]) for x in rows], 'checkpoint_epochs': ck}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll until path exists; fail when the process ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise CheckFailed(f'the run exited ({proc.returncode}) before writing {path.name}')
+        if time.time() > deadline:
+            raise CheckFailed(f'no {path.name} after {timeout:.0f} s')
+        time.sleep(0.05)
+
+
+def step_kill9_resume(ctx: Ctx) -> dict:
+    """kill -9 during the second of 3 epochs, then `train.py --resume`: epochs 0, 1, 2 once each."""
+    run, epochs = ctx.work / 'kill9', 3
+    run.mkdir()
+    cmd = [sys.executable, *train_cmd(ctx, '--device', ctx.device, epochs=epochs)]
+    with open(run / 'killed_run.log', 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(run / 'weights' / 'last.pt', proc, ctx.timeout)
+            time.sleep(0.2)  # into the second epoch
+            finished = proc.poll() is not None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            save_log(ctx, 'kill9_killed_run', cmd, (run / 'killed_run.log').read_text(errors='replace'))
+    rows_at_kill = len(results_rows(run))
+    if finished or rows_at_kill >= epochs:
+        raise CheckFailed('the run finished before the kill: nothing to resume')
+    import torch
+    killed_epoch = torch.load(run / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['epoch']
+    r = run_cli(ctx, 'kill9_resume', [sys.executable, str(ROOT / 'train.py'), '--resume'], run, ctx.timeout)
+    expect_rc0(r, 'train.py --resume')
+    if not RESUMING.search(r.stdout):
+        raise CheckFailed('train.py --resume did not say it was resuming')
+    check_epochs(run, epochs)
+    check_checkpoints(run, epochs)
+    return {'killed_after_epoch': killed_epoch, 'rows_at_kill': rows_at_kill}
+
+
+def _torchrun(ctx: Ctx, nproc: int, *extra: str) -> list[str]:
+    """torch.distributed.run command line for this machine's devices."""
+    devices = ','.join(str(i) for i in range(nproc)) if ctx.cuda else 'cpu'
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *extra,
+            *train_cmd(ctx, '--device', devices, epochs=1)]
+
+
+def _nproc(ctx: Ctx) -> int:
+    """One process per visible GPU; 2 gloo processes on the CPU."""
+    return ctx.n_gpus if ctx.cuda else 2
+
+
+def _nccl_env(ctx: Ctx) -> dict:
+    """NCCL_DEBUG=INFO on CUDA: NCCL then prints 'NCCL INFO' lines, the proof that it carried the all-reduces."""
+    return {'NCCL_DEBUG': 'INFO'} if ctx.cuda else {}
+
+
+def step_torchrun(ctx: Ctx) -> dict:
+    """One process per GPU (NCCL) or 2 on the CPU (gloo): trains and writes one set of checkpoints."""
+    run, nproc, epochs = ctx.work / 'torchrun', _nproc(ctx), 1 if ctx.quick else 2
+    cmd = _torchrun(ctx, nproc)
+    cmd[cmd.index('--epochs') + 1] = str(epochs)
+    r = run_cli(ctx, 'torchrun', cmd, run, ctx.timeout, env=_nccl_env(ctx))
+    expect_rc0(r, f'torchrun --nproc_per_node {nproc} train.py')
+    if ctx.cuda and 'NCCL INFO' not in r.stdout + r.stderr:
+        raise CheckFailed('no NCCL INFO lines: the process group did not use NCCL')
+    check_epochs(run, epochs)
+    check_checkpoints(run, epochs)
+    pts = checkpoint_files(run)
+    if pts != ['weights/best.pt', 'weights/last.pt']:
+        raise CheckFailed(f'checkpoints written: {pts}, expected one set (weights/best.pt, weights/last.pt)')
+    return {'processes': nproc, 'backend': 'nccl' if ctx.cuda else 'gloo'}
+
+
+def _workers_of(pid: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the train.py processes under pid (torchrun's workers, not their DataLoader workers)."""
+    tree, todo, ranks, parent = bench._children_of(), [pid], {}, {}
+    while todo:
+        p = todo.pop()
+        for c in tree.get(p, []):
+            parent[c] = p
+            todo.append(c)
+        try:
+            cmdline = Path(f'/proc/{p}/cmdline').read_bytes().split(b'\0')
+            env = dict(x.split(b'=', 1) for x in Path(f'/proc/{p}/environ').read_bytes().split(b'\0') if b'=' in x)
+        except OSError:
+            continue
+        if b'LOCAL_RANK' in env and any(x.endswith(b'train.py') for x in cmdline):
+            ranks[p] = int(env[b'LOCAL_RANK'])  # the agent has no LOCAL_RANK; forked DataLoader workers inherit it
+    return {r: p for p, r in ranks.items() if parent.get(p) not in ranks}
+
+
+def step_elastic(ctx: Ctx) -> dict:
+    """torchrun --max-restarts 1; one worker SIGKILLed after the first epoch; every epoch once, exit 0."""
+    run, nproc, epochs = ctx.work / 'elastic', _nproc(ctx), 2 if ctx.quick else 3
+    run.mkdir()
+    cmd = _torchrun(ctx, nproc, '--max-restarts', '1')
+    cmd[cmd.index('--epochs') + 1] = str(epochs)
+    with open(run / 'torchrun.log', 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, 'PYTHONUNBUFFERED': '1', **_nccl_env(ctx)})
+        try:
+            _wait_for(run / 'weights' / 'last.pt', proc, ctx.timeout)
+            workers = _workers_of(proc.pid)
+            if not workers:
+                raise CheckFailed('no train.py worker found under torchrun')
+            rank = max(workers)  # a non-zero rank where there are several: rank 0 writes the checkpoints
+            time.sleep(0.2)  # into the second epoch
+            rows_at_kill = len(results_rows(run))
+            os.kill(workers[rank], signal.SIGKILL)
+            try:
+                proc.wait(timeout=ctx.timeout)
+            except subprocess.TimeoutExpired:
+                raise CheckFailed(f'torchrun did not finish within {ctx.timeout:.0f} s of the kill: '
+                                  f"{error_lines((run / 'torchrun.log').read_text(errors='replace'))}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            save_log(ctx, 'elastic', cmd, (run / 'torchrun.log').read_text(errors='replace'))
+    text = (run / 'torchrun.log').read_text(errors='replace')
+    if rows_at_kill >= epochs:
+        raise CheckFailed('the run finished before the kill')
+    if proc.returncode:
+        raise CheckFailed(f'torchrun exited {proc.returncode} after the worker of local rank {rank} was killed: '
+                          f'{error_lines(text)}')
+    check_epochs(run, epochs)
+    check_checkpoints(run, epochs)
+    if not RESUMING.search(text):
+        raise CheckFailed('the restarted workers did not say they resumed from weights/last.pt')
+    return {'processes': nproc, 'killed_local_rank': rank, 'rows_at_kill': rows_at_kill}
+
+
+def _test_cmd(ctx: Ctx, *extra: str) -> list[str]:
+    """test.py on the dataset at 416 (128 in --quick), the official weights."""
+    return [sys.executable, str(ROOT / 'test.py'), '--cfg', str(CFG_TINY), '--data', str(ctx.data), '--weights',
+            str(ctx.inputs.weights), '--img-size', str(ctx.size(416, 128)), '--batch-size', '16', '--conf-thres',
+            '0.001', '--iou-thres', '0.6', '--device', ctx.device, *extra]
+
+
+def step_test_fp32(ctx: Ctx) -> dict:
+    """test.py in fp32: counts the dataset's images and labels; mAP@0.5 0.423 +- 0.005 on coco128 at 416."""
+    r = run_cli(ctx, 'test_fp32', _test_cmd(ctx, '--save-dir', str(ctx.work / 'test_fp32')), ctx.work, ctx.timeout)
+    expect_rc0(r, 'test.py')
+    row = bench.parse_all_row(r.stdout)
+    if not row:
+        raise CheckFailed("no 'all' row in test.py's output")
+    if (row['images'], row['targets']) != (ctx.n_images, ctx.n_targets):
+        raise CheckFailed(f"test.py counted {row['images']} images, {row['targets']} targets; the dataset has "
+                          f'{ctx.n_images}, {ctx.n_targets}')
+    ctx.shared['mAP50_fp32'] = row['mAP50']
+    if not ctx.quick and abs(row['mAP50'] - MAP_FP32) > MAP_TOL:
+        raise CheckFailed(f"mAP@0.5 {row['mAP50']:.3f}, expected {MAP_FP32} +- {MAP_TOL}")
+    return {**row, 'expected': None if ctx.quick else f'{MAP_FP32} +- {MAP_TOL}'}
+
+
+def step_test_half(ctx: Ctx) -> dict:
+    """test.py --half on CUDA: mAP@0.5 within 0.01 of fp32 (in-process fp16 model where test.py has no --half)."""
+    if not ctx.cuda:
+        raise NeedsCuda
+    if 'mAP50_fp32' not in ctx.shared:
+        raise CheckFailed('test_fp32 did not give a figure to compare with')
+    has_half = '--half' in subprocess.run([sys.executable, str(ROOT / 'test.py'), '--help'], capture_output=True,
+                                          text=True).stdout
+    if has_half:
+        r = run_cli(ctx, 'test_half', _test_cmd(ctx, '--half', '--save-dir', str(ctx.work / 'test_half')), ctx.work,
+                    ctx.timeout)
+    else:  # the fp16 inference path through test.test() with the model cast to half, in its own process
+        spec = {'cfg': str(CFG_TINY), 'data': str(ctx.data), 'weights': str(ctx.inputs.weights),
+                'img_size': ctx.size(416, 128), 'device': ctx.device, 'save_dir': str(ctx.work / 'test_half')}
+        r = run_cli(ctx, 'test_half', [sys.executable, str(Path(__file__).resolve()), '--child-test-half',
+                                       json.dumps(spec)], ctx.work, ctx.timeout)
+    expect_rc0(r, 'test.py --half' if has_half else 'test() with a half model')
+    row = bench.parse_all_row(r.stdout)
+    if not row:
+        raise CheckFailed("no 'all' row in the fp16 test output")
+    diff = row['mAP50'] - ctx.shared['mAP50_fp32']
+    res = {**row, 'mAP50_fp32': ctx.shared['mAP50_fp32'], 'difference': diff,
+           'via': 'test.py --half' if has_half else 'test.test() with model.half() (test.py has no --half)'}
+    if abs(diff) > HALF_TOL:
+        raise CheckFailed(f"fp16 mAP@0.5 {row['mAP50']:.3f} vs fp32 {ctx.shared['mAP50_fp32']:.3f}: "
+                          f'differs by more than {HALF_TOL}')
+    return res
+
+
+def child_test_half(spec: dict) -> None:
+    """Evaluate the fused model in fp16 through test.test() (prints the usual table)."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import test as testpy
+    from models import load_model
+
+    class Half(torch.nn.Module):
+        """fp16 model behind an fp32 interface: test() feeds float images and reads float outputs."""
+
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.module = model.half()  # `.module`: test() finds the strides through it
+
+        def forward(self, x: torch.Tensor, augment: bool = False):
+            inf, train_out = self.module(x.half(), augment=augment)
+            return inf.float(), [y.float() for y in train_out] if train_out is not None else None
+
+    model = load_model(spec['weights'], spec['cfg'], spec['img_size'], torch.device(f"cuda:{spec['device']}"))
+    testpy.test(None, spec['data'], batch_size=16, imgsz=spec['img_size'], model=Half(model.fuse()).eval(),
+                save_dir=spec['save_dir'], plots=False)
+
+
+def _detect(ctx: Ctx, name: str, *extra: str) -> dict[str, list[list[float]]]:
+    """detect.py --save-txt on the two samples at 416; image stem -> [[class, x, y, w, h], ...]."""
+    out = ctx.work / name
+    cmd = [sys.executable, str(ROOT / 'detect.py'), '--cfg', str(CFG_TINY), '--weights', str(ctx.inputs.weights),
+           '--names', str(ctx.inputs.data_dir / 'coco.names'), '--source', str(ctx.inputs.samples), '--output',
+           str(out), '--img-size', '416', '--save-txt', '--device', ctx.device, *extra]
+    r = run_cli(ctx, name, cmd, ctx.work, ctx.timeout)
+    expect_rc0(r, 'detect.py ' + ' '.join(extra))
+    return {s: [[float(v) for v in x.split()] for x in (out / f'{s}.txt').read_text().splitlines() if x.strip()]
+            if (out / f'{s}.txt').exists() else [] for s in SAMPLE_OBJECTS}
+
+
+def _names(ctx: Ctx) -> list[str]:
+    """The class names, one a line."""
+    return [x.strip() for x in (ctx.inputs.data_dir / 'coco.names').read_text().splitlines() if x.strip()]
+
+
+def _counts(ctx: Ctx, dets: list[list[float]]) -> dict[str, int]:
+    """Class name -> number of detections."""
+    names, out = _names(ctx), {}
+    for d in dets:
+        out[names[int(d[0])]] = out.get(names[int(d[0])], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def step_detect_fp32(ctx: Ctx) -> dict:
+    """detect.py finds a bus and persons in bus.jpg, persons and a tie in zidane.jpg."""
+    dets = _detect(ctx, 'detect_fp32')
+    ctx.shared['detect_fp32'] = dets
+    counts = {s: _counts(ctx, d) for s, d in dets.items()}
+    for stem, want in SAMPLE_OBJECTS.items():
+        if not want <= set(counts[stem]):
+            raise CheckFailed(f'{stem}.jpg: found {counts[stem]}, expected at least {sorted(want)}')
+    return {'objects': counts}
+
+
+def _iou_xywh(a: list[float], b: list[float]) -> float:
+    """IoU of two normalised (x, y, w, h) boxes."""
+    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-12)
+
+
+def step_detect_half(ctx: Ctx) -> dict:
+    """detect.py --half on CUDA finds the same objects as fp32: classes and counts, boxes within IoU 0.9."""
+    if not ctx.cuda:
+        raise NeedsCuda
+    ref = ctx.shared.get('detect_fp32')
+    if ref is None:
+        raise CheckFailed('detect_fp32 did not give detections to compare with')
+    half = _detect(ctx, 'detect_half', '--half')
+    worst = 1.0
+    for stem in SAMPLE_OBJECTS:
+        if _counts(ctx, half[stem]) != _counts(ctx, ref[stem]):
+            raise CheckFailed(f'{stem}.jpg: fp16 found {_counts(ctx, half[stem])}, fp32 {_counts(ctx, ref[stem])}')
+        for d in ref[stem]:  # each fp32 box has an fp16 box of its class
+            best = max((_iou_xywh(d[1:], h[1:]) for h in half[stem] if h[0] == d[0]), default=0.0)
+            worst = min(worst, best)
+    if worst < 0.9:
+        raise CheckFailed(f'an fp16 box overlaps its fp32 box by IoU {worst:.2f} only')
+    return {'objects': {s: _counts(ctx, d) for s, d in half.items()}, 'min_iou_vs_fp32': worst}
+
+
+def step_loader(ctx: Ctx) -> dict:
+    """The mosaic training loader alone, with every core of the machine as workers: images/s."""
+    import bench_loader
+    workers = 2 if ctx.quick else (os.cpu_count() or 1)
+    size, batch, epochs = ctx.size(416, 128), (8 if ctx.quick else 64), (1 if ctx.quick else 2)
+    images = ctx.data.parent / 'images'
+    if not ctx.quick:  # the 1024-image list of the throughput steps: 16 batches of 64 per epoch
+        images = ctx.shared['x8'].parent / 'images'
+    r = bench_loader.loader_figures(ROOT, data=images, img_size=size, batch_size=batch, workers=workers,
+                                    epochs=epochs)
+    n = len(list(images.glob('*.jpg')))
+    if r['images'] != n * epochs:
+        raise CheckFailed(f"the loader delivered {r['images']} images in {epochs} epochs of {n}")
+    return {'images_per_s': r['images_per_s'], 'workers': workers, 'img_size': size, 'batch_size': batch,
+            'images': r['images'], 'timed_s': r['seconds']}
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """Dense bf16 peak of a card by name (None when unknown)."""
+    return next((v for k, v in PEAK_TFLOPS if k in name), None)
+
+
+def step_throughput(ctx: Ctx, cfg: Path) -> dict:
+    """train.py at 416, batch 64, AMP fp16 on 1024 images (coco128 x 8): images/s, peak memory, MFU."""
+    if not ctx.cuda:
+        raise NeedsCuda
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from models import Darknet
+    data, n, batch = ctx.shared['x8'], ctx.shared['x8_images'], 64
+    weights = str(ctx.inputs.weights) if cfg == CFG_TINY else ''  # spp from scratch: the speed is the same
+    argv = train_cmd(ctx, '--amp', 'fp16', '--notest', '--nosave', '--device', ctx.device, epochs=2, cfg=cfg,
+                     weights=weights, batch=batch, data=data, size=416)[1:]
+    if ctx.quick:  # the loader's worker count as in a full run, not the --quick 0
+        del argv[argv.index('--workers'):argv.index('--workers') + 3]
+    run = ctx.work / f'throughput_{cfg.stem}'
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    try:
+        meter, loops, text = bench.run_script(ROOT, 'train.py', argv, False, run, env, ctx.timeout)
+    except RuntimeError as e:
+        raise CheckFailed(str(e).splitlines()[0] + ' ' + ' | '.join(str(e).splitlines()[-3:])) from None
+    finally:
+        out = run / 'output.txt'
+        save_log(ctx, f'throughput_{cfg.stem}', argv, out.read_text(errors='replace') if out.exists() else '')
+    nb = n // batch
+    epochs = [x for x in loops if x['total'] == nb and len(x['t']) == nb + 1 and x['end']]
+    if len(epochs) < 2:
+        raise CheckFailed(f'found {len(epochs)} training loops of {nb} batches, expected 2')
+    last = epochs[1]  # the second epoch; its first batch excluded (first-iteration allocations, loader start)
+    rate = (nb - 1) * batch / (last['end'] - last['t'][2])
+    gflops = Darknet(str(cfg)).gflops(416)  # forward, multiply-adds counted as 2 FLOPs
+    name = torch.cuda.get_device_name(int(ctx.device.split(',')[0]))
+    peak = device_peak_tflops(name)
+    mem = json.loads((run / 'loops.jsonl.cuda.json').read_text()) if (run / 'loops.jsonl.cuda.json').exists() else {}
+    mfu = gflops * 1e9 * 3 * rate / (peak * 1e12) if peak else None
+    return {'model': cfg.stem, 'images_per_s': rate, 'epoch_s': last['end'] - last['t'][0],
+            'peak_gpu_memory_gb': mem.get('max_allocated', float('nan')) / 1e9,
+            'gflops_per_image_forward': gflops, 'device': name, 'peak_tflops_bf16': peak, 'mfu': mfu,
+            'goal': f'>= {GOAL_IMAGES_PER_S:.0f} images/s and >= {GOAL_MFU:.0%} MFU (yolov3-spp, one H100)'}
+
+
+STEPS: dict[str, Callable[[Ctx], dict]] = {
+    'train_fp16': lambda c: step_train_amp(c, 'fp16'),
+    'train_bf16': lambda c: step_train_amp(c, 'bf16'),
+    'kill9_resume': step_kill9_resume,
+    'torchrun': step_torchrun,
+    'elastic': step_elastic,
+    'test_fp32': step_test_fp32,
+    'test_half': step_test_half,
+    'detect_fp32': step_detect_fp32,
+    'detect_half': step_detect_half,
+    'loader': step_loader,
+    'throughput_tiny': lambda c: step_throughput(c, CFG_TINY),
+    'throughput_spp': lambda c: step_throughput(c, CFG_SPP),
+}
+
+
+def run_step(ctx: Ctx, name: str) -> dict:
+    """Run one step; {'step', 'status': pass | fail | skipped, 'reason', 'seconds', figures...}."""
+    t0 = time.perf_counter()
+    try:
+        figures = STEPS[name](ctx)
+        res = {'status': 'pass', 'reason': '', **figures}
+    except NeedsCuda:
+        res = {'status': 'skipped', 'reason': 'needs CUDA'}
+    except CheckFailed as e:
+        res = {'status': 'fail', 'reason': str(e)}
+    except Exception as e:  # noqa: BLE001  (a crash in one step is that step's failure; the others still run)
+        res = {'status': 'fail', 'reason': f'{type(e).__name__}: {e}'}
+    return {'step': name, **res, 'seconds': round(time.perf_counter() - t0, 1)}
+
+
+def run_steps(ctx: Ctx, names: list[str], jobs: int) -> list[dict]:
+    """Run the steps, the torchrun ones in a second lane when jobs is 2; results in STEP_NAMES order."""
+    def lane(steps: list[str]) -> list[dict]:
+        out = []
+        for name in steps:
+            out.append(run_step(ctx, name))
+            r = out[-1]
+            print(f"  {name:16s} {r['status']:8s} {r['seconds']:6.1f} s  {r['reason'] or _figure(r)}", flush=True)
+        return out
+
+    if jobs < 2:
+        return lane(names)
+    # two lanes for CPU runs, where each command is mostly start-up on one core: the distributed steps beside the
+    # rest (steps that hand figures on, test_fp32 -> test_half, stay in one lane). Timings are then not comparable.
+    second = [n for n in names if n in ('torchrun', 'elastic')]
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.submit(lane, [n for n in names if n not in second]), pool.submit(lane, second)
+        done = {r['step']: r for r in a.result() + b.result()}
+    return [done[n] for n in names]
+
+
+# --------------------------------------------------------------------------------------------------------- report
+def _figure(r: dict) -> str:
+    """The one figure of a step worth a column."""
+    if 'images_per_s' in r:
+        s = f"{r['images_per_s']:.0f} images/s"
+        if r.get('mfu') is not None:
+            s += f", MFU {r['mfu']:.1%}, {r['peak_gpu_memory_gb']:.1f} GB"
+        return s
+    if 'mAP50' in r and not isinstance(r['mAP50'], list):
+        return f"mAP@0.5 {r['mAP50']:.3f}"
+    if 'objects' in r:
+        return '; '.join(f'{s}: ' + ', '.join(f'{n} {c}' for c, n in o.items()) for s, o in r['objects'].items())
+    if 'total_loss' in r:
+        return 'loss ' + ' -> '.join(f'{x:.2f}' for x in r['total_loss'])
+    if 'processes' in r:
+        return f"{r['processes']} processes"
+    return ''
+
+
+def summary_table(results: list[dict]) -> str:
+    """One line per step: status, seconds, main figure or the reason."""
+    lines = [f"{'step':16s} {'status':8s} {'s':>6s}  figure / reason"]
+    for r in results:
+        lines.append(f"{r['step']:16s} {r['status']:8s} {r['seconds']:6.1f}  {r['reason'] or _figure(r)}")
+    return '\n'.join(lines)
+
+
+def machine(ctx: Ctx) -> dict:
+    """Device, cores, versions."""
+    import torch
+    info = {'cores': os.cpu_count(), 'torch': torch.__version__, 'python': sys.version.split()[0],
+            'cuda': torch.cuda.is_available(), 'gpus': ctx.n_gpus, 'device': 'cpu'}
+    if ctx.cuda:
+        info.update(device=torch.cuda.get_device_name(int(ctx.device.split(',')[0])), cuda_version=torch.version.cuda)
+    return info
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options (tests call parse_args on it)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default=None, help="CUDA index ('0') or 'cpu'; default: '0' where CUDA is available")
+    p.add_argument('--quick', action='store_true', help='tiny sizes: 8 images, 64-128 px, at most 3 epochs')
+    p.add_argument('--data-dir', type=Path, help='coco128 folder (images/train2017, labels/train2017, coco.names)')
+    p.add_argument('--weights', type=Path, help='yolov3-tiny.weights')
+    p.add_argument('--samples', type=Path, help='folder with bus.jpg and zidane.jpg')
+    p.add_argument('--inputs', type=Path, help='a folder written by --pack (instead of the three above)')
+    p.add_argument('--pack', nargs='?', const=PACK_DIR, type=Path,
+                   help=f'copy the inputs into this folder (default {PACK_DIR.name}/, git-ignored) and stop')
+    p.add_argument('--only', nargs='+', choices=STEP_NAMES, help='run these steps only')
+    p.add_argument('--out', type=Path, help='write the results as JSON here')
+    p.add_argument('--logs', type=Path, help="copy every command's output here (<step>.log)")
+    p.add_argument('--work', type=Path, help='work folder (default: a temporary folder, removed at the end)')
+    p.add_argument('--jobs', type=int, choices=(1, 2),
+                   help='2: the torchrun steps beside the others (default: 2 for --quick on the CPU, else 1)')
+    p.add_argument('--child-test-half', help=argparse.SUPPRESS)
+    return p
+
+
+def prepare(opt: argparse.Namespace, inputs: Inputs) -> Ctx:
+    """Device, work folder and the symlinked datasets."""
+    import torch
+    device = opt.device if opt.device is not None else ('0' if torch.cuda.is_available() else 'cpu')
+    if device != 'cpu' and not torch.cuda.is_available():
+        raise SystemExit(f'gpu_check: --device {device} but CUDA is not available (use --device cpu --quick)')
+    work = opt.work or Path(tempfile.mkdtemp(prefix='gpu_check_'))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(inputs, device, opt.quick, work, opt.logs, torch.cuda.device_count() if device != 'cpu' else 0)
+    ctx.data, ctx.n_images, ctx.n_targets = make_dataset(inputs, work / 'data', 8 if opt.quick else None)
+    if ctx.cuda:  # the throughput steps: 16 batches of 64 per epoch
+        ctx.shared['x8'], ctx.shared['x8_images'], _ = make_dataset(inputs, work / 'data_x8', None, copies=8)
+    return ctx
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the steps, print the table, write --out; 1 when a step failed."""
+    opt = get_args_parser().parse_args(argv)
+    if opt.child_test_half:
+        child_test_half(json.loads(opt.child_test_half))
+        return 0
+    inputs = default_inputs(opt)
+    if opt.pack:
+        total = pack(inputs, opt.pack.resolve())
+        print(f'gpu_check: copied {len(inputs.files())} files, {total / 2 ** 20:.1f} MiB, into {opt.pack}; '
+              f'run with --inputs {opt.pack}')
+        return 0
+    inputs.check()
+    ctx = prepare(opt, inputs)
+    info = machine(ctx)
+    print(f"gpu_check on {info['device']} ({ctx.n_gpus} GPUs, {info['cores']} CPUs, torch {info['torch']})"
+          f"{', quick' if ctx.quick else ''}; inputs {inputs.data_dir}, {inputs.weights.name}; work {ctx.work}")
+    names = [n for n in STEP_NAMES if n in (opt.only or STEP_NAMES)]
+    jobs = opt.jobs or (2 if ctx.quick and not ctx.cuda else 1)
+    try:
+        results = run_steps(ctx, names, jobs)
+    finally:
+        if opt.work is None:
+            shutil.rmtree(ctx.work, ignore_errors=True)
+    print()
+    print(summary_table(results))
+    failed = [r['step'] for r in results if r['status'] == 'fail']
+    if opt.out:
+        opt.out.parent.mkdir(parents=True, exist_ok=True)
+        opt.out.write_text(json.dumps({'machine': info, 'quick': ctx.quick, 'failed': failed, 'steps': results},
+                                      indent=1))
+    print(f"\n{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+          f"{sum(r['status'] == 'pass' for r in results)} passed, "
+          f"{sum(r['status'] == 'skipped' for r in results)} skipped")
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
