@@ -463,17 +463,19 @@ def seen_images(d: Path, epoch: int) -> list[list[str]]:
 
 
 def test_ddp_elastic_restart_continues_from_last_checkpoint(coco8, tmp_path):
-    # 2 gloo workers under torchrun --max-restarts 1; rank 1 is SIGKILLed as epoch 1 starts; the agent restarts the
-    # group, which continues from weights/last.pt by itself: epochs 0, 1, 2 once each, the schedule continued
+    # 2 gloo workers under torchrun --max-restarts 1 (--rect: whole planned batches per rank); rank 1 is SIGKILLed as
+    # epoch 1 starts; the agent restarts the group, which continues from weights/last.pt by itself: epochs 0, 1, 2
+    # once each, the schedule continued
     seen = tmp_path / 'seen'
     seen.mkdir()
-    r = torchrun(base_args(coco8, '--notest', epochs=3, size=64), tmp_path,
+    r = torchrun(base_args(coco8, '--notest', '--rect', epochs=3, size=64), tmp_path,
                  {'YOLO_TEST_KILL_EPOCH': '1', 'YOLO_TEST_SEEN_DIR': str(seen)}, '--max-restarts', '1')
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Elastic restart 1: resuming' in r.stdout
     assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/2', '1/2', '2/2']
     ck = load(tmp_path / 'weights' / 'last.pt')
     assert ck['epoch'] == 2 and ck['elastic_run_id']
+    assert ck['ema_updates'] == 3  # one optimizer step per epoch (burn-in accumulates 1): none lost or repeated
     # epoch 0: each rank half of the images, none seen by both
     a, b = seen_images(seen, 0)
     assert len(a) == len(b) == 4 and not set(a) & set(b) and len(set(a) | set(b)) == 8
