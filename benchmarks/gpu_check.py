@@ -153,8 +153,12 @@ class Ctx:
         return quick_size if self.quick else cuda_size
 
 
-def make_dataset(inputs: Inputs, dst: Path, n: int | None, copies: int = 1) -> tuple[Path, int, int]:
-    """Symlink the first n images (and labels) `copies` times under dst; (.data file, images, label rows)."""
+def make_dataset(inputs: Inputs, dst: Path, n: int | None, copies: int = 1, valid: Path | None = None
+                 ) -> tuple[Path, int, int]:
+    """Symlink the first n images (and labels) `copies` times under dst; (.data file, images, label rows).
+
+    valid: the validation images of the .data file (default: the same images).
+    """
     images, labels = dst / 'images', dst / 'labels'
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
@@ -168,7 +172,7 @@ def make_dataset(inputs: Inputs, dst: Path, n: int | None, copies: int = 1) -> t
                 (labels / f'{k}_{lb.name}').symlink_to(lb)
                 n_targets += sum(1 for x in lb.read_text().splitlines() if x.strip())
     data = dst / 'check.data'
-    data.write_text(f'classes=80\ntrain={images}\nvalid={images}\nnames={inputs.data_dir / "coco.names"}\n')
+    data.write_text(f'classes=80\ntrain={images}\nvalid={valid or images}\nnames={inputs.data_dir / "coco.names"}\n')
     return data, len(src) * copies, n_targets
 
 
@@ -489,7 +493,8 @@ def child_test_half(spec: dict) -> None:
             inf, train_out = self.module(x.half(), augment=augment)
             return inf.float(), [y.float() for y in train_out] if train_out is not None else None
 
-    model = load_model(spec['weights'], spec['cfg'], spec['img_size'], torch.device(f"cuda:{spec['device']}"))
+    device = torch.device('cpu' if spec['device'] == 'cpu' else f"cuda:{spec['device']}")
+    model = load_model(spec['weights'], spec['cfg'], spec['img_size'], device)
     testpy.test(None, spec['data'], batch_size=16, imgsz=spec['img_size'], model=Half(model.fuse()).eval(),
                 save_dir=spec['save_dir'], plots=False)
 
@@ -564,7 +569,7 @@ def step_loader(ctx: Ctx) -> dict:
     workers = 2 if ctx.quick else (os.cpu_count() or 1)
     size, batch, epochs = ctx.size(416, 128), (8 if ctx.quick else 64), (1 if ctx.quick else 2)
     images = ctx.data.parent / 'images'
-    if not ctx.quick:  # the 1024-image list of the throughput steps: 16 batches of 64 per epoch
+    if not ctx.quick and 'x8' in ctx.shared:  # the 1024 images of the throughput steps: 16 batches of 64 an epoch
         images = ctx.shared['x8'].parent / 'images'
     r = bench_loader.loader_figures(ROOT, data=images, img_size=size, batch_size=batch, workers=workers,
                                     epochs=epochs)
@@ -575,22 +580,31 @@ def step_loader(ctx: Ctx) -> dict:
             'images': r['images'], 'timed_s': r['seconds']}
 
 
+def gpu_name(ctx: Ctx) -> str:
+    """Name of the CUDA device the steps run on."""
+    import torch
+    return torch.cuda.get_device_name(int(ctx.device.split(',')[0]) if ctx.device.split(',')[0].isdigit() else 0)
+
+
 def device_peak_tflops(name: str) -> float | None:
     """Dense bf16 peak of a card by name (None when unknown)."""
     return next((v for k, v in PEAK_TFLOPS if k in name), None)
 
 
 def step_throughput(ctx: Ctx, cfg: Path) -> dict:
-    """train.py at 416, batch 64, AMP fp16 on 1024 images (coco128 x 8): images/s, peak memory, MFU."""
+    """train.py at 416, batch 64, AMP fp16 on 1024 images (coco128 x 8): images/s, peak memory, MFU.
+
+    --quick: 128 px, batch 16, 64 images (8 x 8).
+    """
     if not ctx.cuda:
         raise NeedsCuda
     import torch
     sys.path.insert(0, str(ROOT))
     from models import Darknet
-    data, n, batch = ctx.shared['x8'], ctx.shared['x8_images'], 64
+    data, n, size, batch = ctx.shared['x8'], ctx.shared['x8_images'], ctx.size(416, 128), 16 if ctx.quick else 64
     weights = str(ctx.inputs.weights) if cfg == CFG_TINY else ''  # spp from scratch: the speed is the same
     argv = train_cmd(ctx, '--amp', 'fp16', '--notest', '--nosave', '--device', ctx.device, epochs=2, cfg=cfg,
-                     weights=weights, batch=batch, data=data, size=416)[1:]
+                     weights=weights, batch=batch, data=data, size=size)[1:]
     if ctx.quick:  # the loader's worker count as in a full run, not the --quick 0
         del argv[argv.index('--workers'):argv.index('--workers') + 3]
     run = ctx.work / f'throughput_{cfg.stem}'
@@ -608,12 +622,13 @@ def step_throughput(ctx: Ctx, cfg: Path) -> dict:
         raise CheckFailed(f'found {len(epochs)} training loops of {nb} batches, expected 2')
     last = epochs[1]  # the second epoch; its first batch excluded (first-iteration allocations, loader start)
     rate = (nb - 1) * batch / (last['end'] - last['t'][2])
-    gflops = Darknet(str(cfg)).gflops(416)  # forward, multiply-adds counted as 2 FLOPs
-    name = torch.cuda.get_device_name(int(ctx.device.split(',')[0]))
+    gflops = Darknet(str(cfg)).gflops(size)  # forward, multiply-adds counted as 2 FLOPs
+    name = gpu_name(ctx)
     peak = device_peak_tflops(name)
     mem = json.loads((run / 'loops.jsonl.cuda.json').read_text()) if (run / 'loops.jsonl.cuda.json').exists() else {}
     mfu = gflops * 1e9 * 3 * rate / (peak * 1e12) if peak else None
-    return {'model': cfg.stem, 'images_per_s': rate, 'epoch_s': last['end'] - last['t'][0],
+    return {'model': cfg.stem, 'img_size': size, 'batch_size': batch, 'images_per_s': rate,
+            'epoch_s': last['end'] - last['t'][0],
             'peak_gpu_memory_gb': mem.get('max_allocated', float('nan')) / 1e9,
             'gflops_per_image_forward': gflops, 'device': name, 'peak_tflops_bf16': peak, 'mfu': mfu,
             'goal': f'>= {GOAL_IMAGES_PER_S:.0f} images/s and >= {GOAL_MFU:.0%} MFU (yolov3-spp, one H100)'}
@@ -704,7 +719,7 @@ def machine(ctx: Ctx) -> dict:
     info = {'cores': os.cpu_count(), 'torch': torch.__version__, 'python': sys.version.split()[0],
             'cuda': torch.cuda.is_available(), 'gpus': ctx.n_gpus, 'device': 'cpu'}
     if ctx.cuda:
-        info.update(device=torch.cuda.get_device_name(int(ctx.device.split(',')[0])), cuda_version=torch.version.cuda)
+        info.update(device=gpu_name(ctx), cuda_version=torch.version.cuda)
     return info
 
 
@@ -739,8 +754,9 @@ def prepare(opt: argparse.Namespace, inputs: Inputs) -> Ctx:
     work.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(inputs, device, opt.quick, work, opt.logs, torch.cuda.device_count() if device != 'cpu' else 0)
     ctx.data, ctx.n_images, ctx.n_targets = make_dataset(inputs, work / 'data', 8 if opt.quick else None)
-    if ctx.cuda:  # the throughput steps: 16 batches of 64 per epoch
-        ctx.shared['x8'], ctx.shared['x8_images'], _ = make_dataset(inputs, work / 'data_x8', None, copies=8)
+    if ctx.cuda:  # the throughput steps: 16 batches of 64 per epoch (--quick: 4 of 16)
+        ctx.shared['x8'], ctx.shared['x8_images'], _ = make_dataset(inputs, work / 'data_x8', 8 if opt.quick else None,
+                                                                    copies=8, valid=ctx.data.parent / 'images')
     return ctx
 
 
