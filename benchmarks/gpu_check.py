@@ -180,18 +180,32 @@ def run_cli(ctx: Ctx, name: str, cmd: list[str], cwd: Path, timeout: float, env:
             ) -> subprocess.CompletedProcess:
     """Run a command to completion (killed at timeout), its output saved as <logs>/<name>.log; returns it."""
     cwd.mkdir(parents=True, exist_ok=True)
-    # own session: at a timeout the whole tree goes (torchrun's workers, DataLoader workers), not only the parent
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
         r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         r = subprocess.CompletedProcess(cmd, 124, out, err + f'\nTimeoutError: killed after {timeout:.0f} s')
     save_log(ctx, name, cmd, r.stdout + r.stderr)
     return r
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process under it. By pid, found before any dies: torchrun starts its workers in
+    sessions of their own, so killing its process group would leave them running, re-parented to init."""
+    tree, todo, found = bench._children_of(), [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += tree.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def save_log(ctx: Ctx, name: str, cmd: list[str], text: str) -> None:
@@ -313,7 +327,7 @@ def step_kill9_resume(ctx: Ctx) -> dict:
             finished = proc.poll() is not None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
             proc.wait()
             save_log(ctx, 'kill9_killed_run', cmd, (run / 'killed_run.log').read_text(errors='replace'))
     rows_at_kill = len(results_rows(run))
@@ -407,7 +421,7 @@ def step_elastic(ctx: Ctx) -> dict:
                                   f"{error_lines((run / 'torchrun.log').read_text(errors='replace'))}") from None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
             save_log(ctx, 'elastic', cmd, (run / 'torchrun.log').read_text(errors='replace'))
     text = (run / 'torchrun.log').read_text(errors='replace')

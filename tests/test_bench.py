@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,24 @@ def test_gpu_check_pure_parts():
     assert gpu_check._iou_xywh([0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2]) == pytest.approx(0.02 / 0.06)
     out = 'Traceback (most recent call last):\n  File "x"\nRuntimeError: CUDA out of memory\nexit\n'
     assert gpu_check.error_lines(out) == 'RuntimeError: CUDA out of memory'
+
+
+def test_gpu_check_kill_tree_reaches_children_in_their_own_session(tmp_path):
+    """As torchrun's workers: a child in a session of its own dies with its parent (a process-group kill misses it)."""
+    code = ('import subprocess, sys, time; '
+            'c = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True); '
+            'print(c.pid, flush=True); time.sleep(60)')
+    parent = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    gpu_check.kill_tree(parent.pid)
+    assert parent.wait(10) == -9
+    for _ in range(100):  # the child is not ours to wait for: poll until it is gone (or a zombie of init)
+        stat = Path(f'/proc/{child}/stat')
+        if not stat.exists() or stat.read_text().rsplit(')', 1)[1].split()[0] == 'Z':
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f'child {child} still running')
 
 
 def test_gpu_check_pack_copies_exactly_the_inputs(tmp_path):
