@@ -71,7 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="initial weights: Darknet .weights/.conv.N, a .pt checkpoint, or '' for random init")
     p.add_argument('--name', default='', help='rename results.txt to results_name.txt, weights likewise, at the end')
     p.add_argument('--save-dir', type=str, default='.', help='folder for results.txt and weights/ (default: here)')
-    p.add_argument('--device', default='', help="cuda device: '0' or '0,1', or 'cpu'")
+    p.add_argument('--device', default='',
+                   help="'cpu', a CUDA device '0', or several '0,1' (one training process each); under torchrun "
+                        "the devices of local ranks 0, 1, ... in order")
     p.add_argument('--adam', action='store_true', help='Adam instead of SGD with Nesterov momentum')
     p.add_argument('--single-cls', action='store_true', help='train every class as class 0')
     p.add_argument('--no-class-map', action='store_true',
