@@ -3,7 +3,11 @@
     python train.py --cfg cfg/yolov3-tiny.cfg --data data/coco128.data --weights weights/yolov3-tiny.weights
     python train.py --resume                       # continue the interrupted run in this directory (weights/last.pt)
     python train.py --evolve 10 --epochs 1          # hyperparameter evolution into evolve.txt
+    python train.py --device 0,1 ...                # one process per GPU (torch's elastic launcher, as torchrun)
     python -m torch.distributed.run --nproc_per_node 2 train.py ...   # DDP (NCCL on CUDA, gloo on the CPU)
+    python -m torch.distributed.run --max-restarts 3 --nproc_per_node 2 train.py ...   # restarted workers resume
+
+The batch loop is utils/engine.py train_one_epoch; this file sets up, tests, saves and launches.
 
 Outputs, as the original: results.txt and weights/last.pt, weights/best.pt in the working directory (--save-dir to
 put them elsewhere); --name X renames them results_X.txt, weights/last_X.pt, weights/best_X.pt at the end.
