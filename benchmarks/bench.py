@@ -1,7 +1,7 @@
 """Side-by-side speed of training, test.py and the training loader, for this checkout and others (issue 7).
 
     python benchmarks/bench.py                                        # this checkout
-    python benchmarks/bench.py --repo /work/orig-yolov3 --repo .      # the 2020 original, then this checkout
+    python benchmarks/bench.py --repo /work/orig-archive --repo .     # the 2020 original (git clone -b archive), then this
     python benchmarks/bench.py --quick                                # smoke run on 16 images (about a minute)
 
 For each --repo, one after another, in fresh subprocesses, with yolov3-tiny from ../shared/weights and the same cfg
@@ -21,7 +21,7 @@ Times of each batch loop come from a probe on tqdm's iterator installed in the c
 their loops through tqdm), so neither checkout is edited. Peak memory: the largest single process of the command
 (wait4 ru_maxrss) and the peak summed PSS of its whole process tree (main process + DataLoader workers, sampled
 every second). The 2020 original runs through benchmarks/compat_original.py (names numpy/torch removed since, and
-one patch on a temporary copy); checkouts are told apart by their layout (utils/utils.py + models.py with
+a few patches on a temporary copy); checkouts are told apart by their layout (utils/utils.py + models.py with
 ONNX_EXPORT), or by --compat.
 
 Results depend on the machine and on what else runs on it: compare checkouts within one run, on an idle machine
