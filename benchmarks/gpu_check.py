@@ -113,6 +113,9 @@ def pack(inputs: Inputs, dst: Path, limit_mib: float = 64.0) -> int:
     """Copy exactly the inputs into dst (replacing an earlier pack); returns the bytes copied."""
     inputs.check()
     files = inputs.files()
+    dst = dst.resolve()
+    if any(dst == src or dst in src.resolve().parents for src, _ in files):
+        raise SystemExit(f'gpu_check: --pack {dst} holds the inputs it would copy; pack into another folder')
     total = sum(src.stat().st_size for src, _ in files)
     if total > limit_mib * 2 ** 20:
         raise SystemExit(f'gpu_check: the inputs are {total / 2 ** 20:.1f} MiB, over {limit_mib:.0f} MiB')
@@ -764,6 +767,8 @@ def prepare(opt: argparse.Namespace, inputs: Inputs) -> Ctx:
     device = opt.device if opt.device is not None else ('0' if torch.cuda.is_available() else 'cpu')
     if device != 'cpu' and not torch.cuda.is_available():
         raise SystemExit(f'gpu_check: --device {device} but CUDA is not available (use --device cpu --quick)')
+    if opt.work and opt.work.exists() and any(opt.work.iterdir()):
+        raise SystemExit(f'gpu_check: --work {opt.work} is not empty (each run needs a fresh folder)')
     work = opt.work or Path(tempfile.mkdtemp(prefix='gpu_check_'))
     work.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(inputs, device, opt.quick, work, opt.logs, torch.cuda.device_count() if device != 'cpu' else 0)

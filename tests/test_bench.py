@@ -175,6 +175,9 @@ def test_gpu_check_pack_copies_exactly_the_inputs(tmp_path):
     with pytest.raises(SystemExit, match='over 0 MiB'):
         gpu_check.pack(inputs, tmp_path / 'pack2', limit_mib=0.0001)
     assert not (tmp_path / 'pack2').exists()
+    with pytest.raises(SystemExit, match='holds the inputs'):  # packing a folder into itself would delete it
+        gpu_check.pack(inputs, src)
+    assert (src / 'weights' / 'yolov3-tiny.weights').exists()
     with pytest.raises(SystemExit, match=r'missing input: .*nothing'):
         gpu_check.main(['--device', 'cpu', '--data-dir', str(tmp_path / 'nothing')])
 
