@@ -166,13 +166,14 @@ num=3
 
 
 def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int, lr: float = 1.0,
-              amp_dtype: torch.dtype | None = None) -> tuple[train.LoopState, train.EpochStats]:
+              amp_dtype: torch.dtype | None = None, distributed: bool = False
+              ) -> tuple[train.LoopState, train.EpochStats]:
     """One real train_one_epoch over in-memory batches with plain SGD, no burn-in, no EMA."""
     from utils.loss import ComputeLoss
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     cfg = train.LoopConfig(hyp=HYP, lf=train.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
-                           amp_dtype=amp_dtype, show=False)
+                           amp_dtype=amp_dtype, distributed=distributed, show=False)
     return train.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
                                  compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'), epoch=0,
                                  state=train.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
@@ -198,6 +199,50 @@ def test_accumulated_micro_batches_step_like_one_nominal_batch(tmp_path):
     c = copy.deepcopy(ref)  # 3 micro-batches of an accumulation of 4: no step yet, the weights stay
     state, _ = run_epoch(c, [(x, empty, ['x'] * 2, None) for x in imgs.chunk(4)[:3]], accumulate=4, batch_size=2)
     assert state.last_opt_step == -1 and all(torch.equal(p, q) for p, q in zip(c.parameters(), ref.parameters()))
+
+
+def _ddp_accumulate_worker(rank: int, init_file: str, cfg: str, out: str) -> None:
+    """One of 2 gloo ranks: 2 micro-batches of 2 images each, accumulated (and, for comparison, not), counting the
+    gradient all-reduces through a DDP communication hook."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    imgs = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batches = [(x, torch.zeros(0, 6), ['x'] * 2, None) for x in imgs[4 * rank:4 * rank + 4].chunk(2)]
+    result = {}
+    for accumulate in (2, 1):
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Darknet(cfg, 64))
+        calls = [0]
+
+        def counting_hook(state, bucket):
+            calls[0] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        run_epoch(model, batches, accumulate=accumulate, batch_size=4, distributed=True)
+        result[accumulate] = (calls[0], [p.detach().clone() for p in model.module.parameters()])
+    torch.save(result, f'{out}/rank{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    # 2 gloo ranks x 2 micro-batches of 2 images, accumulate 2: gradients are all-reduced once (no_sync on the first
+    # micro-batch), and the step equals one single-process step on all 8 images
+    import torch.multiprocessing as mp
+    cfg = tmp_path / 'nobn.cfg'
+    cfg.write_text(NO_BN_CFG)
+    mp.spawn(_ddp_accumulate_worker, args=(str(tmp_path / 'init'), str(cfg), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    (calls2, w2), (calls1, _) = r0[2], r0[1]
+    assert calls2 >= 1 and calls1 == 2 * calls2  # without accumulation: one all-reduce per micro-batch
+    assert all(torch.equal(a, b) for a, b in zip(w2, r1[2][1]))  # the ranks agree
+    torch.manual_seed(0)
+    ref = Darknet(cfg, 64)
+    imgs = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    run_epoch(ref, [(imgs, torch.zeros(0, 6), ['x'] * 8, None)], accumulate=1, batch_size=8)
+    for a, b in zip(w2, ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_amp_bf16_training_step_on_cpu():
