@@ -320,7 +320,7 @@ def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] = pri
     amp = amp if amp != 'auto' else ('fp16' if device.type == 'cuda' else 'off')
     if amp == 'bf16' and device.type == 'cpu' and cpu_has_bf16() is False:
         log('WARNING: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
-            'bf16 is emulated there, yolov3-tiny forward + backward measured about 15x slower than fp32; '
+            'bf16 is emulated there, yolov3-tiny training measured 4-15x slower than fp32 on such CPUs; '
             'use --amp off on this CPU')
     return amp, {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
 
