@@ -125,7 +125,7 @@ def offset_trick_nms(pred: torch.Tensor, conf_thres: float, iou_thres: float, ag
     return x[keep]
 
 
-def test_merge_nms_equals_class_offset_formulation():
+def test_merge_nms_equals_class_offset_formulation(monkeypatch):
     # clusters of jittered boxes with several plausible classes each: plenty of merging and multi-label rows
     g = torch.Generator().manual_seed(1)
     centres = torch.rand(12, 2, generator=g) * 300 + 50
@@ -145,3 +145,8 @@ def test_merge_nms_equals_class_offset_formulation():
     ref = offset_trick_nms(p.clone(), 0.01, 0.6, agnostic=True)
     assert 12 <= len(ours) == len(ref) < 100  # agnostic: one box or a few per cluster, merged across classes
     assert torch.allclose(key(ours), key(ref), atol=1e-3)
+    import utils.nms
+
+    monkeypatch.setattr(utils.nms, 'GRAIN', 2000)  # merge pairs cut into many pieces: the same boxes
+    pieces = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, agnostic=True)[0]
+    assert torch.allclose(pieces, ours, atol=1e-4)

@@ -3,9 +3,13 @@
 torchvision is imported where NMS first runs, not at module import: `import torchvision` pulls in torch._dynamo
 (about 1.5 s on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay.
 
-Speed on the CPU without touching the process-wide thread count: the confidence filter runs once over the whole
-batch, and merge-NMS compares each kept box only with the candidates of its own class (about 6x fewer pairs than
-the k x n IoU matrix on coco128), so the per-image tensors stay small.
+Speed on the CPU without touching the process-wide thread count: torch runs a CPU op on several threads when it
+has more than 32768 elements, and some ops at any size (indexing by a boolean mask or an index tensor,
+repeat_interleave); on a busy machine (test.py's loader workers on 2 cores) each such op waits for a core, 1-20 ms
+instead of 10-20 us, and NMS is hundreds of small ops. So NMS works image by image, selects with index_select, and
+cuts its work into pieces of at most GRAIN elements: rows of candidates, and pairs of merge-NMS, which compares
+each kept box only with the candidates of its own class (about 6x fewer pairs than the k x n IoU matrix on
+coco128), one coordinate at a time. test.py on coco128: NMS 2-9 ms per image, as with one thread (3-6 ms).
 """
 from __future__ import annotations
 
@@ -18,58 +22,79 @@ from utils.boxes import bbox_iou, xywh2xyxy
 
 MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped, as the original
 MERGE_MAX = 3000  # as the original: merge-NMS only below this many candidates per image
+GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: elementwise CPU ops below this many elements run on one thread
 
 
-def candidates(prediction: torch.Tensor, conf_thres: float, multi_label: bool,
-               classes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detection candidates of a batch (B, N, 5 + nc) [xywh, obj, cls probs] -> (D, 6) [xyxy, conf, cls] and the
-    image index (D,) of each row, rows grouped by image.
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x[mask] for a boolean row mask, through index_select: see the module docstring."""
+    return x.index_select(0, mask.nonzero().view(-1))
+
+
+def candidates(x: torch.Tensor, conf_thres: float, multi_label: bool,
+               classes: Sequence[int] | None = None) -> torch.Tensor:
+    """Detection candidates of one image (N, 5 + nc) [xywh, obj, cls probs] -> (n, 6) [xyxy, conf, cls].
 
     conf = objectness x class probability. Rows with objectness > conf_thres and both sides in (MIN_WH, MAX_WH)
     are kept; each (row, class) pair with conf > conf_thres becomes a candidate (multi_label), or only the best
-    class of each row. Candidates keep the order of rows, then classes, as the original's per-image loop.
+    class of each row. Candidates keep the order of rows, then classes, as the original.
     """
-    wh = prediction[..., 2:4]
-    rows = (prediction[..., 4] > conf_thres) & ((wh > MIN_WH) & (wh < MAX_WH)).all(-1)  # (B, N) as the original
-    img, _ = rows.nonzero(as_tuple=True)  # (M,) image of each kept row, in row-major order
-    x = prediction[rows]  # (M, 5 + nc)
-    scores = x[:, 5:] * x[:, 4:5]  # (M, nc)
+    x = _rows(x, x[:, 4] > conf_thres)  # first: at conf 0.001 it leaves a few hundred of the N rows
+    x = _rows(x, ((x[:, 2:4] > MIN_WH) & (x[:, 2:4] < MAX_WH)).all(1))  # as the original: tiny, huge boxes dropped
+    dets = [_row_candidates(c, conf_thres, multi_label) for c in x.split(max(1, GRAIN // x.shape[1]))]
+    det = torch.cat(dets) if dets else x.new_zeros(0, 6)
+    if classes is not None:
+        det = _rows(det, (det[:, 5:6] == torch.as_tensor(list(classes), device=det.device, dtype=det.dtype)).any(1))
+    return _rows(det, torch.isfinite(det).all(1))  # a diverged model must not crash NMS
+
+
+def _row_candidates(x: torch.Tensor, conf_thres: float, multi_label: bool) -> torch.Tensor:
+    """candidates() of rows (m, 5 + nc) already filtered by objectness and size."""
+    scores = x[:, 5:] * x[:, 4:5]  # (m, nc)
     box = xywh2xyxy(x[:, :4])
     if multi_label:
         i, j = (scores > conf_thres).nonzero(as_tuple=True)
-        det = torch.cat((box[i], scores[i, j, None], j[:, None].float()), 1)  # (D, 6)
-        img = img[i]
-    else:
-        conf, j = scores.max(1, keepdim=True)
-        ok = conf.view(-1) > conf_thres
-        det, img = torch.cat((box, conf, j.float()), 1)[ok], img[ok]
-    ok = torch.isfinite(det).all(1)  # a diverged model must not crash NMS
-    if classes is not None:
-        ok &= (det[:, 5:6] == torch.as_tensor(list(classes), device=det.device, dtype=det.dtype)).any(1)
-    return det[ok], img[ok]
+        conf = scores.view(-1).index_select(0, i * scores.shape[1] + j)  # scores[i, j]
+        return torch.cat((box.index_select(0, i), conf[:, None], j[:, None].float()), 1)
+    conf, j = scores.max(1, keepdim=True)
+    return _rows(torch.cat((box, conf, j.float()), 1), conf.view(-1) > conf_thres)
 
 
 def merge_boxes(det: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, iou_thres: float) -> torch.Tensor:
     """Merge-NMS boxes (k, 4): each kept box det[keep] as the score-weighted mean of the same-group candidates
     overlapping it by more than iou_thres (itself included); det (n, 6) [xyxy, conf, cls], group (n,) int."""
-    # pairs (kept box, candidate of its group): candidates sorted by group make each group one contiguous run
+    # candidates sorted by group make each group one contiguous run of `order`
     order = group.argsort(stable=True)
     counts = torch.bincount(group)
     starts = counts.cumsum(0) - counts
     g = group.index_select(0, keep)  # (k,)
-    per_keep = counts.index_select(0, g)  # (k,) candidates each kept box is compared with
-    ki = torch.repeat_interleave(torch.arange(len(keep), device=det.device), per_keep)  # (P,) pair -> kept box
-    # position of each pair within its kept box's run, plus where that run starts among the sorted candidates
-    pos = torch.arange(len(ki), device=det.device) + (starts.index_select(0, g) - per_keep.cumsum(0) + per_keep
-                                                     ).repeat_interleave(per_keep)
-    cj = order.index_select(0, pos)  # (P,) pair -> candidate
-    boxes = det[:, :4]
-    bj = boxes.index_select(0, cj)  # (P, 4)
-    iou = bbox_iou(boxes.index_select(0, keep).index_select(0, ki), bj)  # (P,)
-    w = ((iou > iou_thres) | (cj == keep.index_select(0, ki))) * det[:, 4].index_select(0, cj)  # a kept box
-    num = torch.zeros(len(keep), 4, dtype=det.dtype, device=det.device).index_add_(0, ki, w[:, None] * bj)
-    den = torch.zeros(len(keep), dtype=det.dtype, device=det.device).index_add_(0, ki, w)  # counts itself
-    return num / den[:, None]
+    per_keep = counts.index_select(0, g)  # (k,) candidates each kept box is compared with (n < MERGE_MAX < GRAIN)
+    cols = det[:, :5].t().contiguous()  # (5, n) x1, y1, x2, y2, conf
+    pieces, a, size = [], 0, 0
+    for b, c in enumerate(per_keep.tolist() + [GRAIN]):  # kept boxes in pieces of at most GRAIN pairs
+        if size + c > GRAIN:
+            pieces.append(_merge_piece(cols, order, keep[a:b], starts.index_select(0, g[a:b]), per_keep[a:b],
+                                       iou_thres))
+            a, size = b, 0
+        size += c
+    return torch.cat(pieces)
+
+
+def _merge_piece(cols: torch.Tensor, order: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
+                 per_keep: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """merge_boxes for kept boxes keep (k,) whose same-group candidates are order[start:start + per_keep]."""
+    first = per_keep.cumsum(0) - per_keep  # (k,) first pair of each kept box; never-empty runs (itself)
+    k, p = len(keep), int(per_keep.sum())
+    ki = keep.new_zeros(p).index_fill_(0, first[1:], 1).cumsum(0)  # (P,) pair -> kept box
+    cj = order.index_select(0, torch.arange(p, device=keep.device) + (start - first).index_select(0, ki))  # (P,)
+    kj = keep.index_select(0, ki)  # (P,) pair -> kept box's candidate index
+    bk, bj = cols.new_empty(4, p), cols.new_empty(4, p)  # pair boxes gathered one coordinate at a time
+    for r in range(4):
+        torch.index_select(cols[r], 0, kj, out=bk[r])
+        torch.index_select(cols[r], 0, cj, out=bj[r])
+    iou = bbox_iou(bk.t(), bj.t())  # (P,)
+    w = ((iou > iou_thres) | (cj == kj)) * cols[4].index_select(0, cj)  # (P,) a kept box always counts itself
+    den = cols.new_zeros(k).index_add_(0, ki, w)
+    return torch.stack([cols.new_zeros(k).index_add_(0, ki, w * bj[r]) for r in range(4)], 1) / den[:, None]
 
 
 def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_thres: float = 0.6,
@@ -87,25 +112,20 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_t
 
     if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
         raise ValueError(f"conf_thres {conf_thres} and iou_thres {iou_thres} must be in [0, 1]")
-    bs, nc = prediction.shape[0], prediction.shape[2] - 5
-    det, img = candidates(prediction, conf_thres, multi_label and nc > 1, classes)
-    # groups never mix images; within an image, classes are kept apart unless agnostic
-    group = img if agnostic else img * nc + det[:, 5].long()  # (D,)
-    counts = torch.bincount(img, minlength=bs).tolist()
-    keeps, t, start = [], time.time(), 0
-    for xi, n in enumerate(counts):  # NMS per image: small tensors, so no op here goes multi-threaded on the CPU
-        sl = slice(start, start + n)
-        keep = batched_nms(det[sl, :4], det[sl, 4], group[sl], iou_thres)[:max_det] + start  # sorted by score
-        keeps.append(keep)
-        start += n
+    multi_label &= prediction.shape[2] - 5 > 1
+    output = [torch.zeros((0, 6), device=prediction.device) for _ in range(prediction.shape[0])]
+    t = time.time()
+    for xi, x in enumerate(prediction):  # x: (N, 5 + nc)
+        det = candidates(x, conf_thres, multi_label, classes)
+        n = det.shape[0]
+        if n:
+            group = det.new_zeros(n, dtype=torch.long) if agnostic else det[:, 5].long()
+            keep = batched_nms(det[:, :4], det[:, 4], group, iou_thres)[:max_det]  # (k,) sorted by score
+            if merge and 1 < n < MERGE_MAX:
+                det[keep, :4] = merge_boxes(det, keep, group, iou_thres)
+            output[xi] = det.index_select(0, keep)
         if time.time() - t > time_limit:
-            print(f"WARNING: NMS time limit {time_limit:.1f}s exceeded after {xi + 1}/{bs} images; "
+            print(f"WARNING: NMS time limit {time_limit:.1f}s exceeded after {xi + 1}/{len(output)} images; "
                   f"the rest get no detections")
             break
-    keeps += [keeps[0][:0]] * (bs - len(keeps))
-    if merge:  # one merge for the whole batch: few large ops rather than many small ones
-        mergeable = [k for k, n in zip(keeps, counts) if 1 < n < MERGE_MAX]
-        if mergeable:
-            mergeable = torch.cat(mergeable)
-            det[mergeable, :4] = merge_boxes(det, mergeable, group, iou_thres)
-    return [det[k] for k in keeps]
+    return output
