@@ -117,6 +117,8 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
                  plot: Callable | None = None) -> EvalRun:
     """Run the model and NMS over the loader; match detections to labels (and add them to coco); plot(batch_i,
     imgs, targets, paths, output) is called for each batch when given."""
+    import torchvision.ops  # noqa: F401  NMS imports it on first use (~1.5 s): start-up, not NMS time per image
+
     device = next(model.parameters()).device
     iouv = IOU_THRESHOLDS.to(device)
     loss = torch.zeros(3, device=device)
