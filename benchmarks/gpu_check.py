@@ -347,11 +347,11 @@ def step_kill9_resume(ctx: Ctx) -> dict:
     return {'killed_after_epoch': killed_epoch, 'rows_at_kill': rows_at_kill}
 
 
-def _torchrun(ctx: Ctx, nproc: int, *extra: str) -> list[str]:
-    """torch.distributed.run command line for this machine's devices."""
+def _torchrun(ctx: Ctx, nproc: int, epochs: int, *extra: str) -> list[str]:
+    """torch.distributed.run command line for this machine's devices (rank i takes the i-th listed GPU)."""
     devices = ','.join(str(i) for i in range(nproc)) if ctx.cuda else 'cpu'
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *extra,
-            *train_cmd(ctx, '--device', devices, epochs=1)]
+            *train_cmd(ctx, '--device', devices, epochs=epochs)]
 
 
 def _nproc(ctx: Ctx) -> int:
@@ -367,8 +367,7 @@ def _nccl_env(ctx: Ctx) -> dict:
 def step_torchrun(ctx: Ctx) -> dict:
     """One process per GPU (NCCL) or 2 on the CPU (gloo): trains and writes one set of checkpoints."""
     run, nproc, epochs = ctx.work / 'torchrun', _nproc(ctx), 1 if ctx.quick else 2
-    cmd = _torchrun(ctx, nproc)
-    cmd[cmd.index('--epochs') + 1] = str(epochs)
+    cmd = _torchrun(ctx, nproc, epochs)
     r = run_cli(ctx, 'torchrun', cmd, run, ctx.timeout, env=_nccl_env(ctx))
     expect_rc0(r, f'torchrun --nproc_per_node {nproc} train.py')
     if ctx.cuda and 'NCCL INFO' not in r.stdout + r.stderr:
@@ -403,8 +402,7 @@ def step_elastic(ctx: Ctx) -> dict:
     """torchrun --max-restarts 1; one worker SIGKILLed after the first epoch; every epoch once, exit 0."""
     run, nproc, epochs = ctx.work / 'elastic', _nproc(ctx), 2 if ctx.quick else 3
     run.mkdir()
-    cmd = _torchrun(ctx, nproc, '--max-restarts', '1')
-    cmd[cmd.index('--epochs') + 1] = str(epochs)
+    cmd = _torchrun(ctx, nproc, epochs, '--max-restarts', '1')
     with open(run / 'torchrun.log', 'w') as log:
         proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, 'PYTHONUNBUFFERED': '1', **_nccl_env(ctx)})
