@@ -13,8 +13,8 @@ import torch
 
 from models import Darknet
 from tests.conftest import ROOT
-from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchors, check_anchors, label_wh, main,
-                           parse_opt)
+from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchors, check_anchors, fix_command,
+                           label_wh, main, parse_opt)
 from utils.boxes import wh_iou
 from utils.datasets import LoadImagesAndLabels
 from utils.parse_config import parse_model_cfg
@@ -96,6 +96,11 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys):
     assert bpr < 0.98 and re.fullmatch(r'anchors: BPR 0\.\d{4}, \d+\.\d\d anchors per target at 320 \(iou_t 0\.2\)',
                                        logs[0])
     assert 'WARNING' in logs[1] and f'python -m utils.anchors --data {data} --cfg {TINY} --img-size 320' in logs[1]
+    # run from another folder, the command still works when pasted: a cd to the root, absolute paths
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert fix_command('my.data', str(TINY), 320) == (f'cd {ROOT} && python -m utils.anchors --data '
+                                                         f'{tmp_path / "my.data"} --cfg {TINY} --img-size 320')
     logs.clear()
     bpr_new = check_anchors(ds, Darknet(str(out)), 320, 0.2, log=logs.append)
     assert bpr_new >= 0.98 and len(logs) == 1 and bpr_new == pytest.approx(fit['after'][1], abs=1e-4)

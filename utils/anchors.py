@@ -90,10 +90,18 @@ def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Cal
     log(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} (iou_t {thr:g})')
     if bpr < BPR_WARN:
         log(f'WARNING: anchors: only {bpr:.1%} of the labels can match an anchor (BPR < {BPR_WARN}); compute anchors '
-            f'for this data with: python -m utils.anchors --data {data or "<data>"} --cfg {cfg or "<cfg>"} '
-            f'--img-size {img_size}  and train with the cfg it writes (pretrained heads predict sizes relative to '
-            f'the anchors they were trained with: when fine-tuning, compare both)')
+            f'for this data with: {fix_command(data, cfg, img_size)}  and train with the cfg it writes (pretrained '
+            f'heads predict sizes relative to the anchors they were trained with: when fine-tuning, compare both)')
     return bpr
+
+
+def fix_command(data: str | None, cfg: str | None, img_size: int) -> str:
+    """The `python -m utils.anchors` command line for data and cfg; run from elsewhere than the repository root,
+    with absolute paths and a `cd` to the root (python -m finds utils/ only there)."""
+    if Path.cwd().resolve() == ROOT:
+        return f'python -m utils.anchors --data {data or "<data>"} --cfg {cfg or "<cfg>"} --img-size {img_size}'
+    data, cfg = (str(Path(x).resolve()) if x else f'<{k}>' for x, k in ((data, 'data'), (cfg, 'cfg')))
+    return f'cd {ROOT} && python -m utils.anchors --data {data} --cfg {cfg} --img-size {img_size}'
 
 
 def cfg_anchors(path: str | Path) -> tuple[np.ndarray, list[list[int]]]:
