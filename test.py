@@ -119,13 +119,13 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
     imgs, targets, paths, output) is called for each batch when given."""
     import torchvision.ops  # noqa: F401  NMS imports it on first use (~1.5 s): start-up, not NMS time per image
 
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16 with --half
     iouv = IOU_THRESHOLDS.to(device)
     loss = torch.zeros(3, device=device)
     stats, seen, t_inf, t_nms = [], 0, 0.0, 0.0
     header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
     for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
-        imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
+        imgs = imgs.to(device, non_blocking=True).to(dtype) / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
         if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
@@ -207,20 +207,25 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
          dataloader: torch.utils.data.DataLoader | None = None, multi_label: bool = True,
          compute_loss: Callable | None = None, verbose: bool = False, plots: bool = True,
          save_dir: str | Path = '.', device: str = '', coco_gt: str | Path | None = None, merge: bool = True,
-         workers: int = 8) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
+         workers: int = 8, half: bool = False) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
     """Evaluate a model (given, or built from cfg + weights) on data's 'valid' images.
 
     Returns (results, maps, times): results = (P, R, mAP@0.5, mAP@0.5:0.95, F1, val box, val obj, val cls) with the
     losses averaged over batches when compute_loss is given (else 0); maps (nc,) per-class mAP@0.5:0.95;
-    times = (inference, NMS, total) in ms per image.
+    times = (inference, NMS, total) in ms per image. half: fp16 inference of the model built here (CUDA only).
     """
+    dev = _device(device, batch_size) if model is None else None
+    if half and (dev is None or dev.type != 'cuda'):  # checked before anything is written
+        raise EvalError(f'--half needs a CUDA device (fp16 inference of a model test() loads); got {dev or "a model"}')
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     data = data if isinstance(data, dict) else load_data_config(data)
     if dataloader is None:
         check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
     if model is None:
-        model = load_model(weights, cfg, imgsz, _device(device, batch_size)).fuse()
+        model = load_model(weights, cfg, imgsz, dev).fuse()
+        if half:
+            model.half()  # detections and metrics stay in fp32: NMS gets inf_out.float()
     was_training = model.training
     model.eval()
     nc = 1 if single_cls else int(data['nc'])
@@ -266,6 +271,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
     p.add_argument('--single-cls', action='store_true', help='treat every class as one')
     p.add_argument('--augment', action='store_true', help='test-time augmentation (flips and scales)')
+    p.add_argument('--half', action='store_true', help='fp16 inference (CUDA only)')
     p.add_argument('--save-dir', type=str, default='.', help='folder for plots and JSON files')
     p.add_argument('--coco-gt', type=str, default='', help='COCO ground-truth JSON (default: found or written)')
     p.add_argument('--workers', type=int, default=8, help='dataloader workers (at most)')
@@ -334,7 +340,7 @@ def main(opt: argparse.Namespace) -> int:
     if opt.task == 'test':
         test(opt.cfg, opt.data, opt.weights, opt.batch_size, opt.img_size, opt.conf_thres, opt.iou_thres,
              opt.save_json, opt.single_cls, opt.augment, verbose=True, save_dir=opt.save_dir, device=opt.device,
-             coco_gt=opt.coco_gt or None, workers=opt.workers)
+             coco_gt=opt.coco_gt or None, workers=opt.workers, half=opt.half)
         return 0
     Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
     data = load_data_config(opt.data)

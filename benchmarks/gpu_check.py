@@ -462,56 +462,22 @@ def step_test_fp32(ctx: Ctx) -> dict:
 
 
 def step_test_half(ctx: Ctx) -> dict:
-    """test.py --half on CUDA: mAP@0.5 within 0.01 of fp32 (in-process fp16 model where test.py has no --half)."""
+    """test.py --half on CUDA: mAP@0.5 within 0.01 of fp32."""
     if not ctx.cuda:
         raise NeedsCuda
     if 'mAP50_fp32' not in ctx.shared:
         raise CheckFailed('test_fp32 did not give a figure to compare with')
-    has_half = '--half' in subprocess.run([sys.executable, str(ROOT / 'test.py'), '--help'], capture_output=True,
-                                          text=True).stdout
-    if has_half:
-        r = run_cli(ctx, 'test_half', _test_cmd(ctx, '--half', '--save-dir', str(ctx.work / 'test_half')), ctx.work,
-                    ctx.timeout)
-    else:  # the fp16 inference path through test.test() with the model cast to half, in its own process
-        spec = {'cfg': str(CFG_TINY), 'data': str(ctx.data), 'weights': str(ctx.inputs.weights),
-                'img_size': ctx.size(416, 128), 'device': ctx.device, 'save_dir': str(ctx.work / 'test_half')}
-        r = run_cli(ctx, 'test_half', [sys.executable, str(Path(__file__).resolve()), '--child-test-half',
-                                       json.dumps(spec)], ctx.work, ctx.timeout)
-    expect_rc0(r, 'test.py --half' if has_half else 'test() with a half model')
+    r = run_cli(ctx, 'test_half', _test_cmd(ctx, '--half', '--save-dir', str(ctx.work / 'test_half')), ctx.work,
+                ctx.timeout)
+    expect_rc0(r, 'test.py --half')
     row = bench.parse_all_row(r.stdout)
     if not row:
         raise CheckFailed("no 'all' row in the fp16 test output")
     diff = row['mAP50'] - ctx.shared['mAP50_fp32']
-    res = {**row, 'mAP50_fp32': ctx.shared['mAP50_fp32'], 'difference': diff,
-           'via': 'test.py --half' if has_half else 'test.test() with model.half() (test.py has no --half)'}
     if abs(diff) > HALF_TOL:
         raise CheckFailed(f"fp16 mAP@0.5 {row['mAP50']:.3f} vs fp32 {ctx.shared['mAP50_fp32']:.3f}: "
                           f'differs by more than {HALF_TOL}')
-    return res
-
-
-def child_test_half(spec: dict) -> None:
-    """Evaluate the fused model in fp16 through test.test() (prints the usual table)."""
-    import torch
-    sys.path.insert(0, str(ROOT))
-    import test as testpy
-    from models import load_model
-
-    class Half(torch.nn.Module):
-        """fp16 model behind an fp32 interface: test() feeds float images and reads float outputs."""
-
-        def __init__(self, model: torch.nn.Module):
-            super().__init__()
-            self.module = model.half()  # `.module`: test() finds the strides through it
-
-        def forward(self, x: torch.Tensor, augment: bool = False):
-            inf, train_out = self.module(x.half(), augment=augment)
-            return inf.float(), [y.float() for y in train_out] if train_out is not None else None
-
-    device = torch.device('cpu' if spec['device'] == 'cpu' else f"cuda:{spec['device']}")
-    model = load_model(spec['weights'], spec['cfg'], spec['img_size'], device)
-    testpy.test(None, spec['data'], batch_size=16, imgsz=spec['img_size'], model=Half(model.fuse()).eval(),
-                save_dir=spec['save_dir'], plots=False)
+    return {**row, 'mAP50_fp32': ctx.shared['mAP50_fp32'], 'difference': diff}
 
 
 def _detect(ctx: Ctx, name: str, *extra: str) -> dict[str, list[list[float]]]:
@@ -613,7 +579,6 @@ def step_throughput(ctx: Ctx, cfg: Path) -> dict:
     """
     if not ctx.cuda:
         raise NeedsCuda
-    import torch
     sys.path.insert(0, str(ROOT))
     from models import Darknet
     data, n, size, batch = ctx.shared['x8'], ctx.shared['x8_images'], ctx.size(416, 128), 16 if ctx.quick else 64
@@ -755,7 +720,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--work', type=Path, help='work folder (default: a temporary folder, removed at the end)')
     p.add_argument('--jobs', type=int, choices=(1, 2),
                    help='2: the torchrun steps beside the others (default: 2 for --quick on the CPU, else 1)')
-    p.add_argument('--child-test-half', help=argparse.SUPPRESS)
     return p
 
 
@@ -780,9 +744,6 @@ def prepare(opt: argparse.Namespace, inputs: Inputs) -> Ctx:
 def main(argv: list[str] | None = None) -> int:
     """Run the steps, print the table, write --out; 1 when a step failed."""
     opt = get_args_parser().parse_args(argv)
-    if opt.child_test_half:
-        child_test_half(json.loads(opt.child_test_half))
-        return 0
     inputs = default_inputs(opt)
     if opt.pack:
         total = pack(inputs, opt.pack.resolve())
