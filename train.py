@@ -454,11 +454,16 @@ def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: d
     return results, best_fitness
 
 
-def start_outputs(opt: argparse.Namespace, info: du.DistInfo, log: Callable[[str], None]) -> Any:
-    """Rank 0 of a (non-evolve) run: clear a new run's old outputs; the TensorBoard writer (or None)."""
+def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistInfo,
+                  log: Callable[[str], None]) -> Any:
+    """Rank 0 of a (non-evolve) run, once model, data and weights have loaded (bad input writes nothing): hyp.yaml and
+    opt.yaml, a new run's old outputs cleared; the TensorBoard writer (or None)."""
     if not info.main or opt.evolve:
         return None
     save_dir = Path(opt.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / 'hyp.yaml').write_text(yaml.safe_dump(hyp, sort_keys=False))
+    (save_dir / 'opt.yaml').write_text(yaml.safe_dump(plain(vars(opt)), sort_keys=False))
     if not opt.resume:
         for f in save_dir.glob('train_batch*.jpg'):
             f.unlink()
@@ -502,7 +507,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             run_paths(Path(opt.save_dir))['results'].write_text(ckpt.get('training_results') or '')
         restore_rng(ckpt.get('rng'), loader, ms_rng, info, opt, start_epoch, log)
     del ckpt
-    tb = start_outputs(opt, info, log)
+    tb = start_outputs(opt, hyp, info, log)
     cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
                      amp_dtype=parts.amp_dtype, channels_last=channels_last,
                      multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
@@ -698,11 +703,6 @@ def main(opt: argparse.Namespace) -> int:
             from utils.evolve import evolve
             evolve(hyp, opt, device, train)
             return 0
-        save_dir = Path(opt.save_dir)
-        if info.main:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            (save_dir / 'hyp.yaml').write_text(yaml.safe_dump(hyp, sort_keys=False))
-            (save_dir / 'opt.yaml').write_text(yaml.safe_dump(plain(vars(opt)), sort_keys=False))
         train(hyp, opt, device)
         return 0
     except NonFiniteLossError as e:

@@ -495,6 +495,15 @@ def test_bad_image_size_is_a_clear_error(coco8, tmp_path):
     assert r.returncode == 2 and 'multiple of 32' in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_bad_weights_are_one_line_and_write_nothing(coco8, tmp_path):
+    empty = tmp_path / 'empty.weights'
+    empty.touch()
+    args = base_args(coco8, epochs=1)
+    args[args.index('--weights') + 1] = str(empty)
+    r = train.main(train.parse_opt(args + ['--save-dir', str(tmp_path / 'run')]))
+    assert r == 2 and not (tmp_path / 'run').exists()  # not even hyp.yaml / opt.yaml
+
+
 def torchrun(args: list[str], cwd: Path, env: dict[str, str], *launcher: str) -> subprocess.CompletedProcess:
     """python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py (train.py) args."""
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
