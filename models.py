@@ -29,7 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
 from utils.parse_config import ConfigError, parse_cfg_text
-from utils.torch_utils import count_parameters, intersect_state_dicts
+from utils.torch_utils import count_parameters, de_parallel, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
 # eps=1e-4 moves the official yolov3-tiny outputs by up to 5e-4 against Darknet/OpenCV, eps=1e-6 by about 5e-6.
@@ -603,7 +603,7 @@ def transfer_weights(model: nn.Module, state_dict: dict, verbose: bool = True) -
 
 def model_checkpoint(model: Darknet, **extra: Any) -> dict:
     """A minimal checkpoint dict for a model: its state_dict, cfg text, class names and Darknet header values."""
-    m = model.module if hasattr(model, 'module') else model
+    m = de_parallel(model)
     names = getattr(m, 'names', None)
     return {'model': {k: v.detach().cpu() for k, v in m.state_dict().items()}, 'cfg': m.cfg_text,
             'names': list(names) if names is not None else None,
