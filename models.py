@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
-from utils.parse_config import ConfigError, parse_cfg_text
+from utils.parse_config import ConfigError, parse_cfg_text, with_values
 from utils.torch_utils import count_parameters, de_parallel, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
@@ -495,24 +495,14 @@ def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> 
 def cfg_with_classes(text: str, nc: int, path: str = '<cfg>') -> str:
     """The cfg text with classes=nc in every [yolo] section and the matching filters= in the convolution before it
     ((nc + 5) * len(mask), plus len(from) for ASFF heads); every other line as it was."""
+    changes: dict[int, dict[str, int]] = {}
     defs = parse_cfg_text(text, path)[1:]
-    lines = text.splitlines(keepends=True)
-    starts = [d['line'] for d in defs] + [len(lines) + 1]  # 1-based header lines of the layers, then the end
-
-    def set_key(i: int, key: str, value: int) -> None:
-        for n in range(starts[i], starts[i + 1] - 1):  # 0-based indices of the lines after layer i's header
-            if re.match(rf'\s*{key}\s*=', lines[n]):
-                end = lines[n][len(lines[n].rstrip('\r\n')):]
-                lines[n] = f'{key}={value}{end}'
-                return
-        raise ConfigError(f"{path}:{defs[i]['line']}: layer {i} [{defs[i]['type']}] has no {key!r}")
-
     for k, i in enumerate(j for j, d in enumerate(defs) if d['type'] == 'yolo'):
         d = defs[i]
         frm = [r + i if r < 0 else r for r in d.get('from', [])]
-        set_key(i, 'classes', nc)
-        set_key(frm[k] if frm else i - 1, 'filters', (nc + 5) * len(d['mask']) + len(frm))
-    return ''.join(lines)
+        changes.setdefault(i, {})['classes'] = nc
+        changes.setdefault(frm[k] if frm else i - 1, {})['filters'] = (nc + 5) * len(d['mask']) + len(frm)
+    return with_values(text, changes, path)
 
 
 def darknet_source_classes(model: Darknet, n_values: int, cutoff: int = -1) -> int | None:

@@ -86,3 +86,13 @@ def test_every_reference_cfg_parses():
         sections = parse_model_cfg(f)
         assert sections[0]['type'] == 'net'
         assert any(s['type'] == 'yolo' for s in sections), f
+
+
+def test_with_values_changes_only_the_values_asked_for():
+    from utils.parse_config import with_values
+    text = ('[net]\r\nwidth=64\r\n[convolutional]\r\nfilters = 255  # head\r\nsize=1\r\n'
+            '[yolo]\r\nmask=0,1,2\r\nanchors=10,14, 23,27, 37,58\r\nclasses=80\r\n')
+    new = with_values(text, {0: {'filters': 18}, 1: {'classes': 1}}, 'x.cfg')
+    assert new == text.replace('filters = 255  # head', 'filters = 18  # head').replace('classes=80', 'classes=1')
+    with pytest.raises(ConfigError, match=r"x\.cfg:3: layer 0 \[convolutional\] has no 'groups'"):
+        with_values(text, {0: {'groups': 2}}, 'x.cfg')

@@ -29,7 +29,7 @@ from utils.augmentations import BOX_MAX_ASPECT, BOX_MIN_WH
 from utils.boxes import wh_iou
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import LoadImagesAndLabels
-from utils.parse_config import ConfigError, parse_model_cfg
+from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg, with_values
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HYP = ROOT / 'data' / 'hyp.scratch.yaml'
@@ -185,26 +185,11 @@ def format_anchors(anchors: np.ndarray) -> str:
 def cfg_with_anchors(text: str, anchors: np.ndarray, path: str = '<cfg>') -> tuple[str, int]:
     """cfg text with the value of every [yolo] anchors= line replaced (spacing, comments, line endings kept);
     returns (text, lines replaced)."""
-    value = format_anchors(anchors)
-    lines = text.splitlines(keepends=True)
-    section, n = '', 0
-    for i, line in enumerate(lines):
-        body = line.rstrip('\r\n')
-        code = body.split('#', 1)[0]
-        stripped = code.strip()
-        if stripped.startswith('['):
-            section = stripped.strip('[]').strip().lower()
-            continue
-        if section != 'yolo' or '=' not in stripped or stripped.split('=', 1)[0].strip() != 'anchors':
-            continue
-        eq = code.index('=') + 1
-        start = eq + len(code[eq:]) - len(code[eq:].lstrip())  # first character of the value
-        end = len(code.rstrip())
-        lines[i] = body[:start] + value + body[end:] + line[len(body):]
-        n += 1
-    if n == 0:
+    yolo = [i for i, d in enumerate(parse_cfg_text(text, path)[1:]) if d['type'] == 'yolo' and 'anchors' in d]
+    if not yolo:
         raise AnchorError(f'{path}: no anchors= line in a [yolo] section')
-    return ''.join(lines), n
+    value = format_anchors(anchors)
+    return with_values(text, {i: {'anchors': value} for i in yolo}, path), len(yolo)
 
 
 def read_iou_t(path: str | Path) -> float:

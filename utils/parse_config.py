@@ -123,3 +123,26 @@ def parse_model_cfg(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{path}: cfg file not found")
     return parse_cfg_text(path.read_text(encoding='utf-8', errors='replace'), str(path))
+
+
+def with_values(text: str, changes: dict[int, dict[str, Any]], path: str = '<cfg>') -> str:
+    """cfg text with new values for keys of some layers: changes maps a layer index (0 = the first section after
+    [net], as create_modules counts) to {key: value}. Only those values change; spacing, comments and line endings
+    stay as they were. A key the layer does not set is a ConfigError naming the layer's line."""
+    layers = parse_cfg_text(text, path)[1:]
+    lines = text.splitlines(keepends=True)
+    starts = [d['line'] for d in layers] + [len(lines) + 1]  # 1-based header line of each layer, then the end
+    for i, values in changes.items():
+        for key, value in values.items():
+            for n in range(starts[i], starts[i + 1] - 1):  # 0-based indices of the lines after layer i's header
+                body = lines[n].rstrip('\r\n')
+                code = body.split('#', 1)[0]
+                if '=' not in code or code.split('=', 1)[0].strip() != key:
+                    continue
+                eq = code.index('=') + 1
+                start = eq + len(code[eq:]) - len(code[eq:].lstrip())  # first character of the value
+                lines[n] = body[:start] + str(value) + body[len(code.rstrip()):] + lines[n][len(body):]
+                break
+            else:
+                raise ConfigError(f"{path}:{layers[i]['line']}: layer {i} [{layers[i]['type']}] has no {key!r}")
+    return ''.join(lines)
