@@ -27,6 +27,7 @@ from tqdm import tqdm
 from utils.augmentations import augment_hsv, combine_mosaic, letterbox, random_affine
 from utils.boxes import xyxy2xywh
 from utils.data_config import DatasetError
+from utils.image_weights import WeightedImageSampler
 
 IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
 VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
@@ -199,7 +200,7 @@ class LoadImagesAndLabels(Dataset):
         self.img_size = img_size
         self.augment = augment
         self.hyp = hyp or {}
-        self.image_weights = image_weights
+        self.image_weights = image_weights  # drawn by the loader's WeightedImageSampler, see create_dataloader
         self.rect = False if image_weights else rect
         self.mosaic = self.augment and not self.rect  # four images at a time, training only
         self.stride = stride
@@ -229,7 +230,6 @@ class LoadImagesAndLabels(Dataset):
         n = len(self.img_files)
         self.n = n
         self.batch = np.floor(np.arange(n) / batch_size).astype(int)  # batch index of each image
-        self.indices = np.arange(n)  # train.py redraws these for image_weights
         if self.rect:
             self._set_rect_batches(batch_size, pad)
 
@@ -400,7 +400,6 @@ class LoadImagesAndLabels(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
         """(img uint8 (3, H, W) RGB, labels (n, 6) [0, cls, x, y, w, h] normalised, path, shapes or None)."""
-        index = int(self.indices[index]) if self.image_weights else index
         hyp = self.hyp
         if self.mosaic:
             img, labels = self.load_mosaic(index)
@@ -517,7 +516,8 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
     """(DataLoader, dataset) for training or testing; a DistributedSampler when world_size > 1 (call set_epoch).
 
     With rect and world_size > 1 the sampler is a RectDistributedSampler (a DistributedSampler subclass): each rank
-    loads whole planned batches, so rectangular batches work under torchrun.
+    loads whole planned batches, so rectangular batches work under torchrun. With image_weights it is a
+    WeightedImageSampler (images drawn with replacement each epoch; call its set_weights and set_epoch).
     """
     with _rank_zero_first(rank):
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
@@ -530,7 +530,9 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
     batch_size = min(batch_size, len(dataset))
     nw = min((os.cpu_count() or 1) // max(world_size, 1), batch_size if batch_size > 1 else 0, workers)
     sampler = None
-    if world_size > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
+    if image_weights:  # the same weighted draw on every rank, sharded; train.py sets its weights each epoch
+        sampler = WeightedImageSampler(len(dataset), max(world_size, 1), max(rank, 0), seed=seed)
+    elif world_size > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
         sampler = RectDistributedSampler(dataset, batch_size, world_size, max(rank, 0), shuffle=shuffle, seed=seed)
     elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0), shuffle=shuffle, seed=seed)
@@ -539,7 +541,7 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                         num_workers=nw, pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
                         worker_init_fn=_worker_init, generator=generator,
-                        persistent_workers=nw > 0 and not image_weights)  # image_weights changes indices per epoch
+                        persistent_workers=nw > 0)
     return loader, dataset
 
 
