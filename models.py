@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from utils.boxes import decode_yolo_box
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
 from utils.parse_config import ConfigError, parse_cfg_text, with_values
 from utils.torch_utils import count_parameters, de_parallel, intersect_state_dicts
@@ -94,10 +95,10 @@ class YOLOLayer(nn.Module):
         if self.training:
             return None, p
         grid = self._grid(ny, nx, p.device, p.dtype)
-        s = self.scale_x_y
         stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device, dtype=p.dtype)  # (sx, sy)
-        xy = (torch.sigmoid(p[..., :2]) * s - 0.5 * (s - 1) + grid) * stride
-        wh = torch.exp(p[..., 2:4]) * self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2)
+        # the one decode the losses use too (scale_x_y included), so training optimises these boxes
+        xy, wh = decode_yolo_box(p, self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2), self.scale_x_y, grid)
+        xy = xy * stride
         io = torch.cat((xy, wh, torch.sigmoid(p[..., 4:])), -1)
         return io.view(bs, -1, self.no), p
 

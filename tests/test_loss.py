@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from models import Darknet, load_darknet_weights
-from tests.conftest import REF_CFG, SHARED, TINY_WEIGHTS
+from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS
 from utils.loss import ComputeLoss, FocalLoss, build_targets
 
 FIXTURE = SHARED / 'fixtures' / 'loss_parity_tiny320.pt'
@@ -16,11 +16,12 @@ HYP = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'io
 
 
 class FakeYOLO(nn.Module):
-    """Just what the loss reads from a [yolo] module: anchors in grid units."""
+    """Just what the loss reads from a [yolo] module: anchors in grid units and scale_x_y."""
 
-    def __init__(self, anchors_px: list[tuple[float, float]], stride: float):
+    def __init__(self, anchors_px: list[tuple[float, float]], stride: float, scale_x_y: float = 1.0):
         super().__init__()
         self.anchor_vec = torch.tensor(anchors_px) / stride
+        self.scale_x_y = scale_x_y
 
 
 class FakeModel(nn.Module):
@@ -152,3 +153,42 @@ def test_focal_loss_down_weights_easy_examples():
     w = torch.tensor([0.25, 0.75, 0.25]) * (1 - p_t) ** 1.5
     assert focal(logits, t).item() == pytest.approx((ref * w).mean().item(), rel=1e-6)
     assert focal.loss_fcn.reduction == 'none' and focal.reduction == 'mean'
+
+
+def raw_on_labels(model, targets: torch.Tensor, img: int) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Raw train-mode maps whose every anchor assigned to a label (build_targets) encodes exactly that label under
+    each layer's own decode (scale_x_y included), and the assignments with the label boxes in pixels."""
+    loss_fn = ComputeLoss(model, HYP)
+    layers = [model.module_list[j] for j in model.yolo_layers]
+    p = [torch.zeros(2, m.na, img // int(m.stride), img // int(m.stride), m.no) for m in layers]
+    _, tbox, indices, anch = build_targets(p, targets, loss_fn.anchor_vecs, model.nc, HYP['iou_t'])
+    placed = []
+    for m, pi, box, idx, an in zip(layers, p, tbox, indices, anch):
+        s = m.scale_x_y
+        pi[idx + (slice(0, 2),)] = torch.logit((box[:, :2] + 0.5 * (s - 1)) / s)  # inverse of the xy decode
+        pi[idx + (slice(2, 4),)] = torch.log(box[:, 2:4] / an)
+        cell = torch.stack((idx[3], idx[2]), 1).float()
+        placed.append((idx, torch.cat(((box[:, :2] + cell) * m.stride, box[:, 2:4] * m.stride), 1)))
+    return p, placed
+
+
+@pytest.mark.parametrize('cfg', ['yolov4-tiny.cfg', 'yolov4.cfg'])
+def test_box_loss_zero_where_inference_decodes_onto_the_label(cfg):
+    # the yolov4 heads have scale_x_y 1.05-1.2: the loss must decode as YOLOLayer does at inference
+    model = Darknet(ROOT / 'cfg' / cfg, img_size=256)
+    layers = [model.module_list[j] for j in model.yolo_layers]
+    assert {m.scale_x_y for m in layers} - {1.0}, 'the cfg should exercise scale_x_y'
+    # boxes of many sizes, centres away from each other so no two labels share an anchor and cell
+    targets = torch.tensor([[0, 1, 0.13, 0.21, 0.05, 0.07], [0, 2, 0.61, 0.33, 0.3, 0.2],
+                            [1, 3, 0.42, 0.77, 0.6, 0.5], [1, 0, 0.88, 0.12, 0.1, 0.15],
+                            [1, 5, 0.07, 0.93, 0.9, 0.8]])
+    p, placed = raw_on_labels(model, targets, 256)
+    for m, pi, (idx, box_px) in zip(layers, p, placed):
+        m.eval()
+        bs, na, ny, nx, no = pi.shape
+        io, _ = m(pi.permute(0, 1, 4, 2, 3).reshape(bs, na * no, ny, nx), (256, 256))
+        decoded = io.view(bs, na, ny, nx, no)[idx][:, :4]  # what inference reports at the assigned anchors
+        assert torch.allclose(decoded, box_px, atol=1e-3), 'the raw maps should decode onto the labels'
+    _, items = ComputeLoss(model, HYP)(p, targets)
+    assert sum(len(i[0]) for i, _ in placed) >= len(targets)
+    assert items[0].item() < 1e-5, f'box loss {items[0].item():.4f} at the boxes inference reports'

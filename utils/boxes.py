@@ -73,6 +73,24 @@ def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
     return inter / (wh1.prod(2) + wh2.prod(2) - inter)
 
 
+def decode_yolo_box(p: torch.Tensor, anchors: torch.Tensor, scale_x_y: float = 1.0,
+                    grid: torch.Tensor | None = None, max_wh_scale: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Darknet's [yolo] box decode of raw outputs p (..., >= 4): (xy, wh): xy in grid cells, wh in the anchors' units.
+
+    xy = sigmoid(t) * scale_x_y - (scale_x_y - 1) / 2 (+ grid), the offset in the cell (or the cell position with
+    grid); wh = exp(t) * anchors. YOLOLayer (inference) and the losses both decode through this, so training
+    optimises the boxes inference reports. max_wh_scale clamps exp(t) (the original loss's overflow guard).
+    """
+    xy = torch.sigmoid(p[..., :2]) * scale_x_y - 0.5 * (scale_x_y - 1)
+    if grid is not None:
+        xy = xy + grid
+    scale = torch.exp(p[..., 2:4])
+    if max_wh_scale is not None:
+        scale = scale.clamp(max=max_wh_scale)
+    return xy, scale * anchors
+
+
 def clip_coords(boxes: torch.Tensor | np.ndarray, img_shape: Sequence[int]) -> None:
     """Clip xyxy boxes in place to an image of shape (h, w)."""
     h, w = img_shape[0], img_shape[1]

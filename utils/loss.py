@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from utils.boxes import bbox_iou, wh_iou
+from utils.boxes import bbox_iou, decode_yolo_box, wh_iou
 from utils.torch_utils import de_parallel
 
 # build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
@@ -87,6 +87,7 @@ class ComputeLoss:
     def __init__(self, model: nn.Module, hyp: dict[str, float], gr: float = 1.0):
         bare = de_parallel(model)
         self.anchor_vecs = [bare.module_list[j].anchor_vec.detach().clone() for j in bare.yolo_layers]
+        self.scale_x_y = [float(bare.module_list[j].scale_x_y) for j in bare.yolo_layers]
         self.nc = int(bare.nc)
         self.hyp = dict(hyp)
         self.gr = gr
@@ -117,8 +118,8 @@ class ComputeLoss:
             nb = b.shape[0]
             if nb:
                 ps = pi[b, a, gj, gi]  # (nb, nc + 5) predictions at the assigned anchors and cells
-                pxy = ps[:, :2].sigmoid()
-                pwh = ps[:, 2:4].exp().clamp(max=1e3) * anchors[i]
+                # decoded as YOLOLayer does at inference (scale_x_y too); as the original, exp(t) clamped at 1e3
+                pxy, pwh = decode_yolo_box(ps, anchors[i], self.scale_x_y[i], max_wh_scale=1e3)
                 giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (nb,)
                 lbox += (1.0 - giou).mean()
                 # objectness target: 1 blended with the (non-negative) GIoU of the prediction
