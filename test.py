@@ -22,7 +22,7 @@ from utils.boxes import clip_coords, scale_coords, xywh2xyxy
 from utils.coco import CocoJson, find_coco_annotations
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.metrics import IOU_THRESHOLDS, APResult, ap_per_class, match_predictions
+from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
 from utils.parse_config import ConfigError
 from utils.torch_utils import de_parallel, select_device, time_synchronized
@@ -188,8 +188,10 @@ def print_summary(s: Summary, seen: int, names: list[str], per_class: bool) -> N
             print(pf % (names[c], seen, s.nt[c], r.p[i], r.r[i], r.ap[i, 0], r.ap[i].mean(), r.f1[i]))
 
 
-def batch_plotter(save_dir: Path, names: list[str]) -> Callable:
-    """eval_batches' plot hook: ground truth and predictions of the first batch as test_batch0_{gt,pred}.jpg."""
+def batch_plotter(save_dir: Path, names: list[str], confusion: ConfusionMatrix | None = None,
+                  single_cls: bool = False) -> Callable:
+    """eval_batches' plot hook: ground truth and predictions of the first batch as test_batch0_{gt,pred}.jpg, and
+    every image counted into the confusion matrix when given (detections as class 0 under single_cls)."""
     from utils.plots import output_to_target, plot_images
 
     def plot(batch_i: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str], output: list) -> None:
@@ -197,7 +199,41 @@ def batch_plotter(save_dir: Path, names: list[str]) -> Callable:
             plot_images(imgs, targets, paths=paths, names=names, fname=save_dir / f'test_batch{batch_i}_gt.jpg')
             plot_images(imgs, output_to_target(output, imgs.shape[3], imgs.shape[2]), paths=paths, names=names,
                         fname=save_dir / f'test_batch{batch_i}_pred.jpg')
+        if confusion is not None:
+            height, width = imgs.shape[2:]
+            whwh = torch.tensor([width, height, width, height], device=targets.device, dtype=torch.float32)
+            for si, pred in enumerate(output):  # pred: (n, 6) letterboxed pixels, clipped by eval_batches
+                labels = targets[targets[:, 0] == si, 1:]  # (m, 5) [class, xywh] normalised
+                if single_cls:
+                    pred = torch.cat((pred[:, :5], torch.zeros_like(pred[:, 5:6])), 1)
+                confusion.process_batch(pred, torch.cat((labels[:, 0:1], xywh2xyxy(labels[:, 1:5]) * whwh), 1))
     return plot
+
+
+def confusion_for(model: nn.Module, nc: int, single_cls: bool) -> ConfusionMatrix | None:
+    """A confusion matrix of the dataset's classes, or None (with a warning) where the model predicts another
+    number of classes, so its rows would not be the dataset's."""
+    model_nc = getattr(de_parallel(model), 'nc', nc)
+    if model_nc != nc and not single_cls:
+        print(f'WARNING: no confusion matrix: the model has {model_nc} classes, the dataset {nc}')
+        return None
+    return ConfusionMatrix(nc)
+
+
+def save_metric_plots(s: Summary, confusion: ConfusionMatrix | None, names: list[str], save_dir: Path) -> None:
+    """precision_recall_curve.png, P_curve.png, R_curve.png, F1_curve.png (when any image had targets) and
+    confusion_matrix.png in save_dir."""
+    from utils.plots import plot_confusion_matrix, plot_mc_curve, plot_pr_curve
+
+    r = s.res
+    if r is not None:
+        plot_pr_curve(r.px, r.py, r.ap[:, 0], save_dir / 'precision_recall_curve.png', names, r.classes)
+        for y, ylabel, f in ((r.p_curve, 'Precision', 'P_curve.png'), (r.r_curve, 'Recall', 'R_curve.png'),
+                             (r.f1_curve(), 'F1', 'F1_curve.png')):
+            plot_mc_curve(r.px, y, save_dir / f, ylabel, names, r.classes)
+    if confusion is not None:
+        plot_confusion_matrix(confusion.normalised(), names, save_dir / 'confusion_matrix.png', confusion.conf,
+                              confusion.iou_thres)
 
 
 @torch.no_grad()
@@ -234,14 +270,13 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
         dataloader = val_loader(data, imgsz, batch_size, model, single_cls, workers)
     coco = coco_json(data, dataloader, names, single_cls, coco_gt) if save_json else None
 
+    confusion = confusion_for(model, nc, single_cls) if plots else None
     run = eval_batches(model, dataloader, conf_thres, iou_thres, multi_label, merge, augment, compute_loss, coco,
-                       batch_plotter(save_dir, names) if plots else None)
+                       batch_plotter(save_dir, names, confusion, single_cls) if plots else None)
     s = summarize(run.stats, nc)
     print_summary(s, run.seen, names, per_class=verbose and nc > 1)
-    if plots and s.res is not None:
-        from utils.plots import plot_pr_curve
-        plot_pr_curve(s.res.px, s.res.py, s.res.ap[:, 0], save_dir / 'precision_recall_curve.png', names,
-                      s.res.classes)
+    if plots:
+        save_metric_plots(s, confusion, names, save_dir)
     n = max(run.seen, 1)
     times = (run.t_inf / n * 1e3, run.t_nms / n * 1e3, (run.t_inf + run.t_nms) / n * 1e3)
     print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g'

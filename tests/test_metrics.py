@@ -1,4 +1,5 @@
-"""ap_per_class, compute_ap, prediction matching and fitness against hand-computed cases; COCO helpers."""
+"""ap_per_class, compute_ap, prediction matching, confusion matrix and fitness against hand-computed cases; COCO
+helpers."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import torch
 
 from utils.coco import (CocoGroundTruth, coco80_to_coco91_class, coco_evaluate, find_coco_annotations, image_ids,
                         prediction_records)
-from utils.metrics import ap_per_class, compute_ap, fitness, match_predictions
+from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions
 from tests.conftest import COCO128, COCO128_IMAGES
 
 
@@ -44,6 +45,17 @@ def test_ap_per_class_hand_case():
     res = ap_per_class(tp, conf, pred_cls, target_cls)
     assert res.r[0] == pytest.approx(2 / 3) and res.p[0] == pytest.approx(0.5)
     assert res.py.shape == (2, 1000) and res.py[0, 0] == pytest.approx(1.0)
+    # P and R against confidence on the px grid, interpolated along the curve as the PR curve is
+    assert res.p_curve.shape == res.r_curve.shape == (2, 1000)
+    k = np.searchsorted(res.px, 0.75)  # between the detections at conf 0.8 and 0.7
+    t = (0.8 - res.px[k]) / 0.1
+    assert res.r_curve[0, k] == pytest.approx(1 / 3 + t / 3) and res.p_curve[0, k] == pytest.approx(1 / 2 + t / 6)
+    above, below = res.px > 0.9, res.px < 0.6  # nothing detected yet (R 0, P 1); the end of the curve
+    assert (res.r_curve[0, above] == 0).all() and (res.p_curve[0, above] == 1).all()
+    assert res.r_curve[0, below] == pytest.approx(2 / 3) and res.p_curve[0, below] == pytest.approx(1 / 2)
+    assert not res.p_curve[1].any() and not res.r_curve[1].any()  # class 1: no predictions
+    f1 = res.f1_curve()
+    assert f1[0, k] == pytest.approx(2 * res.p_curve[0, k] * res.r_curve[0, k] / (res.p_curve[0, k] + res.r_curve[0, k]))
 
 
 def test_ap_per_class_ignores_classes_without_targets():
@@ -84,6 +96,53 @@ def test_match_predictions_second_target_not_taken_over():
     assert match_predictions(pred, labels)[:, 0].tolist() == [True, False]
     assert not match_predictions(pred, labels[:0]).any()
     assert match_predictions(pred[:0], labels).shape == (0, 10)
+
+
+def test_confusion_matrix_hand_case():
+    labels = torch.tensor([[0, 0, 0, 10, 10],  # A: found by its class
+                           [1, 20, 0, 30, 10],  # B: found as class 2
+                           [2, 40, 0, 50, 10],  # C: missed
+                           [0, 80, 0, 90, 10.]])  # D: two detections on it
+    det = torch.tensor([[0, 0, 10, 10, .9, 0],  # A
+                        [0, 0, 10, 10, .2, 1],  # below conf 0.25: not counted
+                        [20, 0, 30, 10, .8, 2],  # B with the wrong class
+                        [60, 0, 70, 10, .7, 0],  # on nothing: a false positive
+                        [81, 0, 91, 10, .95, 0],  # D, IoU 9/11: the second-best overlap, a false positive
+                        [80, 0, 90, 10, .6, 0]])  # D, IoU 1: the best overlap takes D, whatever the confidence
+    cm = ConfusionMatrix(3)
+    cm.process_batch(det, labels)
+    expected = np.zeros((4, 4), dtype=int)  # rows predicted, columns true; index 3 = background
+    expected[0, 0] = 2  # A and D
+    expected[2, 1] = 1  # B as class 2
+    expected[3, 2] = 1  # C missed: predicted background
+    expected[0, 3] = 2  # the detection on nothing and the second one on D: true background
+    assert cm.matrix.tolist() == expected.tolist()
+    # normalised per true class: each column with any count sums to 1
+    n = cm.normalised()
+    assert n[:, :4].sum(0).tolist() == pytest.approx([1, 1, 1, 1])
+    assert n[0, 0] == n[2, 1] == n[3, 2] == n[0, 3] == 1
+    # an image with detections only, then one with labels only
+    cm.process_batch(det[:1], labels[:0])
+    cm.process_batch(det[:0], labels[2:3])
+    assert cm.matrix[0, 3] == 3 and cm.matrix[3, 2] == 2
+    assert cm.normalised()[0, 0] == 1 and cm.normalised()[3, 2] == 1
+    with pytest.raises(ValueError, match='class 3 is outside the confusion matrix of 3 classes'):
+        cm.process_batch(torch.tensor([[0, 0, 10, 10, .9, 3.]]), labels)
+
+
+def test_confusion_matrix_pairs_as_yolov5():
+    labels = torch.tensor([[0, 0, 0, 100, 100], [0, 0, 0, 100, 70.]])  # L0, L1
+    # IoU with L0, L1: a 0.9, 0.78; b 0.8, 0.875: each detection's best label differs, both are matched
+    det = torch.tensor([[0, 0, 100, 90, .9, 0], [0, 0, 100, 80, .8, 0]])
+    cm = ConfusionMatrix(1, iou_thres=0.45)
+    cm.process_batch(det, labels)
+    assert cm.matrix.tolist() == [[2, 0], [0, 0]]
+    # a 1.0, 0.7; b 0.85, 0.82: as YOLOv5 v7, b keeps only its best label L0, which goes to a; so b counts as a
+    # false positive and L1 as missed, though b overlaps L1 by 0.82
+    det = torch.tensor([[0, 0, 100, 100, .9, 0], [0, 0, 100, 85, .8, 0]])
+    cm = ConfusionMatrix(1, iou_thres=0.45)
+    cm.process_batch(det, labels)
+    assert cm.matrix.tolist() == [[1, 1], [1, 0]]
 
 
 def test_fitness_picks_the_epoch_with_better_map_over_thresholds():

@@ -1,4 +1,5 @@
-"""Plots train.py and test.py write: image mosaics with labelled boxes, results.png, evolve.png, PR curve."""
+"""Plots train.py and test.py write: image mosaics with labelled boxes, results.png, evolve.png, PR and
+P/R/F1-confidence curves, confusion matrix."""
 from __future__ import annotations
 
 import cv2
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.plots import (RESULTS_COLUMNS, class_color, output_to_target, plot_evolution, plot_images, plot_pr_curve,
-                         plot_results)
+from utils.plots import (RESULTS_COLUMNS, blues, class_color, matrix_geometry, output_to_target, plot_confusion_matrix,
+                         plot_evolution, plot_images, plot_mc_curve, plot_pr_curve, plot_results, smooth)
 
 
 def test_output_to_target_normalises():
@@ -110,3 +111,69 @@ def test_pr_curve_pixels(tmp_path):
     assert colour_near(0.25, 0.7, class_color(4)) and not colour_near(0.3, 0.7, class_color(4))  # class b's curve
     assert colour_near(0.5, 0.35, (255, 0, 0)) and colour_near(0.8, 0.1, (255, 0, 0))  # the mean, bold blue
     assert not colour_near(0.5, 0.9, (255, 0, 0))
+
+
+def _colour_near(img: np.ndarray, x: float, y: float, bgr: tuple) -> bool:
+    """Whether a pixel within 2 px of (x, y) of the curve canvas (x: 0..1 -> 90..990 px, y: 0..1 -> 820..40 px)
+    has about this colour."""
+    u, v = round(90 + x * 900), round(40 + (1 - y) * 780)
+    return np.abs(img[v - 2:v + 3, u - 2:u + 3] - bgr).sum(-1).min() < 60
+
+
+def test_metric_confidence_curve_pixels(tmp_path):
+    px = np.linspace(0, 1, 1000)
+    py = np.stack([1 - px, np.clip(1.2 - 2 * px, 0, 1)])  # F1 of two classes against confidence
+    out = plot_mc_curve(px, py, tmp_path / 'F1_curve.png', 'F1', names=['a', 'b'], classes=[0, 4])
+    img = cv2.imread(str(out)).astype(int)
+    assert img.shape == (900, 1500, 3)
+    assert _colour_near(img, 0.3, 0.7, class_color(0)) and _colour_near(img, 0.5, 0.2, class_color(4))
+    mean = smooth(py.mean(0))  # the bold mean is smoothed as YOLOv5's
+    assert mean.shape == px.shape and mean[500] == pytest.approx(py.mean(0)[500])  # straight there: unchanged
+    assert _colour_near(img, 0.5, mean[500], (255, 0, 0)) and _colour_near(img, 0.8, mean[800], (255, 0, 0))
+    assert not _colour_near(img, 0.5, 0.9, (255, 0, 0))
+    assert (img[40:821, 1100:1500] < 128).any()  # the legend
+
+
+def _cell(img: np.ndarray, g, row: int, col: int) -> np.ndarray:
+    """The pixels of one matrix cell, less a 1 px margin."""
+    y, x = g.top + row * g.cell, g.left + col * g.cell
+    return img[y + 1:y + g.cell - 1, x + 1:x + g.cell - 1]
+
+
+def test_confusion_matrix_plot_cells_and_labels(tmp_path):
+    names = ['cat', 'dog', 'traffic light']
+    m = np.array([[5, 0, 0, 2], [1, 4, 0, 0], [0, 0, 0, 0], [0, 0, 3, 0]])  # rows predicted, columns true
+    norm = m / np.maximum(m.sum(0, keepdims=True), 1)
+    out = plot_confusion_matrix(norm, names, tmp_path / 'confusion_matrix.png')
+    img = cv2.imread(str(out))
+    g = matrix_geometry(names + ['background'])
+    assert img.shape == (g.height, g.width, 3)
+    corner = _cell(img, g, 0, 0)[:3, :3].reshape(-1, 3)  # away from the number in the middle
+    assert (corner == blues(5 / 6)).all()
+    assert (_cell(img, g, 1, 0)[:3, :3].reshape(-1, 3) == blues(1 / 6)).all()
+    assert (_cell(img, g, 3, 2)[:3, :3].reshape(-1, 3) == blues(1.0)).all()  # traffic light: all missed
+    assert (_cell(img, g, 0, 3)[:3, :3].reshape(-1, 3) == blues(1.0)).all()  # background column: a false positive
+    assert (_cell(img, g, 2, 2) == 255).all()  # zero: blank
+    assert len(np.unique(_cell(img, g, 0, 0).reshape(-1, 3), axis=0)) > 2  # 4 classes: the value is written in
+    assert (img[g.top:g.top + 4 * g.cell, :g.left - 4] < 100).any()  # row labels left of the matrix
+    assert (img[g.top + 4 * g.cell + 4:, g.left:g.left + 4 * g.cell] < 100).any()  # rotated column labels below
+
+
+def test_confusion_matrix_plot_80_and_1_classes(tmp_path):
+    from tests.conftest import COCO_NAMES
+
+    names = COCO_NAMES.read_text().splitlines()
+    norm = np.eye(81)
+    norm[80, 80] = 0
+    img = cv2.imread(str(plot_confusion_matrix(norm, names, tmp_path / 'cm80.png')))
+    g = matrix_geometry(names + ['background'])
+    assert g.cell >= 12 and img.shape == (g.height, g.width, 3) and max(img.shape) < 1600
+    for k in (0, 40, 79):  # colour only: no number in the cells beyond 30 classes
+        assert (_cell(img, g, k, k).reshape(-1, 3) == blues(1.0)).all()
+    # one class: person and background, numbers written, the title inside the canvas
+    img = cv2.imread(str(plot_confusion_matrix(np.array([[0.75, 1.0], [0.25, 0]]), ['person'], tmp_path / 'cm1.png')))
+    g = matrix_geometry(['person', 'background'])
+    assert img.shape == (g.height, g.width, 3) and g.cell == 160
+    assert (_cell(img, g, 1, 0)[:3, :3].reshape(-1, 3) == blues(0.25)).all()
+    assert len(np.unique(_cell(img, g, 0, 0).reshape(-1, 3), axis=0)) > 2
+    assert (img[:, -5:] == 255).all()  # nothing cut at the right edge

@@ -54,6 +54,24 @@ def test_coco128_map_matches_original(coco128_data, tmp_path):
     assert gt.shape == pred.shape and gt.shape[0] > 500  # the first batch: 16 images as a 4 x 4 mosaic
     assert (np.abs(gt - pred).max(2) > 60).mean() > 0.01  # other boxes drawn on the same images
     assert cv2.imread(str(tmp_path / 'precision_recall_curve.png')).shape == (900, 1500, 3)
+    for f in ('P_curve.png', 'R_curve.png', 'F1_curve.png'):  # 71 classes: grey lines and the bold blue mean
+        img = cv2.imread(str(tmp_path / f)).astype(int)
+        assert img.shape == (900, 1500, 3), f
+        plot_area = img[41:820, 91:990]
+        assert (np.abs(plot_area - (255, 0, 0)).sum(-1) < 60).sum() > 1000, f
+        assert (np.abs(plot_area - (160, 160, 160)).sum(-1) < 30).sum() > 1000, f
+    from utils.plots import blues, matrix_geometry
+
+    g = matrix_geometry((ROOT / 'data' / 'coco.names').read_text().split('\n')[:80] + ['background'])
+    cm = cv2.imread(str(tmp_path / 'confusion_matrix.png'))
+    assert cm.shape == (g.height, g.width, 3)
+
+    def value(row: int, col: int) -> float:  # a cell's colour read back as its value on the colour ramp
+        bgr = cm[g.top + row * g.cell + 2, g.left + col * g.cell + 2].astype(int)
+        return float(min(np.linspace(0, 1, 201), key=lambda v: np.abs(np.array(blues(v)) - bgr).sum()))
+
+    found, missed = value(0, 0), value(80, 0)  # of the 254 persons at conf 0.25 / IoU 0.45: about half each
+    assert 0.35 < found < 0.65 and 0.3 < missed < 0.65 and found + missed <= 1.01, (found, missed)
 
 
 def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):

@@ -1,4 +1,5 @@
-"""Drawing: labelled boxes, image-batch mosaics, training results, PR curve, hyperparameter evolution.
+"""Drawing: labelled boxes, image-batch mosaics, training results, PR and P/R/F1-confidence curves, confusion
+matrix, hyperparameter evolution.
 
 matplotlib is imported inside the functions that need it (Agg backend, so headless machines work) to keep
 detect.py and test.py quick to start.
@@ -9,7 +10,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -119,6 +120,60 @@ def plot_images(images: torch.Tensor | np.ndarray, targets: torch.Tensor | np.nd
     return mosaic
 
 
+# canvas and plot area (pixels) of the curve plots: width, height, left, top, plot width, plot height
+_CURVE = (1500, 900, 90, 40, 900, 780)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_MEAN_BGR = (255, 0, 0)  # the mean curve: bold blue, as YOLOv5
+
+
+def _curve_canvas(xlabel: str, ylabel: str) -> np.ndarray:
+    """A white canvas with the [0, 1] x [0, 1] plot area of _CURVE, grid, tick labels and axis titles."""
+    w, h, left, top, plot_w, plot_h = _CURVE
+    img = np.full((h, w, 3), 255, np.uint8)
+    for t in np.linspace(0, 1, 6):  # grid, ticks and tick labels
+        gx, gy = int(left + t * plot_w), int(top + (1 - t) * plot_h)
+        cv2.line(img, (gx, top), (gx, top + plot_h), (230, 230, 230), 1)
+        cv2.line(img, (left, gy), (left + plot_w, gy), (230, 230, 230), 1)
+        cv2.putText(img, f'{t:.1f}', (gx - 15, top + plot_h + 25), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f'{t:.1f}', (left - 40, gy + 5), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (left + plot_w, top + plot_h), (0, 0, 0), 1)
+    cv2.putText(img, xlabel, (left + plot_w // 2 - 30, h - 20), _FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, ylabel, (10, top - 12), _FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def _draw_curve(img: np.ndarray, x: np.ndarray, y: np.ndarray, color: Sequence[int], thickness: int) -> None:
+    """Draw y(x), both in [0, 1], into the plot area of _CURVE."""
+    _, _, left, top, plot_w, plot_h = _CURVE
+    pts = np.stack((left + np.clip(x, 0, 1) * plot_w, top + (1 - np.clip(y, 0, 1)) * plot_h), 1).astype(np.int32)
+    cv2.polylines(img, [pts], False, tuple(int(c) for c in color), thickness, cv2.LINE_AA)
+
+
+def _draw_legend(img: np.ndarray, entries: list[tuple[str, Sequence[int], int]]) -> None:
+    """Legend right of the plot area: one (text, colour, line thickness) per row."""
+    _, _, left, top, plot_w, _ = _CURVE
+    for i, (text, color, thick) in enumerate(entries):
+        y0 = top + 20 + 24 * i
+        cv2.line(img, (left + plot_w + 30, y0 - 5), (left + plot_w + 70, y0 - 5), color, thick, cv2.LINE_AA)
+        cv2.putText(img, text, (left + plot_w + 80, y0), _FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _class_curves(img: np.ndarray, px: np.ndarray, py: np.ndarray, names: Sequence[str] | None,
+                  classes: Sequence[int] | None,
+                  values: np.ndarray | None = None) -> list[tuple[str, Sequence[int], int]]:
+    """Draw one thin curve per class; returns legend rows 'name [value]' (only for fewer than 21 classes, where a
+    per-class legend stays readable; more classes are drawn grey)."""
+    legend = []
+    for k, y in enumerate(py):
+        c = int(classes[k]) if classes is not None else k
+        color = class_color(c) if len(py) < 21 else (160, 160, 160)
+        _draw_curve(img, px, y, color, 1)
+        if len(py) < 21:
+            name = names[c] if names is not None and c < len(names) else str(c)
+            legend.append((name if values is None else f'{name} {values[k]:.3f}', color, 1))
+    return legend
+
+
 def plot_pr_curve(px: np.ndarray, py: np.ndarray, ap: np.ndarray, save_path: str | os.PathLike = 'pr_curve.png',
                   names: Sequence[str] | None = None, classes: Sequence[int] | None = None) -> Path:
     """Precision-recall curves at IoU 0.5: py (nc, len(px)) per class, ap (nc,) their AP@0.5; the mean in bold.
@@ -127,37 +182,131 @@ def plot_pr_curve(px: np.ndarray, py: np.ndarray, ap: np.ndarray, save_path: str
     """
     py = np.asarray(py, dtype=np.float64).reshape(-1, len(px))
     ap = np.asarray(ap, dtype=np.float64).reshape(-1)
-    w, h, left, top, plot_w, plot_h = 1500, 900, 90, 40, 900, 780  # canvas and plot area (pixels)
-    img = np.full((h, w, 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-
-    def to_px(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.stack((left + np.clip(x, 0, 1) * plot_w, top + (1 - np.clip(y, 0, 1)) * plot_h), 1).astype(np.int32)
-
-    for t in np.linspace(0, 1, 6):  # grid, ticks and tick labels
-        gx, gy = int(left + t * plot_w), int(top + (1 - t) * plot_h)
-        cv2.line(img, (gx, top), (gx, top + plot_h), (230, 230, 230), 1)
-        cv2.line(img, (left, gy), (left + plot_w, gy), (230, 230, 230), 1)
-        cv2.putText(img, f'{t:.1f}', (gx - 15, top + plot_h + 25), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(img, f'{t:.1f}', (left - 40, gy + 5), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.rectangle(img, (left, top), (left + plot_w, top + plot_h), (0, 0, 0), 1)
-    cv2.putText(img, 'Recall', (left + plot_w // 2 - 30, h - 20), font, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, 'Precision', (10, top - 12), font, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
-
-    legend = []
-    for k, y in enumerate(py):
-        c = int(classes[k]) if classes is not None else k
-        color = class_color(c) if len(py) < 21 else (160, 160, 160)  # per-class legend only where readable
-        cv2.polylines(img, [to_px(px, y)], False, color, 1, cv2.LINE_AA)
-        if len(py) < 21:
-            legend.append((f'{names[c] if names is not None and c < len(names) else c} {ap[k]:.3f}', color, 1))
+    img = _curve_canvas('Recall', 'Precision')
+    legend = _class_curves(img, px, py, names, classes, ap)
     if len(py):
-        cv2.polylines(img, [to_px(px, py.mean(0))], False, (255, 0, 0), 3, cv2.LINE_AA)
-        legend.insert(0, (f'all classes {ap.mean():.3f} mAP@0.5', (255, 0, 0), 3))
-    for i, (text, color, thick) in enumerate(legend):
-        y0 = top + 20 + 24 * i
-        cv2.line(img, (left + plot_w + 30, y0 - 5), (left + plot_w + 70, y0 - 5), color, thick, cv2.LINE_AA)
-        cv2.putText(img, text, (left + plot_w + 80, y0), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+        _draw_curve(img, px, py.mean(0), _MEAN_BGR, 3)
+        legend.insert(0, (f'all classes {ap.mean():.3f} mAP@0.5', _MEAN_BGR, 3))
+    _draw_legend(img, legend)
+    cv2.imwrite(str(save_path), img)
+    return Path(save_path)
+
+
+def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
+    """Box filter over a fraction f of the points (odd width, edges padded with the end values), as YOLOv5."""
+    nf = round(len(y) * f * 2) // 2 + 1
+    pad = nf // 2
+    yp = np.concatenate((np.full(pad, y[0]), y, np.full(pad, y[-1])))
+    return np.convolve(yp, np.ones(nf) / nf, mode='valid')
+
+
+def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | os.PathLike, ylabel: str,
+                  names: Sequence[str] | None = None, classes: Sequence[int] | None = None) -> Path:
+    """A metric against confidence: py (nc, len(px)) per class; the class mean, smoothed as YOLOv5, in bold with
+    its maximum and the confidence where it is reached in the legend."""
+    py = np.asarray(py, dtype=np.float64).reshape(-1, len(px))
+    img = _curve_canvas('Confidence', ylabel)
+    legend = _class_curves(img, px, py, names, classes)
+    if len(py):
+        y = smooth(py.mean(0))
+        _draw_curve(img, px, y, _MEAN_BGR, 3)
+        legend.insert(0, (f'all classes {y.max():.2f} at {px[y.argmax()]:.3f}', _MEAN_BGR, 3))
+    _draw_legend(img, legend)
+    cv2.imwrite(str(save_path), img)
+    return Path(save_path)
+
+
+class MatrixGeometry(NamedTuple):
+    """Where plot_confusion_matrix draws the cells: cell (row, col) spans x from left + col * cell, y from
+    top + row * cell, cell pixels each."""
+    left: int
+    top: int
+    cell: int
+    width: int  # canvas
+    height: int
+    font_scale: float  # of the tick labels
+
+
+def matrix_geometry(labels: Sequence[str]) -> MatrixGeometry:
+    """Layout of a confusion matrix with these row / column labels (classes, then background)."""
+    n = len(labels)
+    cell = int(np.clip(1100 // n, 14, 160))
+    font_scale = float(np.clip(cell / 35, 0.4, 0.6))
+    text_w = max(cv2.getTextSize(t, _FONT, font_scale, 1)[0][0] for t in labels)
+    left, top = 50 + text_w + 10, 70
+    width = max(left + n * cell + 130, 500)  # the colour bar and its numbers on the right; the title
+    height = top + n * cell + 10 + text_w + 60  # rotated column labels, then the axis title
+    return MatrixGeometry(left, top, cell, width, height, font_scale)
+
+
+def blues(v: float) -> tuple[int, int, int]:
+    """BGR of v in [0, 1] on a white-to-dark-blue ramp (close to matplotlib's 'Blues', which YOLOv5 uses)."""
+    stops = np.array([[255, 251, 247], [214, 174, 107], [107, 48, 8]], dtype=np.float64)  # BGR at 0, 0.5, 1
+    v = float(np.clip(v, 0, 1)) * 2
+    k = min(int(v), 1)
+    return tuple(int(round(x)) for x in stops[k] + (stops[k + 1] - stops[k]) * (v - k))
+
+
+def _put_rotated(img: np.ndarray, text: str, x_center: int, y_top: int, scale: float) -> None:
+    """Black text turned 90 degrees (read bottom to top) with its end at y_top, centred on x_center."""
+    (tw, th), base = cv2.getTextSize(text, _FONT, scale, 1)
+    patch = np.full((th + base + 4, tw + 4, 3), 255, np.uint8)
+    cv2.putText(patch, text, (2, th + 2), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    patch = cv2.rotate(patch, cv2.ROTATE_90_COUNTERCLOCKWISE)  # (tw + 4, th + base + 4)
+    y0, x0 = y_top, x_center - patch.shape[1] // 2
+    region = img[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
+    region[:] = np.minimum(region, patch[:region.shape[0], :region.shape[1]])  # dark text over the white canvas
+
+
+def _draw_cells(img: np.ndarray, array: np.ndarray, g: MatrixGeometry, numbers: bool) -> None:
+    """Fill the cells with their colour (blank below 0.005, as YOLOv5) and, when numbers, the value."""
+    for (r, c), v in np.ndenumerate(array):
+        if v < 0.005:
+            continue
+        x0, y0 = g.left + c * g.cell, g.top + r * g.cell
+        cv2.rectangle(img, (x0, y0), (x0 + g.cell - 1, y0 + g.cell - 1), blues(v), -1)
+        if numbers:
+            text = f'{v:.2f}'
+            scale = min(0.6, 0.8 * g.cell / cv2.getTextSize(text, _FONT, 1.0, 1)[0][0])
+            (tw, th), _ = cv2.getTextSize(text, _FONT, scale, 1)
+            color = (255, 255, 255) if v > 0.5 else (0, 0, 0)
+            cv2.putText(img, text, (x0 + (g.cell - tw) // 2, y0 + (g.cell + th) // 2), _FONT, scale, color, 1,
+                        cv2.LINE_AA)
+
+
+def _draw_colour_bar(img: np.ndarray, g: MatrixGeometry, n: int) -> None:
+    """A vertical 0..1 colour bar right of the matrix, as tall as it."""
+    x0, y0, h = g.left + n * g.cell + 30, g.top, n * g.cell
+    for y in range(h):
+        cv2.line(img, (x0, y0 + y), (x0 + 20, y0 + y), blues(1 - y / max(h - 1, 1)), 1)
+    cv2.rectangle(img, (x0, y0), (x0 + 20, y0 + h - 1), (0, 0, 0), 1)
+    for t in (0.0, 0.5, 1.0):
+        cv2.putText(img, f'{t:.1f}', (x0 + 26, int(y0 + (1 - t) * (h - 1)) + 5), _FONT, 0.5, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+
+
+def plot_confusion_matrix(array: np.ndarray, names: Sequence[str], save_path: str | os.PathLike = 'confusion_matrix.png',
+                          conf: float = 0.25, iou: float = 0.45) -> Path:
+    """Draw a normalised confusion matrix (nc + 1, nc + 1), rows predicted, columns true, the last of each
+    background; the value in each cell for fewer than 30 classes (as YOLOv5), only colours beyond."""
+    n = array.shape[0]
+    labels = [str(x) for x in names] if len(names) == n - 1 else [str(i) for i in range(n - 1)]
+    labels.append('background')
+    g = matrix_geometry(labels)
+    img = np.full((g.height, g.width, 3), 255, np.uint8)
+    _draw_cells(img, np.asarray(array, dtype=np.float64), g, numbers=n - 1 < 30)
+    cv2.rectangle(img, (g.left - 1, g.top - 1), (g.left + n * g.cell, g.top + n * g.cell), (0, 0, 0), 1)
+    for k, text in enumerate(labels):
+        (tw, th), _ = cv2.getTextSize(text, _FONT, g.font_scale, 1)
+        mid = g.top + k * g.cell + g.cell // 2
+        cv2.putText(img, text, (g.left - 8 - tw, mid + th // 2), _FONT, g.font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+        _put_rotated(img, text, g.left + k * g.cell + g.cell // 2, g.top + n * g.cell + 8, g.font_scale)
+    _draw_colour_bar(img, g, n)
+    cv2.putText(img, 'Confusion matrix', (10, 30), _FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, f'normalised per true class; conf {conf:g}, IoU {iou:g}', (10, 55), _FONT, 0.5, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    cv2.putText(img, 'True', (g.left + n * g.cell // 2 - 20, g.height - 20), _FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+    _put_rotated(img, 'Predicted', 25, g.top + n * g.cell // 2 - 50, 0.7)
     cv2.imwrite(str(save_path), img)
     return Path(save_path)
 
