@@ -1,0 +1,180 @@
+"""Self-check of the Darknet [yolo] fixture: shapes, output = Darknet's activation of input, loss = mean cost / batch,
+threshold margins, and a per-case summary of which delta entries Darknet set.
+
+    python tools/darknet_harness/check_fixture.py [tests/fixtures/darknet_yolo]
+
+Exits 1 with one line per problem, naming the file.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / 'tests' / 'fixtures' / 'darknet_yolo'
+ENTRY_NAMES = ('x', 'y', 'w', 'h', 'obj', 'cls')
+REQUIRED = ('cfg', 'net_wh', 'truth', 'anchors', 'layer_index', 'loss', 'seen', 'iteration')
+
+
+def yolo_sections(cfg: str) -> list:
+    """The [yolo] sections of a cfg text as {key: value string} dicts, in cfg order."""
+    sections = []
+    for block in re.split(r'^\s*(?=\[)', cfg, flags=re.M):
+        if block.startswith('[yolo]'):
+            opts = {}
+            for line in block.splitlines()[1:]:
+                line = line.split('#')[0]
+                if '=' in line:
+                    key, value = line.split('=', 1)
+                    opts[key.strip()] = value.strip()
+            sections.append(opts)
+    return sections
+
+
+def darknet_activation(raw: np.ndarray, n: int, scale_x_y: float) -> np.ndarray:
+    """forward_yolo_layer's output for a raw (batch, n*(5+classes), h, w) input, float64."""
+    p = raw.astype(np.float64).reshape(raw.shape[0], n, -1, *raw.shape[2:])
+    out = 1.0 / (1.0 + np.exp(-p))
+    out[:, :, 2:4] = p[:, :, 2:4]  # w, h stay raw (no new_coords)
+    out[:, :, :2] = out[:, :, :2] * scale_x_y - 0.5 * (scale_x_y - 1)
+    return out.reshape(raw.shape)
+
+
+def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of centre-format boxes, broadcast over leading dims; float64."""
+    iw = np.minimum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2) - np.maximum(
+        a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)
+    ih = np.minimum(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2) - np.maximum(
+        a[..., 1] - a[..., 3] / 2, b[..., 1] - b[..., 3] / 2)
+    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+    return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
+
+
+def valid_truths(truth: np.ndarray) -> list:
+    """Per image the truth rows Darknet reads: up to the first row whose x is 0."""
+    out = []
+    for img in truth.astype(np.float64):
+        end = int(np.argmax(img[:, 0] == 0)) if (img[:, 0] == 0).any() else len(img)
+        out.append(img[:end])
+    return out
+
+
+def check_shapes(z, k: int, opts: dict, problems: list) -> tuple:
+    """(n, classes) of head k after checking its arrays' shapes against the cfg."""
+    n, classes = len(z[f'mask_{k}']), int(opts['classes'])
+    shape = z[f'input_{k}'].shape
+    if len(shape) != 4 or shape[:2] != (z['truth'].shape[0], n * (5 + classes)):
+        problems.append(f'input_{k} has shape {shape}, expected (batch, {n * (5 + classes)}, h, w)')
+    for key in ('output', 'delta'):
+        if z[f'{key}_{k}'].shape != shape or z[f'{key}_{k}'].dtype != np.float32:
+            problems.append(f'{key}_{k} is {z[f"{key}_{k}"].dtype} {z[f"{key}_{k}"].shape}, expected float32 {shape}')
+    return n, classes
+
+
+def entry_counts(delta: np.ndarray, n: int) -> dict:
+    """Nonzero delta entries per kind (x, y, w, h, obj, cls) and positive / ignored objectness slots."""
+    d = delta.reshape(delta.shape[0], n, -1, *delta.shape[2:])
+    counts = {name: int(np.count_nonzero(d[:, :, e])) for e, name in enumerate(ENTRY_NAMES[:5])}
+    counts['cls'] = int(np.count_nonzero(d[:, :, 5:]))
+    counts['obj>0'] = int((d[:, :, 4] > 0).sum())
+    counts['obj=0'] = int((d[:, :, 4] == 0).sum())
+    return counts
+
+
+def pred_boxes(output: np.ndarray, n: int, anchors: np.ndarray, net_wh: np.ndarray) -> np.ndarray:
+    """Darknet's get_yolo_box for every slot of an output: (batch, n, h, w, 4), anchors (n, 2) pixels."""
+    o = output.astype(np.float64).reshape(output.shape[0], n, -1, *output.shape[2:])
+    h, w = output.shape[2:]
+    x = (np.arange(w) + o[:, :, 0]) / w
+    y = (np.arange(h)[:, None] + o[:, :, 1]) / h
+    bw = np.exp(o[:, :, 2]) * anchors[None, :, 0, None, None] / net_wh[0]
+    bh = np.exp(o[:, :, 3]) * anchors[None, :, 1, None, None] / net_wh[1]
+    return np.stack([x, y, bw, bh], -1)
+
+
+def margins(z, k: int, n: int, opts: dict) -> dict:
+    """Smallest distance of a compared quantity from the threshold Darknet compares it with, for head k."""
+    anchors = z['anchors'][z[f'mask_{k}']].astype(np.float64)
+    boxes = pred_boxes(z[f'output_{k}'], n, anchors, z['net_wh'])
+    truths = valid_truths(z['truth'])
+    best = np.concatenate([iou_xywh(boxes[b][..., None, :], t[None, None, None, :, :4]).max(-1).ravel()
+                           for b, t in enumerate(truths) if len(t)])
+    probs = z[f'output_{k}'].reshape(z['truth'].shape[0], n, -1, *z[f'output_{k}'].shape[2:])[:, :, 5:]
+    no_class = (probs <= 0.25).all(2).ravel()
+    # slots over ignore_thresh that compare_yolo_class keeps from being ignored
+    out = {'no-class-match over ignore_thresh (count)': int((no_class & (best > float(opts.get('ignore_thresh', .5)))).sum())}
+    for key in ('ignore_thresh', 'truth_thresh'):
+        thr = float(opts.get(key, 1))
+        if thr < 1:
+            out[key] = float(np.abs(best - thr).min())
+    out['class 0.25'] = float(np.abs(probs - 0.25).min())
+    h, w = z[f'output_{k}'].shape[2:]
+    cells = np.concatenate([np.stack([t[:, 0] * w, t[:, 1] * h], -1).ravel() for t in truths])
+    out['cell edge'] = float(np.abs(cells - np.round(cells)).min())
+    return out
+
+
+def anchor_margin(z, opts: dict) -> float:
+    """Smallest distance between an IoU of a masked anchor with a truth and iou_thresh (inf without iou_thresh)."""
+    thr = float(opts.get('iou_thresh', 1))
+    if thr >= 1:
+        return float('inf')
+    masked = sorted({int(a) for k in range(len(z['layer_index'])) for a in z[f'mask_{k}']})
+    wh = z['anchors'][masked].astype(np.float64) / z['net_wh']
+    t = np.concatenate([v[:, 2:4] for v in valid_truths(z['truth'])])
+    inter = np.minimum(wh[None, :, 0], t[:, None, 0]) * np.minimum(wh[None, :, 1], t[:, None, 1])
+    iou = inter / (wh[None, :, 0] * wh[None, :, 1] + t[:, None, 0] * t[:, None, 1] - inter)
+    return float(np.abs(iou - thr).min())
+
+
+def check_case(path: Path) -> list:
+    """Problems found in one fixture file; prints its summary."""
+    z = np.load(path)
+    missing = [k for k in REQUIRED if k not in z.files]
+    if missing:
+        return [f'{path}: missing keys {missing}']
+    problems = []
+    heads = yolo_sections(str(z['cfg']))
+    costs = []
+    print(f'{path.name}: {z["about"] if "about" in z.files else ""}')
+    for k, opts in enumerate(heads):
+        n, _ = check_shapes(z, k, opts, problems)
+        if problems:
+            break
+        sxy = float(opts.get('scale_x_y', 1))
+        err = np.abs(darknet_activation(z[f'input_{k}'], n, sxy) - z[f'output_{k}']).max()
+        if err > 2e-6:
+            problems.append(f'output_{k} differs from the activation of input_{k} by {err:.3g}')
+        costs.append(float(z[f'cost_{k}']))
+        counts = ', '.join(f'{key} {v}' for key, v in entry_counts(z[f'delta_{k}'], n).items())
+        marg = ', '.join(f'{key} {v:.3g}' if isinstance(v, float) else f'{key} {v}' for key, v in margins(z, k, n, opts).items())
+        print(f'  head {k} (layer {int(z["layer_index"][k])}, {z[f"input_{k}"].shape[3]}x{z[f"input_{k}"].shape[2]},'
+              f' mask {z[f"mask_{k}"].tolist()}): cost {costs[-1]:.6g}; nonzero deltas: {counts}; margins: {marg}')
+    if not problems:
+        expect = np.mean(costs) / z['truth'].shape[0]
+        if abs(float(z['loss']) - expect) > 1e-6 * abs(expect):
+            problems.append(f'loss {float(z["loss"])} is not mean(cost)/batch = {expect}')
+        print(f'  loss {float(z["loss"]):.6g} (mean cost / batch), iou_thresh margin {anchor_margin(z, heads[0]):.3g}')
+    return [f'{path}: {p}' for p in problems]
+
+
+def main(argv=None) -> int:
+    """Check every .npz in the folder; 0 when all pass."""
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('folder', nargs='?', type=Path, default=FIXTURE_DIR)
+    opt = ap.parse_args(argv)
+    files = sorted(opt.folder.glob('*.npz'))
+    if not files:
+        print(f'{opt.folder}: no .npz files', file=sys.stderr)
+        return 1
+    problems = [p for f in files for p in check_case(f)]
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f'{len(files)} cases, {len(problems)} problems')
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

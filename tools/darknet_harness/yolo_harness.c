@@ -1,0 +1,158 @@
+/*
+ * Oracle for the [yolo] layer's training pass: runs AlexeyAB/darknet's own forward_yolo_layer (CPU build) on
+ * fixed raw inputs and truths and dumps what it computes.
+ *
+ *   yolo_harness info CFG           one line per [yolo] layer: geometry, mask and anchors (for make_fixture.py)
+ *   yolo_harness run CFG DIR [IT]   reads DIR/truth.bin and DIR/input_K.bin, writes DIR/output_K.bin,
+ *                                   DIR/delta_K.bin and DIR/result.txt (costs, the printed loss, counters)
+ *
+ * Each [yolo] layer gets its own input straight from DIR (not the previous layer's output), so the network's
+ * convolutions play no part. The network_state is the one train_network_datum() builds for one batch.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "darknet.h"
+#include "network.h"
+#include "parser.h"
+#include "yolo_layer.h"
+
+/* Exit with one line naming the file and what is wrong. */
+static void die(const char *path, const char *what)
+{
+    fprintf(stderr, "yolo_harness: %s: %s\n", path, what);
+    exit(2);
+}
+
+static void read_floats(const char *path, float *dst, size_t count)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) die(path, "cannot open");
+    size_t got = fread(dst, sizeof(float), count, f);
+    int extra = fgetc(f) != EOF;
+    fclose(f);
+    if (got != count || extra) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "expected exactly %zu float32 values, got %s%zu", count, extra ? "more than " : "",
+                 got);
+        die(path, msg);
+    }
+}
+
+static void write_floats(const char *path, const float *src, size_t count)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f) die(path, "cannot create");
+    if (fwrite(src, sizeof(float), count, f) != count) die(path, "short write");
+    fclose(f);
+}
+
+/* The truths of one batch as the detection loader lays them out: per image max_boxes rows of truth_size floats. */
+static int truth_row(network net, int *truth_size)
+{
+    int max_boxes = -1;
+    for (int i = 0; i < net.n; ++i) {
+        layer l = net.layers[i];
+        if (l.type != YOLO) continue;
+        /* train_detector sizes the truth buffer from the last layer; a different size elsewhere would misread it */
+        if (max_boxes >= 0 && l.max_boxes != max_boxes) die("cfg", "[yolo] layers disagree on max=");
+        max_boxes = l.max_boxes;
+        *truth_size = l.truth_size;
+    }
+    if (max_boxes < 0) die("cfg", "no [yolo] layer");
+    return max_boxes;
+}
+
+static void print_info(network net)
+{
+    int truth_size = 0;
+    int max_boxes = truth_row(net, &truth_size);
+    printf("net %d %d %d %d %d\n", net.w, net.h, net.batch, max_boxes, truth_size);
+    for (int i = 0; i < net.n; ++i) {
+        layer l = net.layers[i];
+        if (l.type != YOLO) continue;
+        printf("yolo %d %d %d %d %d %d mask", i, l.w, l.h, l.n, l.total, l.classes);
+        for (int k = 0; k < l.n; ++k) printf(" %d", l.mask[k]);
+        printf(" anchors");
+        for (int k = 0; k < 2 * l.total; ++k) printf(" %.9g", l.biases[k]);
+        printf("\n");
+    }
+}
+
+/* One training batch through every [yolo] layer, each fed from DIR/input_K.bin. */
+static void run_batch(network net, const char *dir, int iteration)
+{
+    int truth_size = 0;
+    int max_boxes = truth_row(net, &truth_size);
+    char path[4096];
+    size_t ntruth = (size_t)net.batch * max_boxes * truth_size;
+    float *truth = (float *)calloc(ntruth, sizeof(float));
+    snprintf(path, sizeof path, "%s/truth.bin", dir);
+    read_floats(path, truth, ntruth);
+
+    /* as train_network_datum: seen counts this batch, cur_iteration is the number of updates done so far */
+    *net.seen = (uint64_t)(iteration + 1) * net.batch;
+    *net.cur_iteration = iteration;
+    network_state state = {0};
+    state.net = net;
+    state.truth = truth;
+    state.train = 1;
+    state.workspace = net.workspace;
+
+    for (int i = 0; i < net.n; ++i) {
+        layer l = net.layers[i];
+        if (l.type != YOLO) continue;
+        size_t count = (size_t)l.outputs * l.batch;
+        float *input = (float *)calloc(count, sizeof(float));
+        snprintf(path, sizeof path, "%s/input_%d.bin", dir, i);
+        read_floats(path, input, count);
+        state.index = i;
+        state.input = input;
+        forward_yolo_layer(l, state);
+        snprintf(path, sizeof path, "%s/output_%d.bin", dir, i);
+        write_floats(path, l.output, count);
+        snprintf(path, sizeof path, "%s/delta_%d.bin", dir, i);
+        write_floats(path, l.delta, count);
+        free(input);
+    }
+    free(truth);
+}
+
+static void write_result(network net, const char *dir, int iteration)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/result.txt", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) die(path, "cannot create");
+    for (int i = 0; i < net.n; ++i)
+        if (net.layers[i].type == YOLO) fprintf(f, "cost %d %.9g\n", i, net.layers[i].cost[0]);
+    /* what train_detector prints as "N: loss, avg loss": train_network() returns
+       sum over subdivisions of get_network_cost() / (subdivisions * batch); one subdivision here */
+    fprintf(f, "network_cost %.9g\n", get_network_cost(net));
+    fprintf(f, "loss %.9g\n", get_network_cost(net) / net.batch);
+    fprintf(f, "seen %llu\n", (unsigned long long)*net.seen);
+    fprintf(f, "iteration %d\n", iteration);
+    fprintf(f, "total_bbox %d\n", *net.total_bbox);
+    fprintf(f, "rewritten_bbox %d\n", *net.rewritten_bbox);
+    fclose(f);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3 || (strcmp(argv[1], "info") && strcmp(argv[1], "run")) || (!strcmp(argv[1], "run") && argc < 4)) {
+        fprintf(stderr, "usage: %s info CFG | %s run CFG DIR [ITERATION]\n", argv[0], argv[0]);
+        return 2;
+    }
+    /* batch and subdivisions come from the cfg, as train_detector's parse_network_cfg() */
+    network net = parse_network_cfg_custom(argv[2], 0, 0);
+    if (!strcmp(argv[1], "info")) {
+        print_info(net);
+    } else {
+        int iteration = argc > 4 ? atoi(argv[4]) : 0;
+        run_batch(net, argv[3], iteration);
+        write_result(net, argv[3], iteration);
+    }
+    free_network(net);
+    return 0;
+}
