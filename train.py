@@ -36,6 +36,7 @@ from utils import distributed as du
 from utils.anchors import check_anchors
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
+from utils.image_weights import epoch_image_weights
 from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
                           n_burn_in, progress_row, train_one_epoch)
 from utils.loss import ComputeLoss
@@ -90,7 +91,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='global training seed')
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
     p.add_argument('--amp', choices=('auto', 'off', 'fp16', 'bf16'), default='auto',
-                   help='mixed precision: auto = fp16 + GradScaler on CUDA, off on the CPU')
+                   help='mixed precision: auto = fp16 + GradScaler on CUDA, bf16 on a CPU with native bf16 '
+                        '(avx512_bf16 or amx_bf16), off on other CPUs')
+    p.add_argument('--patience', type=int, default=0,
+                   help='stop when fitness (0.1 mAP@0.5 + 0.9 mAP@0.5:0.95) has not improved for N epochs (0: off)')
+    p.add_argument('--save-period', type=int, default=0,
+                   help='also keep weights/epoch_K.pt every N epochs (K = 0, N, 2N, ..., the epoch as results.txt '
+                        'counts it): full checkpoints that --resume, test.py and detect.py accept (0: off)')
+    p.add_argument('--image-weights', action='store_true',
+                   help="draw each epoch's images with replacement, weighted by their classes' rarity and "
+                        "(1 - class mAP)^2 (not with --rect)")
     return p
 
 
@@ -271,6 +281,56 @@ def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
     return {'results': save_dir / f'results{n}.txt', 'last': w / f'last{n}.pt', 'best': w / f'best{n}.pt'}
 
 
+def epoch_path(save_dir: Path, epoch: int, name: str = '') -> Path:
+    """weights/epoch_K.pt of --save-period under save_dir; with a name (--name, at the end) weights/epoch_K_name.pt."""
+    return save_dir / 'weights' / (f'epoch_{epoch}_{name}.pt' if name else f'epoch_{epoch}.pt')
+
+
+def saves_epoch(opt: argparse.Namespace, epoch: int) -> bool:
+    """Whether --save-period keeps weights/epoch_K.pt for this epoch (never during --evolve, which saves nothing)."""
+    return opt.save_period > 0 and epoch % opt.save_period == 0 and not opt.evolve
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the run's tests have shown so far, kept in checkpoints: the best fitness and its epoch (-1: no test yet)
+    for best.pt and --patience, and the last test's per-class mAP@0.5:0.95 (None: no test yet) for --image-weights."""
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+    maps: np.ndarray | None = None  # (nc,)
+
+    def after_test(self, epoch: int, fi: float, maps: np.ndarray) -> Progress:
+        """The progress after epoch's test gave fitness fi (the first test is the best so far whatever its value)."""
+        if fi > self.best_fitness or self.best_epoch < 0:
+            return Progress(fi, epoch, maps)
+        return replace(self, maps=maps)
+
+    def stale(self, epoch: int, patience: int) -> bool:
+        """True when patience > 0 and fitness has not improved in the patience epochs up to this one."""
+        return patience > 0 and self.best_epoch >= 0 and epoch - self.best_epoch >= patience
+
+    def state(self) -> dict[str, Any]:
+        """Checkpoint entries (plain values and a tensor, weights_only-loadable)."""
+        maps = None if self.maps is None else torch.from_numpy(np.asarray(self.maps, dtype=np.float64))
+        return {'best_fitness': self.best_fitness, 'best_epoch': self.best_epoch, 'maps': maps}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> Progress:
+        """The progress a checkpoint saved; one written before best_epoch existed takes its best epoch from the
+        results.txt rows it carries (the checkpoint's own epoch if it has none)."""
+        maps = ckpt.get('maps')
+        maps = None if maps is None else maps.numpy()
+        best = float(ckpt.get('best_fitness', 0.0))
+        if 'best_epoch' in ckpt:
+            return cls(best, int(ckpt['best_epoch']), maps)
+        rows = [r.split() for r in (ckpt.get('training_results') or '').splitlines()]
+        rows = [r for r in rows if len(r) == len(RESULTS_COLUMNS)]
+        if not rows:
+            return cls(best, int(ckpt.get('epoch', -1)), maps)
+        fits = fitness(np.array([[0.0, 0.0, float(r[10]), float(r[11])] for r in rows]))  # mAP@0.5, mAP@0.5:0.95
+        return cls(best, int(rows[int(np.argmax(fits))][0].split('/')[0]), maps)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # training
 
@@ -316,13 +376,28 @@ class Parts:
 
 
 def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] = print) -> tuple[str, torch.dtype | None]:
-    """The autocast dtype of --amp (auto: fp16 on CUDA, off on the CPU), warning where bf16 would be emulated."""
-    amp = amp if amp != 'auto' else ('fp16' if device.type == 'cuda' else 'off')
+    """The autocast dtype of --amp (auto: fp16 on CUDA, bf16 on a CPU with native bf16, else off; the choice and its
+    reason printed in one line), warning where bf16 would be emulated."""
+    if amp == 'auto':
+        amp, why = resolve_auto_amp(device)
+        log(f'--amp auto: {amp} ({why})')
     if amp == 'bf16' and device.type == 'cpu' and cpu_has_bf16() is False:
         log('WARNING: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
             'bf16 is emulated there; yolov3-tiny forward + backward was measured 15x slower than fp32 on such a CPU '
             '(about 2x faster than fp32 on one that has avx512_bf16); use --amp off on this CPU')
     return amp, {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
+
+
+def resolve_auto_amp(device: torch.device) -> tuple[str, str]:
+    """What --amp auto means on this device, and why."""
+    if device.type == 'cuda':
+        return 'fp16', 'CUDA: fp16 autocast with a GradScaler'
+    has_bf16 = cpu_has_bf16()
+    if has_bf16:  # native bf16 matmul/convolution: faster than fp32 at the same mAP on coco128
+        return 'bf16', 'this CPU has native bf16 (avx512_bf16 or amx_bf16 in its flags): bf16 autocast'
+    if has_bf16 is None:
+        return 'off', 'CPU flags unknown (no /proc/cpuinfo): fp32'
+    return 'off', 'this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in its flags), where bf16 is emulated: fp32'
 
 
 def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.device,
@@ -336,6 +411,16 @@ def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.devi
                          'for DDP on the CPU')
     if opt.sync_bn and not info.distributed:
         log('--sync-bn has no effect in a single process')
+    if opt.image_weights and opt.rect:
+        raise ValueError('--image-weights draws images at random but --rect trains fixed batches of similar aspect '
+                         'ratio: use one or the other')
+    for k in ('patience', 'save_period'):
+        if getattr(opt, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(opt, k)}: must be 0 (off) or a number of epochs")
+    if opt.evolve and (opt.patience or opt.save_period):
+        log('--patience and --save-period have no effect with --evolve (it tests only the last epoch, saves nothing)')
+    elif opt.patience and opt.notest:
+        raise ValueError('--patience compares the fitness of each epoch\'s test: leave out --notest')
 
 
 def convert_sync_bn(model: nn.Module, log: Callable[[str], None] = print) -> nn.Module:
@@ -366,9 +451,9 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
 
 
 def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.Namespace,
-                     log: Callable[[str], None] = print) -> tuple[int, float, LoopState]:
+                     log: Callable[[str], None] = print) -> tuple[int, Progress, LoopState]:
     """--resume: optimizer, scaler, EMA and schedule back where the checkpoint's epoch ended; returns (first epoch
-    to train, best fitness so far, loop state)."""
+    to train, the tests' progress so far, loop state)."""
     if ckpt.get('optimizer') is not None:
         parts.optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
@@ -380,9 +465,11 @@ def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.N
     parts.scheduler.last_epoch = start_epoch - 1
     for g in parts.optimizer.param_groups:  # LR of the epoch we continue with (no second warmup: ni keeps counting)
         g['lr'] = g['initial_lr'] * parts.lf(start_epoch)
-    log(f"Resuming {opt.resume} from epoch {start_epoch} of {opt.epochs}")
+    progress = Progress.from_checkpoint(ckpt)
+    log(f"Resuming {opt.resume} from epoch {start_epoch} of {opt.epochs}; best fitness {progress.best_fitness:.4f} "
+        f"at epoch {progress.best_epoch}" + (f' (--patience {opt.patience})' if opt.patience else ''))
     state = replace(start, last_opt_step=int(ckpt.get('last_opt_step', -1)))
-    return start_epoch, float(ckpt.get('best_fitness', 0.0)), state
+    return start_epoch, progress, state
 
 
 def restore_rng(saved: dict | None, loader: Any, ms_rng: random.Random, info: du.DistInfo, opt: argparse.Namespace,
@@ -407,7 +494,8 @@ def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistI
     loader, dataset = create_dataloader(data['train'], imgsz, batch, GS, hyp=hyp, augment=True,
                                         cache=opt.cache_images, rect=opt.rect, rank=info.rank,
                                         world_size=info.world_size, workers=opt.workers, single_cls=opt.single_cls,
-                                        seed=opt.seed, nc=data['nc'], prefix='train: ')
+                                        image_weights=opt.image_weights, seed=opt.seed, nc=data['nc'],
+                                        prefix='train: ')
     testloader = None
     if info.main:
         testloader = create_dataloader(data['valid'], imgsz_test, batch, GS, hyp=hyp, augment=False,
@@ -417,21 +505,23 @@ def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistI
 
 
 def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: dict, data: dict, testloader: Any,
-              opt: argparse.Namespace, imgsz_test: int, best_fitness: float, save_state: dict, tb: Any,
-              device: torch.device, after_burn_in: bool) -> tuple[tuple[float, ...], float]:
-    """Rank 0 after an epoch: test the EMA model, append results.txt, log TensorBoard scalars, save last.pt (and
-    best.pt when fitness improved). Returns (results, best fitness)."""
+              opt: argparse.Namespace, imgsz_test: int, progress: Progress, save_state: dict, tb: Any,
+              device: torch.device, after_burn_in: bool) -> tuple[tuple[float, ...], Progress]:
+    """Rank 0 after an epoch: test the EMA model, append results.txt, log TensorBoard scalars, save last.pt (best.pt
+    when fitness improved, epoch_K.pt for --save-period). Returns (results, progress with this epoch's test)."""
     save_dir, evolve = Path(opt.save_dir), bool(opt.evolve)
     paths = run_paths(save_dir)
     final_epoch = epoch + 1 == opt.epochs
     parts.ema.update_attr(bare)
     results = (0.0,) * 8
     if not opt.notest or final_epoch:
-        results, _, _ = val.test(opt.cfg, data, batch_size=opt.batch_size // du.env_info().world_size,
-                                 imgsz=imgsz_test, model=parts.ema.ema, dataloader=testloader,
-                                 compute_loss=parts.compute_loss, save_dir=save_dir, single_cls=opt.single_cls,
-                                 multi_label=after_burn_in, plots=final_epoch and not evolve)
+        results, maps, _ = val.test(opt.cfg, data, batch_size=opt.batch_size // du.env_info().world_size,
+                                    imgsz=imgsz_test, model=parts.ema.ema, dataloader=testloader,
+                                    compute_loss=parts.compute_loss, save_dir=save_dir, single_cls=opt.single_cls,
+                                    multi_label=after_burn_in, plots=final_epoch and not evolve)
         results = tuple(float(x) for x in results)
+        fi = float(fitness(np.array(results).reshape(1, -1))[0])
+        progress = progress.after_test(epoch, fi, np.asarray(maps, dtype=np.float64))
     row = progress_row(epoch, opt.epochs, memory_used(device), stats.mloss[:4], stats.targets, stats.img_size)
     if not evolve:
         with open(paths['results'], 'a') as f:
@@ -442,16 +532,18 @@ def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: d
                 'val/cls_loss']
         for x, tag in zip(list(stats.mloss[:3]) + list(results), tags):
             tb.add_scalar(tag, x, epoch)
-    fi = float(fitness(np.array(results).reshape(1, -1))[0])
-    improved = fi > best_fitness
-    best_fitness = max(best_fitness, fi)
-    if (not opt.nosave) or (final_epoch and not evolve):
+    final = final_epoch or progress.stale(epoch, opt.patience)  # --patience: this epoch's checkpoint is the last
+    keep = (not opt.nosave) or (final and not evolve)
+    if keep or saves_epoch(opt, epoch):
         ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
-                              best_fitness=best_fitness, training_results=paths['results'].read_text(), **save_state)
-        save_checkpoint(ckpt, paths['last'])
-        if improved or not paths['best'].exists():
-            save_checkpoint(ckpt, paths['best'])
-    return results, best_fitness
+                              training_results=paths['results'].read_text(), **progress.state(), **save_state)
+        if keep:
+            save_checkpoint(ckpt, paths['last'])
+            if progress.best_epoch == epoch or not paths['best'].exists():
+                save_checkpoint(ckpt, paths['best'])
+        if saves_epoch(opt, epoch):
+            save_checkpoint(ckpt, epoch_path(save_dir, epoch))
+    return results, progress
 
 
 def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistInfo,
@@ -500,9 +592,9 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg)
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
-    start_epoch, best_fitness = 0, 0.0
+    start_epoch, progress = 0, Progress()
     if ckpt is not None:
-        start_epoch, best_fitness, state = restore_training(ckpt, parts, state, opt, log)
+        start_epoch, progress, state = restore_training(ckpt, parts, state, opt, log)
         if info.main:
             run_paths(Path(opt.save_dir))['results'].write_text(ckpt.get('training_results') or '')
         restore_rng(ckpt.get('rng'), loader, ms_rng, info, opt, start_epoch, log)
@@ -521,6 +613,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
     results, t0, epoch = (0.0,) * 8, time.time(), start_epoch
     for epoch in range(start_epoch, opt.epochs):
+        if opt.image_weights:  # as the original: class weights times (1 - class mAP) ** 2 from the last test
+            loader.sampler.set_weights(epoch_image_weights(dataset.labels, nc, progress.maps))
         if hasattr(loader.sampler, 'set_epoch'):
             loader.sampler.set_epoch(epoch)
         log(('\n' + '%10s' * 8) % RESULTS_HEADER)
@@ -533,10 +627,14 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         if info.main:
             save_state = {'last_opt_step': state.last_opt_step, 'elastic_run_id': os.environ.get('TORCHELASTIC_RUN_ID'),
                           'rng': {**rng_state(loader.generator), 'multi_scale': _pystate_to(ms_rng.getstate())}}
-            results, best_fitness = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
-                                              best_fitness, save_state, tb, device,
-                                              after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn)
+            results, progress = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
+                                          progress, save_state, tb, device,
+                                          after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn)
         du.barrier()  # the other ranks wait while rank 0 tests and saves
+        if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
+            progress = du.all_gather_object(progress)[0]
+        if stop_early(progress, epoch, opt.patience, log):
+            break
     if info.main:
         log(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
         if not opt.evolve:
@@ -545,6 +643,17 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             tb.close()
     du.barrier()
     return results
+
+
+def stop_early(progress: Progress, epoch: int, patience: int, log: Callable[[str], None] = print) -> bool:
+    """--patience: True (and one line saying why and which epoch was best) when fitness has not improved for patience
+    epochs."""
+    if not progress.stale(epoch, patience):
+        return False
+    log(f'Stopping early after epoch {epoch}: fitness has not improved for {epoch - progress.best_epoch} epochs '
+        f'(--patience {patience}); the best was epoch {progress.best_epoch} (fitness {progress.best_fitness:.4f}), '
+        f'saved as best.pt')
+    return True
 
 
 def _plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Tensor, targets: torch.Tensor,
@@ -556,7 +665,8 @@ def _plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Ten
 
 
 def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log: Callable[[str], None]) -> None:
-    """Strip the optimizer from the final checkpoints, rename them for --name, plot results.png."""
+    """Strip the optimizer from the final checkpoints (epoch_K.pt stay full), rename them and epoch_K.pt for --name,
+    plot results.png."""
     for k in ('last', 'best'):
         if paths[k].exists():
             strip_optimizer(paths[k])
@@ -566,6 +676,9 @@ def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log
             if paths[k].exists():
                 os.replace(paths[k], named[k])
         paths = named
+        for epoch in range(opt.epochs):  # --save-period files of this run, renamed as last.pt
+            if saves_epoch(opt, epoch) and epoch_path(save_dir, epoch).exists():
+                os.replace(epoch_path(save_dir, epoch), epoch_path(save_dir, epoch, opt.name))
     if paths['results'].exists() and paths['results'].read_text().strip():
         try:
             plot_results(paths['results'], save_path=save_dir / 'results.png')

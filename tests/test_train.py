@@ -270,9 +270,24 @@ def test_bf16_warning_only_without_bf16_instructions():
     logs: list[str] = []
     assert train.resolve_amp('bf16', torch.device('cpu'), logs.append)[1] == torch.bfloat16
     assert (any('slower than fp32' in s for s in logs)) == (cpu_has_bf16() is False)
+
+
+@pytest.mark.parametrize('flags, chosen', [('fpu avx512f avx512_bf16 amx_tile', 'bf16'),
+                                           ('fpu sse avx2 avx512f', 'off'), (None, 'off')])
+def test_amp_auto_on_the_cpu_follows_its_bf16_flags(monkeypatch, flags, chosen):
+    # auto = bf16 autocast where the CPU computes bf16 natively, fp32 where it would be emulated or is unknown
+    from utils import torch_utils
+    monkeypatch.setattr(torch_utils, 'read_cpuinfo', lambda: None if flags is None else f'flags\t\t: {flags}\n')
+    logs: list[str] = []
+    amp, dtype = train.resolve_amp('auto', torch.device('cpu'), logs.append)
+    assert (amp, dtype) == (chosen, {'bf16': torch.bfloat16, 'off': None}[chosen])
+    assert len(logs) == 1 and logs[0].startswith(f'--amp auto: {chosen} (')
+    assert ('no native bf16' in logs[0]) == (flags is not None and chosen == 'off')
+    assert ('unknown' in logs[0]) == (flags is None)
     logs.clear()
-    assert train.resolve_amp('auto', torch.device('cpu'), logs.append) == ('off', None) and not logs
     assert train.resolve_amp('auto', torch.device('cuda', 0), logs.append) == ('fp16', torch.float16)
+    assert 'CUDA' in logs[0]
+    assert train.resolve_amp('off', torch.device('cpu'), logs.append) == ('off', None) and len(logs) == 1
 
 
 def test_ema_update_and_ramp():
@@ -314,6 +329,40 @@ def test_freeze_layers_keeps_only_yolo_feeding_convs_trainable():
     assert frozen + trainable == sum(p.numel() for p in model.parameters())
     opt = train.build_optimizer(model, HYP)
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == trainable
+
+
+def test_progress_best_epoch_and_patience():
+    p = train.Progress()
+    assert not p.stale(0, 1)  # nothing tested yet
+    p = p.after_test(0, 0.0, np.zeros(2))  # the first test is the best so far, even at fitness 0
+    assert (p.best_epoch, p.best_fitness) == (0, 0.0)
+    p = p.after_test(1, 0.30, np.array([0.2, 0.4]))
+    p = p.after_test(2, 0.30, np.array([0.1, 0.5]))  # equal is not better
+    assert (p.best_epoch, p.best_fitness) == (1, 0.30) and p.maps.tolist() == [0.1, 0.5]
+    assert p.stale(2, 1) and not p.stale(2, 2) and not p.stale(2, 0)  # patience 0: off
+    assert p.stale(3, 2)
+
+
+def test_progress_survives_a_checkpoint_and_old_checkpoints_still_resume(tmp_path):
+    p = train.Progress(0.25, 3, np.array([0.5, 0.125]))
+    torch.save({'epoch': 5, **p.state()}, tmp_path / 'c.pt')
+    q = train.Progress.from_checkpoint(load(tmp_path / 'c.pt'))
+    assert (q.best_fitness, q.best_epoch, q.maps.tolist()) == (0.25, 3, [0.5, 0.125])
+    # a checkpoint from before best_epoch and maps: the best epoch is read from its results.txt rows
+    rows = ''.join(train.progress_row(e, 9, '0G', [1, 1, 1, 3], 5, 128) + '%10.4g' * 8 % (0.5, 0.5, m50, m, 0.4, 1, 1,
+                   1) + '\n' for e, (m50, m) in enumerate([(0.2, 0.1), (0.3, 0.2), (0.3, 0.1)]))
+    q = train.Progress.from_checkpoint({'epoch': 2, 'best_fitness': 0.21, 'training_results': rows})
+    assert (q.best_fitness, q.best_epoch, q.maps) == (0.21, 1, None)
+    assert train.Progress.from_checkpoint({'epoch': 4, 'best_fitness': 0.2}).best_epoch == 4  # no rows either
+
+
+def test_new_options_refuse_what_cannot_work(coco8):
+    from utils import distributed as du
+    for extra, message in ((['--image-weights', '--rect'], '--image-weights draws images at random'),
+                           (['--patience', '3', '--notest'], 'leave out --notest'),
+                           (['--save-period', '-1'], '--save-period -1: must be 0')):
+        with pytest.raises(ValueError, match=message):
+            train.check_options(train.parse_opt(base_args(coco8, *extra)), du.DistInfo(), torch.device('cpu'))
 
 
 def test_load_hyp_errors_name_the_file(tmp_path):
@@ -748,3 +797,33 @@ def test_fine_tune_one_class_from_official_weights(person8, tmp_path, capsys):
         assert ck['names'] == ['person'] and ck['opt']['no_class_map'] == (not mapped)
         map50[mapped] = float((tmp_path / str(mapped) / 'results.txt').read_text().split()[10])
     assert map50[True] > 2 * map50[False]  # after one epoch the mapped head still finds people (0.063 vs 0.012)
+
+
+def test_patience_save_period_image_weights_run(coco8, tmp_path, monkeypatch, capsys):
+    # 4 epochs planned; fitness (faked) falls after epoch 0, so --patience 1 stops after epoch 1. --image-weights
+    # draws from class weights alone at epoch 0, then from epoch 0's per-class mAP; --save-period 1 keeps both epochs
+    fits = iter([0.5, 0.4, 0.3, 0.2])
+    monkeypatch.setattr(train, 'fitness', lambda x: np.array([next(fits)]))
+    drawn: list[np.ndarray | None] = []
+    real_weights = train.epoch_image_weights
+    monkeypatch.setattr(train, 'epoch_image_weights', lambda labels, nc, maps: drawn.append(maps) or
+                        real_weights(labels, nc, maps))
+    args = base_args(coco8, '--patience', '1', '--save-period', '1', '--image-weights', '--amp', 'auto', '--name',
+                     'x', '--save-dir', str(tmp_path), epochs=4, size=64)
+    assert train.main(train.parse_opt(args)) == 0
+    out = capsys.readouterr().out
+    assert 'Stopping early after epoch 1: fitness has not improved for 1 epochs (--patience 1); the best was epoch ' \
+           '0 (fitness 0.5000)' in out
+    assert [r.split()[0] for r in (tmp_path / 'results_x.txt').read_text().splitlines()] == ['0/3', '1/3']
+    assert drawn[0] is None and len(drawn) == 2 and drawn[1].shape == (80,)
+    w = tmp_path / 'weights'
+    assert sorted(f.name for f in w.iterdir()) == ['best_x.pt', 'epoch_0_x.pt', 'epoch_1_x.pt', 'last_x.pt']
+    last, best, e0 = load(w / 'last_x.pt'), load(w / 'best_x.pt'), load(w / 'epoch_0_x.pt')
+    assert last['optimizer'] is None and e0['optimizer'] is not None  # final files stripped, epoch_K.pt full
+    assert (last['epoch'], last['best_epoch'], best['epoch'], e0['epoch']) == (1, 0, 0, 0)
+    assert torch.equal(e0['maps'], best['maps']) and last['maps'].dtype == torch.float64
+    for ck in (last, e0):  # saved in fp32 whatever --amp auto chose
+        assert {v.dtype for v in ck['model'].values() if v.is_floating_point()} == {torch.float32}
+    assert (tmp_path / 'results.png').exists()
+    from models import load_model
+    assert load_model(str(w / 'epoch_1_x.pt')).names == last['names']

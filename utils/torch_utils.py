@@ -71,13 +71,20 @@ def parse_device_list(spec: str) -> list[int]:
     return ids
 
 
+def read_cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, or None where there is none (e.g. macOS)."""
+    try:
+        return Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return None
+
+
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether the CPU has native bf16 arithmetic (avx512_bf16 or amx_bf16 in /proc/cpuinfo flags); None when
-    unknown (no /proc/cpuinfo, e.g. macOS)."""
+    """Whether the CPU has native bf16 arithmetic (avx512_bf16 or amx_bf16 in its flags; cpuinfo text, default
+    read_cpuinfo()); None when unknown (no /proc/cpuinfo, e.g. macOS)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path('/proc/cpuinfo').read_text()
-        except OSError:
+        cpuinfo = read_cpuinfo()
+        if cpuinfo is None:
             return None
     flags = set()
     for line in cpuinfo.splitlines():
