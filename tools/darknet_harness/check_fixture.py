@@ -104,7 +104,8 @@ def margins(z, k: int, n: int, opts: dict) -> dict:
     probs = z[f'output_{k}'].reshape(z['truth'].shape[0], n, -1, *z[f'output_{k}'].shape[2:])[:, :, 5:]
     no_class = (probs <= 0.25).all(2).ravel()
     # slots over ignore_thresh that compare_yolo_class keeps from being ignored
-    out = {'no-class-match over ignore_thresh (count)': int((no_class & (best > float(opts.get('ignore_thresh', .5)))).sum())}
+    over_ignore = best > float(opts.get('ignore_thresh', .5))
+    out = {'no-class-match over ignore_thresh (count)': int((no_class & over_ignore).sum())}
     for key in ('ignore_thresh', 'truth_thresh'):
         thr = float(opts.get(key, 1))
         if thr < 1:
@@ -149,7 +150,8 @@ def check_case(path: Path) -> list:
             problems.append(f'output_{k} differs from the activation of input_{k} by {err:.3g}')
         costs.append(float(z[f'cost_{k}']))
         counts = ', '.join(f'{key} {v}' for key, v in entry_counts(z[f'delta_{k}'], n).items())
-        marg = ', '.join(f'{key} {v:.3g}' if isinstance(v, float) else f'{key} {v}' for key, v in margins(z, k, n, opts).items())
+        marg = ', '.join(f'{key} {v:.3g}' if isinstance(v, float) else f'{key} {v}'
+                         for key, v in margins(z, k, n, opts).items())
         print(f'  head {k} (layer {int(z["layer_index"][k])}, {z[f"input_{k}"].shape[3]}x{z[f"input_{k}"].shape[2]},'
               f' mask {z[f"mask_{k}"].tolist()}): cost {costs[-1]:.6g}; nonzero deltas: {counts}; margins: {marg}')
     if not problems:

@@ -9,6 +9,7 @@ dumps become one compressed .npz per case (keys in tests/fixtures/darknet_yolo/R
 """
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -23,26 +24,29 @@ SHARED_CFG = ROOT.parent / 'shared' / 'darknet-cfg'
 NET_W, NET_H, BATCH, CLASSES = 160, 128, 2, 3
 SEED = 15
 
-# Truths in network pixels (cx, cy, w, h, class) on a 160x128 input; anchors (yolov3/v4-tiny) 0:10,14 1:23,27
+# Truths in network pixels (cx, cy, w, h, class) on a 160x128 input, and the IoU of the prediction planted at the
+# truth's cell and best anchor (0: clear of the truth, None: left random). Anchors (yolov3/v4-tiny) 0:10,14 1:23,27
 # 2:37,58 3:81,82 4:135,169 5:344,319, masks 3,4,5 (5x4 head) and 1,2,3 (10x8 head). Why each box is there:
 TRUTHS_PX = (
     (
-        (85, 60, 96, 115, 0),  # best anchor 3, in both masks: a positive on each head; anchor 4 over iou_thresh
-        (35, 38, 30, 40, 1),  # best anchor 2; anchor 1 over iou_thresh (two anchors of the 10x8 head)
-        (98, 66, 120, 110, 2),  # best anchor 4: 5x4 head only; anchor 3 over iou_thresh on both heads
-        (140, 105, 8, 10, 0),  # best anchor 0, in no mask: no positive anywhere
-        (60, 100, 50, 50, 1),  # best anchor 2; anchors 1 and 3 over iou_thresh (three matches)
+        (85, 60, 96, 115, 0, 0.93),  # best anchor 3, in both masks: a positive on each head; anchor 4 over iou_thresh
+        (35, 38, 30, 40, 1, None),  # best anchor 2; anchor 1 over iou_thresh (two anchors of the 10x8 head)
+        (98, 66, 120, 110, 2, 0.62),  # best anchor 4: 5x4 head only; anchor 3 over iou_thresh on both heads
+        (140, 105, 8, 10, 0, None),  # best anchor 0, in no mask: no positive anywhere
+        (60, 100, 50, 50, 1, 0.42),  # best anchor 2; anchors 1 and 3 over iou_thresh (three matches)
+        (81, 97, 18, 20, 2, 0.0),  # small, at a cell corner: a positive prediction that does not overlap its truth
     ),
     (
-        (20, 22, 70, 75, 0),  # with the next box: other classes, same cells and anchors (box deltas averaged)
-        (25, 27, 85, 90, 2),
-        (69, 72, 22, 26, 1),  # with the next box: same class, same cell and anchors (box deltas summed)
-        (75, 68, 24, 28, 1),
-        (130, 42, 40, 30, 0),  # wide box: best anchor 1, anchor 2 over iou_thresh
+        (20, 22, 70, 75, 0, 0.86),  # with the next box: other classes, same cells and anchors (box deltas averaged)
+        (25, 27, 85, 90, 2, None),
+        (69, 72, 22, 26, 1, 0.62),  # with the next box: same class, same cell and anchors (box deltas summed)
+        (75, 68, 24, 28, 1, None),
+        (130, 42, 40, 30, 0, None),  # wide box: best anchor 1, anchor 2 over iou_thresh
     ),
 )
-# IoU a planted prediction should have with its truth; every value keeps 0.03 from the thresholds the cases use
-PLANT_IOUS = (0.93, 0.86, 0.62, 0.42, None)
+# IoU a planted prediction should have with its truth (every value keeps 0.03 from the thresholds the cases use;
+# 0 is a box clear of the truth, for dx_box_iou's no-overlap branches; None leaves the slot random)
+PLANT_IOUS = (0.93, None, 0.62, 0.86, 0.0, 0.42, None)
 THRESHOLDS = (0.5, 0.7, 0.8)  # ignore_thresh / truth_thresh values of the cases
 CLASS_THRESH = 0.25  # compare_yolo_class
 SMOOTH_PROB = 0.05  # label_smooth_eps 0.1: non-target y_true, compared with p in averages_yolo_deltas
@@ -63,6 +67,7 @@ V4 = (('iou_thresh', '0.213'),)
 CASES = (
     Case('v3tiny_mse', 'yolov3-tiny.cfg', (), 'mse (the cfg default), iou_normalizer 0.75 default'),
     Case('v3tiny_mse_iou_thresh', 'yolov3-tiny.cfg', V4, 'mse with iou_thresh 0.213: averaged box deltas'),
+    Case('v3tiny_iou', 'yolov3-tiny.cfg', (('iou_loss', 'iou'),), 'plain iou'),
     Case('v3tiny_giou', 'yolov3-tiny.cfg', (('iou_loss', 'giou'),), 'giou'),
     Case('v3tiny_diou', 'yolov3-tiny.cfg', (('iou_loss', 'diou'),), 'diou'),
     Case('v3tiny_ciou', 'yolov3-tiny.cfg', (('iou_loss', 'ciou'),), 'ciou'),
@@ -177,7 +182,7 @@ def truth_array(max_boxes: int, truth_size: int) -> np.ndarray:
     """(batch, max_boxes, truth_size) float32 as Darknet's loader fills it: x y w h normalised, class, track id 0."""
     truth = np.zeros((BATCH, max_boxes, truth_size), np.float32)
     for b, boxes in enumerate(TRUTHS_PX):
-        for t, (cx, cy, w, h, c) in enumerate(boxes):
+        for t, (cx, cy, w, h, c, _) in enumerate(boxes):
             truth[b, t, :5] = cx / NET_W, cy / NET_H, w / NET_W, h / NET_H, c
     return truth
 
@@ -210,7 +215,8 @@ def pred_boxes(raw: np.ndarray, head: Head, sxy: float) -> np.ndarray:
 
 
 def box_near(rng: np.random.Generator, truth: np.ndarray, target: float, cell: tuple, head: Head):
-    """A box whose IoU with truth is within 0.008 of target and whose centre lies inside cell (i, j), or None."""
+    """A box whose IoU with truth is within 0.008 of target (0: apart by 0.01 or more) and whose centre lies inside
+    cell (i, j), or None."""
     i, j = cell
     n = 20000
     spread = 1.6 * (1 - target) + 0.05
@@ -224,7 +230,12 @@ def box_near(rng: np.random.Generator, truth: np.ndarray, target: float, cell: t
                      truth[3] * np.exp(rng.uniform(-spread, 1.5 * spread, n))], -1)
     fx, fy = cand[:, 0] * head.w - i, cand[:, 1] * head.h - j
     ok = (fx > 0.05) & (fx < 0.95) & (fy > 0.05) & (fy < 0.95)
-    ok &= np.abs(iou_xywh(cand, truth[None, :4]) - target) < 0.008
+    if target:
+        ok &= np.abs(iou_xywh(cand, truth[None, :4]) - target) < 0.008
+    else:
+        gap = np.maximum(np.abs(cand[:, 0] - truth[0]) - (cand[:, 2] + truth[2]) / 2,
+                         np.abs(cand[:, 1] - truth[1]) - (cand[:, 3] + truth[3]) / 2)
+        ok &= gap > 0.01
     return cand[np.argmax(ok)] if ok.any() else None
 
 
@@ -251,6 +262,13 @@ def neighbour(truth: np.ndarray, head: Head) -> tuple:
     return (i, j + dy) if 0 <= j + dy < head.h else (i + dx, j)
 
 
+def best_anchor(truth: np.ndarray, anchors: np.ndarray) -> int:
+    """The anchor Darknet assigns a truth to: best IoU of widths and heights, both centred."""
+    wh = anchors.astype(np.float64) / [NET_W, NET_H]
+    inter = np.minimum(wh[:, 0], truth[2]) * np.minimum(wh[:, 1], truth[3])
+    return int(np.argmax(inter / (wh[:, 0] * wh[:, 1] + truth[2] * truth[3] - inter)))
+
+
 def plant_truth(rng, raws: list, heads: list, b: int, t: int, g: int, sxy: float, planted: set) -> None:
     """Plant predictions around truth t of image b (g-th overall) on every head; adds their slots (k, b, a, j, i)."""
     truth = np.array(TRUTHS_PX[b][t][:4], np.float64) / [NET_W, NET_H, NET_W, NET_H]
@@ -258,7 +276,8 @@ def plant_truth(rng, raws: list, heads: list, b: int, t: int, g: int, sxy: float
     for k, head in enumerate(heads):
         own = (int(truth[0] * head.w), int(truth[1] * head.h))
         for a in range(head.n):
-            target = PLANT_IOUS[(g + a + k) % len(PLANT_IOUS)]
+            best = head.mask[a] == best_anchor(truth, head.anchors)
+            target = TRUTHS_PX[b][t][5] if best else PLANT_IOUS[(g + a + k) % len(PLANT_IOUS)]
             box = None if target is None else box_near(rng, truth, target, own, head)
             if box is None or (k, b, a, own[1], own[0]) in planted:
                 continue
@@ -422,7 +441,10 @@ def main(argv=None) -> None:
             if opt.cases and case.name not in opt.cases:
                 continue
             arrays = run_case(case, harness, work, commit)
-            np.savez_compressed(opt.out / f'{case.name}.npz', **arrays)
+            tmp_file = opt.out / f'.{case.name}.npz.tmp'
+            with open(tmp_file, 'wb') as f:  # written whole, then renamed: a failed run leaves the old file
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp_file, opt.out / f'{case.name}.npz')
             print(f'{case.name}: loss {float(arrays["loss"]):.6g}, costs '
                   + ', '.join(f'{float(arrays[f"cost_{k}"]):.6g}' for k in range(len(arrays['layer_index']))))
 

@@ -49,25 +49,25 @@ static void write_floats(const char *path, const float *src, size_t count)
 }
 
 /* The truths of one batch as the detection loader lays them out: per image max_boxes rows of truth_size floats. */
-static int truth_row(network net, int *truth_size)
+static int truth_row(network net, const char *cfg, int *truth_size)
 {
     int max_boxes = -1;
     for (int i = 0; i < net.n; ++i) {
         layer l = net.layers[i];
         if (l.type != YOLO) continue;
         /* train_detector sizes the truth buffer from the last layer; a different size elsewhere would misread it */
-        if (max_boxes >= 0 && l.max_boxes != max_boxes) die("cfg", "[yolo] layers disagree on max=");
+        if (max_boxes >= 0 && l.max_boxes != max_boxes) die(cfg, "[yolo] layers disagree on max=");
         max_boxes = l.max_boxes;
         *truth_size = l.truth_size;
     }
-    if (max_boxes < 0) die("cfg", "no [yolo] layer");
+    if (max_boxes < 0) die(cfg, "no [yolo] layer");
     return max_boxes;
 }
 
-static void print_info(network net)
+static void print_info(network net, const char *cfg)
 {
     int truth_size = 0;
-    int max_boxes = truth_row(net, &truth_size);
+    int max_boxes = truth_row(net, cfg, &truth_size);
     printf("net %d %d %d %d %d\n", net.w, net.h, net.batch, max_boxes, truth_size);
     for (int i = 0; i < net.n; ++i) {
         layer l = net.layers[i];
@@ -81,10 +81,10 @@ static void print_info(network net)
 }
 
 /* One training batch through every [yolo] layer, each fed from DIR/input_K.bin. */
-static void run_batch(network net, const char *dir, int iteration)
+static void run_batch(network net, const char *cfg, const char *dir, int iteration)
 {
     int truth_size = 0;
-    int max_boxes = truth_row(net, &truth_size);
+    int max_boxes = truth_row(net, cfg, &truth_size);
     char path[4096];
     size_t ntruth = (size_t)net.batch * max_boxes * truth_size;
     float *truth = (float *)calloc(ntruth, sizeof(float));
@@ -147,10 +147,10 @@ int main(int argc, char **argv)
     /* batch and subdivisions come from the cfg, as train_detector's parse_network_cfg() */
     network net = parse_network_cfg_custom(argv[2], 0, 0);
     if (!strcmp(argv[1], "info")) {
-        print_info(net);
+        print_info(net, argv[2]);
     } else {
         int iteration = argc > 4 ? atoi(argv[4]) : 0;
-        run_batch(net, argv[3], iteration);
+        run_batch(net, argv[2], argv[3], iteration);
         write_result(net, argv[3], iteration);
     }
     free_network(net);
