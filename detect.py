@@ -9,6 +9,7 @@ is refused) or .onnx files exported by `python models.py --onnx` (run with onnxr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ from utils.plots import class_color, plot_one_box
 from utils.torch_utils import select_device, time_synchronized
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
+JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
 
 
 class DetectError(Exception):
@@ -89,11 +91,70 @@ def safe_name(s: str) -> str:
     return re.sub(r'[^\w.-]+', '_', s).strip('_') or 'stream'
 
 
-def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape."""
+def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...], save_conf: bool = False) -> None:
+    """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape,
+    with the confidence as a sixth column when save_conf (as YOLOv5)."""
     gn = torch.tensor(shape[:2], dtype=torch.float32)[[1, 0, 1, 0]]  # (w, h, w, h)
     xywh = (xyxy2xywh(det[:, :4].cpu().float()) / gn).tolist()  # (n, 4)
-    path.write_text(''.join(('%g ' * 4 + '%g\n') % (c, *b) for c, b in zip(det[:, 5].tolist(), xywh)))
+    rows = [(c, *b, conf) if save_conf else (c, *b) for c, b, conf in zip(det[:, 5].tolist(), xywh, det[:, 4].tolist())]
+    path.write_text(''.join(' '.join('%g' % v for v in row) + '\n' for row in rows))
+
+
+def save_crops(det: torch.Tensor, im0: np.ndarray, folder: Path, names: list[str], stem: str) -> list[Path]:
+    """Save each detection (n, 6) [xyxy, conf, cls] in original pixels of the BGR image as
+    folder/<class name>/<stem>_<k>.jpg, k its row in det (the k-th highest confidence), clipped to the image."""
+    h, w = im0.shape[:2]
+    saved = []
+    for k, (*xyxy, _, cls) in enumerate(det.tolist()):
+        x1, x2 = (int(np.clip(round(v), 0, w)) for v in (xyxy[0], xyxy[2]))
+        y1, y2 = (int(np.clip(round(v), 0, h)) for v in (xyxy[1], xyxy[3]))
+        if x2 <= x1 or y2 <= y1:  # nothing of the box inside the image
+            continue
+        d = folder / safe_name(names[int(cls)])
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / f'{stem}_{k}.jpg'
+        if not cv2.imwrite(str(f), im0[y1:y2, x1:x2]):
+            raise DetectError(f'{f}: cannot write the crop')
+        saved.append(f)
+    return saved
+
+
+def json_record(source: str, shape: tuple[int, ...], det: torch.Tensor, names: list[str],
+                frame: int | None = None) -> dict:
+    """One --save-json line: the image, its size and its detections (n, 6) [xyxy, conf, cls] in original pixels."""
+    rec = {'image': source, 'width': int(shape[1]), 'height': int(shape[0])}
+    if frame is not None:
+        rec['frame'] = frame
+    rec['detections'] = [{'box': [round(v, 2) for v in xyxy], 'class': int(cls), 'name': names[int(cls)],
+                          'confidence': round(conf, 5)} for *xyxy, conf, cls in det.tolist()]
+    return rec
+
+
+class ResultWriter:
+    """detect.py's outputs besides the drawn images: --save-txt rows, --save-crop crops, --save-json lines."""
+
+    def __init__(self, opt: argparse.Namespace, out: Path, names: list[str]):
+        self.opt, self.out, self.names = opt, out, names
+        self.json_path = out / JSON_FILE
+        self.json_file = open(self.json_path, 'w') if opt.save_json else None
+
+    def write(self, det: torch.Tensor, im0: np.ndarray, source: str, stem: str, frame: int, video: bool) -> None:
+        """The outputs asked for of one image (a frame of a video) with detections (n, 6) in original pixels."""
+        name = f'{stem}_{frame}' if video else stem  # one file per frame for videos
+        if self.opt.save_txt:  # class x y w h, normalised
+            write_labels(self.out / f'{name}.txt', det, im0.shape, self.opt.save_conf)
+        if self.opt.save_crop:
+            save_crops(det, im0, self.out / 'crops', self.names, name)
+        if self.json_file is not None:
+            rec = json_record(str(source), im0.shape, det, self.names, frame if video else None)
+            self.json_file.write(json.dumps(rec) + '\n')
+            self.json_file.flush()  # a program reading the file as it grows sees whole lines
+
+    def close(self) -> None:
+        """Finish the JSON lines file and say where it is."""
+        if self.json_file is not None:
+            self.json_file.close()
+            print(f'Detections written to {self.json_path.resolve()} (JSON lines, one object per image)')
 
 
 class VideoWriters:
@@ -200,12 +261,21 @@ def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
     return view_img and not why
 
 
+def check_options(opt: argparse.Namespace, source: str, stream: bool) -> None:
+    """Refuse options that cannot work before the model loads or anything is written."""
+    if not stream and '*' not in source and not Path(source).exists():
+        raise DetectError(f'--source {source} does not exist')
+    if opt.max_det < 1:
+        raise DetectError(f'--max-det must be at least 1, got {opt.max_det}')
+    if opt.save_conf and not opt.save_txt:
+        print('WARNING: --save-conf adds the confidence to --save-txt rows; without --save-txt it does nothing')
+
+
 def detect(opt: argparse.Namespace) -> Path:
     """Run detection as configured by the command-line options; returns the output folder."""
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
-    if not stream and '*' not in source and not Path(source).exists():  # fail before loading the model
-        raise DetectError(f'--source {source} does not exist')
+    check_options(opt, source, stream)
     model, device, half = load_detector(opt)
     onnx = isinstance(model, OnnxModel)
     names = class_names(opt.names, getattr(model, 'names', None), model.nc)
@@ -215,6 +285,7 @@ def detect(opt: argparse.Namespace) -> Path:
     imgsz = model.img_hw[0] if onnx else opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     writers = VideoWriters(opt.fourcc)
+    results = ResultWriter(opt, out, names)
     t0 = time.time()
     try:
         for path, img, im0s, vid_cap in dataset:
@@ -225,7 +296,7 @@ def detect(opt: argparse.Namespace) -> Path:
                 pred = model(x) if onnx else model(x, augment=opt.augment)[0]
             t2 = time_synchronized()
             pred = non_max_suppression(pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
-                                       classes=opt.classes, agnostic=opt.agnostic_nms)
+                                       classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
 
             for i, det in enumerate(pred):  # det: (n, 6) [x1, y1, x2, y2, conf, cls] in input pixels
                 im0 = imgs0[i].copy() if stream else imgs0[i]
@@ -234,14 +305,16 @@ def detect(opt: argparse.Namespace) -> Path:
                 if len(det):
                     det[:, :4] = scale_coords(x.shape[2:], det[:, :4], im0.shape).round()  # original pixels
                     s += detection_summary(det, names)
-                if opt.save_txt:  # one file per image (per frame for videos): class x y w h, normalised
-                    write_labels(out / (f'{stem}_{frame}.txt' if video else f'{stem}.txt'), det, im0.shape)
-                draw_detections(det, im0, names)
+                results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
                 print(f'{s}Done. ({t2 - t1:.3f}s)')
+                if view_img or not opt.nosave:
+                    draw_detections(det, im0, names)
                 if view_img:
                     cv2.imshow(str(p), im0)
                     if cv2.waitKey(1) == ord('q'):
                         raise KeyboardInterrupt
+                if opt.nosave:
+                    continue
                 if video:
                     fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
                     writers.write(out / f'{stem}.mp4', im0, fps, keep_others=stream)
@@ -251,6 +324,7 @@ def detect(opt: argparse.Namespace) -> Path:
         print('Stopped.')
     finally:
         writers.release()
+        results.close()
         if view_img:
             cv2.destroyAllWindows()
     print(f'Results saved to {out.resolve()}')
@@ -278,6 +352,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
     p.add_argument('--view-img', action='store_true', help='show results in a window')
     p.add_argument('--save-txt', action='store_true', help='save results to *.txt (class x y w h, normalised)')
+    p.add_argument('--save-conf', action='store_true', help='with --save-txt: the confidence as a sixth column')
+    p.add_argument('--save-crop', action='store_true',
+                   help='save each detection cropped from the image as crops/<class name>/<image>_<k>.jpg')
+    p.add_argument('--save-json', action='store_true',
+                   help=f'write {JSON_FILE} in --output: one JSON object per image (image path, width, height, '
+                        'detections with xyxy pixel box, class, name, confidence)')
+    p.add_argument('--nosave', action='store_true',
+                   help='do not save annotated images or videos (--save-txt/-crop/-json are still written)')
+    p.add_argument('--max-det', type=int, default=300,
+                   help='at most this many detections per image, highest confidence first')
     p.add_argument('--classes', nargs='+', type=int, help='keep only these classes, e.g. --classes 0 2 3')
     p.add_argument('--agnostic-nms', action='store_true', help='class-agnostic NMS')
     p.add_argument('--augment', action='store_true', help='test-time augmentation (flips and scales)')

@@ -1,6 +1,8 @@
-"""detect.py as users run it: sample images, a video, .pt and .onnx weights, a booby-trapped checkpoint, headless."""
+"""detect.py as users run it: sample images, a video, .pt and .onnx weights, a booby-trapped checkpoint, headless;
+its outputs (txt with confidences, crops, JSON lines, --nosave, --max-det)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from detect import DetectError, detect, parse_opt
+from detect import JSON_FILE, DetectError, detect, get_args_parser, parse_opt, save_crops
 from tests.conftest import COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
 from utils.data_config import DatasetError
 
@@ -62,8 +64,13 @@ def test_video_comes_out_as_video(tmp_path):
     writer.release()
     out = tmp_path / 'out'
     r = run_detect('--cfg', str(CFG), '--names', str(COCO_NAMES), '--weights', str(TINY_WEIGHTS),
-                   '--source', str(src), '--output', str(out), '--img-size', '320', '--save-txt', '--classes', '5')
+                   '--source', str(src), '--output', str(out), '--img-size', '320', '--save-txt', '--classes', '5',
+                   '--save-json')
     assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / JSON_FILE).read_text().splitlines()]  # one line per frame
+    assert [r['frame'] for r in recs] == [1, 2, 3, 4, 5] and {r['image'] for r in recs} == {str(src)}
+    assert all([d['name'] for d in r['detections']] == ['bus'] and (r['width'], r['height']) == (320, 400)
+               for r in recs)
     cap = cv2.VideoCapture(str(out / 'clip.mp4'))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
@@ -192,3 +199,58 @@ def test_bad_options_are_clear_errors(tmp_path):
         detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--names', str(names),
                           '--source', str(SAMPLES), '--output', str(tmp_path / 'out')]))
     assert not (tmp_path / 'out').exists()
+
+
+def test_outputs_json_crops_confidences_nosave_max_det(tmp_path, capsys):
+    out = tmp_path / 'out'
+    detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES / 'bus.jpg'),
+                      '--output', str(out), '--save-txt', '--save-conf', '--save-crop', '--save-json', '--nosave']))
+    assert f'Detections written to {(out / JSON_FILE).resolve()}' in capsys.readouterr().out
+    assert JSON_FILE in get_args_parser().format_help()
+    assert not (out / 'bus.jpg').exists()  # --nosave: no annotated image, the rest is written
+    (rec,) = [json.loads(line) for line in (out / JSON_FILE).read_text().splitlines()]
+    assert rec['image'] == str(SAMPLES / 'bus.jpg') and (rec['width'], rec['height']) == (810, 1080)
+    dets = rec['detections']
+    assert sorted(d['name'] for d in dets) == ['bus'] + ['person'] * 4  # at the cfg's size, 416
+    assert [d['class'] for d in dets if d['name'] == 'bus'] == [BUS]
+    conf = [d['confidence'] for d in dets]
+    assert conf == sorted(conf, reverse=True) and all(0.3 < c <= 1 for c in conf)
+    for d in dets:
+        x1, y1, x2, y2 = d['box']
+        assert 0 <= x1 < x2 <= 810 and 0 <= y1 < y2 <= 1080
+    # --save-txt --save-conf: `class x y w h conf`, the same detections in the same order
+    rows = [[float(v) for v in line.split()] for line in (out / 'bus.txt').read_text().splitlines()]
+    assert [len(r) for r in rows] == [6] * 5
+    assert [int(r[0]) for r in rows] == [d['class'] for d in dets]
+    assert [r[5] for r in rows] == pytest.approx(conf, abs=1e-5)
+    x1, y1, x2, y2 = dets[0]['box']
+    assert rows[0][1:5] == pytest.approx([(x1 + x2) / 1620, (y1 + y2) / 2160, (x2 - x1) / 810, (y2 - y1) / 1080],
+                                         abs=1e-5)
+    # --save-crop: crops/<name>/bus_<k>.jpg, k the detection's row, the box's pixels of the original image
+    assert sorted(f.name for f in (out / 'crops' / 'person').iterdir()) == [
+        f'bus_{k}.jpg' for k, d in enumerate(dets) if d['name'] == 'person']
+    orig = cv2.imread(str(SAMPLES / 'bus.jpg')).astype(int)
+    for k, d in enumerate(dets):
+        crop = cv2.imread(str(out / 'crops' / d['name'] / f'bus_{k}.jpg')).astype(int)
+        x1, y1, x2, y2 = (int(v) for v in d['box'])
+        assert crop.shape == (y2 - y1, x2 - x1, 3)
+        assert np.abs(crop - orig[y1:y2, x1:x2]).mean() < 4  # only JPEG's loss
+    # --max-det 2: the two most confident of the same detections; the annotated image is saved this time
+    out2 = tmp_path / 'out2'
+    detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES / 'bus.jpg'),
+                      '--output', str(out2), '--save-json', '--max-det', '2']))
+    (rec2,) = [json.loads(line) for line in (out2 / JSON_FILE).read_text().splitlines()]
+    assert rec2['detections'] == dets[:2]
+    assert cv2.imread(str(out2 / 'bus.jpg')).shape == (1080, 810, 3)
+    with pytest.raises(DetectError, match='--max-det must be at least 1, got 0'):
+        detect(parse_opt(['--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES), '--max-det', '0']))
+
+
+def test_crops_are_clipped_to_the_image(tmp_path):
+    im = np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3)  # (h, w, 3)
+    det = torch.tensor([[-10., 50, 30, 90, 0.9, 1],  # sticks out left and below
+                        [70, -5, 95, 20, 0.8, 0],  # out right and above
+                        [100, 10, 120, 20, 0.7, 0]])  # wholly outside: no crop
+    saved = save_crops(det, im, tmp_path, ['a/b', 'car'], 'img')
+    assert saved == [tmp_path / 'car' / 'img_0.jpg', tmp_path / 'a_b' / 'img_1.jpg']  # names made file-safe
+    assert cv2.imread(str(saved[0])).shape == (10, 30, 3) and cv2.imread(str(saved[1])).shape == (20, 10, 3)
