@@ -434,7 +434,18 @@ def write_dataset(res: Converted, out: Path, val_fraction: float = 0.0, seed: in
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    missing = classes_missing(res.names, lists['train.txt'], lists.get('val.txt', []))
+    if val_i and missing:
+        print(f"WARNING: no boxes of {', '.join(missing)} in val.txt (only in train.txt): their mAP will not be "
+              f"measured; try another --seed or a larger --val-fraction")
     return out / f'{out.name}.data', summary(res, modes, len(train_i), len(val_i))
+
+
+def classes_missing(names: list[str], train: list[ImageRecord], val: list[ImageRecord]) -> list[str]:
+    """Names of the classes with boxes in train but none in val."""
+    in_train = {b[0] for r in train for b in r.boxes}
+    in_val = {b[0] for r in val for b in r.boxes}
+    return [n for k, n in enumerate(names) if k in in_train and k not in in_val]
 
 
 def summary(res: Converted, modes: Counter, n_train: int, n_val: int) -> str:
