@@ -396,6 +396,16 @@ def test_cli_short_run_outputs(short_run):
     assert 'effective batch 64 (8 x 8 accumulated' in r.stdout
     for f in ('train_batch0.jpg', 'results.png', 'hyp.yaml', 'opt.yaml'):
         assert (cwd / f).stat().st_size > 0, f
+    import cv2
+
+    for f in ('precision_recall_curve.png', 'P_curve.png', 'R_curve.png', 'F1_curve.png'):  # the final epoch's test
+        assert cv2.imread(str(cwd / f)).shape == (900, 1500, 3), f
+    from utils.plots import matrix_geometry
+
+    g = matrix_geometry((ROOT / 'data' / 'coco.names').read_text().splitlines() + ['background'])
+    cm = cv2.imread(str(cwd / 'confusion_matrix.png'))
+    cells = cm[g.top:g.top + 81 * g.cell, g.left:g.left + 81 * g.cell]
+    assert cm.shape == (g.height, g.width, 3) and (cells != 255).any()  # the matrix, some cells coloured
     assert list((cwd / 'runs').rglob('events.out.tfevents*'))
 
 
