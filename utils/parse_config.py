@@ -53,7 +53,7 @@ _YOLO = {'mask': _ints, 'anchors': _anchors, 'classes': _int, 'num': _int, 'jitt
          'cls_normalizer': _float, 'obj_normalizer': _float, 'iou_loss': _str, 'iou_thresh': _float,
          'nms_kind': _str, 'beta_nms': _float, 'resize': _float, 'max_delta': _float, 'label_smooth_eps': _float,
          'counters_per_class': _str, 'iou_thresh_kind': _str, 'new_coords': _int, 'objectness_smooth': _int,
-         'focal_loss': _int, 'map': _str,
+         'focal_loss': _int, 'map': _str, 'show_details': _int,
          'from': _ints}  # 'from': ultralytics' ASFF extension (yolov3-asff.cfg), not Darknet
 
 # Supported sections and, for each, its keys and how each value is typed.
