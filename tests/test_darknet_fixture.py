@@ -1,5 +1,6 @@
 """The committed Darknet [yolo] fixture (tests/fixtures/darknet_yolo) is complete and self-consistent."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ def load_tool(name: str):
     """Import a script of tools/darknet_harness by file name (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f'darknet_harness_{name}', TOOLS / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 

@@ -5,6 +5,7 @@ threshold margins, and a per-case summary of which delta entries Darknet set.
 
 Exits 1 with one line per problem, naming the file.
 """
+from __future__ import annotations
 
 import argparse
 import re
@@ -61,7 +62,7 @@ def valid_truths(truth: np.ndarray) -> list:
     return out
 
 
-def check_shapes(z, k: int, opts: dict, problems: list) -> tuple:
+def check_shapes(z: np.lib.npyio.NpzFile, k: int, opts: dict, problems: list) -> tuple:
     """(n, classes) of head k after checking its arrays' shapes against the cfg."""
     n, classes = len(z[f'mask_{k}']), int(opts['classes'])
     shape = z[f'input_{k}'].shape
@@ -94,7 +95,7 @@ def pred_boxes(output: np.ndarray, n: int, anchors: np.ndarray, net_wh: np.ndarr
     return np.stack([x, y, bw, bh], -1)
 
 
-def margins(z, k: int, n: int, opts: dict) -> dict:
+def margins(z: np.lib.npyio.NpzFile, k: int, n: int, opts: dict) -> dict:
     """Smallest distance of a compared quantity from the threshold Darknet compares it with, for head k."""
     anchors = z['anchors'][z[f'mask_{k}']].astype(np.float64)
     boxes = pred_boxes(z[f'output_{k}'], n, anchors, z['net_wh'])
@@ -117,7 +118,7 @@ def margins(z, k: int, n: int, opts: dict) -> dict:
     return out
 
 
-def anchor_margin(z, opts: dict) -> float:
+def anchor_margin(z: np.lib.npyio.NpzFile, opts: dict) -> float:
     """Smallest distance between an IoU of a masked anchor with a truth and iou_thresh (inf without iou_thresh)."""
     thr = float(opts.get('iou_thresh', 1))
     if thr >= 1:
@@ -162,7 +163,7 @@ def check_case(path: Path) -> list:
     return [f'{path}: {p}' for p in problems]
 
 
-def main(argv=None) -> int:
+def main(argv: list | None = None) -> int:
     """Check every .npz in the folder; 0 when all pass."""
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('folder', nargs='?', type=Path, default=FIXTURE_DIR)

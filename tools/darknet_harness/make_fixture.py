@@ -7,6 +7,7 @@ For each case a cfg copy is written to a work folder (3 classes, 160x128, batch 
 [yolo] geometry, the inputs are designed here (seeded), `yolo_harness run` feeds them to forward_yolo_layer and the
 dumps become one compressed .npz per case (keys in tests/fixtures/darknet_yolo/README.md).
 """
+from __future__ import annotations
 
 import argparse
 import os
@@ -101,7 +102,7 @@ def split_sections(text: str) -> list:
     return sections
 
 
-def set_key(lines: list, key: str, value) -> list:
+def set_key(lines: list, key: str, value: object) -> list:
     """Lines of one section with `key` set to value (appended if absent) or removed (value None)."""
     pat = re.compile(rf'^\s*{re.escape(key)}\s*=')
     out = [ln for ln in lines if not pat.match(ln)] if value is None else [
@@ -269,7 +270,7 @@ def best_anchor(truth: np.ndarray, anchors: np.ndarray) -> int:
     return int(np.argmax(inter / (wh[:, 0] * wh[:, 1] + truth[2] * truth[3] - inter)))
 
 
-def plant_truth(rng, raws: list, heads: list, b: int, t: int, g: int, sxy: float, planted: set) -> None:
+def plant_truth(rng: np.random.Generator, raws: list, heads: list, b: int, t: int, g: int, sxy: float, planted: set) -> None:
     """Plant predictions around truth t of image b (g-th overall) on every head; adds their slots (k, b, a, j, i)."""
     truth = np.array(TRUTHS_PX[b][t][:4], np.float64) / [NET_W, NET_H, NET_W, NET_H]
     cls = TRUTHS_PX[b][t][4]
@@ -303,7 +304,7 @@ def near_thresholds(raw: np.ndarray, head: Head, sxy: float, truths: np.ndarray)
     return box_bad, cls_bad
 
 
-def clear_margins(rng, raws: list, heads: list, sxy: float, planted: set) -> None:
+def clear_margins(rng: np.random.Generator, raws: list, heads: list, sxy: float, planted: set) -> None:
     """Redraw random slots whose IoU or class probability sits within MARGIN of a threshold Darknet compares with."""
     truths = [np.array([r[:4] for r in img], np.float32).astype(np.float64) / [NET_W, NET_H, NET_W, NET_H]
               for img in TRUTHS_PX]
@@ -417,7 +418,7 @@ def darknet_commit(darknet: Path) -> str:
                           check=True).stdout.strip()
 
 
-def main(argv=None) -> None:
+def main(argv: list | None = None) -> None:
     """Write one .npz per case into --out."""
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--darknet', type=Path, required=True, help='Darknet checkout that build.sh built')
