@@ -266,6 +266,7 @@ def _coco(path: Path, bbox: list | None = None, image: str = 'a.jpg', image_id: 
     ('names', r"a.xml: object 1: class 'dgo' is not in .*my.names \(cat, dog\)"),
     ('voc_area', r'a.xml: object 1: box has no area \(x 10..9, y 0..5 pixels\)'),
     ('labelme_image', r"b.json: imagePath 'b.jpg': image not found"),
+    ('twice', r'xml: .*a.jpg is annotated twice'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     _photo(tmp_path / 'img', 'a.jpg', (48, 64) if case == 'size' else (64, 48))
@@ -284,6 +285,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
         ann.mkdir()
         obj = {'names': ('dgo', 0, 1, 1, 5, 5), 'voc_area': ('dog', 0, 11, 1, 9, 5)}.get(case)
         (ann / 'a.xml').write_text(voc_xml('a.jpg', (64, 48), [obj]) if obj else '<annotation><a></annotation>')
+        if case == 'twice':
+            (ann / 'a.xml').write_text(voc_xml('a.jpg', (64, 48), []))
+            (ann / 'b.xml').write_text(voc_xml('a.jpg', (64, 48), []))
         (tmp_path / 'my.names').write_text('cat\ndog\n')
         extra = ['--names', tmp_path / 'my.names'] if case == 'names' else []
     r = subprocess.run([sys.executable, '-m', 'utils.convert', fmt, '--ann', str(ann), '--images',

@@ -169,10 +169,10 @@ def read_coco(ann: Path, images: Path) -> Converted:
         what = f"annotation id {a.get('id')}" if isinstance(a, dict) else 'an annotation'
         if not isinstance(a, dict) or 'image_id' not in a or 'bbox' not in a or 'category_id' not in a:
             raise ConvertError(f"{ann}: {what}: needs 'image_id', 'category_id' and 'bbox'")
-        rec = recs.get(a['image_id'])
+        rec = recs.get(a['image_id']) if isinstance(a['image_id'], int) else None
         if rec is None:
             raise ConvertError(f"{ann}: {what}: image_id {a['image_id']} is not in 'images' (a missing image)")
-        if a['category_id'] not in cat_index:
+        if not isinstance(a['category_id'], int) or a['category_id'] not in cat_index:
             raise ConvertError(f"{ann}: {what}: category_id {a['category_id']} is not in 'categories'")
         if a.get('iscrowd', 0):  # as COCO's own evaluation: crowd regions are not objects to detect
             res.skipped['crowd'] += 1
@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         res = read_labelme(opt.ann, opt.images, opt.names)
     if not res.images:
         raise ConvertError(f"{opt.ann}: no images (nothing written)")
+    if not res.names:
+        raise ConvertError(f"{opt.ann}: no classes: no objects found and no --names given (nothing written)")
     check_unique_outputs(res.images, opt.ann)
     res.images.sort(key=lambda r: r.rel.as_posix())  # the split depends on the images, not on the file's order
     print(res.class_note)
