@@ -1,0 +1,115 @@
+"""Darknet's [yolo] loss (--loss darknet): gradients equal to Darknet's own deltas on the committed oracle fixture
+(tests/fixtures/darknet_yolo, made by AlexeyAB/darknet itself), the printed loss equal to Darknet's, and the cfg
+keys it reads."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models import Darknet
+from tests.conftest import ROOT
+from utils.boxes import bbox_iou
+from utils.darknet_loss import (DEFAULTS, DarknetLoss, class_multipliers, darknet_truths, dx_box_iou, layer_cost,
+                                layer_deltas, yolo_loss_config)
+from utils.parse_config import ConfigError
+
+FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
+CASES = sorted(p.stem for p in FIXTURES.glob('*.npz'))
+
+
+def load_case(name: str):
+    """(fixture, loss, raw maps requiring grad, targets (n, 6)) of one Darknet fixture case."""
+    d = np.load(FIXTURES / f'{name}.npz')
+    w, h = (int(v) for v in d['net_wh'])
+    loss_fn = DarknetLoss(Darknet(str(d['cfg']), img_size=(h, w)))
+    truth = torch.from_numpy(d['truth'])  # (B, 200, 5) x, y, w, h, class; zero rows unused
+    b, t = (truth.abs().sum(-1) > 0).nonzero(as_tuple=True)
+    targets = torch.cat((b[:, None].float(), truth[b, t][:, 4:5], truth[b, t][:, :4]), 1)
+    p = [to_maps(d[f'input_{k}']).requires_grad_(True) for k in range(len(d['layer_index']))]
+    return d, loss_fn, p, targets
+
+
+def to_maps(a: np.ndarray) -> torch.Tensor:
+    """Darknet's (B, anchors * (5 + nc), h, w) layer memory as our raw map (B, anchors, h, w, 5 + nc)."""
+    x = torch.from_numpy(np.ascontiguousarray(a))
+    return x.reshape(x.shape[0], 3, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def test_fixture_covers_the_done_criteria():
+    assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
+            'v4tiny_label_smooth', 'v4tiny_thresholds'} <= set(CASES)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_gradients_are_darknets_deltas_and_loss_is_darknets(case):
+    d, loss_fn, p, targets = load_case(case)
+    bs = p[0].shape[0]
+    loss, items = loss_fn(p, targets)
+    loss.backward()
+    for k, pk in enumerate(p):
+        ref = to_maps(d[f'delta_{k}'])
+        ours = -pk.grad * bs / loss_fn.grad_scale  # the documented scale: -delta / batch * lr / 0.01
+        # 1e-4 relative on every element; 1e-6 absolute where Darknet's float32 cancels to near zero
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6), (case, k, (ours - ref).abs().max())
+        assert (ours[ref == 0] == 0).all(), 'untouched or ignored slots have exactly no gradient'
+        delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *darknet_truths(targets.double(), bs, 3),
+                                    (int(d['net_wh'][0]), int(d['net_wh'][1])))
+        assert layer_cost(loss_fn.configs[k], delta, stats)[3].item() == pytest.approx(float(d[f'cost_{k}']), rel=1e-5)
+    assert items[3].item() == pytest.approx(float(d['loss']), rel=1e-5)  # what `darknet detector train` prints
+    assert loss.item() == pytest.approx(float(d['loss']), rel=1e-5)
+    assert items[:3].sum().item() == pytest.approx(items[3].item(), rel=1e-6)
+
+
+def yolo_def(**keys) -> dict:
+    """A parsed [yolo] section with the given extra keys."""
+    return {'type': 'yolo', 'line': 9, 'mask': [1, 2], 'anchors': [(10, 14), (23, 27), (37, 58)], 'classes': 3,
+            **keys}
+
+
+def test_omitted_keys_take_darknets_defaults():
+    cfg = yolo_loss_config(yolo_def(), 'a.cfg:9: layer 4')
+    assert {k: getattr(cfg, k) for k in DEFAULTS} == DEFAULTS
+    assert cfg.iou_loss == 'mse' and cfg.iou_normalizer == 0.75 and cfg.ignore_thresh == 0.5
+    assert cfg.anchors == ((10, 14), (23, 27), (37, 58)) and cfg.mask == (1, 2) and cfg.class_multipliers is None
+    cfg = yolo_loss_config(yolo_def(iou_loss='giou', counters_per_class='100, 20, 50', max_delta=4.0), 'a.cfg')
+    assert cfg.iou_loss == 'giou' and cfg.class_multipliers == (1.0, 4.0, 2.0)  # 100/20 = 5, capped at max_delta
+
+
+@pytest.mark.parametrize('keys, message', [({'new_coords': 1}, 'new_coords'), ({'iou_loss': 'cious'}, 'iou_loss'),
+                                           ({'iou_thresh_kind': 'mse'}, 'iou_thresh_kind'),
+                                           ({'map': 'x.map'}, 'map'), ({'counters_per_class': '1,2'}, '2 values')])
+def test_key_it_cannot_honour_is_an_error(keys, message):
+    with pytest.raises(ConfigError, match=f'a.cfg:9: layer 4: .*{message}'):
+        yolo_loss_config(yolo_def(**keys), 'a.cfg:9: layer 4')
+
+
+def test_cfg_error_names_file_and_layer(tmp_path):
+    text = (ROOT / 'cfg' / 'yolov3-tiny.cfg').read_text()
+    cfg = tmp_path / 'bad.cfg'
+    cfg.write_text(text.replace('[yolo]\n', '[yolo]\nnew_coords=1\n', 1))
+    with pytest.raises(ConfigError, match=r'bad.cfg:\d+: layer 16: \[yolo\] key new_coords=1 .*--loss darknet'):
+        DarknetLoss(Darknet(cfg, img_size=128))
+
+
+def test_truths_in_label_order_and_x_zero_ends_the_list():
+    targets = torch.tensor([[1, 2, 0.5, 0.5, 0.1, 0.1], [0, 1, 0.2, 0.3, 0.1, 0.2], [1, 0, 0.0, 0.4, 0.1, 0.1],
+                            [1, 1, 0.7, 0.7, 0.2, 0.2], [0, 0, 0.6, 0.3, 0.3, 0.2]])
+    truths, valid = darknet_truths(targets, 3, nc=3)
+    assert truths.shape == (3, 3, 5) and valid.tolist() == [[True, True, False], [True, False, False], [False] * 3]
+    assert truths[0, :2, 4].tolist() == [1, 0] and truths[1, 0].tolist() == pytest.approx([0.5, 0.5, 0.1, 0.1, 2])
+    with pytest.raises(ValueError, match='class 3 is out of range'):
+        darknet_truths(torch.tensor([[0, 3, 0.5, 0.5, 0.1, 0.1]]), 1, nc=3)
+    assert class_multipliers('0, 10', 2, math.inf) == (10.0, 1.0)  # counts under 1 count as 1, as Darknet
+
+
+def test_iou_gradient_of_overlapping_boxes_is_the_true_derivative():
+    # where boxes overlap, dx_box_iou's IoU part is the analytic derivative (w, h undivided by 2, as Darknet)
+    # partial overlaps in x and y (no shared edges, where the min/max choice of a subgradient is arbitrary)
+    pred = torch.tensor([[0.5, 0.5, 0.3, 0.2], [0.42, 0.61, 0.2, 0.35]], dtype=torch.float64, requires_grad=True)
+    truth = torch.tensor([[0.55, 0.44, 0.25, 0.3], [0.35, 0.7, 0.3, 0.3]], dtype=torch.float64)
+    bbox_iou(pred, truth, x1y1x2y2=False, eps=0).sum().backward()
+    d = dx_box_iou(pred.detach(), truth, 'iou')
+    assert torch.allclose(d[:, :2], pred.grad[:, :2]) and torch.allclose(d[:, 2:], 2 * pred.grad[:, 2:])
