@@ -286,8 +286,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
         obj = {'names': ('dgo', 0, 1, 1, 5, 5), 'voc_area': ('dog', 0, 11, 1, 9, 5)}.get(case)
         (ann / 'a.xml').write_text(voc_xml('a.jpg', (64, 48), [obj]) if obj else '<annotation><a></annotation>')
         if case == 'twice':
-            (ann / 'a.xml').write_text(voc_xml('a.jpg', (64, 48), []))
-            (ann / 'b.xml').write_text(voc_xml('a.jpg', (64, 48), []))
+            (ann / 'a.xml').write_text(voc_xml('a.jpg', (64, 48), [('cat', 0, 1, 1, 5, 5)]))
+            (ann / 'b.xml').write_text(voc_xml('a.jpg', (64, 48), [('dog', 0, 1, 1, 5, 5)]))
         (tmp_path / 'my.names').write_text('cat\ndog\n')
         extra = ['--names', tmp_path / 'my.names'] if case == 'names' else []
     r = subprocess.run([sys.executable, '-m', 'utils.convert', fmt, '--ann', str(ann), '--images',

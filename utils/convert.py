@@ -501,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         res = read_labelme(opt.ann, opt.images, opt.names)
     if not res.images:
         raise ConvertError(f"{opt.ann}: no images (nothing written)")
+    check_unique_outputs(res.images, opt.ann)
     if not res.names:
         raise ConvertError(f"{opt.ann}: no classes: no objects found and no --names given (nothing written)")
-    check_unique_outputs(res.images, opt.ann)
     res.images.sort(key=lambda r: r.rel.as_posix())  # the split depends on the images, not on the file's order
     print(res.class_note)
     data, line = write_dataset(res, opt.out, opt.val_fraction, opt.seed)
