@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # check_fixture.py beside this file, however it is loaded
+from check_fixture import iou_xywh  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_CFG = ROOT.parent / 'shared' / 'darknet-cfg'
 NET_W, NET_H, BATCH, CLASSES = 160, 128, 2, 3
@@ -186,16 +189,6 @@ def truth_array(max_boxes: int, truth_size: int) -> np.ndarray:
         for t, (cx, cy, w, h, c, _) in enumerate(boxes):
             truth[b, t, :5] = cx / NET_W, cy / NET_H, w / NET_W, h / NET_H, c
     return truth
-
-
-def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of centre-format boxes a (..., 4) and b (..., 4), broadcast; float64."""
-    iw = np.minimum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2) - np.maximum(
-        a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)
-    ih = np.minimum(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2) - np.maximum(
-        a[..., 1] - a[..., 3] / 2, b[..., 1] - b[..., 3] / 2)
-    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
-    return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
