@@ -69,7 +69,7 @@ class YOLOLayer(nn.Module):
 
     def _grid(self, ny: int, nx: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (ny, nx, device, dtype)
-        if key not in self._grid_cache:
+        if key not in self._grid_cache or torch.jit.is_tracing():  # traced (ONNX): built from the input's shape
             yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=dtype),
                                     torch.arange(nx, device=device, dtype=dtype), indexing='ij')
             self._grid_cache = {key: torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)}
@@ -90,17 +90,20 @@ class YOLOLayer(nn.Module):
 
     def forward(self, p: torch.Tensor, img_hw: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Return (decoded (B, na*ny*nx, no) or None in training, raw (B, na, ny, nx, no))."""
-        bs, _, ny, nx = p.shape
-        p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()  # (B, na, ny, nx, no)
+        _, _, ny, nx = p.shape
+        # batch as -1, not the traced size: OpenCV's ONNX importer then runs an export at any batch size
+        p = p.view(-1, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()  # (B, na, ny, nx, no)
         if self.training:
             return None, p
-        grid = self._grid(ny, nx, p.device, p.dtype)
-        stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device, dtype=p.dtype)  # (sx, sy)
+        # decoded in fp32 whatever the network's dtype: bf16 steps 2 px between 256 and 512, fp16 0.25 px
+        pf = p.float()
+        grid = self._grid(ny, nx, p.device, torch.float32)
+        stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device)  # (sx, sy)
         # the one decode the losses use too (scale_x_y included), so training optimises these boxes
-        xy, wh = decode_yolo_box(p, self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2), self.scale_x_y, grid)
+        xy, wh = decode_yolo_box(pf, self.anchors.view(1, self.na, 1, 1, 2), self.scale_x_y, grid)
         xy = xy * stride
-        io = torch.cat((xy, wh, torch.sigmoid(p[..., 4:])), -1)
-        return io.view(bs, -1, self.no), p
+        io = torch.cat((xy, wh, torch.sigmoid(pf[..., 4:])), -1)
+        return io.view(-1, self.na * ny * nx, self.no), p
 
 
 def _conv_padding(mdef: dict) -> int:
@@ -364,6 +367,14 @@ class Darknet(nn.Module):
                 m.Conv2d = fuse_conv_bn_eval(m.Conv2d.eval(), m.BatchNorm2d.eval())  # a new Conv2d with a bias
                 del m.BatchNorm2d
         self.fused = True
+        return self
+
+    def to_dtype(self, dtype: torch.dtype) -> 'Darknet':
+        """Cast the layers' weights to dtype (fp16/bf16 inference) in place; the [yolo] anchors stay fp32 for the fp32
+        box decode (bf16 would round anchor 319 to 320)."""
+        for m in self.module_list:
+            if not isinstance(m, YOLOLayer):
+                m.to(dtype)
         return self
 
     def gflops(self, img_size: int | tuple[int, int]) -> float:
@@ -920,32 +931,16 @@ def attempt_download(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
-class _InferenceOnly(nn.Module):
-    """Wraps an eval-mode Darknet so that export sees only inference_out."""
-
-    def __init__(self, model: Darknet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
-
-
-def export_onnx(model: Darknet, path: str | Path, img_size: tuple[int, int], opset: int = 17) -> None:
-    """Export the eval model's inference_out (1, N, 5 + nc) for a (1, 3, h, w) input to ONNX."""
-    model.eval()
-    x = torch.zeros(1, 3, *img_size)
-    torch.onnx.export(_InferenceOnly(model), (x,), str(path), input_names=['images'], output_names=['output'],
-                      opset_version=opset, dynamo=False)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """Arguments of `python models.py`."""
     p = argparse.ArgumentParser(description='Convert Darknet weights <-> .pt checkpoints, or export to ONNX.')
     p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model cfg file')
     p.add_argument('--weights', type=str, required=True, help='.weights or .pt file')
     p.add_argument('--convert', action='store_true', help='write the other format next to --weights')
-    p.add_argument('--onnx', type=str, default='', help='export the inference model to this .onnx file')
+    p.add_argument('--onnx', type=str, default='',
+                   help='export the inference model to this .onnx file (dynamic batch axis), checked in onnxruntime')
+    p.add_argument('--dynamic', action='store_true', help='ONNX export with dynamic height and width too')
+    p.add_argument('--opset', type=int, default=17, help='ONNX opset')
     p.add_argument('--img-size', type=int, nargs='+', default=[416], help='export size: one int or h w')
     p.add_argument('--info', action='store_true', help='print the layer table')
     return p
@@ -969,9 +964,25 @@ def main(opt: argparse.Namespace) -> int:
             save_checkpoint(model_checkpoint(model, epoch=-1), dst)
         print(f"Converted {src} -> {dst}")
     if opt.onnx:
-        export_onnx(model, opt.onnx, img)
-        print(f"Exported {opt.onnx} ({img[0]}x{img[1]}, output (1, N, {model.nc + 5}))")
+        onnx_export(model, opt.onnx, img, opt.dynamic, opt.opset)
     return 0
+
+
+def onnx_export(model: Darknet, path: str, img: tuple[int, int], dynamic: bool, opset: int) -> None:
+    """models.py --onnx: export through utils.export, then compare onnxruntime with PyTorch at two batch sizes (and
+    a second image size with dynamic height and width)."""
+    from utils.export import check_onnx, export_onnx
+
+    export_onnx(model, path, img, dynamic, opset)
+    shape = '(batch, 3, height, width)' if dynamic else f'(batch, 3, {img[0]}, {img[1]})'
+    print(f"Exported {path}: input 'images' {shape} RGB in [0, 1], output (batch, N, {model.nc + 5}), opset {opset}")
+    shapes = [(1, *img), (2, *img)] + ([(2, img[0] + 64, img[1] + 32)] if dynamic else [])
+    try:
+        err = check_onnx(model, path, shapes)
+    except ImportError:
+        print('onnxruntime is not installed: the export was not checked (pip install onnxruntime)')
+        return
+    print(f"onnxruntime agrees with PyTorch to {err:.1e} (relative, inputs {', '.join(map(str, shapes))})")
 
 
 if __name__ == '__main__':
