@@ -39,7 +39,8 @@ from utils.datasets import create_dataloader
 from utils.image_weights import epoch_image_weights
 from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
                           n_burn_in, progress_row, train_one_epoch)
-from utils.loss import ComputeLoss
+from utils.darknet_loss import DarknetLoss
+from utils.loss import LOSSES, ComputeLoss, build_loss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
@@ -98,6 +99,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--save-period', type=int, default=0,
                    help='also keep weights/epoch_K.pt every N epochs (K = 0, N, 2N, ..., the epoch as results.txt '
                         'counts it): full checkpoints that --resume, test.py and detect.py accept (0: off)')
+    p.add_argument('--loss', choices=LOSSES, default='original',
+                   help="original: the 2020 port's loss (iou_t matching, GIoU, BCE, hyp gains); darknet: Darknet's own "
+                        "[yolo] loss from the cfg's keys (best anchor, iou_loss, normalizers, ignore_thresh, ...)")
     p.add_argument('--image-weights', action='store_true',
                    help="draw each epoch's images with replacement, weighted by their classes' rarity and "
                         "(1 - class mAP)^2 (not with --rect)")
@@ -370,7 +374,7 @@ class Parts:
     lf: CosineLR
     scaler: torch.amp.GradScaler
     ema: ModelEMA | None  # rank 0 only: it tests and saves
-    compute_loss: ComputeLoss
+    compute_loss: ComputeLoss | DarknetLoss
     amp: str  # off, fp16 or bf16
     amp_dtype: torch.dtype | None
 
@@ -440,7 +444,8 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model) if info.main else None
     loss_hyp = {**hyp, 'cls': hyp['cls'] * model.nc / 80}  # as the original: the class gain was tuned for 80 classes
-    compute_loss = ComputeLoss(model, loss_hyp)  # gr: objectness target = GIoU (burn-in ramps it from 0)
+    # original: gr sets the objectness target to the GIoU (burn-in ramps it from 0); darknet: the cfg's [yolo] keys
+    compute_loss = build_loss(opt.loss, model, loss_hyp)
     wrapped: nn.Module = model
     if info.distributed:
         if opt.sync_bn:
@@ -589,7 +594,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     parts = build_parts(model, hyp, opt, device, info, log)
     loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test)
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
-        check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg)
+        check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg, loss=opt.loss,
+                      pretrained=bool(opt.weights or opt.resume))
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
     start_epoch, progress = 0, Progress()

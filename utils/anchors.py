@@ -1,7 +1,9 @@
 """Anchors for a dataset: how well a model's anchors fit the training labels, and new anchors for a cfg.
 
-The fit uses the matching of our loss (utils/loss.py build_targets): a target goes to every anchor of a [yolo]
-layer whose width-height IoU with it exceeds iou_t. BPR (best possible recall) is the share of targets that match at
+The fit uses the matching of the training loss. The original's (utils/loss.py build_targets): a target goes to every
+anchor of a [yolo] layer whose width-height IoU with it exceeds iou_t. Darknet's (--loss darknet,
+utils/darknet_loss.py): to the best of all anchors of a layer's anchors= list when the layer's mask has it, plus, with
+iou_thresh < 1, every masked anchor above iou_thresh. BPR (best possible recall) is the share of targets that match at
 least one anchor; anchors per target is the mean number they match (an anchor listed in two layers' masks counts
 twice, as the loss assigns it twice); fitness is the original's kmean_anchors fitness, the mean best IoU counting
 only IoUs above iou_t.
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from models import YOLOLayer
 from utils.augmentations import BOX_MAX_ASPECT, BOX_MIN_WH
 from utils.boxes import wh_iou
+from utils.darknet_loss import DarknetLoss, YoloLossConfig, darknet_iou
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import LoadImagesAndLabels
 from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg, with_values
@@ -73,12 +76,38 @@ def model_anchors(model: nn.Module) -> torch.Tensor:
     return torch.cat(anchors, 0)
 
 
-def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Callable[[str], None] = print,
-                  data: str | None = None, cfg: str | None = None) -> float:
-    """Log how well the model's anchors fit the dataset's labels at img_size and return the BPR.
+def darknet_fit(wh: torch.Tensor, configs: list[YoloLossConfig]) -> tuple[float, float]:
+    """(BPR, anchors per target) of (n, 2) target sizes under Darknet's assignment (per [yolo] layer: the best of its
+    whole anchors= list if masked there, and masked anchors above iou_thresh)."""
+    boxes = torch.cat((torch.zeros_like(wh), wh), 1)[:, None]  # (n, 1, 4) centred
+    matched = torch.zeros(len(wh), dtype=torch.bool)
+    count = torch.zeros(len(wh))
+    for c in configs:
+        anchors = torch.tensor(c.anchors, dtype=wh.dtype)
+        a_boxes = torch.cat((torch.zeros_like(anchors), anchors), 1)[None]  # (1, total, 4)
+        masked = torch.zeros(len(anchors), dtype=torch.bool)
+        masked[list(c.mask)] = True
+        best = darknet_iou(boxes, a_boxes).argmax(1)  # (n,)
+        take = masked[best]
+        extra = torch.zeros(len(wh))
+        if c.iou_thresh < 1.0:
+            above = darknet_iou(boxes, a_boxes, c.iou_thresh_kind) > c.iou_thresh
+            above &= masked[None] & (torch.arange(len(anchors))[None] != best[:, None])
+            extra = above.sum(1).float()
+        matched |= take | (extra > 0)
+        count += take.float() + extra
+    return float(matched.float().mean()), float(count.mean())
 
-    dataset: a utils.datasets.LoadImagesAndLabels (.labels, .shapes). Below 0.98 BPR a WARNING gives the
-    `python -m utils.anchors` command that computes better anchors (data and cfg fill in its paths).
+
+def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Callable[[str], None] = print,
+                  data: str | None = None, cfg: str | None = None, loss: str = 'original',
+                  pretrained: bool = False) -> float:
+    """Log how well the model's anchors fit the dataset's labels at img_size, under the assignment rule of the loss
+    ('original': IoU above thr; 'darknet': Darknet's best anchor), and return the BPR.
+
+    dataset: a utils.datasets.LoadImagesAndLabels (.labels, .shapes). Below 0.98 BPR: training from scratch, a
+    WARNING gives the `python -m utils.anchors` command (data and cfg fill in its paths); starting from weights, a
+    note says what the figure means and to keep the anchors the weights were trained with.
     """
     wh = label_wh(dataset.labels, dataset.shapes, img_size)
     keep = kept_by_loader(wh)
@@ -86,13 +115,29 @@ def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Cal
         log(f'WARNING: anchors: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at {img_size}: '
             f'the loader drops them all (train at a larger --img-size)')
         return 0.0
-    _, bpr, aat = anchor_fit(torch.from_numpy(wh[keep]).float(), model_anchors(model), thr)
-    log(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} (iou_t {thr:g})')
+    wh_t = torch.from_numpy(wh[keep]).float()
+    if loss == 'darknet':
+        bpr, aat = darknet_fit(wh_t, DarknetLoss(model).configs)
+        rule = "Darknet's best anchor"
+    else:
+        _, bpr, aat = anchor_fit(wh_t, model_anchors(model), thr)
+        rule = f'iou_t {thr:g}'
+    log(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} ({rule})')
     if bpr < BPR_WARN:
-        log(f'WARNING: anchors: only {bpr:.1%} of the labels can match an anchor (BPR < {BPR_WARN}); compute anchors '
-            f'for this data with: {fix_command(data, cfg, img_size)}  and train with the cfg it writes (pretrained '
-            f'heads predict sizes relative to the anchors they were trained with: when fine-tuning, compare both)')
+        log(anchor_advice(bpr, rule, pretrained, fix_command(data, cfg, img_size)))
     return bpr
+
+
+def anchor_advice(bpr: float, rule: str, pretrained: bool, command: str) -> str:
+    """What a BPR under 0.98 means and what to do: from weights, keep their anchors; from scratch, fit new ones."""
+    missed = f'{1 - bpr:.1%} of the labels match no anchor ({rule}), so the loss trains no box for them'
+    if pretrained:
+        return (f'anchors: note: {missed}. These are the anchors the starting weights were trained with: keep them '
+                f'when fine-tuning (new anchors change what every pretrained width/height output means, and the '
+                f'heads must relearn them). New anchors help when training from scratch, or for boxes far from those '
+                f'the weights learned (then compare both runs): {command}')
+    return (f'WARNING: anchors: {missed} (BPR < {BPR_WARN}). Training from scratch, anchors fitted to this data '
+            f'help: {command}  and train with the cfg it writes')
 
 
 def fix_command(data: str | None, cfg: str | None, img_size: int) -> str:
