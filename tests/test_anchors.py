@@ -2,6 +2,7 @@
 cfg, on a dataset of only small boxes where the default yolov3-tiny anchors fit badly."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import torch
 
 from models import Darknet
 from tests.conftest import ROOT
-from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchors, check_anchors, fix_command,
-                           label_wh, main, parse_opt)
+from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchors, check_anchors, darknet_fit,
+                           fix_command, label_wh, main, parse_opt)
 from utils.boxes import wh_iou
+from utils.darknet_loss import DarknetLoss
 from utils.datasets import LoadImagesAndLabels
 from utils.parse_config import parse_model_cfg
 
@@ -141,3 +143,24 @@ def test_anchor_tool_errors(tmp_path, capsys):
     with pytest.raises(AnchorError, match=re.escape(f'{out}: output cfg exists')):
         run('--data', str(data), '--cfg', str(cfg))  # again: that output exists now
     assert out.stat().st_mtime_ns == stamp
+
+
+def test_darknet_rule_and_advice_when_fine_tuning(tmp_path):
+    # yolov3-tiny: anchor 0 (10x14) is in no mask, anchor 3 (81x82) in both; Darknet assigns the best of all six
+    configs = DarknetLoss(Darknet(str(TINY))).configs
+    wh = torch.tensor([[10.0, 14.0], [80.0, 80.0], [300.0, 300.0], [12.0, 30.0]])
+    bpr, aat = darknet_fit(wh, configs)
+    assert bpr == pytest.approx(3 / 4) and aat == pytest.approx((0 + 2 + 1 + 1) / 4)  # 12x30: 23x27
+    # iou_thresh adds every masked anchor above it (yolov4-tiny's iou_thresh 0.213 style)
+    loose = [dataclasses.replace(c, iou_thresh=0.2) for c in configs]
+    assert darknet_fit(wh, loose)[1] > aat
+
+    data = small_box_data(tmp_path / 'dots', n_images=2, boxes=5)
+    ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), 320)
+    logs: list[str] = []
+    bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, log=logs.append, data=str(data), cfg=str(TINY),
+                        loss='darknet', pretrained=True)
+    assert bpr < 0.98 and logs[0].endswith("at 320 (Darknet's best anchor)")
+    # starting from weights: what the figure means, keep the weights' anchors, no WARNING asking to replace them
+    assert 'WARNING' not in logs[1] and 'keep them when fine-tuning' in logs[1] and 'from scratch' in logs[1]
+    assert 'train with the cfg it writes' not in logs[1]
