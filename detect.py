@@ -16,20 +16,26 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-import torch.nn as nn
+if __name__ == '__main__':
+    # Before torch loads OpenMP, which reads this once: waiting OpenMP threads sleep instead of spinning. Where other
+    # processes keep the cores busy, spinning threads of every op wait for a sibling that is not scheduled, and each
+    # forward pass gets several times slower (benchmarks/README.md, bench_infer). The user's setting wins.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-from models import CheckpointError, WeightsError, coco_names, load_model
-from utils.augmentations import letterbox
-from utils.boxes import scale_coords, xyxy2xywh
-from utils.data_config import DatasetError, load_names
-from utils.datasets import LoadImages, LoadStreams
-from utils.nms import non_max_suppression
-from utils.parse_config import ConfigError
-from utils.plots import class_color, plot_one_box
-from utils.torch_utils import select_device, time_synchronized
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from models import CheckpointError, WeightsError, coco_names, load_model  # noqa: E402
+from utils.augmentations import letterbox  # noqa: E402
+from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
+from utils.data_config import DatasetError, load_names  # noqa: E402
+from utils.datasets import LoadImages, LoadStreams  # noqa: E402
+from utils.nms import import_in_background, non_max_suppression  # noqa: E402
+from utils.parse_config import ConfigError  # noqa: E402
+from utils.plots import class_color, plot_one_box  # noqa: E402
+from utils.torch_utils import select_device, time_synchronized  # noqa: E402
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
 JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
@@ -276,6 +282,7 @@ def detect(opt: argparse.Namespace) -> Path:
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
     check_options(opt, source, stream)
+    import_in_background()  # torchvision, for NMS: its import runs while the model loads
     model, device, half = load_detector(opt)
     onnx = isinstance(model, OnnxModel)
     names = class_names(opt.names, getattr(model, 'names', None), model.nc)

@@ -1,7 +1,8 @@
 """Non-maximum suppression of YOLO inference output: confidence filter, multi-label, batched NMS, merge-NMS.
 
 torchvision is imported where NMS first runs, not at module import: `import torchvision` pulls in torch._dynamo
-(about 1.5 s on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay.
+(about 1.5 s on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay. Commands that
+will run NMS call `import_in_background()` first, so that import overlaps their model loading and first images.
 
 Speed on the CPU without touching the process-wide thread count: torch runs a CPU op on several threads when it
 has more than 32768 elements, and some ops at any size (indexing by a boolean mask or an index tensor,
@@ -13,6 +14,8 @@ coco128), one coordinate at a time. test.py on coco128: NMS 2-9 ms per image, as
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from typing import Sequence
 
@@ -23,6 +26,20 @@ from utils.boxes import bbox_iou, xywh2xyxy
 MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped, as the original
 MERGE_MAX = 3000  # as the original: merge-NMS only below this many candidates per image
 GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: elementwise CPU ops below this many elements run on one thread
+
+
+def _import_torchvision_ops() -> None:
+    try:
+        import torchvision.ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - non_max_suppression's own import raises it where it matters
+        pass
+
+
+def import_in_background() -> None:
+    """Start importing torchvision.ops in a daemon thread unless it is loaded; NMS's import then waits for it (the
+    import system's module lock), so the one-off import runs beside the caller's model loading and first images."""
+    if 'torchvision.ops' not in sys.modules:
+        threading.Thread(target=_import_torchvision_ops, name='import torchvision', daemon=True).start()
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
