@@ -4,13 +4,15 @@ keys it reads."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+import train
 from models import Darknet
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
 from utils.darknet_loss import (DEFAULTS, DarknetLoss, class_multipliers, darknet_truths, dx_box_iou, layer_cost,
                                 layer_deltas, yolo_loss_config)
@@ -113,3 +115,43 @@ def test_iou_gradient_of_overlapping_boxes_is_the_true_derivative():
     bbox_iou(pred, truth, x1y1x2y2=False, eps=0).sum().backward()
     d = dx_box_iou(pred.detach(), truth, 'iou')
     assert torch.allclose(d[:, :2], pred.grad[:, :2]) and torch.allclose(d[:, 2:], 2 * pred.grad[:, 2:])
+
+
+class Crash(Exception):
+    """Stands for a crash after an epoch's checkpoint was written."""
+
+
+def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
+    # yolov4-tiny from random init (ciou, scale_x_y, iou_thresh): epoch 0, a crash, then --resume finishes epoch 1
+    data = make_subset(tmp_path / 'data', 4)
+    args = ['--cfg', str(ROOT / 'cfg' / 'yolov4-tiny.cfg'), '--data', str(data), '--weights', '', '--img-size', '128',
+            '--epochs', '2', '--batch-size', '4', '--device', 'cpu', '--workers', '0', '--loss', 'darknet',
+            '--notest', '--save-dir', str(tmp_path / 'run')]
+
+    def crash(*_, **__):
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(train, 'stop_early', crash)
+        with pytest.raises(Crash):
+            train.main(train.parse_opt(args))
+    assert 'loss: darknet' in (tmp_path / 'run' / 'opt.yaml').read_text()
+    opt, _ = train.resolve_resume(train.parse_opt(['--resume', str(tmp_path / 'run' / 'weights' / 'last.pt')]))
+    assert opt.loss == 'darknet'  # the loss of the run, from its checkpoint
+    assert train.main(train.parse_opt(['--resume', str(tmp_path / 'run' / 'weights' / 'last.pt')])) == 0
+    rows = [r.split() for r in (tmp_path / 'run' / 'results.txt').read_text().splitlines()]
+    assert [r[0] for r in rows] == ['0/1', '1/1']
+    assert all(math.isfinite(float(v)) and float(v) > 0 for r in rows for v in r[2:6])  # box, obj, cls, total
+
+
+def test_train_refuses_a_key_it_cannot_honour(tmp_path, capsys):
+    cfg = tmp_path / 'v4.cfg'
+    cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\nnew_coords=1\n'))
+    data = make_subset(tmp_path / 'data', 2)
+    r = train.main(train.parse_opt(['--cfg', str(cfg), '--data', str(data), '--weights', '', '--img-size', '128',
+                                    '--epochs', '1', '--device', 'cpu', '--loss', 'darknet',
+                                    '--save-dir', str(tmp_path / 'run')]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert r == 2 and len(err) == 1
+    assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key new_coords', err[0])
+    assert not (tmp_path / 'run').exists()  # nothing written
