@@ -25,7 +25,7 @@ from utils.datasets import create_dataloader
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
 from utils.parse_config import ConfigError
-from utils.torch_utils import de_parallel, select_device, time_synchronized
+from utils.torch_utils import HALF_CHOICES, de_parallel, inference_dtype, select_device, time_synchronized
 
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
 
@@ -40,6 +40,25 @@ def _device(device: str, batch_size: int) -> torch.device:
         return select_device(device, batch_size=batch_size)
     except (RuntimeError, ValueError) as e:
         raise EvalError(str(e)) from None
+
+
+def _half_dtype(half: str | bool, device: torch.device) -> torch.dtype:
+    """inference_dtype of --half (True/False as 'on'/'off'), its refusals as EvalError."""
+    half = ('on' if half else 'off') if isinstance(half, bool) else half
+    try:
+        return inference_dtype(half, device)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+
+
+def load_eval_model(weights: str | None, cfg: str | None, imgsz: int, device: torch.device,
+                    dtype: torch.dtype) -> nn.Module:
+    """The model of --weights fused, with its layers in dtype (fp16/bf16 inference; box decode and NMS stay fp32)."""
+    model = load_model(weights, cfg, imgsz, device).fuse()
+    if dtype != torch.float32:
+        model.to_dtype(dtype)
+        print(f"{str(dtype).replace('torch.', '')} inference on {device.type} (--half off for fp32)")
+    return model
 
 
 def _model_stride(model: nn.Module) -> int:
@@ -119,7 +138,7 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
     imgs, targets, paths, output) is called for each batch when given."""
     import torchvision.ops  # noqa: F401  NMS imports it on first use (~1.5 s): start-up, not NMS time per image
 
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16 with --half
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16/bf16 with --half
     iouv = IOU_THRESHOLDS.to(device)
     loss = torch.zeros(3, device=device)
     stats, seen, t_inf, t_nms = [], 0, 0.0, 0.0
@@ -243,25 +262,26 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
          dataloader: torch.utils.data.DataLoader | None = None, multi_label: bool = True,
          compute_loss: Callable | None = None, verbose: bool = False, plots: bool = True,
          save_dir: str | Path = '.', device: str = '', coco_gt: str | Path | None = None, merge: bool = True,
-         workers: int = 8, half: bool = False) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
+         workers: int = 8, half: str | bool = 'auto'
+         ) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
     """Evaluate a model (given, or built from cfg + weights) on data's 'valid' images.
 
     Returns (results, maps, times): results = (P, R, mAP@0.5, mAP@0.5:0.95, F1, val box, val obj, val cls) with the
     losses averaged over batches when compute_loss is given (else 0); maps (nc,) per-class mAP@0.5:0.95;
-    times = (inference, NMS, total) in ms per image. half: fp16 inference of the model built here (CUDA only).
+    times = (inference, NMS, total) in ms per image. half: the precision of the model built here (HALF_CHOICES,
+    see utils.torch_utils.inference_dtype: 'auto' is bf16 on a CPU with native bf16); a given model runs as it is.
     """
     dev = _device(device, batch_size) if model is None else None
-    if half and (dev is None or dev.type != 'cuda'):  # checked before anything is written
-        raise EvalError(f'--half needs a CUDA device (fp16 inference of a model test() loads); got {dev or "a model"}')
+    if model is not None and half not in ('auto', 'off', False):
+        raise EvalError(f'--half {half} applies to a model test() loads, not to a given model (cast that one)')
+    dtype = _half_dtype(half, dev) if model is None else None  # refusals before anything is written
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     data = data if isinstance(data, dict) else load_data_config(data)
     if dataloader is None:
         check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
     if model is None:
-        model = load_model(weights, cfg, imgsz, dev).fuse()
-        if half:
-            model.half()  # detections and metrics stay in fp32: NMS gets inf_out.float()
+        model = load_eval_model(weights, cfg, imgsz, dev, dtype)
     was_training = model.training
     model.eval()
     nc = 1 if single_cls else int(data['nc'])
@@ -279,8 +299,9 @@ def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, b
         save_metric_plots(s, confusion, names, save_dir)
     n = max(run.seen, 1)
     times = (run.t_inf / n * 1e3, run.t_nms / n * 1e3, (run.t_inf + run.t_nms) / n * 1e3)
-    print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g'
-          % (*times, imgsz, imgsz, getattr(dataloader, 'batch_size', None) or batch_size))
+    print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g, %s'
+          % (*times, imgsz, imgsz, getattr(dataloader, 'batch_size', None) or batch_size,
+             str(next(model.parameters()).dtype).replace('torch.', '')))
     if coco is not None and run.seen:
         coco.evaluate(save_dir)
 
@@ -306,7 +327,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
     p.add_argument('--single-cls', action='store_true', help='treat every class as one')
     p.add_argument('--augment', action='store_true', help='test-time augmentation (flips and scales)')
-    p.add_argument('--half', action='store_true', help='fp16 inference (CUDA only)')
+    p.add_argument('--half', nargs='?', const='on', default='auto', choices=HALF_CHOICES,
+                   help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
+                        'bare --half or on (fp16 on CUDA, bf16 on such a CPU), off (fp32), fp16, bf16')
     p.add_argument('--save-dir', type=str, default='.', help='folder for plots and JSON files')
     p.add_argument('--coco-gt', type=str, default='', help='COCO ground-truth JSON (default: found or written)')
     p.add_argument('--workers', type=int, default=8, help='dataloader workers (at most)')
@@ -381,7 +404,7 @@ def main(opt: argparse.Namespace) -> int:
     data = load_data_config(opt.data)
     check_dataset(data, splits=('valid',))
     device = _device(opt.device, opt.batch_size)
-    model = load_model(opt.weights, opt.cfg, opt.img_size, device).fuse()
+    model = load_eval_model(opt.weights, opt.cfg, opt.img_size, device, _half_dtype(opt.half, device))
     if opt.task == 'study':
         study(opt, model, data)
     else:

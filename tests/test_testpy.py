@@ -148,9 +148,9 @@ def test_row_labels_from_data_else_checkpoint():
     assert class_names(unnamed, model, single_cls=True) == ['object']
 
 
-def test_half_without_cuda_is_a_clear_error_and_writes_nothing(coco16_data, tmp_path):
+def test_half_fp16_on_the_cpu_is_a_clear_error_and_writes_nothing(coco16_data, tmp_path):
     out = tmp_path / 'out'
     r = run_testpy('--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--data', str(coco16_data), '--device', 'cpu',
-                   '--half', '--save-dir', str(out))
+                   '--half', 'fp16', '--save-dir', str(out))
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert '--half needs a CUDA device' in r.stderr and not out.exists()
+    assert '--half fp16 needs a CUDA device' in r.stderr and not out.exists()
