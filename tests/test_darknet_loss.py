@@ -82,7 +82,8 @@ def test_omitted_keys_take_darknets_defaults():
 
 @pytest.mark.parametrize('keys, message', [({'new_coords': 1}, 'new_coords'), ({'iou_loss': 'cious'}, 'iou_loss'),
                                            ({'iou_thresh_kind': 'mse'}, 'iou_thresh_kind'),
-                                           ({'map': 'x.map'}, 'map'), ({'counters_per_class': '1,2'}, '2 values')])
+                                           ({'map': 'x.map'}, 'map'), ({'counters_per_class': '1,2'}, '2 values'),
+                                           ({'num': 9}, 'num=9 differs from the 3 anchors')])
 def test_key_it_cannot_honour_is_an_error(keys, message):
     with pytest.raises(ConfigError, match=f'a.cfg:9: layer 4: .*{message}'):
         yolo_loss_config(yolo_def(**keys), 'a.cfg:9: layer 4')

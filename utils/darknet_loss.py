@@ -28,7 +28,8 @@ from utils.boxes import decode_yolo_box
 from utils.parse_config import ConfigError
 from utils.torch_utils import de_parallel
 
-IOU_KINDS = ('mse', 'iou', 'giou', 'diou', 'ciou')
+BOX_LOSSES = ('mse', 'iou', 'giou', 'diou', 'ciou')  # iou_loss values
+THRESH_KINDS = ('iou', 'giou', 'diou', 'ciou')  # iou_thresh_kind values
 # Darknet's defaults (parse_yolo in src/parser.c) for the keys a cfg omits
 DEFAULTS = {'iou_loss': 'mse', 'iou_normalizer': 0.75, 'obj_normalizer': 1.0, 'cls_normalizer': 1.0,
             'ignore_thresh': 0.5, 'truth_thresh': 1.0, 'iou_thresh': 1.0, 'iou_thresh_kind': 'iou', 'scale_x_y': 1.0,
@@ -87,9 +88,12 @@ def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
         raise bad('new_coords', "(scaled-yolov4's decode) is not implemented, neither by the model nor the loss")
     if 'map' in mdef:
         raise bad('map', '(a class map file) is not supported')
-    for key in ('iou_loss', 'iou_thresh_kind'):
-        if key in mdef and mdef[key] not in IOU_KINDS[1 if key == 'iou_thresh_kind' else 0:]:
-            raise bad(key, f"is not one of {', '.join(IOU_KINDS[1 if key == 'iou_thresh_kind' else 0:])}")
+    for key, allowed in (('iou_loss', BOX_LOSSES), ('iou_thresh_kind', THRESH_KINDS)):
+        if key in mdef and mdef[key] not in allowed:  # Darknet would quietly fall back to plain IoU
+            raise bad(key, f"is not one of {', '.join(allowed)}")
+    if 'num' in mdef and mdef['num'] != len(mdef['anchors']):  # Darknet searches the first num anchors only
+        raise bad('num', f"differs from the {len(mdef['anchors'])} anchors listed (Darknet's best-anchor search "
+                         f"would use {mdef['num']})")
     unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class', 'new_coords'}
     if unknown:
         key = sorted(unknown)[0]
@@ -251,7 +255,7 @@ def class_delta_new(cfg: YoloLossConfig, out: torch.Tensor, prev: torch.Tensor, 
                     mult: torch.Tensor) -> torch.Tensor:
     """delta_yolo_class where the truth's class has no delta yet: all nc deltas of m rows (out, prev (m, nc))."""
     onehot = torch.zeros_like(out)
-    onehot[torch.arange(len(cls)), cls] = 1.0
+    onehot[torch.arange(len(cls), device=cls.device), cls] = 1.0
     if cfg.focal_loss:
         pt = out.gather(1, cls[:, None]) + 1e-15
         grad = -(1 - pt) * (2 * pt * torch.log(pt) + pt - 1)
@@ -377,7 +381,8 @@ def truth_thresh_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor
     delta[cell + (4,)] = cfg.obj_normalizer * ((iou_mult if cfg.objectness_smooth else 1.0) - o[:, 4])
     d_cls = class_delta_new(cfg, o[:, 5:], delta[cell][:, 5:], cls, mult)
     if cfg.objectness_smooth:
-        d_cls[torch.arange(len(cls)), cls] = mult[cls] * (iou_mult - o[:, 5:].gather(1, cls[:, None])[:, 0])
+        rows = torch.arange(len(cls), device=cls.device)
+        d_cls[rows, cls] = mult[cls] * (iou_mult - o[rows, 5 + cls])
     delta[cell + (slice(5, None),)] = d_cls
     a = Assigned(cell, tr[:, :4], cls, anchors[cell[1]])
     d_box, _, _ = box_delta(cfg, o, pred[cell], a, g, cfg.iou_normalizer * mult[cls])
