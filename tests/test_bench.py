@@ -232,3 +232,30 @@ def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
     for name in gpu_check.STEP_NAMES:  # the printed table has a row per step, and each command's log was kept
         assert re.search(rf'^{name}\s+{by[name]["status"]}\b', printed, re.M)
     assert (tmp_path / 'logs' / 'elastic.log').read_text().startswith(sys.executable)
+
+
+# ---------------------------------------------------------------------------------------------------- bench_infer.py
+def test_bench_infer_tables_and_agreement(tmp_path, capsys):
+    """bench_infer at a tiny size: both tables, every path and job timed, and the paths find the same boxes."""
+    import bench_infer
+
+    t0 = time.time()
+    res = bench_infer.main(['--img-size', '128', '--images', '3', '--repeats', '2', '--job-repeats', '1',
+                            '--json', str(tmp_path / 'r.json')])
+    wall = time.time() - t0
+    printed = capsys.readouterr().out
+    assert 'per image: bus.jpg at 128x128' in printed and 'jobs: 3 coco128 images at 128' in printed
+    paths = {r['path']: r for r in res['per_image']}
+    assert len(paths) == 5 and all(r['ms'] > 0 for r in paths.values())
+    ref = paths['torch fp32 channels-last (detect.py)']
+    assert ref['detections'] > 0
+    for name, r in paths.items():  # onnxruntime and OpenCV through our NMS: the same boxes at IoU >= 0.9
+        assert r['detections'] == ref['detections'] and r['agree'] == 1.0, name
+        assert r['vs_opencv'] == pytest.approx(paths['OpenCV DNN (Darknet importer)']['ms'] / r['ms'])
+    jobs = {r['job']: r for r in res['jobs']}
+    assert set(jobs) == {'detect.py', 'OpenCV DNN script'}
+    for j in jobs.values():
+        assert 0 < j['first_image_s'] < j['wall_s'] < wall and j['runs'] == [j['wall_s']]
+    # the two jobs' --save-txt boxes: same classes, IoU >= 0.5 (OpenCV's plain NMS vs our merge-NMS)
+    assert jobs['detect.py']['detections'] > 0 and jobs['detect.py']['agree'] >= 0.8
+    assert json.loads((tmp_path / 'r.json').read_text())['jobs'][0]['wall_s'] == res['jobs'][0]['wall_s']

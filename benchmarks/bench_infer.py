@@ -1,0 +1,298 @@
+"""Inference speed side by side: our model on detect.py's path (fp32, bf16), our ONNX export in onnxruntime and OpenCV
+DNN reading the same Darknet .weights; per image, and as whole detect jobs over a folder of images.
+
+    python benchmarks/bench_infer.py                    # 416: 40 rounds per image, 64 coco128 images x 3 jobs each
+    python benchmarks/bench_infer.py --img-size 128 --images 2 --repeats 3 --job-repeats 1     # smoke run
+    python benchmarks/bench_infer.py --only jobs --json out.json
+
+Per image: bus.jpg letterboxed to img-size x img-size, the same input for every path, in interleaved rounds (each
+round runs every path once) after two warm-up runs; the figure is the median ms of a forward pass (ONNX and OpenCV
+include their input and output copies). The detections of each path (its raw output through our NMS at conf 0.3,
+IoU 0.6) are matched to those of the fp32 channels-last path.
+
+Jobs: `detect.py` (its defaults, --device cpu) and benchmarks/opencv_detect.py (the same steps with OpenCV DNN
+only: read, letterbox, forward, NMS, draw, write) over the first --images coco128 images, as subprocesses, run
+alternately (the order swaps every round); wall time of the command and time to its first image line. Both run with
+--save-txt, so their detections can be matched (same class, IoU >= 0.5).
+
+The machine is shared: the 1-minute load average is printed before and after each part; compare figures only
+within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from models import load_model  # noqa: E402
+from utils.augmentations import letterbox  # noqa: E402
+from utils.boxes import bbox_iou, xywh2xyxy  # noqa: E402
+from utils.nms import non_max_suppression  # noqa: E402
+
+SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
+COCO128 = SHARED / 'datasets' / 'coco128' / 'images' / 'train2017'
+WEIGHTS = SHARED / 'weights' / 'yolov3-tiny.weights'
+SAMPLE = SHARED / 'samples' / 'bus.jpg'
+CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+NAMES = ROOT / 'data' / 'coco.names'
+CONF, IOU = 0.3, 0.6  # detect.py's defaults
+
+
+def load1() -> float:
+    """1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def machine_line() -> str:
+    """CPU model, cores, library versions, torch threads and the OpenMP wait policy in the environment."""
+    cpu = platform.processor() or platform.machine()
+    with open('/proc/cpuinfo') as f:
+        cpu = next((x.split(':', 1)[1].strip() for x in f if x.startswith('model name')), cpu)
+    import onnxruntime
+    wait = os.environ.get('OMP_WAIT_POLICY', 'unset')
+    return (f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+            f'onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}; OMP_WAIT_POLICY {wait} here')
+
+
+# ------------------------------------------------------------------------------------------------------- per image
+def sample_input(size: int) -> np.ndarray:
+    """bus.jpg letterboxed to size x size: (1, 3, size, size) float32 RGB in [0, 1]."""
+    img = letterbox(cv2.imread(str(SAMPLE)), size, auto=False)[0]
+    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
+
+
+def opencv_to_ours(outs: list[np.ndarray], size: int) -> torch.Tensor:
+    """OpenCV's [yolo] outputs (rows, 5 + nc) [xywh fractions, obj, obj * prob] -> our (1, N, 5 + nc) layout."""
+    x = torch.from_numpy(np.concatenate(outs)).clone()
+    x[:, :4] *= size
+    x[:, 5:] /= x[:, 4:5].clamp(min=1e-12)
+    return x[None]
+
+
+def torch_paths(model: torch.nn.Module, x: np.ndarray) -> dict[str, Callable[[], torch.Tensor]]:
+    """Our model: fp32 NCHW, fp32 channels-last (what detect.py runs on the CPU), bf16 autocast channels-last."""
+    nchw = torch.from_numpy(x)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+
+    def bf16() -> torch.Tensor:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            return model(nhwc)[0].float()
+
+    return {'torch fp32 NCHW': lambda: model(nchw)[0],
+            'torch fp32 channels-last (detect.py)': lambda: model(nhwc)[0],
+            'torch bf16 autocast channels-last': bf16}
+
+
+def other_paths(model: torch.nn.Module, x: np.ndarray, tmp: Path, cfg: Path,
+                weights: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Our ONNX export in onnxruntime (fp32) and OpenCV DNN's Darknet importer on the same .weights."""
+    import onnxruntime as ort
+    from utils.export import export_onnx
+
+    onnx_file = export_onnx(model, tmp / 'model.onnx', x.shape[2:])
+    session = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+    layers = net.getUnconnectedOutLayersNames()
+
+    def opencv() -> torch.Tensor:
+        net.setInput(x)
+        return opencv_to_ours(net.forward(layers), x.shape[2])
+
+    return {'onnxruntime fp32 (our export)': lambda: torch.from_numpy(session.run(None, {name: x})[0]),
+            'OpenCV DNN (Darknet importer)': opencv}
+
+
+def match_share(a: torch.Tensor, b: torch.Tensor, iou: float) -> float:
+    """Share of the boxes of a and b (n, 6) [xyxy, conf, cls] paired one-to-one with a box of the same class at
+    IoU >= iou (greedy, best conf first); 1.0 when both are empty."""
+    if not len(a) + len(b):
+        return 1.0
+    used, pairs = set(), 0
+    for box in a[a[:, 4].argsort(descending=True)]:
+        same = [j for j in range(len(b)) if j not in used and b[j, 5] == box[5]]
+        if same:
+            ious = bbox_iou(box[None, :4], b[same, :4]).view(-1)
+            k = int(ious.argmax())
+            if ious[k] >= iou:
+                used.add(same[k])
+                pairs += 1
+    return 2 * pairs / (len(a) + len(b))
+
+
+def time_paths(paths: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, list[float]]:
+    """ms of each path, `repeats` interleaved rounds after two warm-up calls each."""
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    with torch.no_grad():
+        for f in paths.values():
+            f(), f()
+        for _ in range(repeats):
+            for k, f in paths.items():
+                t = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def bench_per_image(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+    """Median ms per path on one size x size image, and how its detections match the detect.py path's."""
+    model = load_model(str(weights), str(cfg), size, torch.device('cpu')).fuse().eval()
+    x = sample_input(size)
+    paths = {**torch_paths(model, x), **other_paths(model, x, tmp, cfg, weights)}
+    times = time_paths(paths, repeats)
+    with torch.no_grad():
+        dets = {k: non_max_suppression(f().float(), CONF, IOU, multi_label=False)[0] for k, f in paths.items()}
+    ref_key = 'torch fp32 channels-last (detect.py)'
+    opencv_ms = statistics.median(times['OpenCV DNN (Darknet importer)'])
+    return [{'path': k, 'ms': statistics.median(v), 'vs_opencv': opencv_ms / statistics.median(v),
+             'detections': len(dets[k]), 'agree': match_share(dets[k], dets[ref_key], 0.9)}
+            for k, v in times.items()]
+
+
+# ------------------------------------------------------------------------------------------------------------ jobs
+def job_commands(src: Path, out: Path, size: int, cfg: Path, weights: Path) -> dict[str, list[str]]:
+    """The two jobs over the images in src, writing into out/<job>."""
+    common = ['--cfg', str(cfg), '--weights', str(weights), '--source', str(src), '--img-size', str(size),
+              '--save-txt']
+    return {'detect.py': [sys.executable, str(ROOT / 'detect.py'), *common, '--output', str(out / 'ours'),
+                          '--device', 'cpu'],
+            'OpenCV DNN script': [sys.executable, str(BENCH_DIR / 'opencv_detect.py'), *common,
+                                  '--output', str(out / 'opencv'), '--names', str(NAMES)]}
+
+
+def time_job(cmd: list[str]) -> tuple[float, float]:
+    """Run cmd from the repository root; (wall seconds, seconds until it printed its first image line)."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    t0 = time.perf_counter()
+    first = float('nan')
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if first != first and line.startswith('image 1/'):
+                first = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {p.returncode}):\n{''.join(lines[-15:])}")
+    return wall, first
+
+
+def read_labels(folder: Path) -> dict[str, torch.Tensor]:
+    """--save-txt files of a job: stem -> (n, 6) [xyxy (normalised), 1, cls]."""
+    out = {}
+    for f in folder.glob('*.txt'):
+        t = torch.tensor([[float(v) for v in line.split()[:5]] for line in f.read_text().splitlines() if line.strip()],
+                         dtype=torch.float32).view(-1, 5)
+        out[f.stem] = torch.cat((xywh2xyxy(t[:, 1:5]), torch.ones(len(t), 1), t[:, :1]), 1)
+    return out
+
+
+def job_agreement(a: Path, b: Path, stems: list[str]) -> tuple[int, int, float]:
+    """Detections of two job outputs and the share of them matched (same class, IoU >= 0.5), over all images."""
+    la, lb = read_labels(a), read_labels(b)
+    empty = torch.zeros(0, 6)
+    na = sum(len(la.get(s, empty)) for s in stems)
+    nb = sum(len(lb.get(s, empty)) for s in stems)
+    matched = sum(match_share(la.get(s, empty), lb.get(s, empty), 0.5) * (len(la.get(s, empty)) +
+                                                                         len(lb.get(s, empty))) for s in stems)
+    return na, nb, matched / max(na + nb, 1)
+
+
+def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+    """Median wall time and time to first image of each job over n_images coco128 images, run alternately."""
+    src = tmp / 'images'
+    src.mkdir()
+    for im in sorted(COCO128.glob('*.jpg'))[:n_images]:
+        (src / im.name).symlink_to(im)
+    times: dict[str, list[tuple[float, float]]] = {}
+    for r in range(repeats):
+        cmds = list(job_commands(src, tmp / f'run{r}', size, cfg, weights).items())
+        for name, cmd in cmds[::-1] if r % 2 else cmds:
+            times.setdefault(name, []).append(time_job(cmd))
+    last = tmp / f'run{repeats - 1}'
+    na, nb, share = job_agreement(last / 'ours', last / 'opencv', [p.stem for p in src.iterdir()])
+    rows = []
+    for name, runs in times.items():
+        wall, first = statistics.median(w for w, _ in runs), statistics.median(f for _, f in runs)
+        rows.append({'job': name, 'wall_s': wall, 'first_image_s': first, 'runs': [w for w, _ in runs],
+                     'detections': na if name == 'detect.py' else nb, 'agree': share})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
+    """The per-image rows as text."""
+    lines = [f'per image: bus.jpg at {size}x{size}, median of {repeats} interleaved rounds',
+             f"{'path':<40}{'ms':>8}{'OpenCV/this':>13}{'detections':>12}{'match fp32 CL':>15}"]
+    lines += [f"{r['path']:<40}{r['ms']:>8.1f}{r['vs_opencv']:>12.2f}x{r['detections']:>12}{r['agree']:>15.2f}"
+              for r in rows]
+    return '\n'.join(lines)
+
+
+def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int) -> str:
+    """The job rows as text."""
+    lines = [f'jobs: {n_images} coco128 images at {size}, median of {repeats} alternating runs',
+             f"{'job':<22}{'wall s':>8}{'first image s':>15}{'after first, ms/image':>23}{'detections':>12}"
+             f"{'matched':>9}  runs (s)"]
+    for r in rows:
+        per = (r['wall_s'] - r['first_image_s']) / max(n_images - 1, 1) * 1e3
+        lines.append(f"{r['job']:<22}{r['wall_s']:>8.2f}{r['first_image_s']:>15.2f}{per:>23.1f}{r['detections']:>12}"
+                     f"{r['agree']:>9.2f}  " + ' '.join(f'{w:.2f}' for w in r['runs']))
+    return '\n'.join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of `python benchmarks/bench_infer.py`."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--img-size', type=int, default=416, help='inference size (multiple of 32)')
+    p.add_argument('--images', type=int, default=64, help='coco128 images per job')
+    p.add_argument('--repeats', type=int, default=40, help='interleaved rounds of the per-image measurement')
+    p.add_argument('--job-repeats', type=int, default=3, help='runs of each job (alternating)')
+    p.add_argument('--cfg', type=Path, default=CFG)
+    p.add_argument('--weights', type=Path, default=WEIGHTS, help='Darknet .weights (OpenCV reads them too)')
+    p.add_argument('--only', choices=('per-image', 'jobs'), help='one part only')
+    p.add_argument('--json', type=Path, help='also write the results here')
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the measurements, print the tables; returns the results."""
+    opt = get_args_parser().parse_args(argv)
+    if opt.img_size % 32 or opt.images < 1 or opt.repeats < 1 or opt.job_repeats < 1:
+        raise SystemExit('--img-size must be a multiple of 32; --images, --repeats, --job-repeats at least 1')
+    print(f'machine: {machine_line()}')
+    res: dict = {'machine': machine_line(), 'img_size': opt.img_size}
+    with tempfile.TemporaryDirectory(prefix='bench_infer_') as tmp:
+        if opt.only != 'jobs':
+            l0 = load1()
+            res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp))
+            print(per_image_table(res['per_image'], opt.img_size, opt.repeats))
+            print(f'load {l0:.2f} -> {load1():.2f}')
+        if opt.only != 'per-image':
+            l0 = load1()
+            res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp))
+            print(jobs_table(res['jobs'], opt.img_size, opt.images, opt.job_repeats))
+            print(f'load {l0:.2f} -> {load1():.2f}')
+    if opt.json:
+        opt.json.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == '__main__':
+    main()
