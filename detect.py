@@ -35,7 +35,7 @@ from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
-from utils.torch_utils import select_device, time_synchronized  # noqa: E402
+from utils.torch_utils import HALF_CHOICES, inference_dtype, select_device, time_synchronized  # noqa: E402
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
 JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
@@ -46,24 +46,28 @@ class DetectError(Exception):
 
 
 class OnnxModel:
-    """An exported model run by onnxruntime: (B, 3, h, w) float in [0, 1] -> (B, N, 5 + nc), one image at a time."""
+    """An exported model run by onnxruntime: (B, 3, h, w) float in [0, 1] -> (B, N, 5 + nc)."""
 
     def __init__(self, path: str | Path):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        inp = self.session.get_inputs()[0]
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name = inp.name
         h, w = inp.shape[2:4]
-        if not isinstance(h, int) or not isinstance(w, int):
-            raise DetectError(f"{path}: the ONNX input needs a fixed height and width, got {inp.shape}")
-        self.img_hw = (h, w)  # the export size: every image is letterboxed to exactly this
-        self.nc = self.session.get_outputs()[0].shape[-1] - 5
+        # a fixed export takes exactly its size; a --dynamic one any multiple of 32, letterboxed as for PyTorch
+        self.img_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # None: any batch size
+        if not isinstance(out.shape[-1], int):
+            raise DetectError(f"{path}: the output's last dimension (5 + classes) is not fixed ({out.shape}); "
+                              f"export the model with `python models.py --onnx`")
+        self.nc = out.shape[-1] - 5
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        outs = [self.session.run(None, {self.input_name: x[None].cpu().numpy().astype(np.float32)})[0]
-                for x in img]  # the export has batch size 1
-        return torch.from_numpy(np.concatenate(outs, 0))
+        x = img.cpu().numpy().astype(np.float32)
+        if self.batch is None:
+            return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+        return torch.from_numpy(np.concatenate([self.session.run(None, {self.input_name: xi[None]})[0] for xi in x]))
 
 
 def window_unavailable() -> str | None:
@@ -204,35 +208,42 @@ def class_names(names_file: str | None, model_names: list[str] | None, nc: int) 
     return coco if coco is not None else [str(i) for i in range(nc)]
 
 
-def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch.device, bool]:
+def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch.device, torch.dtype]:
     """The model of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
-    fused, in eval mode; returns (model, device, half). Sets opt.img_size to the cfg's width when not given."""
+    fused, in eval mode, its layers in the --half dtype; returns (model, device, input dtype). Sets opt.img_size to
+    the cfg's width (an .onnx export's size, else 416) when not given."""
     if str(opt.weights).lower().endswith('.onnx'):
         if opt.augment:
             raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
-        return OnnxModel(opt.weights), torch.device('cpu'), False
+        if opt.half not in ('auto', 'off'):
+            raise DetectError(f'--half {opt.half} needs the PyTorch model (.weights or .pt): an .onnx export runs '
+                              f'in fp32 in onnxruntime')
+        model = OnnxModel(opt.weights)
+        opt.img_size = model.img_hw[0] if model.img_hw else opt.img_size or 416
+        return model, torch.device('cpu'), torch.float32
     try:
         device = select_device(opt.device)
-    except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA
+        dtype = inference_dtype(opt.half, device)
+    except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA, --half fp16 on the CPU
         raise DetectError(str(e)) from None
     model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device).fuse().eval()
     if opt.img_size is None:  # Darknet detects at the network size its cfg gives
         opt.img_size = int(model.hyperparams.get('width', 416))
-    half = opt.half and device.type != 'cpu'
-    if opt.half and not half:
-        print('WARNING: --half needs a CUDA device; running in fp32')
-    return (model.half() if half else model), device, half
+    if dtype != torch.float32:  # box decode and NMS stay fp32
+        model.to_dtype(dtype)
+        print(f"{str(dtype).replace('torch.', '')} inference on {device.type} (--half off for fp32)")
+    return model, device, dtype
 
 
 def model_input(img: np.ndarray, imgs0: list[np.ndarray], model: nn.Module | OnnxModel, device: torch.device,
-                half: bool) -> torch.Tensor:
-    """The loader's letterboxed uint8 image(s) (3, h, w) or (B, 3, h, w) -> float (B, 3, h, w) in [0, 1]."""
+                dtype: torch.dtype) -> torch.Tensor:
+    """The loader's letterboxed uint8 image(s) (3, h, w) or (B, 3, h, w) -> dtype (B, 3, h, w) in [0, 1]."""
     onnx = isinstance(model, OnnxModel)
-    if onnx:  # the export has one fixed input size: letterbox to exactly that, not a minimum rectangle
+    if onnx and model.img_hw:  # a fixed export: letterbox to exactly its size, not a minimum rectangle
         img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1].transpose(2, 0, 1))
                         for x in imgs0])
     x = torch.from_numpy(img).to(device)
-    x = (x.half() if half else x.float()) / 255.0
+    x = x.to(dtype) / 255.0
     if x.ndim == 3:
         x = x[None]  # (1, 3, h, w)
     if device.type == 'cpu' and not onnx:  # NHWC input: oneDNN convolutions skip layout conversions
@@ -283,13 +294,13 @@ def detect(opt: argparse.Namespace) -> Path:
     stream = is_stream(source)
     check_options(opt, source, stream)
     import_in_background()  # torchvision, for NMS: its import runs while the model loads
-    model, device, half = load_detector(opt)
+    model, device, dtype = load_detector(opt)
     onnx = isinstance(model, OnnxModel)
     names = class_names(opt.names, getattr(model, 'names', None), model.nc)
 
     out.mkdir(parents=True, exist_ok=True)  # never emptied: results of earlier runs stay unless overwritten
     view_img = open_view(opt, stream, out)
-    imgsz = model.img_hw[0] if onnx else opt.img_size
+    imgsz = opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     writers = VideoWriters(opt.fourcc)
     results = ResultWriter(opt, out, names)
@@ -297,7 +308,7 @@ def detect(opt: argparse.Namespace) -> Path:
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
-            x = model_input(img, imgs0, model, device, half)
+            x = model_input(img, imgs0, model, device, dtype)
             t1 = time_synchronized()
             with torch.no_grad():
                 pred = model(x) if onnx else model(x, augment=opt.augment)[0]
@@ -355,7 +366,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--conf-thres', type=float, default=0.3, help='object confidence threshold')
     p.add_argument('--iou-thres', type=float, default=0.6, help='IoU threshold for NMS')
     p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')
-    p.add_argument('--half', action='store_true', help='half-precision (FP16) inference (CUDA only)')
+    p.add_argument('--half', nargs='?', const='on', default='auto', choices=HALF_CHOICES,
+                   help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
+                        'bare --half or on (fp16 on CUDA, bf16 on such a CPU), off (fp32), fp16, bf16')
     p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
     p.add_argument('--view-img', action='store_true', help='show results in a window')
     p.add_argument('--save-txt', action='store_true', help='save results to *.txt (class x y w h, normalised)')

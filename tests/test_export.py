@@ -1,6 +1,8 @@
 """ONNX export (utils/export.py, models.py --onnx): onnxruntime and OpenCV DNN against PyTorch on a real photo."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -31,8 +33,14 @@ def reference(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x))[0].numpy()
 
 
-def test_dynamic_export_runs_any_batch_and_size_in_onnxruntime(tiny, tmp_path):
-    f = export_onnx(tiny, tmp_path / 'tiny.onnx', (320, 320), dynamic=True)
+@pytest.fixture(scope='module')
+def dynamic_onnx(tiny, tmp_path_factory) -> Path:
+    """yolov3-tiny exported with dynamic batch, height and width."""
+    return export_onnx(tiny, tmp_path_factory.mktemp('onnx') / 'tiny.onnx', (320, 320), dynamic=True)
+
+
+def test_dynamic_export_runs_any_batch_and_size_in_onnxruntime(tiny, dynamic_onnx):
+    f = dynamic_onnx
     assert not tiny.training and not getattr(tiny, 'fused', False)  # the caller's model is left as it was
     sess = ort.InferenceSession(str(f), providers=['CPUExecutionProvider'])
     assert sess.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
@@ -67,3 +75,13 @@ def test_failed_export_keeps_the_existing_file(tiny, tmp_path):
         export_onnx(tiny, f, (100, 100))  # not a multiple of 32: the route concat fails while tracing
     assert f.read_bytes() == b'an earlier export'
     assert [p.name for p in tmp_path.iterdir()] == ['tiny.onnx']  # no temporary file left behind
+
+
+def test_detect_runs_a_dynamic_export_at_the_cfg_size(dynamic_onnx, tmp_path):
+    from detect import detect, parse_opt
+
+    out = tmp_path / 'out'
+    detect(parse_opt(['--weights', str(dynamic_onnx), '--source', str(SAMPLES / 'bus.jpg'), '--output', str(out),
+                      '--save-txt']))  # no --img-size: 416, letterboxed to 416x352 as the PyTorch model
+    rows = (out / 'bus.txt').read_text().splitlines()
+    assert sorted(int(r.split()[0]) for r in rows) == [0, 0, 0, 0, 5]  # 4 persons, 1 bus

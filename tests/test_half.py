@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import load_model
-from tests.conftest import COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS
+from tests.conftest import COCO128_IMAGES, COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
 from utils import torch_utils
 from utils.torch_utils import inference_dtype
 
@@ -85,3 +85,25 @@ def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
         maps[speed.group(1)] = results[2]
     assert set(maps) == {'float32', 'bfloat16'}  # the default ran bf16 on this CPU
     assert maps['float32'] > 0.3 and abs(maps['bfloat16'] - maps['float32']) < 0.003
+
+
+def xywh_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two normalised (x, y, w, h) boxes."""
+    ix = max(0.0, min(a[0] + a[2] / 2, b[0] + b[2] / 2) - max(a[0] - a[2] / 2, b[0] - b[2] / 2))
+    iy = max(0.0, min(a[1] + a[3] / 2, b[1] + b[3] / 2) - max(a[1] - a[3] / 2, b[1] - b[3] / 2))
+    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+
+def test_detect_half_finds_the_bus_and_four_persons_as_fp32(tmp_path, capsys):
+    from detect import detect, parse_opt
+
+    rows = {}
+    for half in ('off', 'on'):  # on: bf16 on a CPU with native bf16, fp32 (warned) on one without
+        detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES / 'bus.jpg'),
+                          '--output', str(tmp_path / half), '--save-txt', '--half', half]))
+        rows[half] = [[float(v) for v in r.split()] for r in (tmp_path / half / 'bus.txt').read_text().splitlines()]
+    out = capsys.readouterr().out
+    assert ('bfloat16 inference on cpu' in out) == bool(HAS_BF16)
+    assert sorted(int(r[0]) for r in rows['on']) == [0, 0, 0, 0, 5]  # 4 persons, 1 bus
+    for r in rows['off']:  # each fp32 box has its bf16 twin
+        assert max(xywh_iou(r[1:], h[1:]) for h in rows['on'] if h[0] == r[0]) > 0.95
