@@ -69,6 +69,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: tuple[int, int], d
         n_boxes, no = net(x).shape[1:]
     axes = {'images': {0: 'batch', 2: 'height', 3: 'width'}, 'output': {0: 'batch', 1: 'boxes'}} if dynamic else \
         {'images': {0: 'batch'}, 'output': {0: 'batch'}}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with warnings.catch_warnings():  # shape-to-constant warnings: the exported graph is checked numerically
