@@ -7,25 +7,32 @@ train.py calls test() in-process after every epoch with its EMA model and its ow
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import numpy as np
-import torch
-import torch.nn as nn
-from tqdm import tqdm
+if __name__ == '__main__':
+    # Before torch loads OpenMP, which reads this once: waiting OpenMP threads sleep instead of spinning, so the
+    # loader's workers and other processes on the cores do not stall every op (as detect.py; benchmarks/README.md).
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-from models import CheckpointError, WeightsError, load_model
-from utils.boxes import clip_coords, scale_coords, xywh2xyxy
-from utils.coco import CocoJson, find_coco_annotations
-from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import create_dataloader
-from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions
-from utils.nms import non_max_suppression
-from utils.parse_config import ConfigError
-from utils.torch_utils import HALF_CHOICES, de_parallel, inference_dtype, select_device, time_synchronized
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import CheckpointError, WeightsError, load_model  # noqa: E402
+from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
+from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
+from utils.data_config import DatasetError, check_dataset, load_data_config  # noqa: E402
+from utils.datasets import create_dataloader  # noqa: E402
+from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
+from utils.nms import import_in_background, non_max_suppression  # noqa: E402
+from utils.parse_config import ConfigError  # noqa: E402
+from utils.torch_utils import (HALF_CHOICES, de_parallel, inference_dtype, select_device,  # noqa: E402
+                               time_synchronized)
 
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
 
@@ -136,7 +143,7 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
                  plot: Callable | None = None) -> EvalRun:
     """Run the model and NMS over the loader; match detections to labels (and add them to coco); plot(batch_i,
     imgs, targets, paths, output) is called for each batch when given."""
-    import torchvision.ops  # noqa: F401  NMS imports it on first use (~1.5 s): start-up, not NMS time per image
+    import_in_background()  # torchvision, for NMS: its import runs beside the first batch's forward pass
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16/bf16 with --half
     iouv = IOU_THRESHOLDS.to(device)
@@ -156,6 +163,7 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
         t_inf += time_synchronized() - t
         if compute_loss is not None and train_out is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
+        import torchvision.ops  # noqa: F401  waits for that import once: start-up, not NMS time per image
         t = time_synchronized()
         output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,
                                      multi_label=multi_label, merge=merge)
@@ -395,6 +403,7 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
 def main(opt: argparse.Namespace) -> int:
     """Run the task asked for; returns the exit status."""
     print(opt)
+    import_in_background()  # torchvision, for NMS: its import runs while the data and the model load
     if opt.task == 'test':
         test(opt.cfg, opt.data, opt.weights, opt.batch_size, opt.img_size, opt.conf_thres, opt.iou_thres,
              opt.save_json, opt.single_cls, opt.augment, verbose=True, save_dir=opt.save_dir, device=opt.device,
