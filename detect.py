@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 if __name__ == '__main__':
     # Before torch loads OpenMP, which reads this once: waiting OpenMP threads sleep instead of spinning. Where other
@@ -32,7 +33,7 @@ from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
 from utils.data_config import DatasetError, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
-from utils.nms import import_in_background, non_max_suppression  # noqa: E402
+from utils.nms import import_in_background, nms_ready, non_max_suppression  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
 from utils.torch_utils import HALF_CHOICES, inference_dtype, select_device, time_synchronized  # noqa: E402
@@ -278,6 +279,65 @@ def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
     return view_img and not why
 
 
+MAX_PENDING = 32  # at most this many loader steps (their images) wait for torchvision's import before NMS
+
+
+class Step(NamedTuple):
+    """One loader step after the forward pass, with what its outputs need."""
+    shape: tuple[int, int]  # model input (h, w)
+    imgs0: list[np.ndarray]  # BGR originals, one per image
+    frames: list[tuple[str, str, int, str, bool]]  # frame_info of each image
+    fps: float  # of a video source (30 where unknown)
+    pred: torch.Tensor  # (B, N, 5 + nc) model output
+    seconds: float  # forward time
+
+
+class Finisher:
+    """Everything after the forward pass: NMS, labels, drawing, display and saving of each image of a Step."""
+
+    def __init__(self, opt: argparse.Namespace, out: Path, names: list[str], view_img: bool, stream: bool):
+        self.opt, self.out, self.names, self.view_img, self.stream = opt, out, names, view_img, stream
+        self.writers = VideoWriters(opt.fourcc)
+        self.results = ResultWriter(opt, out, names)
+
+    def __call__(self, step: Step) -> None:
+        """Finish each image of a step; KeyboardInterrupt when q is pressed in the window."""
+        opt = self.opt
+        pred = non_max_suppression(step.pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
+                                   classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
+        for det, im0, (p, s, frame, stem, video) in zip(pred, step.imgs0, step.frames):  # det: (n, 6) input pixels
+            im0 = im0.copy() if self.stream else im0
+            s += '%gx%g ' % step.shape
+            if len(det):
+                det[:, :4] = scale_coords(step.shape, det[:, :4], im0.shape).round()  # original pixels
+                s += detection_summary(det, self.names)
+            self.results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
+            print(f'{s}Done. ({step.seconds:.3f}s)')
+            self.show_and_save(det, im0, p, stem, video, step.fps)
+
+    def show_and_save(self, det: torch.Tensor, im0: np.ndarray, p: str, stem: str, video: bool, fps: float) -> None:
+        """Draw the detections (n, 6) on the image, show it (--view-img) and write it (an image or a video frame)."""
+        if self.view_img or not self.opt.nosave:
+            draw_detections(det, im0, self.names)
+        if self.view_img:
+            cv2.imshow(str(p), im0)
+            if cv2.waitKey(1) == ord('q'):
+                raise KeyboardInterrupt
+        if self.opt.nosave:
+            return
+        if video:
+            self.writers.write(self.out / f'{stem}.mp4', im0, fps, keep_others=self.stream)
+        else:
+            cv2.imwrite(str(self.out / Path(p).name), im0)
+
+    def close(self) -> None:
+        """Finish the videos and the JSON file, close the windows."""
+        self.writers.release()
+        self.results.close()
+        if self.view_img:
+            cv2.destroyAllWindows()
+
+
 def check_options(opt: argparse.Namespace, source: str, stream: bool) -> None:
     """Refuse options that cannot work before the model loads or anything is written."""
     if not stream and '*' not in source and not Path(source).exists():
@@ -302,9 +362,9 @@ def detect(opt: argparse.Namespace) -> Path:
     view_img = open_view(opt, stream, out)
     imgsz = opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
-    writers = VideoWriters(opt.fourcc)
-    results = ResultWriter(opt, out, names)
     t0 = time.time()
+    pending: list[Step] = []  # the first images' forward passes run while torchvision imports; NMS after it
+    finish = Finisher(opt, out, names, view_img, stream)
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
@@ -313,38 +373,19 @@ def detect(opt: argparse.Namespace) -> Path:
             with torch.no_grad():
                 pred = model(x) if onnx else model(x, augment=opt.augment)[0]
             t2 = time_synchronized()
-            pred = non_max_suppression(pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
-                                       classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
-
-            for i, det in enumerate(pred):  # det: (n, 6) [x1, y1, x2, y2, conf, cls] in input pixels
-                im0 = imgs0[i].copy() if stream else imgs0[i]
-                p, s, frame, stem, video = frame_info(dataset, path, i, stream)
-                s += '%gx%g ' % x.shape[2:]
-                if len(det):
-                    det[:, :4] = scale_coords(x.shape[2:], det[:, :4], im0.shape).round()  # original pixels
-                    s += detection_summary(det, names)
-                results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
-                print(f'{s}Done. ({t2 - t1:.3f}s)')
-                if view_img or not opt.nosave:
-                    draw_detections(det, im0, names)
-                if view_img:
-                    cv2.imshow(str(p), im0)
-                    if cv2.waitKey(1) == ord('q'):
-                        raise KeyboardInterrupt
-                if opt.nosave:
-                    continue
-                if video:
-                    fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
-                    writers.write(out / f'{stem}.mp4', im0, fps, keep_others=stream)
-                else:
-                    cv2.imwrite(str(out / Path(p).name), im0)
+            fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
+            frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
+            pending.append(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
+            if nms_ready() or len(pending) >= MAX_PENDING:
+                for step in pending:
+                    finish(step)
+                pending.clear()
+        for step in pending:
+            finish(step)
     except KeyboardInterrupt:
         print('Stopped.')
     finally:
-        writers.release()
-        results.close()
-        if view_img:
-            cv2.destroyAllWindows()
+        finish.close()
     print(f'Results saved to {out.resolve()}')
     print(f'Done. ({time.time() - t0:.3f}s)')
     return out

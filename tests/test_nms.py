@@ -150,3 +150,29 @@ def test_merge_nms_equals_class_offset_formulation(monkeypatch):
     monkeypatch.setattr(utils.nms, 'GRAIN', 2000)  # merge pairs cut into many pieces: the same boxes
     pieces = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, agnostic=True)[0]
     assert torch.allclose(pieces, ours, atol=1e-4)
+
+
+def test_import_in_background_defers_only_until_loaded():
+    """In a fresh process: without a background import NMS is ready at once; with one, nms_ready() turns true once
+    torchvision.ops is loaded, and NMS then gives the same boxes as in this process."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ('import json, sys, time, torch\n'
+            'from utils.nms import import_in_background, nms_ready, non_max_suppression\n'
+            'assert nms_ready() and "torchvision" not in sys.modules\n'
+            'import_in_background()\n'
+            'states = [nms_ready()]\n'
+            'while not nms_ready(): time.sleep(0.005)\n'
+            'assert "torchvision.ops" in sys.modules\n'
+            'p = torch.tensor([[[50., 50, 20, 20, .9, 1], [52, 50, 20, 20, .8, 1], [150, 50, 20, 20, .7, 1]]])\n'
+            'print(json.dumps([states, non_max_suppression(p, 0.3, 0.5, merge=False)[0].tolist()]))\n')
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    states, boxes = json.loads(r.stdout.splitlines()[-1])
+    assert states == [False]  # the import was still running right after it started
+    p = torch.tensor([[[50., 50, 20, 20, .9, 1], [52, 50, 20, 20, .8, 1], [150, 50, 20, 20, .7, 1]]])
+    assert torch.tensor(boxes).allclose(non_max_suppression(p, 0.3, 0.5, merge=False)[0])
