@@ -106,6 +106,9 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys):
     logs.clear()
     bpr_new = check_anchors(ds, Darknet(str(out)), 320, 0.2, log=logs.append)
     assert bpr_new >= 0.98 and len(logs) == 1 and bpr_new == pytest.approx(fit['after'][1], abs=1e-4)
+    # under Darknet's best-anchor rule too: the anchor no mask uses (yolov3-tiny's first) takes no label
+    assert anchors[0].tolist() == [2, 2]
+    assert check_anchors(ds, Darknet(str(out)), 320, 0.2, log=logs.append, loss='darknet') >= 0.98
 
     # reproducible from the seed
     out2 = tmp_path / 'again.cfg'

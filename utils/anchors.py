@@ -196,10 +196,7 @@ def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, g
         c = np.concatenate([c, pts[rng.integers(0, len(pts), nu - len(c))]], 0)
     k = np.empty((n, 2))
     k[used] = by_area(c)
-    for i in range(n):  # an anchor no mask uses copies its nearest used neighbour, so the list stays sorted
-        if i not in used:
-            k[i] = k[max([u for u in used if u < i], default=min(used))]
-    k = k.clip(min=2.0)
+    k = park_unused(k, used).clip(min=2.0)
     wh_t = torch.from_numpy(wh).float()
 
     def fitness(a: np.ndarray) -> float:
@@ -219,7 +216,19 @@ def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, g
         fg = fitness(kg)
         if fg > f:
             f, k = fg, kg
-    return by_area(k)
+    return by_area(park_unused(k, used))
+
+
+def park_unused(k: np.ndarray, used: list[int]) -> np.ndarray:
+    """k (n, 2) with each anchor no mask uses set where no loss gives it a label and the list stays sorted: after
+    a used anchor, a copy of the one before it (a tie goes to the earlier, used one); before all used anchors, 2x2 px
+    (Darknet's loss gives each label its best anchor of the whole list, and a label whose best is unmasked is lost)."""
+    k = k.copy()
+    for i in range(len(k)):
+        if i not in used:
+            before = [u for u in used if u < i]
+            k[i] = k[max(before)] if before else (2.0, 2.0)
+    return k
 
 
 def format_anchors(anchors: np.ndarray) -> str:
