@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -301,7 +301,7 @@ class Progress:
     for best.pt and --patience, and the last test's per-class mAP@0.5:0.95 (None: no test yet) for --image-weights."""
     best_fitness: float = 0.0
     best_epoch: int = -1
-    maps: np.ndarray | None = None  # (nc,)
+    maps: np.ndarray | None = field(default=None, compare=False)  # (nc,); arrays have no single truth value
 
     def after_test(self, epoch: int, fi: float, maps: np.ndarray) -> Progress:
         """The progress after epoch's test gave fitness fi (the first test is the best so far whatever its value)."""
@@ -619,10 +619,8 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
     results, t0, epoch = (0.0,) * 8, time.time(), start_epoch
     for epoch in range(start_epoch, opt.epochs):
-        if opt.image_weights:  # as the original: class weights times (1 - class mAP) ** 2 from the last test
-            loader.sampler.set_weights(epoch_image_weights(dataset.labels, nc, progress.maps))
-        if hasattr(loader.sampler, 'set_epoch'):
-            loader.sampler.set_epoch(epoch)
+        set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
+                       if opt.image_weights else None)
         log(('\n' + '%10s' * 8) % RESULTS_HEADER)
         state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
                                        scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
@@ -649,6 +647,15 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             tb.close()
     du.barrier()
     return results
+
+
+def set_epoch_draw(sampler: Any, epoch: int, image_weights: np.ndarray | None = None) -> None:
+    """Prepare the sampler's draw of this epoch: --image-weights' weights (as the original: class weights times
+    (1 - class mAP) ** 2 from the last test), then the epoch that seeds shuffles and weighted draws."""
+    if image_weights is not None:
+        sampler.set_weights(image_weights)
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
 
 
 def stop_early(progress: Progress, epoch: int, patience: int, log: Callable[[str], None] = print) -> bool:
