@@ -107,3 +107,15 @@ def test_detect_half_finds_the_bus_and_four_persons_as_fp32(tmp_path, capsys):
     assert sorted(int(r[0]) for r in rows['on']) == [0, 0, 0, 0, 5]  # 4 persons, 1 bus
     for r in rows['off']:  # each fp32 box has its bf16 twin
         assert max(xywh_iou(r[1:], h[1:]) for h in rows['on'] if h[0] == r[0]) > 0.95
+
+
+def test_bench_half_times_three_variants_of_the_same_network():
+    from benchmarks.bench_half import measure, variants
+
+    runs = variants(str(CFG), 64, 1)
+    with torch.no_grad():
+        out = {k: f() for k, f in runs.items()}
+    for k in ('bf16 autocast', 'bf16 weights'):  # the same boxes, to bf16's precision: like is timed against like
+        assert out[k].dtype == torch.float32 and (out[k][..., :4] - out['fp32'][..., :4]).abs().median() < 0.5
+    med = measure(str(CFG), 64, 1, reps=1)
+    assert set(med) == set(runs) and all(s > 0 for s in med.values())
