@@ -36,9 +36,9 @@ from utils import distributed as du
 from utils.anchors import check_anchors
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.image_weights import epoch_image_weights
 from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
                           n_burn_in, progress_row, train_one_epoch)
+from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
 from utils.loss import LOSSES, ComputeLoss, build_loss
 from utils.metrics import fitness
