@@ -366,7 +366,8 @@ def objectness_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, 
 
 
 def truth_thresh_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, truths: torch.Tensor,
-                      best: tuple[torch.Tensor, torch.Tensor], delta: torch.Tensor, g: Grid, mult: torch.Tensor):
+                      best: tuple[torch.Tensor, torch.Tensor], delta: torch.Tensor, g: Grid,
+                      mult: torch.Tensor) -> None:
     """Predictions whose best IoU with a truth exceeds truth_thresh train as if assigned to it (objectness, class
     and box deltas), as process_batch's first loop does; not counted in the IoU statistics."""
     best_iou, best_t = best
