@@ -524,7 +524,3 @@ class DarknetLoss:
         loss = self.grad_scale * (surrogate - surrogate.detach()) / bs + items[3]
         return loss.view(1), items.detach()
 
-
-def configs_of(model: nn.Module) -> list[YoloLossConfig]:
-    """Each [yolo] layer's Darknet loss settings (raises ConfigError for a key the loss cannot honour)."""
-    return DarknetLoss(model).configs
