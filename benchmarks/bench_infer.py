@@ -7,8 +7,9 @@ DNN reading the same Darknet .weights; per image, and as whole detect jobs over 
 
 Per image: bus.jpg letterboxed to img-size x img-size, the same input for every path, in interleaved rounds (each
 round runs every path once) after two warm-up runs; the figure is the median ms of a forward pass (ONNX and OpenCV
-include their input and output copies). The detections of each path (its raw output through our NMS at conf 0.3,
-IoU 0.6) are matched to those of the fp32 channels-last path.
+include their input and output copies). Our paths: fp32 NCHW, fp32 channels-last (detect.py --half off), bf16
+weights channels-last (detect.py's default where the CPU has native bf16), bf16 autocast. The detections of each
+path (its raw output through our NMS at conf 0.3, IoU 0.6) are matched to those of fp32 channels-last.
 
 Jobs: `detect.py` (its defaults, --device cpu) and benchmarks/opencv_detect.py (the same steps with OpenCV DNN
 only: read, letterbox, forward, NMS, draw, write) over the first --images coco128 images, as subprocesses, run
@@ -16,11 +17,13 @@ alternately (the order swaps every round); wall time of the command and time to 
 --save-txt, so their detections can be matched (same class, IoU >= 0.5).
 
 The machine is shared: the 1-minute load average is printed before and after each part; compare figures only
-within one run.
+within one run. As detect.py, this script sets OMP_WAIT_POLICY=PASSIVE for itself unless it is set (the jobs get the
+environment it was started with: detect.py makes the same choice itself, OpenCV has its own thread pool).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -32,9 +35,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import cv2
-import numpy as np
-import torch
+JOB_ENV = dict(os.environ)  # the jobs run in the environment this script was started with
+if __name__ == '__main__':  # our torch paths run as detect.py runs them (see the OMP_WAIT_POLICY note there)
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
@@ -44,6 +51,7 @@ from models import load_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import bbox_iou, xywh2xyxy  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
+from utils.torch_utils import inference_dtype  # noqa: E402
 
 SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
 COCO128 = SHARED / 'datasets' / 'coco128' / 'images' / 'train2017'
@@ -67,7 +75,7 @@ def machine_line() -> str:
     import onnxruntime
     wait = os.environ.get('OMP_WAIT_POLICY', 'unset')
     return (f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-            f'onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}; OMP_WAIT_POLICY {wait} here')
+            f'onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}; OMP_WAIT_POLICY {wait}')
 
 
 # ------------------------------------------------------------------------------------------------------- per image
@@ -86,17 +94,27 @@ def opencv_to_ours(outs: list[np.ndarray], size: int) -> torch.Tensor:
 
 
 def torch_paths(model: torch.nn.Module, x: np.ndarray) -> dict[str, Callable[[], torch.Tensor]]:
-    """Our model: fp32 NCHW, fp32 channels-last (what detect.py runs on the CPU), bf16 autocast channels-last."""
+    """Our model: fp32 NCHW; fp32 channels-last (detect.py --half off on the CPU); bf16 weights channels-last
+    (detect.py's default on a CPU with native bf16); bf16 autocast channels-last."""
     nchw = torch.from_numpy(x)
     nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    bf16_model = copy.deepcopy(model).to_dtype(torch.bfloat16)
+    nhwc_bf16 = nhwc.to(torch.bfloat16)
 
-    def bf16() -> torch.Tensor:
+    def autocast() -> torch.Tensor:
         with torch.autocast('cpu', dtype=torch.bfloat16):
             return model(nhwc)[0].float()
 
     return {'torch fp32 NCHW': lambda: model(nchw)[0],
-            'torch fp32 channels-last (detect.py)': lambda: model(nhwc)[0],
-            'torch bf16 autocast channels-last': bf16}
+            'torch fp32 channels-last': lambda: model(nhwc)[0],
+            'torch bf16 weights channels-last': lambda: bf16_model(nhwc_bf16)[0].float(),
+            'torch bf16 autocast channels-last': autocast}
+
+
+def detect_path() -> str:
+    """The path above that detect.py takes here by default (--half auto)."""
+    bf16 = inference_dtype('auto', torch.device('cpu')) == torch.bfloat16
+    return 'torch bf16 weights channels-last' if bf16 else 'torch fp32 channels-last'
 
 
 def other_paths(model: torch.nn.Module, x: np.ndarray, tmp: Path, cfg: Path,
@@ -151,17 +169,17 @@ def time_paths(paths: dict[str, Callable[[], torch.Tensor]], repeats: int) -> di
 
 
 def bench_per_image(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
-    """Median ms per path on one size x size image, and how its detections match the detect.py path's."""
+    """Median ms per path on one size x size image, and how its detections match those of fp32 channels-last."""
     model = load_model(str(weights), str(cfg), size, torch.device('cpu')).fuse().eval()
     x = sample_input(size)
     paths = {**torch_paths(model, x), **other_paths(model, x, tmp, cfg, weights)}
     times = time_paths(paths, repeats)
     with torch.no_grad():
         dets = {k: non_max_suppression(f().float(), CONF, IOU, multi_label=False)[0] for k, f in paths.items()}
-    ref_key = 'torch fp32 channels-last (detect.py)'
+    ref_key, default = 'torch fp32 channels-last', detect_path()
     opencv_ms = statistics.median(times['OpenCV DNN (Darknet importer)'])
     return [{'path': k, 'ms': statistics.median(v), 'vs_opencv': opencv_ms / statistics.median(v),
-             'detections': len(dets[k]), 'agree': match_share(dets[k], dets[ref_key], 0.9)}
+             'detections': len(dets[k]), 'agree': match_share(dets[k], dets[ref_key], 0.9), 'detect_default': k == default}
             for k, v in times.items()]
 
 
@@ -178,7 +196,7 @@ def job_commands(src: Path, out: Path, size: int, cfg: Path, weights: Path) -> d
 
 def time_job(cmd: list[str]) -> tuple[float, float]:
     """Run cmd from the repository root; (wall seconds, seconds until it printed its first image line)."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    env = {**JOB_ENV, 'PYTHONUNBUFFERED': '1'}
     t0 = time.perf_counter()
     first = float('nan')
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
@@ -240,8 +258,9 @@ def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
     """The per-image rows as text."""
     lines = [f'per image: bus.jpg at {size}x{size}, median of {repeats} interleaved rounds',
              f"{'path':<40}{'ms':>8}{'OpenCV/this':>13}{'detections':>12}{'match fp32 CL':>15}"]
-    lines += [f"{r['path']:<40}{r['ms']:>8.1f}{r['vs_opencv']:>12.2f}x{r['detections']:>12}{r['agree']:>15.2f}"
-              for r in rows]
+    lines += [f"{r['path'] + ' *' * r['detect_default']:<40}{r['ms']:>8.1f}{r['vs_opencv']:>12.2f}x"
+              f"{r['detections']:>12}{r['agree']:>15.2f}" for r in rows]
+    lines.append('* what detect.py runs here by default (--half auto)')
     return '\n'.join(lines)
 
 

@@ -246,10 +246,11 @@ def test_bench_infer_tables_and_agreement(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'per image: bus.jpg at 128x128' in printed and 'jobs: 3 coco128 images at 128' in printed
     paths = {r['path']: r for r in res['per_image']}
-    assert len(paths) == 5 and all(r['ms'] > 0 for r in paths.values())
-    ref = paths['torch fp32 channels-last (detect.py)']
+    assert len(paths) == 6 and all(r['ms'] > 0 for r in paths.values())
+    assert sum(r['detect_default'] for r in paths.values()) == 1
+    ref = paths['torch fp32 channels-last']
     assert ref['detections'] > 0
-    for name, r in paths.items():  # onnxruntime and OpenCV through our NMS: the same boxes at IoU >= 0.9
+    for name, r in paths.items():  # bf16, onnxruntime and OpenCV through our NMS: the same boxes at IoU >= 0.9
         assert r['detections'] == ref['detections'] and r['agree'] == 1.0, name
         assert r['vs_opencv'] == pytest.approx(paths['OpenCV DNN (Darknet importer)']['ms'] / r['ms'])
     jobs = {r['job']: r for r in res['jobs']}
