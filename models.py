@@ -3,7 +3,8 @@ of weights to the same network with other classes (heads mapped by class name); 
 
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.weights --convert   # -> .pt
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.pt --convert        # -> .weights
-    python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.weights --onnx yolov3-tiny.onnx
+    python models.py --weights weights/best.pt --convert        # a train.py checkpoint -> best.weights + best.cfg
+    python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.weights --onnx yolov3-tiny.onnx [--dynamic]
 """
 from __future__ import annotations
 
@@ -934,7 +935,8 @@ def attempt_download(path: str | Path) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     """Arguments of `python models.py`."""
     p = argparse.ArgumentParser(description='Convert Darknet weights <-> .pt checkpoints, or export to ONNX.')
-    p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model cfg file')
+    p.add_argument('--cfg', type=str, default='',
+                   help='model cfg (default: the cfg saved in a .pt; cfg/yolov3-spp.cfg for .weights)')
     p.add_argument('--weights', type=str, required=True, help='.weights or .pt file')
     p.add_argument('--convert', action='store_true', help='write the other format next to --weights')
     p.add_argument('--onnx', type=str, default='',
@@ -959,6 +961,10 @@ def main(opt: argparse.Namespace) -> int:
         if src.suffix == '.pt':
             dst = src.with_suffix('.weights')
             save_weights(model, dst)
+            cfg_file = dst.with_suffix('.cfg')
+            if not cfg_file.exists():  # Darknet and OpenCV's Darknet importer read the cfg beside the weights
+                cfg_file.write_text(model.cfg_text, encoding='utf-8')
+                print(f"Wrote {cfg_file} (the cfg {src} carries)")
         else:
             dst = src.with_suffix('.pt') if src.suffix == '.weights' else src.with_name(src.name + '.pt')
             save_checkpoint(model_checkpoint(model, epoch=-1), dst)

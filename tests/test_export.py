@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import load_model
+import models
+from models import load_model, model_checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
+from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
 from utils.export import export_onnx
 
 ort = pytest.importorskip('onnxruntime')
@@ -85,3 +87,21 @@ def test_detect_runs_a_dynamic_export_at_the_cfg_size(dynamic_onnx, tmp_path):
                       '--save-txt']))  # no --img-size: 416, letterboxed to 416x352 as the PyTorch model
     rows = (out / 'bus.txt').read_text().splitlines()
     assert sorted(int(r.split()[0]) for r in rows) == [0, 0, 0, 0, 5]  # 4 persons, 1 bus
+
+
+def test_checkpoint_converts_to_weights_and_cfg_that_opencv_darknet_reads(tmp_path):
+    # a fine-tuned checkpoint as train.py saves it (weights moved off the official ones), no --cfg: the .pt's cfg
+    model = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', 416)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    pt = tmp_path / 'best.pt'
+    save_checkpoint(model_checkpoint(model, epoch=3), pt)
+    assert models.main(models.get_args_parser().parse_args(['--weights', str(pt), '--convert'])) == 0
+    assert (tmp_path / 'best.cfg').read_text() == model.cfg_text  # written beside best.weights for Darknet readers
+    img = np.ascontiguousarray(photos(416, 416)[0].transpose(1, 2, 0) * 255).astype(np.uint8)
+    d = compare(ours_in_opencv_layout(load_model(pt, img_size=416), img),
+                opencv_outputs(str(tmp_path / 'best.cfg'), str(tmp_path / 'best.weights'), img))
+    assert d['box_obj'] < 1e-4 and d['cls'] < 1e-4, d
+
