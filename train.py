@@ -40,7 +40,7 @@ from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, 
                           n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
-from utils.loss import LOSSES, ComputeLoss, build_loss
+from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
@@ -445,7 +445,8 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     ema = ModelEMA(model) if info.main else None
     loss_hyp = {**hyp, 'cls': hyp['cls'] * model.nc / 80}  # as the original: the class gain was tuned for 80 classes
     # original: gr sets the objectness target to the GIoU (burn-in ramps it from 0); darknet: the cfg's [yolo] keys
-    compute_loss = build_loss(opt.loss, model, loss_hyp)
+    # (a key it cannot honour raises ConfigError here, before anything is written)
+    compute_loss = DarknetLoss(model, loss_hyp) if opt.loss == 'darknet' else ComputeLoss(model, loss_hyp)
     wrapped: nn.Module = model
     if info.distributed:
         if opt.sync_bn:

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import bbox_iou, decode_yolo_box, wh_iou
-from utils.darknet_loss import DarknetLoss
 from utils.torch_utils import de_parallel
 
 # build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
@@ -140,12 +139,3 @@ class ComputeLoss:
 
 LOSSES = ('original', 'darknet')  # train.py --loss
 
-
-def build_loss(kind: str, model: nn.Module, hyp: dict[str, float]):
-    """The training loss train.py --loss names: 'original' (ComputeLoss, the 2020 port's) or 'darknet'
-    (utils.darknet_loss.DarknetLoss, Darknet's own [yolo] deltas; a cfg key it cannot honour raises ConfigError)."""
-    if kind == 'darknet':
-        return DarknetLoss(model, hyp)
-    if kind != 'original':
-        raise ValueError(f"unknown loss {kind!r} (choose from {', '.join(LOSSES)})")
-    return ComputeLoss(model, hyp)
