@@ -3,7 +3,7 @@ DNN reading the same Darknet .weights; per image, and as whole detect jobs over 
 
     python benchmarks/bench_infer.py                    # 416: 40 rounds per image, 64 coco128 images x 3 jobs each
     python benchmarks/bench_infer.py --img-size 128 --images 2 --repeats 3 --job-repeats 1     # smoke run
-    python benchmarks/bench_infer.py --only jobs --json out.json
+    python benchmarks/bench_infer.py --only jobs --detect-args '--half off' --json out.json
 
 Per image: bus.jpg letterboxed to img-size x img-size, the same input for every path, in interleaved rounds (each
 round runs every path once) after two warm-up runs; the figure is the median ms of a forward pass (ONNX and OpenCV
@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -184,12 +185,13 @@ def bench_per_image(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path
 
 
 # ------------------------------------------------------------------------------------------------------------ jobs
-def job_commands(src: Path, out: Path, size: int, cfg: Path, weights: Path) -> dict[str, list[str]]:
-    """The two jobs over the images in src, writing into out/<job>."""
+def job_commands(src: Path, out: Path, size: int, cfg: Path, weights: Path,
+                 detect_args: list[str]) -> dict[str, list[str]]:
+    """The two jobs over the images in src, writing into out/<job>; detect_args are added to detect.py's."""
     common = ['--cfg', str(cfg), '--weights', str(weights), '--source', str(src), '--img-size', str(size),
               '--save-txt']
     return {'detect.py': [sys.executable, str(ROOT / 'detect.py'), *common, '--output', str(out / 'ours'),
-                          '--device', 'cpu'],
+                          '--device', 'cpu', *detect_args],
             'OpenCV DNN script': [sys.executable, str(BENCH_DIR / 'opencv_detect.py'), *common,
                                   '--output', str(out / 'opencv'), '--names', str(NAMES)]}
 
@@ -232,7 +234,8 @@ def job_agreement(a: Path, b: Path, stems: list[str]) -> tuple[int, int, float]:
     return na, nb, matched / max(na + nb, 1)
 
 
-def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path, tmp: Path,
+               detect_args: list[str]) -> list[dict]:
     """Median wall time and time to first image of each job over n_images coco128 images, run alternately."""
     src = tmp / 'images'
     src.mkdir()
@@ -240,7 +243,7 @@ def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path,
         (src / im.name).symlink_to(im)
     times: dict[str, list[tuple[float, float]]] = {}
     for r in range(repeats):
-        cmds = list(job_commands(src, tmp / f'run{r}', size, cfg, weights).items())
+        cmds = list(job_commands(src, tmp / f'run{r}', size, cfg, weights, detect_args).items())
         for name, cmd in cmds[::-1] if r % 2 else cmds:
             times.setdefault(name, []).append(time_job(cmd))
     last = tmp / f'run{repeats - 1}'
@@ -264,9 +267,10 @@ def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
     return '\n'.join(lines)
 
 
-def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int) -> str:
+def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_args: str = '') -> str:
     """The job rows as text."""
-    lines = [f'jobs: {n_images} coco128 images at {size}, median of {repeats} alternating runs',
+    extra = f' (detect.py {detect_args})' if detect_args else ''
+    lines = [f'jobs: {n_images} coco128 images at {size}, median of {repeats} alternating runs{extra}',
              f"{'job':<22}{'wall s':>8}{'first image s':>15}{'after first, ms/image':>23}{'detections':>12}"
              f"{'matched':>9}  runs (s)"]
     for r in rows:
@@ -285,6 +289,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--job-repeats', type=int, default=3, help='runs of each job (alternating)')
     p.add_argument('--cfg', type=Path, default=CFG)
     p.add_argument('--weights', type=Path, default=WEIGHTS, help='Darknet .weights (OpenCV reads them too)')
+    p.add_argument('--detect-args', default='', help="more detect.py options for its job, e.g. '--half off'")
     p.add_argument('--only', choices=('per-image', 'jobs'), help='one part only')
     p.add_argument('--json', type=Path, help='also write the results here')
     return p
@@ -305,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f'load {l0:.2f} -> {load1():.2f}')
         if opt.only != 'per-image':
             l0 = load1()
-            res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp))
-            print(jobs_table(res['jobs'], opt.img_size, opt.images, opt.job_repeats))
+            res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp),
+                                     shlex.split(opt.detect_args))
+            print(jobs_table(res['jobs'], opt.img_size, opt.images, opt.job_repeats, opt.detect_args))
             print(f'load {l0:.2f} -> {load1():.2f}')
     if opt.json:
         opt.json.write_text(json.dumps(res, indent=1))
