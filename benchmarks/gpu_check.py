@@ -447,7 +447,9 @@ def _test_cmd(ctx: Ctx, *extra: str) -> list[str]:
 
 def step_test_fp32(ctx: Ctx) -> dict:
     """test.py in fp32: counts the dataset's images and labels; mAP@0.5 0.423 +- 0.005 on coco128 at 416."""
-    r = run_cli(ctx, 'test_fp32', _test_cmd(ctx, '--save-dir', str(ctx.work / 'test_fp32')), ctx.work, ctx.timeout)
+    # --half off: fp32 on any device (the default is bf16 on a CPU with native bf16, as in --device cpu --quick)
+    r = run_cli(ctx, 'test_fp32', _test_cmd(ctx, '--half', 'off', '--save-dir', str(ctx.work / 'test_fp32')),
+                ctx.work, ctx.timeout)
     expect_rc0(r, 'test.py')
     row = bench.parse_all_row(r.stdout)
     if not row:
@@ -507,7 +509,7 @@ def _counts(ctx: Ctx, dets: list[list[float]]) -> dict[str, int]:
 
 def step_detect_fp32(ctx: Ctx) -> dict:
     """detect.py finds a bus and persons in bus.jpg, persons and a tie in zidane.jpg."""
-    dets = _detect(ctx, 'detect_fp32')
+    dets = _detect(ctx, 'detect_fp32', '--half', 'off')
     ctx.shared['detect_fp32'] = dets
     counts = {s: _counts(ctx, d) for s, d in dets.items()}
     for stem, want in SAMPLE_OBJECTS.items():
