@@ -30,7 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.boxes import decode_yolo_box
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
-from utils.parse_config import ConfigError, parse_cfg_text, with_values
+from utils.parse_config import ConfigError, cfg_with_classes, parse_cfg_text
 from utils.torch_utils import count_parameters, de_parallel, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
@@ -503,19 +503,6 @@ def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> 
     version, seen, values = read_darknet_file(path)
     _fill_from_values(model, values, cutoff, path)
     model.version, model.seen = version, seen
-
-
-def cfg_with_classes(text: str, nc: int, path: str = '<cfg>') -> str:
-    """The cfg text with classes=nc in every [yolo] section and the matching filters= in the convolution before it
-    ((nc + 5) * len(mask), plus len(from) for ASFF heads); every other line as it was."""
-    changes: dict[int, dict[str, int]] = {}
-    defs = parse_cfg_text(text, path)[1:]
-    for k, i in enumerate(j for j, d in enumerate(defs) if d['type'] == 'yolo'):
-        d = defs[i]
-        frm = [r + i if r < 0 else r for r in d.get('from', [])]
-        changes.setdefault(i, {})['classes'] = nc
-        changes.setdefault(frm[k] if frm else i - 1, {})['filters'] = (nc + 5) * len(d['mask']) + len(frm)
-    return with_values(text, changes, path)
 
 
 def darknet_source_classes(model: Darknet, n_values: int, cutoff: int = -1) -> int | None:

@@ -345,3 +345,23 @@ def test_link_falls_back_to_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'link', refuse)
     assert link_image(src, tmp_path / 'b.jpg') == 'copied'
     assert not (tmp_path / 'b.jpg').is_symlink() and (tmp_path / 'b.jpg').read_bytes() == src.read_bytes()
+
+
+def test_cfg_for_the_classes_found_builds_and_a_bad_cfg_writes_nothing(tmp_path, capsys):
+    from models import Darknet
+    _photo(tmp_path / 'img', 'a.jpg')
+    ann = _coco(tmp_path / 'coco.json')
+    convert('coco', '--ann', ann, '--images', tmp_path / 'img', '--out', tmp_path / 'o',
+            '--cfg', ROOT / 'cfg' / 'yolov3-tiny.cfg')
+    written = tmp_path / 'o' / 'yolov3-tiny-1cls.cfg'
+    assert f'cfg for 1 classes: {written}' in capsys.readouterr().out
+    model = Darknet(written)
+    assert model.nc == 1 and [model.module_list[j].no for j in model.yolo_layers] == [6, 6]
+    base = (ROOT / 'cfg' / 'yolov3-tiny.cfg').read_text().splitlines()
+    changed = [b for a, b in zip(base, written.read_text().splitlines()) if a != b]
+    assert changed == ['filters=18', 'classes=1', 'filters=18', 'classes=1']
+    bad = tmp_path / 'bad.cfg'
+    bad.write_text('[net]\nwidth=64\n[yolo]\nmask=0\nanchors=1,2\nclasses=3\nnum=1\n')  # a [yolo] with no conv
+    with pytest.raises(ConvertError, match='bad.cfg'):
+        convert('coco', '--ann', ann, '--images', tmp_path / 'img', '--out', tmp_path / 'p', '--cfg', bad)
+    assert not (tmp_path / 'p').exists()

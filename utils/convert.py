@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.data_config import DatasetError, check_unique_names, load_names
 from utils.datasets import IMG_FORMATS, exif_size, img2label_paths
+from utils.parse_config import ConfigError, cfg_with_classes
 
 
 class ConvertError(Exception):
@@ -384,9 +385,13 @@ def link_image(src: Path, dst: Path) -> str:
         return 'copied'
 
 
-def _write_files(res: Converted, stage: Path, out: Path, lists: dict[str, list[ImageRecord]]) -> Counter:
-    """Write images, labels, lists, names and the .data file under stage, with paths as they will be under out."""
+def _write_files(res: Converted, stage: Path, out: Path, lists: dict[str, list[ImageRecord]],
+                 cfg: tuple[str, str] | None = None) -> Counter:
+    """Write images, labels, lists, names, the .data file and cfg = (file name, text) if given under stage, with
+    paths as they will be under out."""
     modes: Counter = Counter()
+    if cfg:
+        (stage / cfg[0]).write_text(cfg[1], encoding='utf-8')
     for rec in res.images:
         dst = stage / 'images' / rec.rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -411,8 +416,10 @@ def _umask() -> int:
     return mask
 
 
-def write_dataset(res: Converted, out: Path, val_fraction: float = 0.0, seed: int = 0) -> tuple[Path, str]:
-    """Write the converted dataset to out (a new or empty folder) through a temporary folder; (.data path, summary)."""
+def write_dataset(res: Converted, out: Path, val_fraction: float = 0.0, seed: int = 0,
+                  cfg: tuple[str, str] | None = None) -> tuple[Path, str]:
+    """Write the converted dataset (and cfg = (file name, text) if given) to out (a new or empty folder) through a
+    temporary folder; (.data path, summary)."""
     out = out.resolve()
     check_out(out)
     train_i, val_i = split(len(res.images), val_fraction, seed)
@@ -423,7 +430,7 @@ def write_dataset(res: Converted, out: Path, val_fraction: float = 0.0, seed: in
     stage = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; OUT gets the permissions of a new folder
     try:
-        modes = _write_files(res, stage, out, lists)
+        modes = _write_files(res, stage, out, lists, cfg)
         check_out(out)  # made meanwhile by someone else: keep theirs
         if out.exists():
             out.rmdir()  # empty (just checked): the rename needs the name free on every platform
@@ -461,6 +468,19 @@ def summary(res: Converted, modes: Counter, n_train: int, n_val: int) -> str:
             f"skipped: {skipped}; {split_s}; images {how}")
 
 
+def class_cfg(base: Path, nc: int) -> tuple[str, str]:
+    """(file name, text) of a copy of the cfg base with nc classes: classes= in every [yolo] section and the filters=
+    of the convolution before it; every other line as in base."""
+    try:
+        text = base.read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{base}: cannot read the --cfg file ({e}) (nothing written)") from None
+    try:
+        return f'{base.stem}-{nc}cls.cfg', cfg_with_classes(text, nc, str(base))
+    except ConfigError as e:
+        raise ConvertError(f"{e} (nothing written)") from None
+
+
 # ---------------------------------------------------------------------------------------------------------- command
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -478,6 +498,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         s.add_argument('--val-fraction', type=float, default=0.0,
                        help='share of images for validation (default 0: train and valid are both all images)')
         s.add_argument('--seed', type=int, default=0, help='seed of the train/val split')
+        s.add_argument('--cfg', type=Path, default=None,
+                       help='also write OUT/<cfg name>-<N>cls.cfg: a copy of this Darknet cfg with classes= and the '
+                            'heads\' filters= set for the N classes found')
         if fmt != 'coco':
             s.add_argument('--names', type=Path, default=None,
                            help='class names, one a line, in class order (default: the names found, sorted)')
@@ -505,9 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     if not res.names:
         raise ConvertError(f"{opt.ann}: no classes: no objects found and no --names given (nothing written)")
     res.images.sort(key=lambda r: r.rel.as_posix())  # the split depends on the images, not on the file's order
+    cfg = class_cfg(opt.cfg, len(res.names)) if opt.cfg else None
     print(res.class_note)
-    data, line = write_dataset(res, opt.out, opt.val_fraction, opt.seed)
+    data, line = write_dataset(res, opt.out, opt.val_fraction, opt.seed, cfg)
     print(f"{opt.format}: {line} -> {data}")
+    if cfg:
+        print(f"cfg for {len(res.names)} classes: {data.parent / cfg[0]} (only classes= and the heads' filters= "
+              f"differ from {opt.cfg})")
     return 0
 
 

@@ -146,3 +146,16 @@ def with_values(text: str, changes: dict[int, dict[str, Any]], path: str = '<cfg
             else:
                 raise ConfigError(f"{path}:{layers[i]['line']}: layer {i} [{layers[i]['type']}] has no {key!r}")
     return ''.join(lines)
+
+
+def cfg_with_classes(text: str, nc: int, path: str = '<cfg>') -> str:
+    """The cfg text with classes=nc in every [yolo] section and the matching filters= in the convolution before it
+    ((nc + 5) * len(mask), plus len(from) for ASFF heads); every other line as it was."""
+    changes: dict[int, dict[str, int]] = {}
+    defs = parse_cfg_text(text, path)[1:]
+    for k, i in enumerate(j for j, d in enumerate(defs) if d['type'] == 'yolo'):
+        d = defs[i]
+        frm = [r + i if r < 0 else r for r in d.get('from', [])]
+        changes.setdefault(i, {})['classes'] = nc
+        changes.setdefault(frm[k] if frm else i - 1, {})['filters'] = (nc + 5) * len(d['mask']) + len(frm)
+    return with_values(text, changes, path)
