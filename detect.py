@@ -9,6 +9,7 @@ is refused) or .onnx files exported by `python models.py --onnx` (run with onnxr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -444,7 +445,11 @@ def main(opt: argparse.Namespace) -> int:
 if __name__ == '__main__':
     args = parse_opt()
     try:
-        sys.exit(main(args))
+        status = main(args)
     except (DetectError, CheckpointError, WeightsError, ConfigError, DatasetError, FileNotFoundError,
             ConnectionError) as err:
         sys.exit(f'Error: {err}')
+    # Everything is written and closed. What is left are the objects of torch's and torchvision's modules, which the
+    # interpreter's garbage collections at exit would walk for nothing (longer than a small job's detections take).
+    gc.freeze()
+    sys.exit(status)

@@ -7,6 +7,7 @@ train.py calls test() in-process after every epoch with its EMA model and its ow
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -424,6 +425,10 @@ def main(opt: argparse.Namespace) -> int:
 if __name__ == '__main__':
     args = parse_opt()
     try:
-        sys.exit(main(args))
+        status = main(args)
     except (EvalError, DatasetError, ConfigError, WeightsError, CheckpointError, FileNotFoundError) as err:
         sys.exit(f'Error: {err}')
+    # Everything is written and closed; the interpreter's garbage collections at exit would only walk the objects
+    # of torch's and torchvision's modules (as detect.py).
+    gc.freeze()
+    sys.exit(status)
