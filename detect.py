@@ -34,7 +34,7 @@ from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
 from utils.data_config import DatasetError, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
-from utils.nms import import_in_background, nms_ready, non_max_suppression  # noqa: E402
+from utils.nms import non_max_suppression  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
 from utils.torch_utils import HALF_CHOICES, inference_dtype, select_device, time_synchronized  # noqa: E402
@@ -280,9 +280,6 @@ def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
     return view_img and not why
 
 
-MAX_PENDING = 32  # at most this many loader steps (their images) wait for torchvision's import before NMS
-
-
 class Step(NamedTuple):
     """One loader step after the forward pass, with what its outputs need."""
     shape: tuple[int, int]  # model input (h, w)
@@ -354,7 +351,6 @@ def detect(opt: argparse.Namespace) -> Path:
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
     check_options(opt, source, stream)
-    import_in_background()  # torchvision, for NMS: its import runs while the model loads
     model, device, dtype = load_detector(opt)
     onnx = isinstance(model, OnnxModel)
     names = class_names(opt.names, getattr(model, 'names', None), model.nc)
@@ -364,7 +360,6 @@ def detect(opt: argparse.Namespace) -> Path:
     imgsz = opt.img_size
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     t0 = time.time()
-    pending: list[Step] = []  # the first images' forward passes run while torchvision imports; NMS after it
     finish = Finisher(opt, out, names, view_img, stream)
     try:
         for path, img, im0s, vid_cap in dataset:
@@ -376,13 +371,7 @@ def detect(opt: argparse.Namespace) -> Path:
             t2 = time_synchronized()
             fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
             frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
-            pending.append(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
-            if nms_ready() or len(pending) >= MAX_PENDING:
-                for step in pending:
-                    finish(step)
-                pending.clear()
-        for step in pending:
-            finish(step)
+            finish(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
     except KeyboardInterrupt:
         print('Stopped.')
     finally:

@@ -176,3 +176,58 @@ def test_import_in_background_defers_only_until_loaded():
     assert states == [False]  # the import was still running right after it started
     p = torch.tensor([[[50., 50, 20, 20, .9, 1], [52, 50, 20, 20, .8, 1], [150, 50, 20, 20, .7, 1]]])
     assert torch.tensor(boxes).allclose(non_max_suppression(p, 0.3, 0.5, merge=False)[0])
+
+
+def test_small_sets_keep_exactly_what_torchvision_keeps():
+    """select_small (no torchvision import) against torchvision's batched_nms: random boxes with exact ties in
+    coordinates and scores, several classes, any threshold; the same indices in the same order."""
+    from torchvision.ops import batched_nms
+
+    from utils.nms import SMALL, select_small
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(1, SMALL + 1, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 300
+        wh = torch.rand(n, 2, generator=g) * 80 + 1
+        if trial % 2:
+            xy, wh = xy.round(), wh.round() + 1  # whole pixels: many equal IoUs
+        scores = torch.rand(n, generator=g)
+        if trial % 3:
+            scores = (scores * 5).round() / 5  # many equal scores: the stable order decides
+        group = torch.randint(0, 3, (n,), generator=g)
+        thr = 0.5 if trial % 4 == 0 else float(torch.rand(1, generator=g))
+        boxes = torch.cat((xy, xy + wh), 1)
+        assert torch.equal(select_small(boxes, scores, group, thr), batched_nms(boxes, scores, group, thr)), trial
+
+
+def test_both_paths_give_the_same_detections(monkeypatch):
+    """non_max_suppression with every image on the small path and with every image on torchvision's."""
+    import utils.nms
+
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(2, 60, 2, generator=g) * 200
+    pred = torch.cat((xy, torch.rand(2, 60, 2, generator=g) * 60 + 4, torch.rand(2, 60, 4, generator=g)), 2)
+    monkeypatch.setattr(utils.nms, 'SMALL', 10 ** 6)
+    small = non_max_suppression(pred.clone(), 0.05, 0.5)
+    monkeypatch.setattr(utils.nms, 'SMALL', 0)
+    large = non_max_suppression(pred.clone(), 0.05, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(small, large)) and sum(len(d) for d in small) > 10
+
+
+def test_detect_runs_without_importing_torchvision(tmp_path):
+    """detect.py at its default conf on bus.jpg, in a fresh process: NMS takes the small path, so the second of
+    torchvision's import is never paid; the detections are the usual 4 persons and 1 bus."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
+
+    code = ('import atexit, runpy, sys\n'
+            'atexit.register(lambda: print("torchvision loaded:", "torchvision" in sys.modules))\n'
+            f'sys.argv = ["detect.py", "--cfg", "cfg/yolov3-tiny.cfg", "--weights", {str(TINY_WEIGHTS)!r}, '
+            f'"--source", {str(SAMPLES / "bus.jpg")!r}, "--output", {str(tmp_path)!r}, "--device", "cpu"]\n'
+            'runpy.run_path("detect.py", run_name="__main__")\n')
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '4 persons, 1 bus' in r.stdout and 'torchvision loaded: False' in r.stdout, r.stdout[-2000:]

@@ -1,8 +1,10 @@
 """Non-maximum suppression of YOLO inference output: confidence filter, multi-label, batched NMS, merge-NMS.
 
-torchvision is imported where NMS first runs, not at module import: `import torchvision` pulls in torch._dynamo
-(about 1.5 s on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay. Commands that
-will run NMS call `import_in_background()` first, so that import overlaps their model loading and first images.
+torchvision is imported where NMS first needs it, not at module import: `import torchvision` pulls in torch._dynamo
+(about a second on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay. Images
+with at most SMALL candidates (detect.py's at its default conf) go through select_small, which keeps exactly what
+torchvision's batched_nms keeps, so detect.py never imports it on ordinary images; larger sets (test.py's conf
+0.001) use torchvision. test.py calls `import_in_background()` first, so that import overlaps its model loading.
 
 Speed on the CPU without touching the process-wide thread count: torch runs a CPU op on several threads when it
 has more than 32768 elements, and some ops at any size (indexing by a boolean mask or an index tensor,
@@ -19,6 +21,7 @@ import threading
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from utils.boxes import bbox_iou, xywh2xyxy
@@ -26,6 +29,8 @@ from utils.boxes import bbox_iou, xywh2xyxy
 MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped, as the original
 MERGE_MAX = 3000  # as the original: merge-NMS only below this many candidates per image
 GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: elementwise CPU ops below this many elements run on one thread
+SMALL = 64  # up to this many candidates per image (detect.py at conf 0.3: at most 39 on coco128), select_small() keeps
+# exactly what torchvision.ops.batched_nms keeps, as fast, without importing torchvision (a second of start-up)
 
 
 def _import_torchvision_ops() -> None:
@@ -124,6 +129,31 @@ def _merge_piece(cols: torch.Tensor, order: torch.Tensor, keep: torch.Tensor, st
     return torch.stack([cols.new_zeros(k).index_add_(0, ki, w * bj[r]) for r in range(4)], 1) / den[:, None]
 
 
+def select_small(boxes: torch.Tensor, scores: torch.Tensor, group: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """Indices kept by greedy NMS of a few hundred boxes (n, 4) xyxy, highest score first: the result of
+    torchvision.ops.batched_nms, whose CPU path for n <= 1000 this repeats step by step in numpy (groups moved apart
+    by group * (max coordinate + 1), scores sorted stably, IoU = inter / (area_i + area_j - inter) in float32,
+    suppressed where it exceeds iou_thres as a double)."""
+    if boxes.shape[0] == 0:
+        return group.new_zeros(0)
+    b = boxes.detach().float().cpu().numpy()
+    grp = group.cpu().numpy().astype(np.float32)
+    order = np.argsort(-scores.detach().float().cpu().numpy(), kind='stable')
+    b = (b + (grp * (b.max() + np.float32(1)))[:, None])[order]  # (n, 4) in score order
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h  # (n, n)
+    over = np.triu((inter / (area[:, None] + area[None, :] - inter)).astype(np.float64) > iou_thres, 1)
+    removed = np.zeros(len(b), dtype=bool)  # a box suppresses only those after it in score order
+    keep = []
+    for i in range(len(b)):
+        if not removed[i]:
+            keep.append(i)
+            removed |= over[i]
+    return torch.from_numpy(order[keep]).to(group.device)
+
+
 def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_thres: float = 0.6,
                         multi_label: bool = True, classes: Sequence[int] | None = None, agnostic: bool = False,
                         merge: bool = True, max_det: int | None = None,
@@ -135,8 +165,6 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_t
     merge-NMS, on by default there; it raises mAP). Output rows are sorted by conf.
     Images left when time_limit seconds have passed get no detections (a warning is printed).
     """
-    from torchvision.ops import batched_nms  # lazy: see the module docstring
-
     if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
         raise ValueError(f"conf_thres {conf_thres} and iou_thres {iou_thres} must be in [0, 1]")
     multi_label &= prediction.shape[2] - 5 > 1
@@ -147,7 +175,11 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_t
         n = det.shape[0]
         if n:
             group = det.new_zeros(n, dtype=torch.long) if agnostic else det[:, 5].long()
-            keep = batched_nms(det[:, :4], det[:, 4], group, iou_thres)[:max_det]  # (k,) sorted by score
+            if n <= SMALL:
+                keep = select_small(det[:, :4], det[:, 4], group, iou_thres)[:max_det]  # (k,) sorted by score
+            else:
+                from torchvision.ops import batched_nms  # lazy: see the module docstring
+                keep = batched_nms(det[:, :4], det[:, 4], group, iou_thres)[:max_det]
             if merge and 1 < n < MERGE_MAX:
                 det[keep, :4] = merge_boxes(det, keep, group, iou_thres)
             output[xi] = det.index_select(0, keep)
