@@ -517,14 +517,15 @@ def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: d
     when fitness improved, epoch_K.pt for --save-period). Returns (results, progress with this epoch's test)."""
     save_dir, evolve = Path(opt.save_dir), bool(opt.evolve)
     paths = run_paths(save_dir)
-    final_epoch = epoch + 1 == opt.epochs
+    final_epoch = epoch + 1 == opt.epochs  # plots also where --patience ends the run unless this epoch improves
     parts.ema.update_attr(bare)
     results = (0.0,) * 8
     if not opt.notest or final_epoch:
         results, maps, _ = val.test(opt.cfg, data, batch_size=opt.batch_size // du.env_info().world_size,
                                     imgsz=imgsz_test, model=parts.ema.ema, dataloader=testloader,
                                     compute_loss=parts.compute_loss, save_dir=save_dir, single_cls=opt.single_cls,
-                                    multi_label=after_burn_in, plots=final_epoch and not evolve)
+                                    multi_label=after_burn_in,
+                                    plots=(final_epoch or progress.stale(epoch, opt.patience)) and not evolve)
         results = tuple(float(x) for x in results)
         fi = float(fitness(np.array(results).reshape(1, -1))[0])
         progress = progress.after_test(epoch, fi, np.asarray(maps, dtype=np.float64))

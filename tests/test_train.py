@@ -835,5 +835,6 @@ def test_patience_save_period_image_weights_run(coco8, tmp_path, monkeypatch, ca
     for ck in (last, e0):  # saved in fp32 whatever --amp auto chose
         assert {v.dtype for v in ck['model'].values() if v.is_floating_point()} == {torch.float32}
     assert (tmp_path / 'results.png').exists()
+    assert (tmp_path / 'confusion_matrix.png').exists()  # the early-stopped epoch drew the final plots
     from models import load_model
     assert load_model(str(w / 'epoch_1_x.pt')).names == last['names']
