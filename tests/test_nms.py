@@ -153,28 +153,28 @@ def test_merge_nms_equals_class_offset_formulation(monkeypatch):
 
 
 def test_import_in_background_defers_only_until_loaded():
-    """In a fresh process: without a background import NMS is ready at once; with one, nms_ready() turns true once
-    torchvision.ops is loaded, and NMS then gives the same boxes as in this process."""
+    """In a fresh process: importing utils.nms loads no torchvision; import_in_background() loads torchvision.ops in
+    a thread while the caller goes on, and NMS then gives the same boxes as in this process."""
     import json
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    code = ('import json, sys, time, torch\n'
-            'from utils.nms import import_in_background, nms_ready, non_max_suppression\n'
-            'assert nms_ready() and "torchvision" not in sys.modules\n'
-            'import_in_background()\n'
-            'states = [nms_ready()]\n'
-            'while not nms_ready(): time.sleep(0.005)\n'
-            'assert "torchvision.ops" in sys.modules\n'
-            'p = torch.tensor([[[50., 50, 20, 20, .9, 1], [52, 50, 20, 20, .8, 1], [150, 50, 20, 20, .7, 1]]])\n'
+    code = ('import json, sys, torch\n'
+            'from utils.nms import import_in_background, non_max_suppression\n'
+            'assert "torchvision" not in sys.modules\n'
+            'thread = import_in_background()\n'
+            'states = [thread.is_alive()]\n'
+            'thread.join()\n'
+            'assert "torchvision.ops" in sys.modules and import_in_background() is None\n'
+            'p = torch.tensor([[[50. + 3 * i, 50, 20, 20, .9, 1] for i in range(80)]])  # > SMALL: torchvision\n'
             'print(json.dumps([states, non_max_suppression(p, 0.3, 0.5, merge=False)[0].tolist()]))\n')
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     states, boxes = json.loads(r.stdout.splitlines()[-1])
-    assert states == [False]  # the import was still running right after it started
-    p = torch.tensor([[[50., 50, 20, 20, .9, 1], [52, 50, 20, 20, .8, 1], [150, 50, 20, 20, .7, 1]]])
+    assert states == [True]  # the import was still running right after it started
+    p = torch.tensor([[[50. + 3 * i, 50, 20, 20, .9, 1] for i in range(80)]])
     assert torch.tensor(boxes).allclose(non_max_suppression(p, 0.3, 0.5, merge=False)[0])
 
 

@@ -40,21 +40,15 @@ def _import_torchvision_ops() -> None:
         pass
 
 
-_IMPORTS: list[threading.Thread] = []  # background imports started by import_in_background
-
-
-def import_in_background() -> None:
-    """Start importing torchvision.ops in a daemon thread unless it is loaded; NMS's import then waits for it (the
-    import system's module lock), so the one-off import runs beside the caller's model loading and first images."""
-    if 'torchvision.ops' not in sys.modules:
-        thread = threading.Thread(target=_import_torchvision_ops, name='import torchvision', daemon=True)
-        thread.start()
-        _IMPORTS.append(thread)
-
-
-def nms_ready() -> bool:
-    """Whether non_max_suppression would start now: no import_in_background() still running."""
-    return not any(t.is_alive() for t in _IMPORTS)
+def import_in_background() -> threading.Thread | None:
+    """Start importing torchvision.ops in a daemon thread unless it is loaded, and return the thread; NMS's import
+    then waits for it (the import system's module lock), so the one-off import runs beside the caller's model
+    loading and first images."""
+    if 'torchvision.ops' in sys.modules:
+        return None
+    thread = threading.Thread(target=_import_torchvision_ops, name='import torchvision', daemon=True)
+    thread.start()
+    return thread
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
