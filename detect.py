@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models import CheckpointError, WeightsError, coco_names, load_model  # noqa: E402
+from models import CheckpointError, WeightsError, coco_names, load_eval_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
 from utils.data_config import DatasetError, load_names  # noqa: E402
@@ -228,12 +228,9 @@ def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch
         dtype = inference_dtype(opt.half, device)
     except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA, --half fp16 on the CPU
         raise DetectError(str(e)) from None
-    model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device).fuse().eval()
+    model = load_eval_model(opt.weights, opt.cfg or None, opt.img_size or 416, device, dtype)
     if opt.img_size is None:  # Darknet detects at the network size its cfg gives
         opt.img_size = int(model.hyperparams.get('width', 416))
-    if dtype != torch.float32:  # box decode and NMS stay fp32
-        model.to_dtype(dtype)
-        print(f"{str(dtype).replace('torch.', '')} inference on {device.type} (--half off for fp32)")
     return model, device, dtype
 
 

@@ -864,6 +864,16 @@ def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int
     return model.to(device).eval()
 
 
+def load_eval_model(weights: str | Path, cfg: str | Path | None, img_size: int | tuple[int, int],
+                    device: str | torch.device, dtype: torch.dtype = torch.float32) -> Darknet:
+    """load_model, fused, with its layers in dtype (fp16/bf16 inference; box decode and NMS stay fp32), saying so."""
+    model = load_model(weights, cfg, img_size, device).fuse()
+    if dtype != torch.float32:
+        model.to_dtype(dtype)
+        print(f"{str(dtype).replace('torch.', '')} inference on {torch.device(device).type} (--half off for fp32)")
+    return model
+
+
 DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # as the original's --cfg default
 
 

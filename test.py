@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import CheckpointError, WeightsError, load_model  # noqa: E402
+from models import CheckpointError, WeightsError, load_eval_model  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
 from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
 from utils.data_config import DatasetError, check_dataset, load_data_config  # noqa: E402
@@ -57,16 +57,6 @@ def _half_dtype(half: str | bool, device: torch.device) -> torch.dtype:
         return inference_dtype(half, device)
     except ValueError as e:
         raise EvalError(str(e)) from None
-
-
-def load_eval_model(weights: str | None, cfg: str | None, imgsz: int, device: torch.device,
-                    dtype: torch.dtype) -> nn.Module:
-    """The model of --weights fused, with its layers in dtype (fp16/bf16 inference; box decode and NMS stay fp32)."""
-    model = load_model(weights, cfg, imgsz, device).fuse()
-    if dtype != torch.float32:
-        model.to_dtype(dtype)
-        print(f"{str(dtype).replace('torch.', '')} inference on {device.type} (--half off for fp32)")
-    return model
 
 
 def _model_stride(model: nn.Module) -> int:

@@ -67,7 +67,8 @@ def test_bf16_network_decodes_boxes_in_fp32():
 
 @pytest.mark.skipif(not HAS_BF16, reason='this CPU has no native bf16 (bf16 would be emulated and slow)')
 def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
-    from test import load_eval_model, test, val_loader
+    from models import load_eval_model
+    from test import test, val_loader
     from utils.data_config import load_data_config
 
     # the first 32 coco128 images, read in place (on 16 images single classes' APs jump: up to 0.0032 apart there)
