@@ -8,10 +8,16 @@ import torch
 import torch.nn as nn
 
 from models import Darknet, load_darknet_weights
-from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS
-from utils.loss import ComputeLoss, FocalLoss, build_targets
+from utils.torch_utils import ModelEMA
+import train
+from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, make_subset
+from utils import distributed as du
+from utils import engine
+from utils.data_config import load_data_config
+from utils.loss import ComputeLoss, FocalLoss, assign_targets, build_targets
 
 FIXTURE = SHARED / 'fixtures' / 'loss_parity_tiny320.pt'
+TRAIN_HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
 HYP = {'giou': 3.54, 'cls': 37.4, 'cls_pw': 1.0, 'obj': 64.3, 'obj_pw': 1.0, 'iou_t': 0.20, 'fl_gamma': 0.0}
 
 
@@ -104,10 +110,34 @@ def test_build_targets_threshold_and_layers():
     assert all(len(t) == 0 for t in tcls) and all(x.shape == (0, 4) for x in tbox)
 
 
-def test_build_targets_rejects_class_out_of_range():
-    model = FakeModel([FakeYOLO([(32, 32)], 32)], nc=3)
-    with pytest.raises(ValueError, match='class 3 .*3 classes'):
-        targets_of([torch.zeros(1, 1, 10, 10, 8)], torch.tensor([[0, 3, 0.5, 0.5, 0.1, 0.1]]), model)
+def test_training_data_drops_labels_of_classes_the_model_lacks(tmp_path, capsys):
+    # the loss no longer checks classes (a device read per batch): the training loader train.py builds must
+    make_subset(tmp_path, 3)
+    bad = sorted((tmp_path / 'labels').glob('*.txt'))[0]
+    bad.write_text('85 0.5 0.5 0.2 0.2\n')  # class 85 of an 80-class dataset
+    data = load_data_config(tmp_path / 'subset.data')
+    opt = train.get_args_parser().parse_args(['--batch-size', '2', '--workers', '0'])
+    loader, dataset, _ = train.build_loaders(data, TRAIN_HYP, opt, du.DistInfo(), 128, 128)
+    assert len(dataset) == 2 and bad.stem not in ' '.join(dataset.img_files)
+    assert bad.name in capsys.readouterr().out  # named, with what is wrong
+    for _, targets, _, _ in loader:
+        assert targets[:, 1].max() < 80
+
+
+def test_masked_assignment_matches_build_targets():
+    # assign_targets keeps every (anchor, target) pair; its mask selects exactly what build_targets returns
+    model = FakeModel([FakeYOLO([(10, 13), (33, 23), (116, 90)], 32), FakeYOLO([(30, 61), (62, 45)], 16)], nc=5)
+    torch.manual_seed(0)
+    targets = torch.cat((torch.randint(0, 2, (9, 1)).float(), torch.randint(0, 5, (9, 1)).float(),
+                         torch.rand(9, 2), torch.rand(9, 2) * 0.6 + 0.01), 1)
+    p = [torch.zeros(2, 3, 10, 10, 10), torch.zeros(2, 2, 20, 20, 10)]
+    dense, masks = assign_targets(p, targets, [m.anchor_vec for m in model.module_list], HYP['iou_t'])
+    picked = targets_of(p, targets, model)
+    assert 0 < sum(int(m.sum()) for m in masks) < sum(len(m) for m in masks)  # some pairs matched, some not
+    for d, s in zip(dense, picked):
+        for layer, (dl, sl) in enumerate(zip(d, s)):
+            for x, y in zip(dl if isinstance(dl, tuple) else (dl,), sl if isinstance(sl, tuple) else (sl,)):
+                assert torch.equal(x[masks[layer]], y)
 
 
 def test_loss_without_targets_is_objectness_only():
@@ -192,3 +222,63 @@ def test_box_loss_zero_where_inference_decodes_onto_the_label(cfg):
     _, items = ComputeLoss(model, HYP)(p, targets)
     assert sum(len(i[0]) for i, _ in placed) >= len(targets)
     assert items[0].item() < 1e-5, f'box loss {items[0].item():.4f} at the boxes inference reports'
+
+
+class HostReads:
+    """Counts the calls through which the host reads (or copies in) tensor data: .item(), .tolist(), bool(), float(),
+    int(), .cpu(), .numpy() and torch.tensor of Python data; on CUDA each is a sync (or a blocking copy)."""
+
+    READS = ('item', 'tolist', '__bool__', '__float__', '__int__', 'cpu', 'numpy')
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        tensor = torch.tensor
+
+        def counted_tensor(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                self.calls.append('torch.tensor')
+            return tensor(data, *args, **kwargs)
+        monkeypatch.setattr(torch, 'tensor', counted_tensor)
+
+    def _counted(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+def test_training_micro_steps_read_nothing_from_the_device(monkeypatch):
+    # the real train_one_epoch on a tiny model: a micro-step (no optimizer step) must not make the host wait for the
+    # device; an optimizer step reads one flag (the finite-loss check, the collective all ranks agree through)
+    cfg = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+    model = Darknet(cfg, img_size=64)
+    torch.manual_seed(0)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 7, 0.3, 0.6, 0.1, 0.1], [1, 2, 0.7, 0.2, 0.6, 0.5]])
+    batches = [(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), targets, ['x'] * 2, None)
+               for _ in range(6)]
+    reads = HostReads(monkeypatch)
+    per_batch: list[list[str]] = []
+
+    class Loader(list):
+        def __iter__(self):  # the loop asks for batch i + 1 once batch i's step is queued
+            for b in list.__iter__(self):
+                per_batch.append(reads.calls[:])
+                reads.calls.clear()
+                yield b
+            per_batch.append(reads.calls[:])
+            reads.calls.clear()
+
+    loss_fn = ComputeLoss(model, TRAIN_HYP)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loop = engine.LoopConfig(hyp=TRAIN_HYP, lf=engine.CosineLR(1, 0.1), n_burn=-1, batch_size=2, epochs=1, show=False)
+    state, _ = engine.train_one_epoch(model=model, loader=Loader(batches), optimizer=optimizer,
+                                      scaler=torch.amp.GradScaler('cpu', enabled=False), compute_loss=loss_fn,
+                                      ema=ModelEMA(model), device=torch.device('cpu'), epoch=0,
+                                      state=engine.LoopState(accumulate=3, img_size=64), cfg=loop)
+    assert state.last_opt_step == 5  # optimizer steps after batches 2 and 5
+    steps = per_batch[1:]  # what each batch's step did (per_batch[0]: before the first batch)
+    assert len(steps) == 6
+    assert [len(steps[i]) for i in (0, 1, 3, 4)] == [0, 0, 0, 0], steps  # micro-steps: nothing read
+    assert steps[2] == steps[5] == ['item'], steps  # optimizer steps: the finite-loss flag only

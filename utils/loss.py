@@ -36,6 +36,39 @@ class FocalLoss(nn.Module):
         return loss
 
 
+def assign_targets(p: list[torch.Tensor], targets: torch.Tensor, anchor_vecs: list[torch.Tensor],
+                   iou_t: float) -> tuple[Targets, list[torch.Tensor]]:
+    """build_targets without dropping the (anchor, target) pairs below iou_t: every layer keeps all na * nt pairs in
+    (anchor, target) order and a (na * nt,) bool mask of the matched ones, so no output shape depends on the data.
+
+    Selecting the matched pairs (a boolean index) makes the host wait for the device to learn how many there are;
+    ComputeLoss weights the pairs with the mask instead, which keeps a CUDA training step free of host syncs.
+    Returns (build_targets' tuple over all pairs, masks). anchor_vecs must be on targets' device.
+    """
+    nt = targets.shape[0]
+    tcls, tbox, indices, anch, masks = [], [], [], [], []
+    for i, anchor_vec in enumerate(anchor_vecs):
+        na = anchor_vec.shape[0]  # anchor_vec: (na, 2) in grid units
+        ny, nx = p[i].shape[2:4]  # p[i]: (bs, na, ny, nx, no)
+        t = targets.clone()  # (nt, 6), xywh scaled to grid units by Python numbers (no host-to-device copy)
+        t[:, 2::2] *= nx
+        t[:, 3::2] *= ny
+        # as the original: all anchors above the IoU threshold take the target, not just the best one
+        masks.append((wh_iou(anchor_vec, t[:, 4:6]) > iou_t).view(-1))  # (na * nt,)
+        a = torch.arange(na, device=targets.device).repeat_interleave(nt)  # (na * nt,)
+        t = t.repeat(na, 1)  # (na * nt, 6)
+        b, c = t[:, :2].long().T  # image, class
+        gxy, gwh = t[:, 2:4], t[:, 4:6]
+        gij = gxy.long()
+        # clamp so a centre exactly on the right/bottom border (x = 1.0) stays inside the grid
+        gi, gj = gij[:, 0].clamp(0, nx - 1), gij[:, 1].clamp(0, ny - 1)
+        indices.append((b, a, gj, gi))
+        tbox.append(torch.cat((gxy - torch.stack((gi, gj), 1), gwh), 1))  # (na * nt, 4)
+        anch.append(anchor_vec[a])  # (na * nt, 2)
+        tcls.append(c)
+    return (tcls, tbox, indices, anch), masks
+
+
 def build_targets(p: list[torch.Tensor], targets: torch.Tensor, anchor_vecs: list[torch.Tensor], nc: int,
                   iou_t: float) -> Targets:
     """Assign targets (n, 6) [image, class, x, y, w, h] (normalised xywh) to the anchors of every [yolo] layer.
@@ -43,37 +76,13 @@ def build_targets(p: list[torch.Tensor], targets: torch.Tensor, anchor_vecs: lis
     anchor_vecs: per layer (na, 2) anchors in grid units of that layer. A target goes to every anchor of a layer
     whose width-height IoU with it exceeds iou_t (not only to the best anchor), in the grid cell holding its centre.
     Returns per layer: classes (m,), boxes (m, 4) as [x offset in cell, y offset in cell, w, h] in grid units,
-    indices (image, anchor, gj, gi) and anchors (m, 2) in grid units.
+    indices (image, anchor, gj, gi) and anchors (m, 2) in grid units. Label classes are checked against nc where
+    the dataset is read (LoadImagesAndLabels(nc=...)), not here: that check would read the device every batch.
     """
-    nt = targets.shape[0]
-    if nt and targets[:, 1].max() >= nc:
-        raise ValueError(f"label class {int(targets[:, 1].max())} is out of range for a model with {nc} classes "
-                         f"(classes must be 0-{nc - 1}); check the labels or the cfg's classes=")
-    tcls, tbox, indices, anch = [], [], [], []
-    gain = torch.ones(6, device=targets.device)
-    for i, anchor_vec in enumerate(anchor_vecs):
-        anchor_vec = anchor_vec.to(targets.device)  # (na, 2) in grid units
-        na = anchor_vec.shape[0]
-        ny, nx = p[i].shape[2:4]  # p[i]: (bs, na, ny, nx, no)
-        gain[2:] = torch.tensor([nx, ny, nx, ny], device=targets.device)
-        t = targets * gain  # (nt, 6) with xywh in grid units
-        if nt:
-            # as the original: all anchors above the IoU threshold take the target, not just the best one
-            match = wh_iou(anchor_vec, t[:, 4:6]) > iou_t  # (na, nt)
-            a = torch.arange(na, device=targets.device).view(na, 1).repeat(1, nt)[match]  # (m,)
-            t = t.repeat(na, 1, 1)[match]  # (m, 6)
-        else:
-            a = torch.zeros(0, dtype=torch.long, device=targets.device)
-        b, c = t[:, :2].long().T  # image, class
-        gxy, gwh = t[:, 2:4], t[:, 4:6]
-        gij = gxy.long()
-        # clamp so a centre exactly on the right/bottom border (x = 1.0) stays inside the grid
-        gi, gj = gij[:, 0].clamp(0, nx - 1), gij[:, 1].clamp(0, ny - 1)
-        indices.append((b, a, gj, gi))
-        tbox.append(torch.cat((gxy - torch.stack((gi, gj), 1), gwh), 1))  # (m, 4)
-        anch.append(anchor_vec[a])  # (m, 2)
-        tcls.append(c)
-    return tcls, tbox, indices, anch
+    anchor_vecs = [a.to(targets.device) for a in anchor_vecs]
+    (tcls, tbox, indices, anch), masks = assign_targets(p, targets, anchor_vecs, iou_t)
+    return ([c[m] for c, m in zip(tcls, masks)], [x[m] for x, m in zip(tbox, masks)],
+            [tuple(x[m] for x in idx) for idx, m in zip(indices, masks)], [x[m] for x, m in zip(anch, masks)])
 
 
 class ComputeLoss:
@@ -82,6 +91,8 @@ class ComputeLoss:
 
     hyp: giou, obj, cls gains (cls as the loss should use it: train.py scales it by nc / 80), cls_pw, obj_pw, iou_t,
     fl_gamma. gr: objectness target = (1 - gr) + gr * GIoU; train.py ramps it 0 -> 1 during burn-in.
+    A call makes no host sync on CUDA (no .item(), no boolean indexing, no tensors from Python lists): what is
+    per-device (anchors, BCE pos_weight) is built once per device.
     """
 
     def __init__(self, model: nn.Module, hyp: dict[str, float], gr: float = 1.0):
@@ -91,44 +102,57 @@ class ComputeLoss:
         self.nc = int(bare.nc)
         self.hyp = dict(hyp)
         self.gr = gr
+        self._per_device: dict[torch.device, tuple[list[torch.Tensor], nn.Module, nn.Module]] = {}
+
+    def _device_parts(self, device: torch.device) -> tuple[list[torch.Tensor], nn.Module, nn.Module]:
+        """(anchors, class BCE (no reduction), objectness BCE (mean)) on device, built on first use."""
+        if device not in self._per_device:
+            h = self.hyp
+            # torch.full fills on the device; a tensor from a Python list would be a host-to-device copy
+            bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.full((1,), float(h['cls_pw']), device=device),
+                                           reduction='none')
+            bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.full((1,), float(h['obj_pw']), device=device))
+            if h.get('fl_gamma', 0.0) > 0:
+                bce_cls, bce_obj = FocalLoss(bce_cls, h['fl_gamma']), FocalLoss(bce_obj, h['fl_gamma'])
+            self._per_device[device] = ([a.to(device) for a in self.anchor_vecs], bce_cls, bce_obj)
+        return self._per_device[device]
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6).
+        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6) on p's device.
 
         Returns (loss (1,), loss_items (4,) = [lbox, lobj, lcls, total], detached).
         """
         h, gr, nc = self.hyp, self.gr, self.nc
         device = p[0].device
+        anchor_vecs, bce_cls, bce_obj = self._device_parts(device)
         p = [pi.float() for pi in p]  # losses in fp32 even when the forward ran under autocast
         lcls = torch.zeros(1, device=device)
         lbox = torch.zeros(1, device=device)
         lobj = torch.zeros(1, device=device)
-        tcls, tbox, indices, anchors = build_targets(p, targets, self.anchor_vecs, nc, h['iou_t'])
+        (tcls, tbox, indices, anchors), masks = assign_targets(p, targets, anchor_vecs, h['iou_t'])
 
-        # as the original: mean reduction per layer, summed over layers, then the gains; no division by batch size
-        # here (train.py scales by batch_size / 64 for accumulation)
-        bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['cls_pw']], device=device))
-        bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h['obj_pw']], device=device))
-        if h.get('fl_gamma', 0.0) > 0:
-            bce_cls, bce_obj = FocalLoss(bce_cls, h['fl_gamma']), FocalLoss(bce_obj, h['fl_gamma'])
-
+        # as the original: mean reduction per layer (over the matched pairs), summed over layers, then the gains; no
+        # division by batch size here (train.py scales by batch_size / 64 for accumulation)
         for i, pi in enumerate(p):
-            b, a, gj, gi = indices[i]
-            tobj = torch.zeros_like(pi[..., 0])  # (bs, na, ny, nx)
-            nb = b.shape[0]
-            if nb:
-                ps = pi[b, a, gj, gi]  # (nb, nc + 5) predictions at the assigned anchors and cells
+            b, a, gj, gi = indices[i]  # all na * nt pairs; masks[i] says which are matched
+            tobj = torch.zeros(pi[..., 0].numel() + 1, device=device)  # (bs * na * ny * nx + 1,): the last is a sink
+            if b.shape[0]:
+                match = masks[i]
+                n = match.sum().clamp(min=1)  # matched pairs (a device scalar); the mean of none is 0 as the original
+                ps = pi[b, a, gj, gi]  # (na * nt, nc + 5) predictions at the pairs' anchors and cells
                 # decoded as YOLOLayer does at inference (scale_x_y too); as the original, exp(t) clamped at 1e3
                 pxy, pwh = decode_yolo_box(ps, anchors[i], self.scale_x_y[i], max_wh_scale=1e3)
-                giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (nb,)
-                lbox += (1.0 - giou).mean()
-                # objectness target: 1 blended with the (non-negative) GIoU of the prediction
-                tobj[b, a, gj, gi] = (1.0 - gr) + gr * giou.detach().clamp(0).to(tobj.dtype)
+                giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (na * nt,)
+                lbox += torch.where(match, 1.0 - giou, 0.0).sum() / n
+                # objectness target: 1 blended with the (non-negative) GIoU of the prediction; unmatched pairs
+                # write to the sink, matched ones in the original's order (the last of a shared cell wins)
+                cell = ((b * pi.shape[1] + a) * pi.shape[2] + gj) * pi.shape[3] + gi
+                tobj[torch.where(match, cell, tobj.shape[0] - 1)] = (1.0 - gr) + gr * giou.detach().clamp(0)
                 if nc > 1:  # as the original: no class loss for single-class models
-                    t = torch.zeros_like(ps[:, 5:])  # (nb, nc)
-                    t[torch.arange(nb, device=device), tcls[i]] = 1.0
-                    lcls += bce_cls(ps[:, 5:], t)
-            lobj += bce_obj(pi[..., 4], tobj)
+                    t = torch.zeros_like(ps[:, 5:])  # (na * nt, nc)
+                    t[torch.arange(t.shape[0], device=device), tcls[i]] = 1.0
+                    lcls += torch.where(match[:, None], bce_cls(ps[:, 5:], t), 0.0).sum() / (n * nc)
+            lobj += bce_obj(pi[..., 4], tobj[:-1].view(pi.shape[:4]))
 
         lbox *= h['giou']
         lobj *= h['obj']
