@@ -2,8 +2,6 @@
 transformed box with where that colour's pixels went (letterbox, mosaic, random affine, flip), plus HSV."""
 from __future__ import annotations
 
-import random
-
 import cv2
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from utils.augmentations import PAD_COLOR, augment_hsv, box_candidates, combine_mosaic, letterbox, random_affine
 from utils.boxes import xywh2xyxy
-from utils.datasets import LoadImagesAndLabels
+from utils.datasets import LoadImagesAndLabels, SampleKey
 from tests.conftest import COCO128_IMAGES
 
 # BGR colours far from each other and from the grey padding (114) even after bilinear blending at the edges
@@ -79,11 +77,11 @@ def test_letterbox_geometry():
 
 @pytest.mark.parametrize('seed', range(6))
 def test_random_affine_rotation_shear_scale(seed):
-    random.seed(seed)
     boxes = [(0, 30, 40, 90, 80), (2, 120, 30, 170, 150), (5, 60, 120, 110, 170)]
     img = draw(200, 200, boxes)
     targets = np.array(boxes, np.float32)
-    out, t = random_affine(img, targets.copy(), degrees=30, translate=0.1, scale=0.3, shear=10)
+    out, t = random_affine(img, targets.copy(), degrees=30, translate=0.1, scale=0.3, shear=10,
+                           rng=np.random.default_rng(seed))
     assert out.shape == img.shape and len(t)
     assert not np.array_equal(out, img)
     assert check_boxes(out, t, tol=2.5) == len(t)
@@ -91,7 +89,6 @@ def test_random_affine_rotation_shear_scale(seed):
 
 def test_integer_shift_matches_warp():
     img = draw(120, 160, [(0, 10, 10, 50, 40)])
-    random.seed(0)
     fast, _ = random_affine(img, None, 0, 0, 0, 0, border=-30)  # pure translation: copied, not interpolated
     M = np.float64([[1, 0, -30], [0, 1, -30]])
     slow = cv2.warpAffine(img, M, (100, 60), flags=cv2.INTER_LINEAR, borderValue=PAD_COLOR)
@@ -165,14 +162,18 @@ def test_mosaic_affine_flip_dataset(tmp_path):
     hyp = {**NO_HSV, 'degrees': 10, 'translate': 0.1, 'scale': 0.2, 'shear': 5}
     ds = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12)
     assert ds.mosaic
-    random.seed(1)
-    np.random.seed(1)
+    loaded: list[int] = []
+    real_load = ds.load_image
+    ds.load_image = lambda i: loaded.append(i) or real_load(i)
     checked = 0
-    for _ in range(4):
+    for epoch in range(4):
         for i in range(len(ds)):
-            img, boxes = item_boxes(ds, i)
-            assert img.shape == (128, 128, 3)
-            checked += check_boxes(img, boxes, tol=3.0)
+            loaded.clear()
+            img, boxes = item_boxes(ds, SampleKey(epoch, i, i))
+            assert img.shape == (128, 128, 3) and len(loaded) == 4 and loaded[0] == i
+            # an image twice in one mosaic: a copy whose box the affine dropped still shows pixels of its colour
+            twice = {c for j in set(loaded) if loaded.count(j) > 1 for c in (2 * j, 2 * j + 1)}
+            checked += check_boxes(img, boxes[~np.isin(boxes[:, 0], list(twice))], tol=3.0)
     assert checked > 40  # many boxes actually compared
 
 
@@ -185,11 +186,10 @@ def test_flip_and_letterbox_dataset(tmp_path):
     hyp = {**NO_HSV, 'degrees': 0, 'translate': 0, 'scale': 0, 'shear': 0}
     aug = LoadImagesAndLabels(str(images), 128, 2, augment=True, hyp=hyp, rect=True)  # rect: no mosaic
     assert not aug.mosaic
-    random.seed(0)
     flips = 0
-    for _ in range(3):
+    for epoch in range(3):
         for i in range(len(aug)):
-            img, boxes = item_boxes(aug, i)
+            img, boxes = item_boxes(aug, SampleKey(epoch, i, i))
             _, ref = item_boxes(plain, i)
             w = img.shape[1]
             mirrored = np.stack([ref[:, 0], w - ref[:, 3], ref[:, 2], w - ref[:, 1], ref[:, 4]], 1)
@@ -216,20 +216,73 @@ def test_reduced_decode_matches_full():
             assert np.abs(blur[0] - blur[1]).mean() < 3, (size, files[i])
 
 
+def hsv_gains(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Per-pixel (saturation, value) ratios after / before of two BGR images, where before is well inside 0..255."""
+    h0, h1 = (cv2.cvtColor(x, cv2.COLOR_BGR2HSV).reshape(-1, 3).astype(float) for x in (before, after))
+    return h1[:, 1:] / h0[:, 1:]
+
+
 def test_augment_hsv():
-    img = draw(32, 32, [(0, 0, 0, 16, 32), (1, 16, 0, 32, 32)])
+    # muted colours (saturation and value near the middle) so no gain is cut off at 255
+    img = np.zeros((16, 32, 3), np.uint8)
+    img[:, :16] = (60, 80, 140)
+    img[:, 16:] = (70, 130, 90)
     same = img.copy()
-    augment_hsv(same, 0, 0, 0)
-    np.testing.assert_array_equal(same, img)  # zero gains: unchanged
-    np.random.seed(3)
-    gains = np.random.uniform(-1, 1, 3) * [0, 0, 0.5] + 1  # what augment_hsv draws
-    np.random.seed(3)
-    out = img.copy()
-    augment_hsv(out, 0, 0, 0.5)
-    v0 = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[..., 2].astype(float)
-    v1 = cv2.cvtColor(out, cv2.COLOR_BGR2HSV)[..., 2].astype(float)
-    np.testing.assert_allclose(v1, np.clip(v0 * gains[2], 0, 255), atol=2)
-    assert (np.argmax(out[0, 0]) == 2) and (np.argmax(out[0, 20]) == 1)  # still red and green: hue kept
+    augment_hsv(same, 0, 0, 0, rng=np.random.default_rng(0))
+    assert np.abs(same.astype(int) - img).max() <= 1  # zero gains: unchanged up to the HSV round trip
+    hues, ratios = [], []
+    for seed in range(40):
+        out = img.copy()
+        augment_hsv(out, 0.02, 0.5, 0.3, rng=np.random.default_rng(seed))
+        r = hsv_gains(img, out)
+        assert r.min(0) == pytest.approx(r.max(0), abs=0.03)  # one gain per channel over the whole image
+        ratios.append(r.mean(0))
+        hues.append(cv2.cvtColor(out, cv2.COLOR_BGR2HSV)[0, 0, 0])
+    ratios = np.array(ratios)
+    # gains within [1 - gain, 1 + gain] (up to uint8 rounding), and spread over that range
+    assert (ratios.min(0) > [0.5 - 0.03, 0.7 - 0.03]).all() and (ratios.max(0) < [1.5 + 0.03, 1.3 + 0.03]).all()
+    assert (ratios.min(0) < [0.75, 0.85]).all() and (ratios.max(0) > [1.25, 1.15]).all()
+    h0 = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[0, 0, 0]
+    assert max(abs(int(h) - int(h0)) for h in hues) <= int(np.ceil(h0 * 0.02)) + 1  # hue within its small gain
+    a, b, c = img.copy(), img.copy(), img.copy()
+    augment_hsv(a, 0.02, 0.5, 0.3, rng=np.random.default_rng(7))
+    augment_hsv(b, 0.02, 0.5, 0.3, rng=np.random.default_rng(7))
+    augment_hsv(c, 0.02, 0.5, 0.3, rng=np.random.default_rng(8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # the generator alone decides
+
+
+def test_random_affine_follows_its_generator():
+    img = draw(96, 96, [(0, 20, 20, 50, 60), (1, 55, 30, 80, 70)])
+    t = np.array([[0, 20, 20, 50, 60], [1, 55, 30, 80, 70]], np.float32)
+    kw = dict(degrees=10, translate=0.1, scale=0.2, shear=5)
+    a = random_affine(img, t.copy(), **kw, rng=np.random.default_rng(1))
+    b = random_affine(img, t.copy(), **kw, rng=np.random.default_rng(1))
+    c = random_affine(img, t.copy(), **kw, rng=np.random.default_rng(2))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    np.random.seed(0)
+    state = np.random.get_state()[1].copy()
+    random_affine(img, t.copy(), **kw, rng=np.random.default_rng(1))
+    augment_hsv(img.copy(), rng=np.random.default_rng(1))
+    assert np.array_equal(np.random.get_state()[1], state)  # the process-global stream is not drawn from
+
+
+def test_dataset_sample_augmentation_from_seed_epoch_k(tmp_path):
+    """A training sample is a function of (seed, epoch, k): the same key gives the same sample in any order and
+    after other draws; another k, epoch or seed gives another augmentation of the same image."""
+    images = make_synthetic(tmp_path)
+    hyp = {'hsv_h': 0.014, 'hsv_s': 0.7, 'hsv_v': 0.4, 'degrees': 5, 'translate': 0.1, 'scale': 0.2, 'shear': 2}
+    ds = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12, seed=5)
+    keys = [SampleKey(0, 0, 3), SampleKey(0, 1, 3), SampleKey(1, 0, 3), SampleKey(2, 7, 1)]
+    first = [ds[k] for k in keys]
+    np.random.seed(99)
+    again = [ds[k] for k in reversed(keys)][::-1]
+    for x, y in zip(first, again):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    assert not torch.equal(first[0][0], first[1][0]) and not torch.equal(first[0][0], first[2][0])
+    other_seed = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12, seed=6)
+    assert not torch.equal(other_seed[keys[0]][0], first[0][0])
+    assert torch.equal(ds[3][0], ds[SampleKey(0, 3, 3)][0]) and torch.equal(ds[3][0], ds[3][0])  # plain index
 
 
 def test_collate_uint8_rgb(tmp_path):

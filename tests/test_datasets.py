@@ -365,7 +365,7 @@ def test_create_dataloader_workers_and_seed(coco16_data):
     path = load_data_config(coco16_data)['train']
 
     def epoch(seed):
-        loader, dataset = create_dataloader(path, 160, 8, hyp=HYP, augment=True, workers=2, seed=seed)
+        loader, dataset = create_dataloader(path, 160, 8, hyp=HYP, augment=True, workers=2, seed=seed, nc=80)
         assert loader.num_workers == 2 and len(loader) == 2
         return [(imgs, targets) for imgs, targets, _, _ in loader]
 
@@ -390,7 +390,7 @@ def rank_batches(ds: LoadImagesAndLabels, bs: int, world: int, **kw) -> list[lis
     """Per rank, the index chunks of bs that a DataLoader over a RectDistributedSampler would form."""
     out = []
     for rank in range(world):
-        idx = list(RectDistributedSampler(ds, bs, world, rank, **kw))
+        idx = [key.index for key in RectDistributedSampler(ds, bs, world, rank, **kw)]
         assert len(idx) % bs == 0
         out.append([idx[i:i + bs] for i in range(0, len(idx), bs)])
     return out
@@ -417,12 +417,13 @@ def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
 def test_rect_distributed_sampler_epochs(coco16_data):
     ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, 2, rect=True)  # 8 planned batches
     s = RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)
-    a = list(s)
+    a = [key.index for key in s]
     s.set_epoch(1)
-    b = list(s)
+    b = [key.index for key in s]
     assert a != b and sorted(a) != sorted(b)  # another batch order and another half of the batches
-    assert list(RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)) == a  # deterministic from seed + epoch
-    assert list(RectDistributedSampler(ds, 2, 2, 1)) == [i for b in range(1, 8, 2) for i in (2 * b, 2 * b + 1)]
+    assert [key.index for key in RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)] == a  # from seed + epoch
+    assert [key.index for key in RectDistributedSampler(ds, 2, 2, 1)] == [i for b in range(1, 8, 2)
+                                                                          for i in (2 * b, 2 * b + 1)]
 
 
 def test_create_dataloader_distributed_rect(coco16_data):

@@ -1,12 +1,13 @@
 """Image augmentations that move boxes with the pixels: letterbox, mosaic, random affine, HSV, flip.
 
 Images are HWC uint8 BGR numpy arrays (OpenCV order) throughout; boxes are (n, 5) float arrays
-[class, x1, y1, x2, y2] in pixels of the image they belong to.
+[class, x1, y1, x2, y2] in pixels of the image they belong to. The random ones draw from the numpy Generator they are
+given (the training dataset seeds one per sample from (seed, epoch, k)), never from the process-global random or
+np.random, so a sample is augmented the same in whichever worker or process loads it.
 """
 from __future__ import annotations
 
 import math
-import random
 from typing import Sequence
 
 import cv2
@@ -47,9 +48,16 @@ def letterbox(img: np.ndarray, new_shape: int | Sequence[int] = 416, color: tupl
     return img, ratio, (dw, dh)
 
 
-def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5) -> None:
-    """Randomly scale hue, saturation and value of a BGR uint8 image, in place, through one lookup table."""
-    r = np.random.uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1  # random gains
+def _rng(rng: np.random.Generator | None) -> np.random.Generator:
+    """The given generator, or a fresh unseeded one."""
+    return np.random.default_rng() if rng is None else rng
+
+
+def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5,
+                rng: np.random.Generator | None = None) -> None:
+    """Scale hue, saturation and value of a BGR uint8 image by random gains in [1 - gain, 1 + gain], in place,
+    through one lookup table."""
+    r = _rng(rng).uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1  # random gains
     x = np.arange(256, dtype=np.float32)
     lut = np.empty((256, 1, 3), dtype=np.uint8)  # one table per HSV channel, applied in a single cv2.LUT call
     lut[:, 0, 0] = (x * r[0] % 180).astype(np.uint8)  # OpenCV hue is 0..179 and wraps around
@@ -60,23 +68,25 @@ def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: 
 
 
 def affine_matrix(shape: Sequence[int], degrees: float = 10, translate: float = 0.1, scale: float = 0.1,
-                  shear: float = 10, border: int = 0) -> tuple[np.ndarray, float]:
+                  shear: float = 10, border: int = 0, rng: np.random.Generator | None = None
+                  ) -> tuple[np.ndarray, float]:
     """Draw the original's random 3x3 affine M = Shear @ Translate @ RotateScale for an image of shape (h, w).
 
     Returns (M, s) with s the drawn scale factor (the box filter uses it).
     """
     h, w = shape[0], shape[1]
+    # one draw of the six values: rotation, scale, x and y translation, x and y shear
+    a, s, tx, ty, sx, sy = _rng(rng).uniform(-1, 1, 6) * [degrees, scale, translate, translate, shear, shear]
+    s = float(1 + s)
     R = np.eye(3)
-    a = random.uniform(-degrees, degrees)
-    s = random.uniform(1 - scale, 1 + scale)
-    R[:2] = cv2.getRotationMatrix2D(angle=a, center=(w / 2, h / 2), scale=s)
+    R[:2] = cv2.getRotationMatrix2D(angle=float(a), center=(w / 2, h / 2), scale=s)
     T = np.eye(3)
     # as the original: x translation scales with the image height and y with the width (equal for square images)
-    T[0, 2] = random.uniform(-translate, translate) * h + border
-    T[1, 2] = random.uniform(-translate, translate) * w + border
+    T[0, 2] = tx * h + border
+    T[1, 2] = ty * w + border
     S = np.eye(3)
-    S[0, 1] = math.tan(random.uniform(-shear, shear) * math.pi / 180)
-    S[1, 0] = math.tan(random.uniform(-shear, shear) * math.pi / 180)
+    S[0, 1] = math.tan(sx * math.pi / 180)
+    S[1, 0] = math.tan(sy * math.pi / 180)
     return S @ T @ R, s
 
 
@@ -111,7 +121,8 @@ def box_candidates(box0: np.ndarray, box1: np.ndarray, s: float) -> np.ndarray:
 
 
 def random_affine(img: np.ndarray, targets: np.ndarray | None = None, degrees: float = 10, translate: float = 0.1,
-                  scale: float = 0.1, shear: float = 10, border: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  scale: float = 0.1, shear: float = 10, border: int = 0, rng: np.random.Generator | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Rotate, scale, translate and shear img and its (n, 5) [cls, x1, y1, x2, y2] targets together.
 
     The output is (h + 2 * border, w + 2 * border); a negative border crops (the mosaic uses -size // 2).
@@ -119,7 +130,7 @@ def random_affine(img: np.ndarray, targets: np.ndarray | None = None, degrees: f
     """
     targets = np.zeros((0, 5), dtype=np.float32) if targets is None else targets
     height, width = img.shape[0] + border * 2, img.shape[1] + border * 2
-    M, s = affine_matrix(img.shape, degrees, translate, scale, shear, border)
+    M, s = affine_matrix(img.shape, degrees, translate, scale, shear, border, rng)
     if np.allclose(M[:2, :2], np.eye(2)) and np.allclose(M[:2, 2], np.round(M[:2, 2])):
         img = _shift(img, int(round(M[0, 2])), int(round(M[1, 2])), width, height)  # exact, no interpolation
     elif border != 0 or not np.allclose(M, np.eye(3)):

@@ -7,8 +7,8 @@ import glob
 import hashlib
 import math
 import os
-import random
 import re
+import signal
 import sys
 import time
 from multiprocessing.pool import ThreadPool
@@ -21,13 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import ExifTags, Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.augmentations import augment_hsv, combine_mosaic, letterbox, random_affine
 from utils.boxes import xyxy2xywh
 from utils.data_config import DatasetError
 from utils.image_weights import WeightedImageSampler
+from utils.samplers import EpochSampler, RectDistributedSampler, SampleKey, ShuffleSampler, sample_rng
 
 IMG_FORMATS = ('bmp', 'jpg', 'jpeg', 'png', 'tif', 'tiff', 'dng', 'webp')
 VID_FORMATS = ('mov', 'avi', 'mp4', 'mpg', 'mpeg', 'm4v', 'wmv', 'mkv')
@@ -36,7 +37,7 @@ CACHE_VERSION = 1  # bump when the cache layout or the checks change
 AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
-__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'LoadImages', 'LoadWebcam', 'LoadStreams',
+__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'LoadImages', 'LoadWebcam', 'LoadStreams',
            'create_dataloader', 'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label',
            'IMG_FORMATS', 'VID_FORMATS']
 
@@ -196,8 +197,9 @@ class LoadImagesAndLabels(Dataset):
     def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 416, batch_size: int = 16,
                  augment: bool = False, hyp: dict | None = None, rect: bool = False, image_weights: bool = False,
                  cache_images: bool = False, single_cls: bool = False, pad: float = 0.0, stride: int = 32,
-                 rank: int = -1, nc: int | None = None, prefix: str = ''):
+                 rank: int = -1, nc: int | None = None, prefix: str = '', seed: int = 0):
         self.img_size = img_size
+        self.seed = seed  # with (epoch, k) of each SampleKey, seeds that sample's augmentation
         self.augment = augment
         self.hyp = hyp or {}
         self.image_weights = image_weights  # drawn by the loader's WeightedImageSampler, see create_dataloader
@@ -387,22 +389,32 @@ class LoadImagesAndLabels(Dataset):
                 img = cv2.resize(img, new, interpolation=interp)
         return img, (h0, w0), img.shape[:2]
 
-    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def load_mosaic(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Mosaic of this image and three random others, then the random affine cropping it to img_size."""
         s = self.img_size
-        xc, yc = (int(random.uniform(s * 0.5, s * 1.5)) for _ in range(2))  # mosaic centre
-        indices = [index] + [random.randint(0, self.n - 1) for _ in range(3)]
+        xc, yc = (int(v) for v in rng.uniform(s * 0.5, s * 1.5, 2))  # mosaic centre
+        indices = [index] + rng.integers(0, self.n, 3).tolist()
         imgs = [self.load_image(i)[0] for i in indices]
         img4, labels4 = combine_mosaic(imgs, [self.labels[i] for i in indices], s, xc, yc)
         hyp = self.hyp
         return random_affine(img4, labels4, degrees=hyp['degrees'], translate=hyp['translate'],
-                             scale=hyp['scale'], shear=hyp['shear'], border=-s // 2)
+                             scale=hyp['scale'], shear=hyp['shear'], border=-s // 2, rng=rng)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
-        """(img uint8 (3, H, W) RGB, labels (n, 6) [0, cls, x, y, w, h] normalised, path, shapes or None)."""
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        """(img uint8 (3, H, W) RGB, labels (n, 6) [0, cls, x, y, w, h] normalised, path, shapes or None).
+
+        key is a training sampler's SampleKey(epoch, k, index), whose augmentation is seeded by (seed, epoch, k), or
+        a plain image index i, augmented as SampleKey(0, i, i) (the same every time).
+        """
+        if isinstance(key, SampleKey):
+            epoch, k, index = key
+        else:
+            index = int(key)
+            epoch, k = 0, index
+        rng = sample_rng(self.seed, epoch, k) if self.augment else None  # draws: mosaic, affine, HSV, flip
         hyp = self.hyp
         if self.mosaic:
-            img, labels = self.load_mosaic(index)
+            img, labels = self.load_mosaic(index, rng)
             shapes = None
         else:
             img, (h0, w0), (h, w) = self.load_image(index)
@@ -419,16 +431,16 @@ class LoadImagesAndLabels(Dataset):
                 labels[:, 4] = ratio[1] * h * (x[:, 2] + x[:, 4] / 2) + pad[1]
             if self.augment:
                 img, labels = random_affine(img, labels, degrees=hyp['degrees'], translate=hyp['translate'],
-                                            scale=hyp['scale'], shear=hyp['shear'])
+                                            scale=hyp['scale'], shear=hyp['shear'], rng=rng)
         if self.augment:
-            augment_hsv(img, hgain=hyp['hsv_h'], sgain=hyp['hsv_s'], vgain=hyp['hsv_v'])
+            augment_hsv(img, hgain=hyp['hsv_h'], sgain=hyp['hsv_s'], vgain=hyp['hsv_v'], rng=rng)
 
         nl = len(labels)
         if nl:  # pixel xyxy -> normalised xywh
             labels[:, 1:5] = xyxy2xywh(labels[:, 1:5])
             labels[:, [2, 4]] /= img.shape[0]
             labels[:, [1, 3]] /= img.shape[1]
-        flip = self.augment and random.random() < 0.5  # left-right only, as the original
+        flip = self.augment and rng.random() < 0.5  # left-right only, as the original
         if flip and nl:
             labels[:, 1] = 1 - labels[:, 1]
         labels_out = torch.zeros((nl, 6))
@@ -460,88 +472,57 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Seed each worker (numpy, random) from its torch seed and keep OpenCV single-threaded inside it."""
+    """Keep OpenCV single-threaded in a DataLoader worker, and leave preemption signals to the main process."""
     cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV's own threads would oversubscribe the cores
-    seed = torch.initial_seed() % 2 ** 32  # base seed + worker id, set by the DataLoader's generator
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-class RectDistributedSampler(DistributedSampler):
-    """DistributedSampler for rectangular batches: every rank receives whole planned batches, so each batch it loads
-    has one planned shape (a plain DistributedSampler deals image i to rank i % world and mixes shapes in a batch).
-
-    The dataset's planned batches (dataset.batch, consecutive images of similar aspect ratio) are dealt to the ranks
-    in turn, batch order shuffled per epoch from seed + epoch if shuffle. Padding repeats images, as
-    DistributedSampler does: a short planned batch (the last) is filled up to batch_size with its own images (same
-    shape) so the DataLoader's chunks of batch_size line up with the planned batches, and whole batches are repeated
-    from the start so every rank gets the same number. Use with DataLoader(batch_size=batch_size, drop_last=False).
-    """
-
-    def __init__(self, dataset: LoadImagesAndLabels, batch_size: int, num_replicas: int, rank: int,
-                 shuffle: bool = False, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        planned = np.asarray(dataset.batch)  # (n,) planned batch of each image
-        groups = [np.flatnonzero(planned == b).tolist() for b in range(int(planned.max()) + 1)]
-        if max(len(g) for g in groups) > batch_size:
-            raise ValueError(f'planned batches of up to {max(len(g) for g in groups)} images do not fit batch_size '
-                             f'{batch_size}')
-        self.batch_size = batch_size
-        self.batches = [(g * math.ceil(batch_size / len(g)))[:batch_size] for g in groups]  # each batch_size long
-        self.num_batches = math.ceil(len(self.batches) / num_replicas)  # per rank
-        self.num_samples = self.num_batches * batch_size
-        self.total_size = self.num_samples * num_replicas
-
-    def __iter__(self) -> Iterator[int]:
-        nb = len(self.batches)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)  # the same order on every rank
-            order = torch.randperm(nb, generator=g).tolist()
-        else:
-            order = list(range(nb))
-        total = self.num_batches * self.num_replicas
-        order = (order * math.ceil(total / nb))[:total]  # pad with whole batches from the start
-        return iter([i for b in order[self.rank::self.num_replicas] for i in self.batches[b]])
-
-    def __len__(self) -> int:
-        return self.num_samples
+    # SLURM and spot-instance preemption send SIGTERM (or SIGUSR1) to the whole process group: the main process
+    # finishes its step, saves and then shuts the workers down; a worker killed first would fail that step. Workers
+    # still exit when the main process dies (the DataLoader's watchdog checks it).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
                       augment: bool = False, cache: bool = False, pad: float = 0.0, rect: bool = False,
                       rank: int = -1, world_size: int = 1, workers: int = 8, image_weights: bool = False,
                       single_cls: bool = False, shuffle: bool = True, seed: int = 0, nc: int | None = None,
-                      prefix: str = '') -> tuple[DataLoader, LoadImagesAndLabels]:
-    """(DataLoader, dataset) for training or testing; a DistributedSampler when world_size > 1 (call set_epoch).
+                      prefix: str = '', pin_memory: bool = False) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """(DataLoader, dataset) for training or testing. A training loader (augment or shuffle) has one of our
+    samplers (utils/samplers.py): call loader.sampler.set_epoch(epoch) before each epoch, set_start(batch) to resume
+    inside one.
 
-    With rect and world_size > 1 the sampler is a RectDistributedSampler (a DistributedSampler subclass): each rank
-    loads whole planned batches, so rectangular batches work under torchrun. With image_weights it is a
-    WeightedImageSampler (images drawn with replacement each epoch; call its set_weights and set_epoch).
+    The order comes from (seed, epoch) and each sample's augmentation from (seed, epoch, k), so the worker count does
+    not change a batch. With world_size > 1 each rank gets its share of one global order; with rect the sampler deals
+    whole planned batches (one shape per batch); with image_weights a WeightedImageSampler draws images with
+    replacement (call its set_weights too). nc (required for training) checks every label's class once, here.
+    pin_memory: only for loaders that feed a CUDA device.
     """
+    if augment and nc is None:
+        raise ValueError('create_dataloader(augment=True) needs nc: label classes are checked against it once, in '
+                         'the dataset, not in every training step')
     with _rank_zero_first(rank):
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                       image_weights=image_weights, cache_images=cache, single_cls=single_cls,
-                                      pad=pad, stride=int(stride), rank=rank, nc=nc, prefix=prefix)
+                                      pad=pad, stride=int(stride), rank=rank, nc=nc, prefix=prefix, seed=seed)
+    train = augment or shuffle
     if rect and shuffle:
         if rank in (-1, 0):
             print(f'{prefix}Rectangular batches: shuffle and mosaic off')
         shuffle = False
     batch_size = min(batch_size, len(dataset))
-    nw = min((os.cpu_count() or 1) // max(world_size, 1), batch_size if batch_size > 1 else 0, workers)
-    sampler = None
+    world, r = max(world_size, 1), max(rank, 0)
+    nw = min((os.cpu_count() or 1) // world, batch_size if batch_size > 1 else 0, workers)
+    sampler: EpochSampler | None = None
     if image_weights:  # the same weighted draw on every rank, sharded; train.py sets its weights each epoch
-        sampler = WeightedImageSampler(len(dataset), max(world_size, 1), max(rank, 0), seed=seed)
-    elif world_size > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
-        sampler = RectDistributedSampler(dataset, batch_size, world_size, max(rank, 0), shuffle=shuffle, seed=seed)
-    elif world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0), shuffle=shuffle, seed=seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed + max(rank, 0) * 1000)  # worker seeds: this + worker id, distinct per rank
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                        num_workers=nw, pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
-                        worker_init_fn=_worker_init, generator=generator,
-                        persistent_workers=nw > 0)
+        sampler = WeightedImageSampler(len(dataset), world, r, seed=seed, batch_size=batch_size)
+    elif world > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
+        sampler = RectDistributedSampler(dataset, batch_size, world, r, shuffle=shuffle, seed=seed)
+    elif train or world > 1:  # single process rect: the planned batches in order, as the original
+        sampler = ShuffleSampler(len(dataset), batch_size, world, r, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()  # seeds only the workers' torch RNG, which the dataset does not draw from
+    generator.manual_seed(seed + r * 1000)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=nw,
+                        pin_memory=pin_memory, collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=_worker_init,
+                        generator=generator, persistent_workers=nw > 0)
     return loader, dataset
 
 

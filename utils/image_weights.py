@@ -3,10 +3,11 @@ replacement in proportion to how much of the rare and poorly detected classes th
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+
+from utils.samplers import EpochSampler
 
 
 def labels_to_class_weights(labels: Sequence[np.ndarray], nc: int) -> np.ndarray:
@@ -44,18 +45,17 @@ def draw_image_indices(weights: np.ndarray, k: int, seed: int, epoch: int) -> np
     return np.random.default_rng([seed, epoch]).choice(len(w), size=k, replace=True, p=p)
 
 
-class WeightedImageSampler(Sampler[int]):
+class WeightedImageSampler(EpochSampler):
     """Each epoch n indices (n images) drawn with draw_image_indices from the weights given by set_weights; under DDP
     every rank draws the same n (padded to a multiple of num_replicas by repeating from the start) and takes every
-    num_replicas-th from its rank, as DistributedSampler shards. Call set_weights and set_epoch before each epoch."""
+    num_replicas-th from its rank, as DistributedSampler shards. Yields SampleKey(epoch, k, index) with k the
+    position in the draw, so two draws of one image are augmented differently. Call set_weights and set_epoch before
+    each epoch (set_start to resume inside one)."""
 
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
-        self.n, self.num_replicas, self.rank, self.seed = n, num_replicas, rank, seed
-        self.num_samples = math.ceil(n / num_replicas)  # per rank
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, batch_size: int = 1):
+        super().__init__(math.ceil(n / num_replicas), batch_size, num_replicas, rank, seed)
+        self.n = n
         self.weights = np.ones(n)
-        self.epoch = 0
 
     def set_weights(self, weights: np.ndarray) -> None:
         """The image weights of the coming epoch, (n,)."""
@@ -63,17 +63,11 @@ class WeightedImageSampler(Sampler[int]):
             raise ValueError(f'{len(weights)} image weights for {self.n} images')
         self.weights = np.asarray(weights, dtype=np.float64)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose draw __iter__ gives (seeds it with the run seed)."""
-        self.epoch = epoch
-
     def epoch_indices(self) -> np.ndarray:
         """This epoch's whole draw, the same on every rank: (num_samples * num_replicas,)."""
         idx = draw_image_indices(self.weights, self.n, self.seed, self.epoch)
         return np.resize(idx, self.num_samples * self.num_replicas)  # padded by repeating from the start
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.rank::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
+    def epoch_order(self) -> tuple[np.ndarray, int]:
+        """(the draw, 1): dealt image by image."""
+        return self.epoch_indices(), 1
