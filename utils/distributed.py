@@ -1,9 +1,12 @@
-"""Distributed (torchrun) set-up: rank and world size from the environment, rank-0 gating, barriers."""
+"""Distributed (torchrun) set-up: rank and world size from the environment, rank-0 gating, barriers, and the identity
+of the elastic launch a process belongs to."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +97,69 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable obj on every rank (obj itself without a group)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def restart_count() -> int:
+    """TORCHELASTIC_RESTART_COUNT: 0 on a first attempt or without torchrun.
+
+    Not a per-launch signal: in a multi-node group only the agent whose worker failed counts a restart; the others
+    restart their workers for the new membership with their own count (often still 0).
+    """
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+
+
+def _proc_start_time(pid: int, proc: Path) -> str | None:
+    """Start time of process pid in clock ticks since boot (field 22 of /proc/<pid>/stat), or None without /proc."""
+    try:
+        stat = (proc / str(pid) / 'stat').read_text()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces: count fields after its closing one
+    return stat.rsplit(')', 1)[1].split()[19]
+
+
+def agent_key(proc: str | Path = '/proc') -> str:
+    """This worker's elastic agent as 'host/boot/pid@start/run_id': the same for every worker one agent starts in
+    one launch, restarts included, and different for any other launch, even one with the same --rdzv-id.
+
+    The agent is the worker's parent process (torchrun, or train.py's own launcher): a host's pid with that process's
+    start time and the host's boot id never repeat. TORCHELASTIC_RUN_ID separates two launches by one process (the
+    launcher called twice). Without /proc the agent's log folder for this run (TORCHELASTIC_ERROR_FILE lies in
+    <run log dir>/attempt_N/<local rank>/, made afresh for each agent) takes the start time's place.
+    """
+    proc, ppid = Path(proc), os.getppid()
+    start = _proc_start_time(ppid, proc)
+    try:
+        boot = (proc / 'sys' / 'kernel' / 'random' / 'boot_id').read_text().strip()
+    except OSError:
+        boot = '-'
+    if start is None:
+        error_file = os.environ.get('TORCHELASTIC_ERROR_FILE', '')
+        start = str(Path(error_file).parents[2]) if error_file.count(os.sep) >= 3 else '-'
+    return f"{socket.gethostname()}/{boot}/{ppid}@{start}/{os.environ.get('TORCHELASTIC_RUN_ID', '-')}"
+
+
+def launch_agents() -> list[str]:
+    """The agent keys of all ranks of the group, sorted, each once ([] without a group): saved in checkpoints so
+    that a restarted group recognises its own launch's by any agent it shares with it (collective: every rank calls)."""
+    if not is_initialized():
+        return []
+    return sorted(set(all_gather_object(agent_key())))
+
+
+def same_launch(saved: Any, agents: list[str]) -> bool:
+    """True when a checkpoint's saved agent keys share an agent with this group's (False for a checkpoint without
+    keys: a single-process run or one saved before they existed)."""
+    return isinstance(saved, (list, tuple)) and bool(set(saved) & set(agents))
 
 
 def save_on_master(save_fn, *args, **kwargs) -> None:
