@@ -2,6 +2,7 @@
 
     python train.py --cfg cfg/yolov3-tiny.cfg --data data/coco128.data --weights weights/yolov3-tiny.weights
     python train.py --resume                       # continue the interrupted run in this directory (weights/last.pt)
+    python train.py ... --resume auto               # requeue scripts: resume this folder's unfinished run, else start
     python train.py --evolve 10 --epochs 1          # hyperparameter evolution into evolve.txt
     python train.py --device 0,1 ...                # one process per GPU (torch's elastic launcher, as torchrun)
     python -m torch.distributed.run --nproc_per_node 2 train.py ...   # DDP (NCCL on CUDA, gloo on the CPU)
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
+import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -36,8 +40,8 @@ from utils import distributed as du
 from utils.anchors import check_anchors
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, memory_used,
-                          n_burn_in, progress_row, train_one_epoch)
+from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,
+                          memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
 from utils.loss import LOSSES, ComputeLoss
@@ -67,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='train min, train max, test sizes (one value: all three); multiples of 32')
     p.add_argument('--rect', action='store_true', help='rectangular training batches')
     p.add_argument('--resume', nargs='?', const=True, default=False,
-                   help='resume weights/last.pt of this directory, or the given last.pt')
+                   help="resume weights/last.pt of this directory, or the given last.pt; 'auto': resume this folder's "
+                        "last.pt if it is an unfinished run of the same options, else start fresh (for requeues)")
+    p.add_argument('--save-period-min', type=float, default=0.0,
+                   help='also save weights/last.pt every M minutes, at an optimizer step, mid-epoch included (0: off)')
     p.add_argument('--nosave', action='store_true', help='only save the final checkpoint')
     p.add_argument('--notest', action='store_true', help='only test the final epoch')
     p.add_argument('--evolve', nargs='?', type=int, const=300, default=0,
@@ -421,6 +428,8 @@ def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.devi
     for k in ('patience', 'save_period'):
         if getattr(opt, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} {getattr(opt, k)}: must be 0 (off) or a number of epochs")
+    if opt.save_period_min < 0:
+        raise ValueError(f'--save-period-min {opt.save_period_min}: must be 0 (off) or a number of minutes')
     if opt.evolve and (opt.patience or opt.save_period):
         log('--patience and --save-period have no effect with --evolve (it tests only the last epoch, saves nothing)')
     elif opt.patience and opt.notest:
@@ -456,10 +465,20 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss, amp, amp_dtype)
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: the epoch, the batch inside it (0: its start) and that epoch's running mean
+    losses of the batches already trained (None at an epoch's start)."""
+    epoch: int = 0
+    batch: int = 0
+    mloss: torch.Tensor | None = None
+
+
 def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.Namespace,
-                     log: Callable[[str], None] = print) -> tuple[int, Progress, LoopState]:
-    """--resume: optimizer, scaler, EMA and schedule back where the checkpoint's epoch ended; returns (first epoch
-    to train, the tests' progress so far, loop state)."""
+                     log: Callable[[str], None] = print) -> tuple[ResumePoint, Progress, LoopState]:
+    """--resume: optimizer, scaler, EMA, schedule and burn-in position back where the checkpoint was saved, at the
+    end of an epoch or (with 'batch') at an optimizer step inside one; returns (where to continue, the tests' progress
+    so far, loop state)."""
     if ckpt.get('optimizer') is not None:
         parts.optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
@@ -467,19 +486,57 @@ def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.N
     if parts.ema is not None:
         parts.ema.ema.load_state_dict(ckpt['model'])
         parts.ema.updates = int(ckpt.get('ema_updates', 0))
-    start_epoch = int(ckpt['epoch']) + 1
-    parts.scheduler.last_epoch = start_epoch - 1
-    for g in parts.optimizer.param_groups:  # LR of the epoch we continue with (no second warmup: ni keeps counting)
-        g['lr'] = g['initial_lr'] * parts.lf(start_epoch)
+    batch = ckpt.get('batch')
+    if batch is None:  # an epoch's end: continue with the next epoch at its scheduled LR
+        point = ResumePoint(int(ckpt['epoch']) + 1)
+        parts.scheduler.last_epoch = point.epoch - 1
+        for g in parts.optimizer.param_groups:  # no second warmup: ni keeps counting
+            g['lr'] = g['initial_lr'] * parts.lf(point.epoch)
+    else:  # inside an epoch: the optimizer state holds the LR, momentum and weight decay of that step
+        point = ResumePoint(int(ckpt['epoch']), int(batch), ckpt.get('mloss'))
+        parts.scheduler.last_epoch = point.epoch
     progress = Progress.from_checkpoint(ckpt)
-    log(f"Resuming {opt.resume} from epoch {start_epoch} of {opt.epochs}; best fitness {progress.best_fitness:.4f} "
+    where = f'epoch {point.epoch}' + (f', batch {point.batch}' if point.batch else '')
+    log(f"Resuming {opt.resume} from {where} of {opt.epochs} epochs; best fitness {progress.best_fitness:.4f} "
         f"at epoch {progress.best_epoch}" + (f' (--patience {opt.patience})' if opt.patience else ''))
-    state = replace(start, last_opt_step=int(ckpt.get('last_opt_step', -1)))
-    return start_epoch, progress, state
+    state = replace(start, last_opt_step=int(ckpt.get('last_opt_step', -1)),
+                    accumulate=int(ckpt.get('accumulate', start.accumulate)),
+                    img_size=int(ckpt.get('img_size', start.img_size)), gr=ckpt.get('gr'))
+    return point, progress, state
 
 
-def restore_rng(saved: dict | None, loader: Any, ms_rng: random.Random, info: du.DistInfo, opt: argparse.Namespace,
-                start_epoch: int, log: Callable[[str], None] = print) -> None:
+def loop_entries(state: LoopState) -> dict[str, Any]:
+    """The loop state a checkpoint keeps (burn-in position: accumulation, loss gr; the multi-scale size)."""
+    return {'last_opt_step': state.last_opt_step, 'accumulate': state.accumulate, 'img_size': state.img_size,
+            'gr': state.gr}
+
+
+def save_mid_epoch(batch: int, state: LoopState, mloss: torch.Tensor, *, epoch: int, parts: Parts, bare: nn.Module,
+                   hyp: dict, opt: argparse.Namespace, progress: Progress, extra: Callable[[], dict],
+                   log: Callable[[str], None] = print) -> None:
+    """Rank 0 at an optimizer step inside an epoch (a stop request or --save-period-min): weights/last.pt with the
+    position (next batch, loop state, running mean losses), from which --resume continues exactly."""
+    t = time.time()
+    paths = run_paths(Path(opt.save_dir))
+    results = paths['results'].read_text() if paths['results'].exists() else ''
+    ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch, batch=batch,
+                          mloss=mloss.detach().float().cpu(), training_results=results, **progress.state(),
+                          **loop_entries(state), **extra())
+    save_checkpoint(ckpt, paths['last'])
+    log(f"\nSaved {paths['last']} at epoch {epoch}, batch {batch} ({time.time() - t:.1f} s)")
+
+
+def resume_command(last: Path, info: du.DistInfo) -> str:
+    """The command that continues this run from last."""
+    args = [str(ROOT / 'train.py'), '--resume', str(last.resolve())]
+    if info.distributed:  # the same torchrun launch options (nodes, rendezvous) as this run
+        return shlex.join([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
+                           str(du.local_world_size()), *args]) + '  (with the same torchrun options as this run)'
+    return shlex.join([sys.executable, *args])
+
+
+def restore_rng(saved: dict | None, loader: Any, info: du.DistInfo, opt: argparse.Namespace, start_epoch: int,
+                log: Callable[[str], None] = print) -> None:
     """RNG streams of a resumed run: rank 0 gets the saved ones back, other ranks fresh ones of their own."""
     if not saved:
         return
@@ -488,8 +545,6 @@ def restore_rng(saved: dict | None, loader: Any, ms_rng: random.Random, info: du
     else:  # other ranks: fresh streams of their own, distinct per rank and per resume point
         init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
         loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
-    if 'multi_scale' in saved:
-        ms_rng.setstate(_pystate_from(saved['multi_scale']))
 
 
 def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
@@ -512,9 +567,10 @@ def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistI
 
 def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: dict, data: dict, testloader: Any,
               opt: argparse.Namespace, imgsz_test: int, progress: Progress, save_state: dict, tb: Any,
-              device: torch.device, after_burn_in: bool) -> tuple[tuple[float, ...], Progress]:
+              device: torch.device, after_burn_in: bool, keep: bool = False) -> tuple[tuple[float, ...], Progress]:
     """Rank 0 after an epoch: test the EMA model, append results.txt, log TensorBoard scalars, save last.pt (best.pt
-    when fitness improved, epoch_K.pt for --save-period). Returns (results, progress with this epoch's test)."""
+    when fitness improved, epoch_K.pt for --save-period; keep: save last.pt even with --nosave, for a run that stops
+    here to resume). Returns (results, progress with this epoch's test)."""
     save_dir, evolve = Path(opt.save_dir), bool(opt.evolve)
     paths = run_paths(save_dir)
     final_epoch = epoch + 1 == opt.epochs  # plots also where --patience ends the run unless this epoch improves
@@ -540,7 +596,7 @@ def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: d
         for x, tag in zip(list(stats.mloss[:3]) + list(results), tags):
             tb.add_scalar(tag, x, epoch)
     final = final_epoch or progress.stale(epoch, opt.patience)  # --patience: this epoch's checkpoint is the last
-    keep = (not opt.nosave) or (final and not evolve)
+    keep = (not opt.nosave) or ((final or keep) and not evolve)
     if keep or saves_epoch(opt, epoch):
         ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
                               training_results=paths['results'].read_text(), **progress.state(), **save_state)
@@ -580,12 +636,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     init_seeds(opt.seed + 1 + max(info.rank, 0), deterministic=opt.deterministic)
     if device.type == 'cuda':  # autotuned convolutions pay off when the shapes stay the same
         torch.backends.cudnn.benchmark = not (opt.deterministic or multi_scale or opt.rect)
-    ms_rng = random.Random(opt.seed)  # multi-scale sizes: same stream on every rank so DDP shapes match
 
     data = load_data_config(opt.data)
     if info.main:
         check_dataset(data)  # downloads a missing dataset if the config says how
     du.barrier()
+    agents = du.launch_agents()  # every checkpoint names this launch's elastic agents (see elastic_resume)
     nc = 1 if opt.single_cls else data['nc']
     names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
@@ -600,18 +656,22 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                       pretrained=bool(opt.weights or opt.resume))
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
-    start_epoch, progress = 0, Progress()
+    point, progress = ResumePoint(), Progress()
     if ckpt is not None:
-        start_epoch, progress, state = restore_training(ckpt, parts, state, opt, log)
+        point, progress, state = restore_training(ckpt, parts, state, opt, log)
         if info.main:
             run_paths(Path(opt.save_dir))['results'].write_text(ckpt.get('training_results') or '')
-        restore_rng(ckpt.get('rng'), loader, ms_rng, info, opt, start_epoch, log)
+        restore_rng(ckpt.get('rng'), loader, info, opt, point.epoch, log)
     del ckpt
+    start_epoch = point.epoch
     tb = start_outputs(opt, hyp, info, log)
     cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
                      amp_dtype=parts.amp_dtype, channels_last=channels_last,
                      multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
-                     show=info.main)
+                     show=info.main, seed=opt.seed)
+    # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; before the
+    # loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
+    control = None if opt.evolve else RunControl(opt.save_period_min * 60).install()
     log(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
         f'{loader.num_workers} dataloader workers; effective batch {batch_size * state.accumulate} '
         f'({batch_size} x {state.accumulate} accumulated, {info.world_size} process'
@@ -619,34 +679,55 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         f'{cfg.n_burn} burn-in iterations')
     log(f'Starting training for {opt.epochs} epochs...')
     plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
-    results, t0, epoch = (0.0,) * 8, time.time(), start_epoch
+    results, t0, epoch, stopped = (0.0,) * 8, time.time(), start_epoch, False
+
+    def run_state() -> dict[str, Any]:
+        """Checkpoint entries every last.pt of this launch carries besides the model and loop state."""
+        return {'elastic_agents': agents, 'rng': rng_state(loader.generator)}
+
     for epoch in range(start_epoch, opt.epochs):
         set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
                        if opt.image_weights else None)
         log(('\n' + '%10s' * 8) % RESULTS_HEADER)
+        resumed = epoch == start_epoch and point.batch > 0
+        on_save = None if control is None or not info.main else partial(
+            save_mid_epoch, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt, progress=progress,
+            extra=run_state, log=log)
         state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
                                        scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
                                        device=device, epoch=epoch, state=state, cfg=cfg,
-                                       checkpoint_name=str(run_paths(Path(opt.save_dir))['last']), ms_rng=ms_rng,
-                                       first_batch=plot)
+                                       checkpoint_name=str(run_paths(Path(opt.save_dir))['last']),
+                                       first_batch=plot, start=point.batch if resumed else 0,
+                                       start_mloss=point.mloss if resumed else None, control=control,
+                                       on_save=on_save)
+        # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
+        # as usual (test, results.txt, last.pt), then the run stops
+        stopped = stats.stopped_at is not None and epoch + 1 < opt.epochs
+        if stopped and stats.stopped_at < len(loader):
+            break
         parts.scheduler.step()
         if info.main:
-            save_state = {'last_opt_step': state.last_opt_step, 'elastic_run_id': os.environ.get('TORCHELASTIC_RUN_ID'),
-                          'rng': {**rng_state(loader.generator), 'multi_scale': _pystate_to(ms_rng.getstate())}}
             results, progress = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
-                                          progress, save_state, tb, device,
-                                          after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn)
+                                          progress, {**loop_entries(state), **run_state()}, tb, device,
+                                          after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
         du.barrier()  # the other ranks wait while rank 0 tests and saves
         if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
             progress = du.all_gather_object(progress)[0]
-        if stop_early(progress, epoch, opt.patience, log):
+        if stopped or stop_early(progress, epoch, opt.patience, log):
             break
-    if info.main:
+    if control is not None:
+        control.uninstall()
+    if stopped:
+        last = run_paths(Path(opt.save_dir))['last']
+        why = signal.Signals(control.signum).name if control.signum else 'a stop request on another rank'
+        log(f'Stopped by {why} in epoch {epoch}, after {stats.stopped_at}/{len(loader)} batches; saved {last}. '
+            f'Resume with: {resume_command(last, info)}')
+    elif info.main:
         log(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
         if not opt.evolve:
             _finish(Path(opt.save_dir), opt, run_paths(Path(opt.save_dir)), log)
-        if tb is not None:
-            tb.close()
+    if info.main and tb is not None:
+        tb.close()
     du.barrier()
     return results
 
@@ -740,7 +821,7 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
     saved = ckpt.get('opt')
     if not isinstance(saved, dict) or 'hyp' not in ckpt:
         raise CheckpointError(f'{ckpt_path}: not a train.py checkpoint (no saved options); use --weights instead')
-    if ckpt.get('optimizer') is None or int(ckpt['epoch']) + 1 >= int(saved['epochs']):
+    if run_finished(ckpt):
         print(f"{ckpt_path}: this run already finished ({int(ckpt['epoch']) + 1}/{saved['epochs']} epochs); "
               f"nothing to resume. To train more: --weights {ckpt_path} --epochs N")
         return opt, None
@@ -754,20 +835,126 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
     return new, ckpt['hyp']
 
 
-def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace:
-    """Under torchrun --max-restarts, a restarted worker group (TORCHELASTIC_RESTART_COUNT > 0) continues this
-    launch's run from its weights/last.pt by itself, as --resume would (a last.pt of another launch is left alone)."""
-    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
-    if opt.resume or opt.evolve or restart == 0:
+def run_finished(ckpt: dict) -> bool:
+    """True for a checkpoint of a run that trained all its epochs (or was stripped at its end)."""
+    return (ckpt.get('optimizer') is None
+            or (ckpt.get('batch') is None and int(ckpt['epoch']) + 1 >= int(ckpt['opt']['epochs'])))
+
+
+AUTO_RESUME_FREE = ('device', 'workers', 'resume')  # may change between a crash and its requeue
+
+
+def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace | None:
+    """--resume auto: the options to run, with opt.resume set to this folder's weights/last.pt when it is an
+    unfinished run of the same options (AUTO_RESUME_FREE aside), False to start fresh; None when that run finished.
+
+    Starting fresh over an unfinished run of other options first moves its last.pt, best.pt and results.txt aside
+    (..._replaced_<time>), so nothing on disk is lost. One line says what was decided and why.
+    """
+    opt = argparse.Namespace(**vars(opt))
+    opt.resume = False
+    paths = run_paths(Path(opt.save_dir))
+    last = paths['last']
+    if not last.is_file():
+        log(f'--resume auto: no {last}, starting a new run')
         return opt
-    last = run_paths(Path(opt.save_dir))['last']
-    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
-    if not last.is_file() or load_checkpoint(last).get('elastic_run_id') != run_id:
-        log(f'Elastic restart {restart}: no checkpoint of this launch in {last.parent} yet, starting again')
+    try:
+        ckpt = load_checkpoint(last)
+        saved = ckpt.get('opt')
+        if not isinstance(saved, dict) or 'hyp' not in ckpt:
+            raise CheckpointError(f'{last}: not a train.py checkpoint (no saved options)')
+    except CheckpointError as e:
+        log(f'--resume auto: {e}; {_move_aside(paths)}, starting a new run')
         return opt
-    log(f'Elastic restart {restart}: resuming {last}')
+    defaults, now = vars(get_args_parser().parse_args([])), plain(vars(opt))
+    saved = {**defaults, **saved}
+    changed = [k for k in now if k not in AUTO_RESUME_FREE and not _same_option(k, saved.get(k), now[k])]
+    try:
+        if not changed and load_hyp(opt.hyp) != ckpt['hyp']:
+            changed = ['hyp (the file\'s values)']
+    except (FileNotFoundError, ValueError):
+        pass  # a hyp file that cannot be read stops the new run with its own error
+    if run_finished(ckpt):
+        log(f"--resume auto: {last} is a finished run ({int(ckpt['epoch']) + 1}/{saved['epochs']} epochs); nothing "
+            f"to train" + (f" (options differ: {', '.join(changed)})" if changed else '') +
+            f'. To train more: --weights {last} --epochs N')
+        return None
+    where = f"epoch {ckpt['epoch']}" + (f", batch {ckpt['batch']}" if ckpt.get('batch') is not None else ' (end)')
+    if changed:
+        log(f"--resume auto: {last} ({where}) is an unfinished run of other options ({', '.join(changed)}); "
+            f'{_move_aside(paths)}, starting a new run')
+        return opt
+    free = [k for k in AUTO_RESUME_FREE[:-1] if not _same_option(k, saved.get(k), now[k])]
+    log(f'--resume auto: resuming {last} at {where}' +
+        (f"; {', '.join(free)} from this command line, not the saved run" if free else ''))
     opt.resume = str(last)
     return opt
+
+
+def _same_option(key: str, saved: Any, now: Any) -> bool:
+    """Whether an option has the same value in the saved run and on this command line (folders compared resolved)."""
+    if key == 'save_dir' and saved is not None and now is not None:
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
+
+
+def _move_aside(paths: dict[str, Path]) -> str:
+    """Rename a run's last.pt, best.pt and results.txt to ..._replaced_<time>; say where they went."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    moved = []
+    for p in (paths['last'], paths['best'], paths['results']):
+        if p.exists():
+            dst = p.with_name(f'{p.stem}_replaced_{stamp}{p.suffix}')
+            os.replace(p, dst)
+            moved.append(str(dst))
+    return f"kept the old run as {', '.join(moved)}"
+
+
+def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace:
+    """Under torchrun, whether this worker group continues weights/last.pt as --resume would: only when the checkpoint
+    is this launch's (its saved elastic agents share one with this group's), so a restart after a worker or node loss
+    continues and a relaunch of the same command (even with the same --rdzv-id) starts again. Rank 0 alone reads
+    last.pt and every rank gets its decision; a collective, called by every rank once the process group exists."""
+    if opt.resume or opt.evolve:
+        return opt
+    last = run_paths(Path(opt.save_dir))['last']
+    decision = _elastic_decision(last, du.launch_agents(), du.restart_count()) if du.is_main_process() else None
+    resume, message, failed = du.broadcast_object(decision)
+    if failed:
+        raise CheckpointError(message)
+    if message:
+        log(message)
+    if resume:
+        readable = du.all_gather_object((socket.gethostname(), os.access(resume, os.R_OK)))
+        missing = [f'rank {r} on {host}' for r, (host, ok) in enumerate(readable) if not ok]
+        if missing:
+            raise CheckpointError(f"{resume}: {', '.join(missing)} cannot read this launch's checkpoint; an elastic "
+                                  f"restart needs --save-dir on a filesystem every node shares")
+        opt.resume = resume
+    return opt
+
+
+def _elastic_decision(last: Path, agents: list[str], restart: int) -> tuple[str | None, str, bool]:
+    """Rank 0's answer for elastic_resume: (checkpoint to resume or None, what to log ('' for nothing), whether the
+    message is an error that stops every rank)."""
+    # a node whose worker did not fail restarts for the new membership with its own count, possibly 0: the saved
+    # agents decide, the count only words the message
+    head = f'Elastic restart {restart}' if restart else 'Elastic restart (the worker group re-formed)'
+    if not last.is_file():
+        return None, (f'{head}: no checkpoint of this launch in {last.parent} yet, starting again'
+                      if restart else ''), False
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as e:
+        if not restart:  # a new launch starts a new run over whatever is there, as without torchrun
+            return None, '', False
+        return None, f'{head}: {e}; not starting again over it (move it away to start a new run)', True
+    if not du.same_launch(ckpt.get('elastic_agents'), agents):
+        return None, (f"{head}: {last} is another launch's (none of its agents is in this group), starting again"
+                      if restart else ''), False
+    batch = ckpt.get('batch')
+    where = f"epoch {ckpt['epoch']}, batch {batch}" if batch is not None else f"epoch {int(ckpt['epoch']) + 1}"
+    return str(last), f"{head}: resuming this launch's {last} at {where}", False
 
 
 def launch(opt: argparse.Namespace, nproc: int) -> int:
@@ -789,6 +976,15 @@ def launch(opt: argparse.Namespace, nproc: int) -> int:
         return 1
 
 
+def _join_group(device: torch.device, info: du.DistInfo) -> None:
+    """Join torchrun's process group on device (CPU threads shared among the processes); once per process."""
+    if du.is_initialized():
+        return
+    if device.type == 'cpu':
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    du.init_distributed(device)
+
+
 def _worker(opt: dict) -> int:
     """One process of launch(): torchrun's environment is set, so main() trains as rank LOCAL_RANK."""
     return main(argparse.Namespace(**opt))
@@ -799,15 +995,23 @@ def main(opt: argparse.Namespace) -> int:
     info = du.env_info()
     try:
         hyp = None
-        if info.distributed:
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if info.distributed and opt.resume in (False, 'auto'):
+            # rank 0 decides for the whole group whether an elastic restart resumes, so the group comes first, on
+            # this command line's device (a restart resumes this launch's run, saved with the same options)
+            _join_group(torch.device(resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)[0]),
+                        info)
             opt = elastic_resume(opt, print if info.main else _quiet)
+        if opt.resume == 'auto':
+            opt = auto_resume(opt, print if info.main else _quiet)
+            if opt is None:
+                return 0
         if opt.resume:
             opt, hyp = resolve_resume(opt)
             if hyp is None:
                 return 0
         if hyp is None:
             hyp = load_hyp(opt.hyp)
-        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         device, nproc = resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)
         if nproc > 1:
             if opt.evolve:
@@ -819,9 +1023,7 @@ def main(opt: argparse.Namespace) -> int:
         if not info.distributed and n_cuda > 1 and not str(opt.device).strip():
             print(f'{n_cuda} CUDA devices visible, training on {device} only: --device 0,1,... trains on several')
         if info.distributed:
-            if device.type == 'cpu':
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-            du.init_distributed(device)
+            _join_group(device, info)
             if opt.evolve:
                 raise ValueError('--evolve runs one process; do not launch it with torchrun')
         if info.main:

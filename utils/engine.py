@@ -1,12 +1,16 @@
 """One training epoch (train_one_epoch) and the schedule it follows: cosine LR, burn-in, accumulation, multi-scale.
 
 train.py builds the model, optimizer, loaders and checkpoints; this module runs the batches, after torchvision's
-references/detection/engine.py. Nothing here writes files or talks to other ranks except the loss check.
+references/detection/engine.py. Nothing here writes files (a mid-epoch save is train.py's callback) or talks to other
+ranks except the one all_reduce per optimizer step that agrees on the loss check, a stop request and a periodic save.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
+import signal
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
@@ -66,6 +70,12 @@ def multi_scale_size(rng: random.Random, grid_min: int, grid_max: int) -> int:
     return rng.randrange(grid_min, grid_max + 1) * GS
 
 
+def multi_scale_size_at(seed: int, ni: int, grid_min: int, grid_max: int) -> int:
+    """The multi-scale size of integrated batch ni, a function of (seed, ni) alone: every DDP rank and a run resumed
+    at any batch draw the same sizes as an uninterrupted run."""
+    return multi_scale_size(random.Random(seed * 1_000_003 + ni), grid_min, grid_max)
+
+
 def resize_batch(imgs: torch.Tensor, img_size: int) -> torch.Tensor:
     """Resize a batch (B, 3, H, W) so its long side is img_size, each side rounded up to a multiple of 32."""
     sf = img_size / max(imgs.shape[2:])
@@ -88,6 +98,7 @@ class LoopConfig:
     multi_scale: tuple[int, int] | None = None  # (grid_min, grid_max) for multi-scale training
     distributed: bool = False  # DDP: gradients all-reduced only on optimizer steps (no_sync on micro-steps)
     show: bool = True  # progress bar (rank 0)
+    seed: int = 0  # multi-scale sizes are drawn from (seed, ni)
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class LoopState:
     last_opt_step: int = -1  # integrated batch of the last optimizer step
     accumulate: int = 1  # batches per optimizer step (ramped 1 -> NBS / batch during burn-in)
     img_size: int = 0  # current multi-scale size
+    gr: float | None = None  # the loss's objectness GIoU ratio (burn-in ramps it; None: leave the loss's own)
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,53 @@ class EpochStats:
     mloss: tuple[float, float, float, float]  # GIoU, obj, cls, total
     targets: int
     img_size: int
+    stopped_at: int | None = None  # a stop request ended the epoch early: the next batch to train (it was saved)
+
+
+class RunControl:
+    """Stop requests and periodic saves for long runs: SIGTERM / SIGUSR1 (SLURM, spot instances) only set a flag,
+    which the loop acts on at its next optimizer step; save_period_s > 0 also asks for a save that often (rank 0's
+    clock). Ctrl-C (SIGINT) keeps its behaviour."""
+
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self, save_period_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.save_period_s, self.clock = save_period_s, clock
+        self.signum: int | None = None  # the signal that asked to stop
+        self.last_save = clock()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop signal arrived in this process."""
+        return self.signum is not None
+
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: note the request and nothing else (the loop stops at a step boundary)."""
+        self.signum = signum
+
+    def save_due(self) -> bool:
+        """True when the save period has passed since the last save (or the start)."""
+        return self.save_period_s > 0 and self.clock() - self.last_save >= self.save_period_s
+
+    def saved(self) -> None:
+        """Restart the save period."""
+        self.last_save = self.clock()
+
+    def install(self) -> RunControl:
+        """Route SIGTERM and SIGUSR1 to request_stop (main thread only); DataLoader workers forked later inherit the
+        handler, so a signal sent to the whole process group does not kill them mid-epoch."""
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self.request_stop)
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers install() replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def progress_row(epoch: int, epochs: int, mem: str, mloss: Iterable[float], targets: int, img_size: int) -> str:
@@ -140,11 +199,21 @@ class FiniteGuard:
 
     def check(self, epoch: int, where: str) -> None:
         """Raise NonFiniteLossError when any rank saw a non-finite loss since the start."""
-        flag = self.ok.float().reshape(1)
+        self.agree(epoch, where)
+
+    def agree(self, epoch: int, where: str, stop: bool = False, save: bool = False) -> tuple[bool, bool]:
+        """One all_reduce (MIN) of [finite, not stop, not save] across ranks: raise NonFiniteLossError when any rank
+        saw a non-finite loss, else return (any rank asked to stop, a save is due)."""
         if du.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        if flag.item():
-            return
+            flags = torch.cat([self.ok.float().reshape(1),
+                               torch.tensor([float(not stop), float(not save)]).to(self.ok.device)])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            finite, go_on, no_save = flags.tolist()  # the one host read per optimizer step
+            stop, save = not go_on, not no_save
+        else:
+            finite = bool(self.ok.item())
+        if finite:
+            return stop, save
         if not self.ok.item():
             g, o, c, t = self.items.tolist()
             raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, batch {int(self.batch.item())}: GIoU {g:.4g}, '
@@ -170,32 +239,45 @@ def burn_in(optimizer: torch.optim.Optimizer, compute_loss: ComputeLoss, ni: int
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     compute_loss: ComputeLoss, ema: ModelEMA | None, device: torch.device, epoch: int,
                     state: LoopState, cfg: LoopConfig, checkpoint_name: str = 'weights/last.pt',
-                    ms_rng: random.Random | None = None,
-                    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None
+                    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None,
+                    start: int = 0, start_mloss: torch.Tensor | None = None, control: RunControl | None = None,
+                    on_save: Callable[[int, LoopState, torch.Tensor], None] | None = None
                     ) -> tuple[LoopState, EpochStats]:
-    """Train one pass over loader; return the state to continue from and the epoch's mean losses.
+    """Train one pass over loader from batch `start`; return the state to continue from and the epoch's mean losses.
 
     An optimizer step (and EMA update) every state.accumulate batches, counted across epochs as the original.
-    first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it).
+    first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it). A resumed epoch starts
+    at batch `start` with the running mean losses start_mloss (4,) of batches 0..start-1. At each optimizer step the
+    ranks agree on control's stop request and periodic save: on_save(next batch, state, running mean losses) is then
+    called (rank 0 passes it, the others None), and a stop ends the epoch there (EpochStats.stopped_at).
     """
     model.train()
     nb = len(loader)
     last_opt_step, accumulate, img_size = state.last_opt_step, state.accumulate, state.img_size
+    if state.gr is not None:
+        compute_loss.gr = state.gr
     autocast = nullcontext() if cfg.amp_dtype is None else torch.autocast(device.type, dtype=cfg.amp_dtype)
     guard = FiniteGuard(device)
-    mloss = torch.zeros(4, device=device)
+    mloss = torch.zeros(4, device=device) if start_mloss is None else start_mloss.to(device)
     targets = torch.zeros(0, 6)
     imgs = torch.zeros(0, 3, img_size, img_size)
-    pbar = tqdm(enumerate(loader), total=nb, disable=not cfg.show, bar_format='{l_bar}{bar:10}{r_bar}')
+    stopped_at = None
+    sampler = getattr(loader, 'sampler', None)
+    if start and hasattr(sampler, 'set_start'):  # the sampler skips the done batches without loading them
+        sampler.set_start(start)
+        batches = enumerate(loader, start)
+    else:
+        batches = itertools.islice(enumerate(loader), start, None)
+    pbar = tqdm(batches, total=nb, initial=start, disable=not cfg.show, bar_format='{l_bar}{bar:10}{r_bar}')
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch  # batches since the start of training
         imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
-        targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h]
+        targets = targets.to(device, non_blocking=True)  # (n, 6) [image, class, x, y, w, h]
         if ni <= cfg.n_burn:
             accumulate = burn_in(optimizer, compute_loss, ni, epoch, cfg)
         if cfg.multi_scale:
             if ni % accumulate == 0:  # as the original: a new size every accumulation step
-                img_size = multi_scale_size(ms_rng, *cfg.multi_scale)
+                img_size = multi_scale_size_at(cfg.seed, ni, *cfg.multi_scale)
             imgs = resize_batch(imgs, img_size)
         if cfg.channels_last:
             imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -210,8 +292,12 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             scaler.scale(loss * (cfg.batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
         guard.record(i, loss, loss_items)
 
+        stop = save = False
         if step:
-            guard.check(epoch, checkpoint_name)  # before the (possibly non-finite) gradients reach the weights
+            # before the (possibly non-finite) gradients reach the weights; the same collective carries the stop
+            # request (any rank's) and the periodic save (rank 0's clock)
+            stop, save = guard.agree(epoch, checkpoint_name, control is not None and control.stop_requested,
+                                     control is not None and on_save is not None and control.save_due())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +312,19 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                                               targets.shape[0], imgs.shape[-1]))
         if ni == 0 and first_batch is not None:
             first_batch(imgs, targets, paths)
+        if stop or save:
+            # no gradients are pending right after an optimizer step, so this is an exact resume point; after the
+            # epoch's last batch the end-of-epoch checkpoint takes its place
+            if on_save is not None and i + 1 < nb:
+                on_save(i + 1, LoopState(last_opt_step, accumulate, img_size, compute_loss.gr), mloss)
+            control.saved()
+            if stop:
+                stopped_at = i + 1
+                break
     pbar.close()
     guard.check(epoch, checkpoint_name)  # micro-steps after the last optimizer step
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-    stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]))
-    return replace(state, last_opt_step=last_opt_step, accumulate=accumulate, img_size=img_size), stats
+    stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]), stopped_at)
+    return replace(state, last_opt_step=last_opt_step, accumulate=accumulate, img_size=img_size,
+                   gr=compute_loss.gr), stats
