@@ -37,7 +37,8 @@ from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
-from utils.torch_utils import HALF_CHOICES, inference_dtype, select_device, time_synchronized  # noqa: E402
+from utils.torch_utils import (HALF_CHOICES, inference_dtype, select_device, set_cuda_device,  # noqa: E402
+                               time_synchronized)
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
 JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
@@ -228,6 +229,7 @@ def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch
         dtype = inference_dtype(opt.half, device)
     except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA, --half fp16 on the CPU
         raise DetectError(str(e)) from None
+    set_cuda_device(device)  # before the model opens a CUDA context: --device 1 must not open one on GPU 0 too
     model = load_eval_model(opt.weights, opt.cfg or None, opt.img_size or 416, device, dtype)
     if opt.img_size is None:  # Darknet detects at the network size its cfg gives
         opt.img_size = int(model.hyperparams.get('width', 416))
@@ -362,10 +364,10 @@ def detect(opt: argparse.Namespace) -> Path:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
             x = model_input(img, imgs0, model, device, dtype)
-            t1 = time_synchronized()
+            t1 = time_synchronized(device)
             with torch.no_grad():
                 pred = model(x) if onnx else model(x, augment=opt.augment)[0]
-            t2 = time_synchronized()
+            t2 = time_synchronized(device)
             fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
             frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
             finish(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))

@@ -32,8 +32,8 @@ from utils.datasets import create_dataloader  # noqa: E402
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
-from utils.torch_utils import (HALF_CHOICES, de_parallel, inference_dtype, select_device,  # noqa: E402
-                               time_synchronized)
+from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
+                               pin_memory_for, select_device, set_cuda_device, time_synchronized)
 
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
 
@@ -43,11 +43,14 @@ class EvalError(Exception):
 
 
 def _device(device: str, batch_size: int) -> torch.device:
-    """select_device, with its refusals as EvalError so the command line reports them without a traceback."""
+    """select_device, with its refusals as EvalError so the command line reports them without a traceback; a CUDA
+    device becomes the current one before anything opens a context (see set_cuda_device)."""
     try:
-        return select_device(device, batch_size=batch_size)
+        dev = select_device(device, batch_size=batch_size)
     except (RuntimeError, ValueError) as e:
         raise EvalError(str(e)) from None
+    set_cuda_device(dev)
+    return dev
 
 
 def _half_dtype(half: str | bool, device: torch.device) -> torch.dtype:
@@ -104,7 +107,7 @@ def val_loader(data: dict, imgsz: int, batch_size: int, model: nn.Module, single
     """The validation loader of the original: rectangular batches padded by half a stride, not shuffled."""
     loader, _ = create_dataloader(data['valid'], imgsz, batch_size, stride=_model_stride(model), pad=0.5, rect=True,
                                   single_cls=single_cls, shuffle=False, workers=workers, nc=int(data['nc']),
-                                  prefix='test: ')
+                                  prefix='test: ', pin_memory=pin_memory_for(next(model.parameters()).device))
     return loader
 
 
@@ -137,6 +140,8 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
     import_in_background()  # torchvision, for NMS: its import runs beside the first batch's forward pass
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16/bf16 with --half
+    # rectangular batches change shape nearly every batch: cuDNN would autotune again for most of them
+    benchmark = torch.backends.cudnn.benchmark and not getattr(getattr(dataloader, 'dataset', None), 'rect', False)
     iouv = IOU_THRESHOLDS.to(device)
     loss = torch.zeros(3, device=device)
     stats, seen, t_inf, t_nms = [], 0, 0.0, 0.0
@@ -149,16 +154,17 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
         height, width = imgs.shape[2:]  # rectangular batch: H, W multiples of 32
         whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
 
-        t = time_synchronized()
-        inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
-        t_inf += time_synchronized() - t
+        t = time_synchronized(device)
+        with cudnn_benchmark(benchmark):
+            inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
+        t_inf += time_synchronized(device) - t
         if compute_loss is not None and train_out is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
         import torchvision.ops  # noqa: F401  waits for that import once: start-up, not NMS time per image
-        t = time_synchronized()
+        t = time_synchronized(device)
         output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,
                                      multi_label=multi_label, merge=merge)
-        t_nms += time_synchronized() - t
+        t_nms += time_synchronized(device) - t
 
         for si, pred in enumerate(output):  # pred: (n, 6) [x1, y1, x2, y2, conf, cls] in letterboxed pixels
             labels = targets[targets[:, 0] == si, 1:]  # (m, 5) [class, x, y, w, h]

@@ -1,4 +1,6 @@
-"""Loss: parity with the original's compute_loss on a fixed batch, and target assignment on hand-made cases."""
+"""Loss: parity with the original's compute_loss on a fixed batch, and target assignment on hand-made cases; the
+CUDA step's device handling proven on the CPU (no host reads per micro-step, the device bound and synchronised,
+channels_last, EMA, optimizer state in checkpoints)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from models import Darknet, load_darknet_weights
+from utils import torch_utils
 from utils.torch_utils import ModelEMA
 import train
 from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, make_subset
@@ -282,3 +285,121 @@ def test_training_micro_steps_read_nothing_from_the_device(monkeypatch):
     assert len(steps) == 6
     assert [len(steps[i]) for i in (0, 1, 3, 4)] == [0, 0, 0, 0], steps  # micro-steps: nothing read
     assert steps[2] == steps[5] == ['item'], steps  # optimizer steps: the finite-loss flag only
+
+
+def test_ema_update_gives_the_per_tensor_lerp_numbers():
+    # the multi-tensor update must give exactly the per-tensor lerp's numbers, on both sides of lerp's 0.5 switch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=False))
+    model[2].weight.requires_grad_(False)  # frozen: the average must stay bit-identical to it
+    ema = ModelEMA(model, decay=0.9999, tau=2.0)  # a short ramp: 1 - d > 0.5 at first, < 0.5 later
+    ref = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    for _ in range(6):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name != '2.weight':
+                    p.add_(torch.randn_like(p))
+            model(torch.randn(2, 3, 8, 8))  # BN running stats move too
+        ema.update(model)
+        w = 1 - ema.decay(ema.updates)
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ref[k].lerp_(v, w)
+    got = ema.ema.state_dict()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    assert torch.equal(got['2.weight'], model[2].weight)
+    assert got['1.num_batches_tracked'] == 0 and ema.updates == 6
+
+
+class CudaCalls:
+    """Fake CUDA for a CPU machine: 2 devices, and a record of what set_device and synchronize were given."""
+
+    def __init__(self, monkeypatch):
+        self.set_device: list[torch.device] = []
+        self.synchronize: list = []
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+        monkeypatch.setattr(torch.cuda, 'set_device', lambda d: self.set_device.append(torch.device(d)))
+        monkeypatch.setattr(torch.cuda, 'synchronize', lambda d=None: self.synchronize.append(d))
+
+
+def test_cuda_device_is_bound_and_synchronised_by_index(monkeypatch):
+    cuda = CudaCalls(monkeypatch)
+    torch_utils.set_cuda_device(torch.device('cpu'))
+    torch_utils.set_cuda_device(torch.device('cuda:1'))
+    assert cuda.set_device == [torch.device('cuda:1')]
+    torch_utils.time_synchronized(torch.device('cpu'))  # the CPU has nothing queued
+    torch_utils.time_synchronized(torch.device('cuda:1'))
+    assert cuda.synchronize == [torch.device('cuda:1')]
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: False)
+    torch_utils.time_synchronized()  # no context yet: opening one on GPU 0 just to wait would be the fault
+    assert cuda.synchronize == [torch.device('cuda:1')]
+    assert not torch_utils.pin_memory_for(torch.device('cpu')) and torch_utils.pin_memory_for(torch.device('cuda:1'))
+
+
+def test_testpy_and_detect_bind_the_device_before_loading(monkeypatch, tmp_path):
+    # test.py / detect.py --device 1: GPU 1 is the current device before the model (or any CUDA tensor) exists
+    import detect
+    import test as testpy
+    cuda = CudaCalls(monkeypatch)
+    seen = []
+
+    def loaded(*args, **kwargs):
+        seen.append(list(cuda.set_device))
+        raise RuntimeError('stop here: no real GPU')
+    monkeypatch.setattr(testpy, 'load_eval_model', loaded)
+    monkeypatch.setattr(detect, 'load_eval_model', loaded)
+    data = make_subset(tmp_path, 1)
+    with pytest.raises(RuntimeError, match='stop here'):
+        testpy.test(None, data, 'x.pt', batch_size=1, imgsz=128, device='1', half='off', plots=False,
+                    save_dir=tmp_path)
+    with pytest.raises(RuntimeError, match='stop here'):
+        detect.load_detector(detect.parse_opt(['--weights', 'x.pt', '--device', '1', '--half', 'off']))
+    assert seen == [[torch.device('cuda:1')], [torch.device('cuda:1')] * 2]
+
+
+def test_channels_last_where_it_pays(monkeypatch):
+    capability = {0: (8, 0), 1: (6, 1)}
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d: capability[torch.device(d).index])
+    use = torch_utils.use_channels_last
+    assert use(torch.device('cpu'), None) and use(torch.device('cpu'), torch.bfloat16)  # oneDNN, as before
+    assert use(torch.device('cuda:0'), torch.float16) and use(torch.device('cuda:0'), torch.bfloat16)
+    assert not use(torch.device('cuda:0'), None)  # fp32 on CUDA: NCHW
+    assert not use(torch.device('cuda:1'), torch.float16)  # no tensor cores (Pascal)
+
+
+def test_cudnn_benchmark_is_restored_even_after_an_error():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with pytest.raises(KeyError):
+            with torch_utils.cudnn_benchmark(False):
+                assert torch.backends.cudnn.benchmark is False
+                raise KeyError
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_optimizer_state_saved_on_cpu_loads_onto_the_parameters_device():
+    # a GPU run's optimizer state (momentum buffers) is saved on the CPU, and loading puts it on the parameters'
+    # device again; the 'meta' device stands in for a GPU here
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    live = opt.state[model.weight]['momentum_buffer']
+    on_meta = torch_utils.state_to(opt.state_dict(), 'meta')
+    assert on_meta['state'][0]['momentum_buffer'].is_meta and live.device.type == 'cpu'  # the live state stays
+    saved = torch_utils.optimizer_state_cpu(opt)
+    assert saved['state'][0]['momentum_buffer'].device.type == 'cpu'
+    assert saved['state'][0]['momentum_buffer'] is not live  # a copy: later steps do not change a saved checkpoint
+    assert saved['param_groups'] == opt.state_dict()['param_groups']
+    meta_model = nn.Linear(4, 2, device='meta')
+    meta_opt = torch.optim.SGD(meta_model.parameters(), lr=0.1, momentum=0.9)
+    meta_opt.load_state_dict(saved)
+    assert meta_opt.state[meta_model.weight]['momentum_buffer'].is_meta
+    back = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    back.load_state_dict(saved)
+    assert torch.equal(back.state[model.weight]['momentum_buffer'], live)

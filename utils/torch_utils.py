@@ -5,8 +5,10 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -147,9 +149,70 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':4096:8'
 
 
-def time_synchronized() -> float:
-    """time.time() after waiting for queued CUDA work, so intervals measure the device."""
-    if torch.cuda.is_available():
+def set_cuda_device(device: torch.device) -> None:
+    """Make a CUDA device the process's current one, before anything creates a CUDA context; a no-op for the CPU.
+
+    Without it '--device 1' still opens a context on GPU 0 (the pin-memory thread and calls that take no device use
+    the current device), which costs memory there and makes torch.cuda.synchronize() wait on the wrong GPU.
+    """
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+
+
+def pin_memory_for(device: torch.device) -> bool:
+    """Whether loaders feeding device should pin their batches: only for CUDA (a CPU run gains nothing, and on a
+    GPU machine the pin-memory thread would open a CUDA context)."""
+    return device.type == 'cuda'
+
+
+def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether training runs the model in channels_last (NHWC): on the CPU (oneDNN's NHWC convolutions are ~1.2x
+    faster forward + backward there), and on CUDA with fp16/bf16 AMP on tensor-core GPUs (compute capability
+    >= 7.0), whose cuDNN kernels take NHWC without transposes; fp32 on CUDA keeps NCHW."""
+    if device.type == 'cpu':
+        return True
+    if device.type != 'cuda' or amp_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Set torch.backends.cudnn.benchmark inside the block and restore it after (rectangular validation batches
+    change shape nearly every batch: autotuning each new shape costs more than it saves)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def state_to(state: Any, device: torch.device | str) -> Any:
+    """A copy of a nested dict/list state (an optimizer's state_dict) with every tensor on device; the original,
+    and the live tensors it refers to, are left where they are."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to(device, copy=True)
+    if isinstance(state, dict):
+        return {k: state_to(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(state_to(v, device) for v in state)
+    return state
+
+
+def optimizer_state_cpu(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with its tensors on the CPU, so a GPU run's checkpoint loads anywhere
+    (Optimizer.load_state_dict moves each state tensor to its parameter's device and dtype)."""
+    return state_to(optimizer.state_dict(), 'cpu')
+
+
+def time_synchronized(device: torch.device | None = None) -> float:
+    """time.time() after the queued work of device (a CUDA device; None: the current one, if CUDA is in use), so
+    intervals measure the device; the CPU needs no wait."""
+    if device is not None:
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():  # never opens a context just to wait on it
         torch.cuda.synchronize()
     return time.time()
 
@@ -190,11 +253,13 @@ class ModelEMA:
         """Blend the model's current floating-point state into the average."""
         self.updates += 1
         d = self.decay(self.updates)
-        bare = de_parallel(model)
-        msd = bare.state_dict()
-        for k, v in self.ema.state_dict().items():
-            if v.dtype.is_floating_point:  # integer buffers (BN num_batches_tracked) are left alone
-                v.lerp_(msd[k].detach().to(v.dtype), 1 - d)  # exact no-op where model == average (frozen)
+        msd = de_parallel(model).state_dict()
+        # integer buffers (BN num_batches_tracked) are left alone
+        pairs = [(v, msd[k].detach().to(v.dtype)) for k, v in self.ema.state_dict().items()
+                 if v.dtype.is_floating_point]
+        # one multi-tensor kernel launch per device and dtype instead of one per tensor (~130 for yolov3); lerp as
+        # before: the same numbers, and an exact no-op where model == average (frozen layers)
+        torch._foreach_lerp_([v for v, _ in pairs], [m for _, m in pairs], 1 - d)
 
     def update_attr(self, model: nn.Module, include: tuple[str, ...] = ('names',)) -> None:
         """Copy plain attributes of the model (its class names) onto the EMA copy."""
