@@ -1,0 +1,234 @@
+"""Long runs: a SIGTERM stops training at an optimizer step with last.pt saved and --resume continues it exactly
+(mid-epoch: same batches, augmentation, multi-scale sizes, optimizer, EMA); kill -9 after a --save-period-min save
+likewise; --resume auto for requeue scripts. Real train.py processes on 32 coco128 images at 64-192 pixels."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
+from utils.engine import FiniteGuard, RunControl
+
+CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+TRAIN = ROOT / 'train.py'
+EPOCHS = 3
+NB = 8  # batches per epoch: 32 images, batch 4
+
+
+def run_args(data: Path, *extra: str) -> list[str]:
+    # --multi-scale: sizes 64-192 drawn per accumulation step; --save-period 2 keeps weights/epoch_2.pt unstripped
+    # (model_train and EMA of the final epoch) for the comparison
+    return ['--cfg', str(CFG), '--data', str(data), '--weights', str(TINY_WEIGHTS), '--img-size', '128',
+            '--multi-scale', '--epochs', str(EPOCHS), '--batch-size', '4', '--device', 'cpu', '--workers', '2',
+            '--notest', '--save-period', '2', *extra]
+
+
+class Training:
+    """train.py in its own process group (as SLURM starts a job step), its output collected as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        self.text = ''
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            self.text += chunk.decode(errors='replace')
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> bool:
+        """True once the output matches pattern; False if the process ended or the time ran out first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if re.search(pattern, self.text):
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                return bool(re.search(pattern, self.text))
+            time.sleep(0.005)
+        return False
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def epochs_of(d: Path) -> list[str]:
+    return [r.split()[0] for r in (d / 'results.txt').read_text().splitlines()]
+
+
+def train_rows(d: Path) -> list[list[str]]:
+    """results.txt's training columns without the memory column: epoch, losses, targets, img_size."""
+    return [r.split()[:1] + r.split()[2:8] for r in (d / 'results.txt').read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The final epoch's raw model and EMA of two runs agree to 1e-4."""
+    ca, cb = load(a / 'weights' / f'epoch_{EPOCHS - 1}.pt'), load(b / 'weights' / f'epoch_{EPOCHS - 1}.pt')
+    assert ca['ema_updates'] == cb['ema_updates']
+    for part in ('model_train', 'model'):
+        diff = max((ca[part][k].float() - cb[part][k].float()).abs().max().item() for k in ca[part])
+        assert diff < 1e-4, f'{part}: max |diff| {diff}'
+
+
+@pytest.fixture(scope='module')
+def data32(tmp_path_factory) -> Path:
+    return make_subset(tmp_path_factory.mktemp('coco32'), 32, name='coco32')
+
+
+@pytest.fixture(scope='module')
+def reference(data32, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    d = tmp_path_factory.mktemp('reference')
+    r = cli(run_args(data32), d)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return d
+
+
+@pytest.fixture(scope='module')
+def sigterm_run(data32, tmp_path_factory) -> tuple[Path, str, float]:
+    """The same run, SIGTERMed (the whole process group, as SLURM does) once epoch 1 shows progress: (folder,
+    output, seconds from the signal to the exit)."""
+    d = tmp_path_factory.mktemp('sigterm')
+    t = Training(run_args(data32), d)
+    try:
+        assert t.wait_for(r'\s1/2\s'), t.text[-3000:]
+        t0 = time.time()
+        t.signal_group(signal.SIGTERM)
+        rc = t.wait(120)
+        dt = time.time() - t0
+    finally:
+        t.kill()
+    assert rc == 0, t.text[-3000:]
+    return d, t.text, dt
+
+
+def test_sigterm_saves_position_and_exits_0_with_the_resume_command(sigterm_run):
+    d, out, dt = sigterm_run
+    assert dt < 60
+    m = re.search(r'Stopped by SIGTERM in epoch (\d+), after (\d+)/(\d+) batches; saved (\S+)\. Resume with: (.+)',
+                  out)
+    assert m, out[-3000:]
+    assert m.group(1) == '1' and 0 < int(m.group(2)) < NB and int(m.group(3)) == NB
+    assert Path(m.group(4)) == Path('weights/last.pt') and m.group(5).endswith(f"--resume {d / 'weights' / 'last.pt'}")
+    ck = load(d / 'weights' / 'last.pt')
+    assert ck['epoch'] == 1 and ck['batch'] == int(m.group(2))
+    assert ck['optimizer'] is not None and ck['model_train'] is not None and ck['mloss'].shape == (4,)
+    assert epochs_of(d) == ['0/2']  # the interrupted epoch's row comes once it completes
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(sigterm_run, reference, tmp_path):
+    d = tmp_path / 'run'
+    shutil.copytree(sigterm_run[0], d)
+    r = cli(['--resume'], d)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r'Resuming \S+ from epoch 1, batch \d+ of 3 epochs', r.stdout), r.stdout[-3000:]
+    assert epochs_of(d) == ['0/2', '1/2', '2/2']
+    assert train_rows(d) == train_rows(reference)  # running losses of the interrupted epoch, multi-scale sizes
+    assert_same_weights(d, reference)
+
+
+def test_kill_9_after_a_periodic_save_then_resume_equals(data32, reference, tmp_path):
+    # --save-period-min 0.001 (60 ms): last.pt at nearly every optimizer step; kill -9 once one inside epoch 1 exists
+    t = Training(run_args(data32, '--save-period-min', '0.001'), tmp_path)
+    try:
+        assert t.wait_for(r'Saved weights/last\.pt at epoch 1, batch [1-9]'), t.text[-3000:]
+    finally:
+        t.kill()
+    ck = load(tmp_path / 'weights' / 'last.pt')
+    assert ck['epoch'] >= 1 and ck['optimizer'] is not None
+    r = cli(['--resume'], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert epochs_of(tmp_path) == ['0/2', '1/2', '2/2']
+    assert train_rows(tmp_path) == train_rows(reference)
+    assert_same_weights(tmp_path, reference)
+
+
+def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm_run, tmp_path):
+    # an unfinished run of the same options resumes
+    same = tmp_path / 'same'
+    shutil.copytree(sigterm_run[0], same)
+    r = cli(run_args(data32, '--resume', 'auto', '--workers', '1'), same)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r'--resume auto: resuming weights/last\.pt at epoch 1, batch \d+; workers from this command '
+                     r'line', r.stdout), r.stdout[-3000:]
+    assert epochs_of(same) == ['0/2', '1/2', '2/2']
+
+    # ... and once finished, a requeue of the same command trains nothing and exits 0
+    before = (same / 'weights' / 'last.pt').stat().st_mtime_ns, (same / 'results.txt').read_text()
+    r = cli(run_args(data32, '--resume', 'auto'), same)
+    assert r.returncode == 0 and '--resume auto: weights/last.pt is a finished run (3/3 epochs)' in r.stdout
+    assert 'Starting training' not in r.stdout
+    assert ((same / 'weights' / 'last.pt').stat().st_mtime_ns, (same / 'results.txt').read_text()) == before
+
+    # other options over an unfinished run: a new run, the old one's files kept aside
+    other = tmp_path / 'other'
+    shutil.copytree(sigterm_run[0], other)
+    old = load(other / 'weights' / 'last.pt')
+    r = cli(run_args(data32, '--resume', 'auto', '--epochs', '1'), other)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r'unfinished run of other options \(epochs\); kept the old run as \S+last_replaced_', r.stdout)
+    kept = list((other / 'weights').glob('last_replaced_*.pt'))
+    assert len(kept) == 1 and load(kept[0])['batch'] == old['batch']
+    assert [p.name.startswith('results_replaced_') for p in other.glob('results_replaced_*.txt')] == [True]
+    assert epochs_of(other) == ['0/0']
+
+    # a fresh folder starts a new run
+    fresh = tmp_path / 'fresh'
+    fresh.mkdir()
+    r = cli(run_args(data32, '--resume', 'auto', '--epochs', '1'), fresh)
+    assert r.returncode == 0 and '--resume auto: no weights/last.pt, starting a new run' in r.stdout
+    assert epochs_of(fresh) == ['0/0']
+
+
+def test_run_control_flags_and_one_collective_answer(monkeypatch):
+    now = [0.0]
+    control = RunControl(save_period_s=60, clock=lambda: now[0]).install()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == control.request_stop
+        assert not control.stop_requested and not control.save_due()
+        now[0] = 61
+        assert control.save_due()
+        control.saved()
+        assert not control.save_due()
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled: the test process keeps running
+        assert control.stop_requested and control.signum == signal.SIGUSR1
+    finally:
+        control.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    guard = FiniteGuard(torch.device('cpu'))
+    assert guard.agree(0, 'x', stop=True, save=False) == (True, False)
+    guard.record(3, torch.tensor(float('nan')), torch.zeros(4))
+    with pytest.raises(Exception, match='non-finite loss at epoch 0, batch 3'):
+        guard.agree(0, 'x', stop=True)
