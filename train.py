@@ -685,38 +685,40 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         """Checkpoint entries every last.pt of this launch carries besides the model and loop state."""
         return {'elastic_agents': agents, 'rng': rng_state(loader.generator)}
 
-    for epoch in range(start_epoch, opt.epochs):
-        set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
-                       if opt.image_weights else None)
-        log(('\n' + '%10s' * 8) % RESULTS_HEADER)
-        resumed = epoch == start_epoch and point.batch > 0
-        on_save = None if control is None or not info.main else partial(
-            save_mid_epoch, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt, progress=progress,
-            extra=run_state, log=log)
-        state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
-                                       scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
-                                       device=device, epoch=epoch, state=state, cfg=cfg,
-                                       checkpoint_name=str(run_paths(Path(opt.save_dir))['last']),
-                                       first_batch=plot, start=point.batch if resumed else 0,
-                                       start_mloss=point.mloss if resumed else None, control=control,
-                                       on_save=on_save)
-        # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
-        # as usual (test, results.txt, last.pt), then the run stops
-        stopped = stats.stopped_at is not None and epoch + 1 < opt.epochs
-        if stopped and stats.stopped_at < len(loader):
-            break
-        parts.scheduler.step()
-        if info.main:
-            results, progress = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
-                                          progress, {**loop_entries(state), **run_state()}, tb, device,
-                                          after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
-        du.barrier()  # the other ranks wait while rank 0 tests and saves
-        if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
-            progress = du.all_gather_object(progress)[0]
-        if stopped or stop_early(progress, epoch, opt.patience, log):
-            break
-    if control is not None:
-        control.uninstall()
+    try:
+        for epoch in range(start_epoch, opt.epochs):
+            set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
+                           if opt.image_weights else None)
+            log(('\n' + '%10s' * 8) % RESULTS_HEADER)
+            resumed = epoch == start_epoch and point.batch > 0
+            on_save = None if control is None or not info.main else partial(
+                save_mid_epoch, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt, progress=progress,
+                extra=run_state, log=log)
+            state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
+                                           scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
+                                           device=device, epoch=epoch, state=state, cfg=cfg,
+                                           checkpoint_name=str(run_paths(Path(opt.save_dir))['last']),
+                                           first_batch=plot, start=point.batch if resumed else 0,
+                                           start_mloss=point.mloss if resumed else None, control=control,
+                                           on_save=on_save)
+            # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
+            # as usual (test, results.txt, last.pt), then the run stops
+            stopped = stats.stopped_at is not None and epoch + 1 < opt.epochs
+            if stopped and stats.stopped_at < len(loader):
+                break
+            parts.scheduler.step()
+            if info.main:
+                results, progress = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
+                                              progress, {**loop_entries(state), **run_state()}, tb, device,
+                                              after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
+            du.barrier()  # the other ranks wait while rank 0 tests and saves
+            if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
+                progress = du.all_gather_object(progress)[0]
+            if stopped or stop_early(progress, epoch, opt.patience, log):
+                break
+    finally:  # an exception (Ctrl-C, a non-finite loss) leaves the handlers as they were
+        if control is not None:
+            control.uninstall()
     if stopped:
         last = run_paths(Path(opt.save_dir))['last']
         why = signal.Signals(control.signum).name if control.signum else 'a stop request on another rank'

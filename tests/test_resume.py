@@ -232,3 +232,41 @@ def test_run_control_flags_and_one_collective_answer(monkeypatch):
     guard.record(3, torch.tensor(float('nan')), torch.zeros(4))
     with pytest.raises(Exception, match='non-finite loss at epoch 0, batch 3'):
         guard.agree(0, 'x', stop=True)
+
+
+def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation(tmp_path, monkeypatch):
+    # in-process, burn-in over after one batch and NBS 8 (batch 4: an optimizer step every 2 batches), so the
+    # resumed step runs on the LR, momentum and weight decay the optimizer state holds mid-epoch, not burn-in's
+    import train
+    from utils import engine
+
+    data = make_subset(tmp_path / 'data', 16, name='c16')
+    monkeypatch.setattr(train, 'n_burn_in', lambda nb: 1)
+    monkeypatch.setattr(train, 'NBS', 8)
+    monkeypatch.setattr(engine, 'NBS', 8)
+    args = ['--cfg', str(CFG), '--data', str(data), '--weights', str(TINY_WEIGHTS), '--img-size', '64', '--epochs',
+            '3', '--batch-size', '4', '--device', 'cpu', '--workers', '0', '--notest', '--save-period', '2']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    assert train.main(train.parse_opt(args + ['--save-dir', str(full)])) == 0
+
+    real_save = train.save_checkpoint
+
+    def save_then_crash(ckpt, path):  # what kill -9 right after the first mid-epoch save of epoch 1 leaves
+        real_save(ckpt, path)
+        if ckpt.get('batch') is not None and ckpt['epoch'] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_opt(args + ['--save-dir', str(part), '--save-period-min', '1e-9']))
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers went with the run
+    ck = load(part / 'weights' / 'last.pt')
+    assert (ck['epoch'], ck['batch'], ck['accumulate']) == (1, 1, 2)  # the step at ni = 4 (epoch 1, batch 0)
+    hyp = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
+    lr1 = hyp['lr0'] * train.CosineLR(3, hyp['lrf'])(1)  # epoch 1's scheduled LR
+    assert [g['lr'] for g in ck['optimizer']['param_groups']] == pytest.approx([lr1] * 3, rel=1e-3)
+    assert train.main(train.parse_opt(['--resume', str(part / 'weights' / 'last.pt')])) == 0
+    assert epochs_of(part) == ['0/2', '1/2', '2/2']
+    assert train_rows(part) == train_rows(full)
+    assert_same_weights(part, full)
