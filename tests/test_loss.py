@@ -403,3 +403,18 @@ def test_optimizer_state_saved_on_cpu_loads_onto_the_parameters_device():
     back = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     back.load_state_dict(saved)
     assert torch.equal(back.state[model.weight]['momentum_buffer'], live)
+
+
+def test_process_group_is_bound_to_the_ranks_gpu(monkeypatch):
+    cuda = CudaCalls(monkeypatch)
+    calls = []
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.distributed, 'is_nccl_available', lambda: True)
+    monkeypatch.delenv('TORCHELASTIC_RESTART_COUNT', raising=False)
+    for k, v in {'RANK': '1', 'LOCAL_RANK': '1', 'WORLD_SIZE': '2'}.items():
+        monkeypatch.setenv(k, v)
+    du.init_distributed(torch.device('cuda:1'))
+    du.init_distributed(torch.device('cpu'))
+    assert cuda.set_device == [torch.device('cuda:1')]
+    assert calls[0]['backend'] == 'nccl' and calls[0]['device_id'] == torch.device('cuda:1')
+    assert calls[1]['backend'] == 'gloo' and 'device_id' not in calls[1]

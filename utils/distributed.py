@@ -57,15 +57,18 @@ def init_distributed(device: torch.device, timeout_s: float = 10800.0) -> DistIn
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
+    # device_id binds the NCCL communicator (and barrier()'s work) to this rank's GPU, not to the current device
+    # guessed from the rank; gloo on the CPU takes no device
+    bound = {'device_id': device} if device.type == 'cuda' else {}
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if attempt is None:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, **bound)
         return info
     # under torchrun the agent's store outlives a failed attempt with its keys (gloo/NCCL peer addresses): a
     # restarted group reading those would connect to dead processes, so each attempt gets keys of its own
     store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f'yolo_attempt_{attempt}', store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+                            world_size=world_size, timeout=timeout, **bound)
     return info
 
 
