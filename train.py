@@ -48,7 +48,9 @@ from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
-from utils.torch_utils import ModelEMA, count_parameters, cpu_has_bf16, de_parallel, init_seeds, resolve_device
+from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, de_parallel,
+                               init_seeds, optimizer_state_cpu, pin_memory_for, resolve_device, set_cuda_device,
+                               use_channels_last)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_HEADER = ('Epoch', 'mem', 'GIoU', 'obj', 'cls', 'total', 'targets', 'img_size')
@@ -266,7 +268,7 @@ def run_checkpoint(ema: ModelEMA, model: nn.Module, optimizer: torch.optim.Optim
                    hyp: dict, opt: argparse.Namespace, **state: Any) -> dict:
     """Everything --resume needs, as tensors and plain values: the EMA model (what test/detect use), the raw model,
     optimizer, GradScaler, EMA update count, hyp, options, seed, cfg text, plus the given state (epoch, ...)."""
-    ckpt = model_checkpoint(ema.ema, optimizer=optimizer.state_dict(),
+    ckpt = model_checkpoint(ema.ema, optimizer=optimizer_state_cpu(optimizer),  # loads anywhere, GPU run or not
                             model_train={k: v.detach().cpu() for k, v in de_parallel(model).state_dict().items()},
                             ema_updates=ema.updates, scaler=scaler.state_dict(), hyp=dict(hyp),
                             opt=plain(vars(opt)), seed=opt.seed, **state)
@@ -460,8 +462,10 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     if info.distributed:
         if opt.sync_bn:
             wrapped = convert_sync_bn(wrapped, log)
+        # no copy of rank 0's BN running stats to every rank before each forward: only rank 0's are ever used (it
+        # alone tests and saves, through its EMA), the other ranks' are never read
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == 'cuda'
-                                                      else None)
+                                                      else None, **ddp_without_buffer_sync())
     return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss, amp, amp_dtype)
 
 
@@ -548,20 +552,22 @@ def restore_rng(saved: dict | None, loader: Any, info: du.DistInfo, opt: argpars
 
 
 def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
-                  imgsz_test: int) -> tuple[Any, Any, Any]:
+                  imgsz_test: int, pin_memory: bool = False) -> tuple[Any, Any, Any]:
     """(train loader, train dataset, test loader or None): the test loader on rank 0 only, with the per-process
-    batch as the original (rank 0 tests alone, so the global batch would be world times larger there)."""
+    batch as the original (rank 0 tests alone, so the global batch would be world times larger there); pin_memory
+    for loaders feeding a CUDA device (pin_memory_for)."""
     batch = opt.batch_size // info.world_size
     loader, dataset = create_dataloader(data['train'], imgsz, batch, GS, hyp=hyp, augment=True,
                                         cache=opt.cache_images, rect=opt.rect, rank=info.rank,
                                         world_size=info.world_size, workers=opt.workers, single_cls=opt.single_cls,
                                         image_weights=opt.image_weights, seed=opt.seed, nc=data['nc'],
-                                        prefix='train: ')
+                                        prefix='train: ', pin_memory=pin_memory)
     testloader = None
     if info.main:
         testloader = create_dataloader(data['valid'], imgsz_test, batch, GS, hyp=hyp, augment=False,
                                        cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
-                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ')[0]
+                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ',
+                                       pin_memory=pin_memory)[0]
     return loader, dataset, testloader
 
 
@@ -646,11 +652,13 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     model = build_model(opt, hyp, nc, names, imgsz, ckpt, log).to(device)
-    channels_last = device.type == 'cpu'  # oneDNN NHWC convolutions: ~1.2x faster forward + backward on the CPU
+    # NHWC: oneDNN's convolutions on the CPU, tensor cores under fp16/bf16 AMP on CUDA (decided before the DDP
+    # wrapper, which must see the parameters in their final layout)
+    channels_last = use_channels_last(device, resolve_amp(opt.amp, device, _quiet)[1])
     if channels_last:
         model.to(memory_format=torch.channels_last)
     parts = build_parts(model, hyp, opt, device, info, log)
-    loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test)
+    loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test, pin_memory_for(device))
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
         check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg, loss=opt.loss,
                       pretrained=bool(opt.weights or opt.resume))
@@ -1022,6 +1030,7 @@ def main(opt: argparse.Namespace) -> int:
                 raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the {nproc} devices')
             return launch(opt, nproc)
         device = torch.device(device)
+        set_cuda_device(device)  # before anything opens a CUDA context: --device 1 must not open one on GPU 0 too
         if not info.distributed and n_cuda > 1 and not str(opt.device).strip():
             print(f'{n_cuda} CUDA devices visible, training on {device} only: --device 0,1,... trains on several')
         if info.distributed:

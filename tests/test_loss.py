@@ -418,3 +418,33 @@ def test_process_group_is_bound_to_the_ranks_gpu(monkeypatch):
     assert cuda.set_device == [torch.device('cuda:1')]
     assert calls[0]['backend'] == 'nccl' and calls[0]['device_id'] == torch.device('cuda:1')
     assert calls[1]['backend'] == 'gloo' and 'device_id' not in calls[1]
+
+
+def test_train_main_binds_the_device_before_training(monkeypatch):
+    cuda = CudaCalls(monkeypatch)
+    seen = []
+    monkeypatch.setattr(train, 'train', lambda hyp, opt, device, *a, **k: seen.append((device, list(cuda.set_device))))
+    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(k, raising=False)
+    assert train.main(train.parse_opt(['--device', '1'])) == 0
+    assert seen == [(torch.device('cuda:1'), [torch.device('cuda:1')])]
+
+
+def test_ddp_does_not_broadcast_buffers_and_checkpoints_hold_cpu_optimizer_state(tmp_path):
+    # a one-process gloo group is enough to build the real DDP wrapper of build_parts
+    model = Darknet(ROOT / 'cfg' / 'yolov3-tiny.cfg', img_size=64)
+    opt = train.parse_opt(['--device', 'cpu', '--epochs', '1'])
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        parts = train.build_parts(model, TRAIN_HYP, opt, torch.device('cpu'), du.DistInfo(0, 0, 1), log=lambda s: None)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert isinstance(parts.model, nn.parallel.DistributedDataParallel)
+    assert getattr(parts.model, 'forward_sync_buffers', None) is False or parts.model.broadcast_buffers is False
+    p0 = next(model.parameters())
+    p0.grad = torch.ones_like(p0)
+    parts.optimizer.step()
+    ckpt = train.run_checkpoint(parts.ema, parts.model, parts.optimizer, parts.scaler, TRAIN_HYP, opt, epoch=0)
+    bufs = [v for s in ckpt['optimizer']['state'].values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert bufs and all(b.device.type == 'cpu' for b in bufs)
+    assert all(b is not parts.optimizer.state[p0]['momentum_buffer'] for b in bufs)  # a copy, not the live state

@@ -1,6 +1,7 @@
 """Device selection (--device rules), seeding, timing, parameter counts, the EMA and the one DDP unwrap."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -204,6 +205,14 @@ def optimizer_state_cpu(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state_dict with its tensors on the CPU, so a GPU run's checkpoint loads anywhere
     (Optimizer.load_state_dict moves each state tensor to its parameter's device and dtype)."""
     return state_to(optimizer.state_dict(), 'cpu')
+
+
+def ddp_without_buffer_sync() -> dict[str, bool]:
+    """DistributedDataParallel keywords that stop it copying rank 0's buffers (BN running stats) to every rank before
+    each forward (buffers still start equal): forward_sync_buffers=False where torch has it, else the older
+    broadcast_buffers=False (deprecated there)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {'forward_sync_buffers': False} if 'forward_sync_buffers' in params else {'broadcast_buffers': False}
 
 
 def time_synchronized(device: torch.device | None = None) -> float:
