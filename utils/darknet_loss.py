@@ -18,6 +18,7 @@ decode. Several truths on one anchor are applied in truth order, as Darknet's lo
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -285,6 +286,13 @@ def _mask_positions(cfg: YoloLossConfig, device: torch.device) -> torch.Tensor:
     return pos
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small read-only tensor of Python numbers on device, made once: from a list each batch it would be a
+    host-to-device copy per layer on CUDA."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Grid) -> Assigned:
     """The anchors of this layer that Darknet's truth loop gives each valid truth of truths (B, T, 5) [x, y, w, h,
     class]: the best of all the list's anchors if masked here, and with iou_thresh < 1 every other masked anchor
@@ -292,9 +300,10 @@ def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Gr
     device = truths.device
     b, t = valid.nonzero(as_tuple=True)  # in (image, truth) order
     tr = truths[b, t]  # (m0, 5)
-    anchors = torch.tensor(cfg.anchors, dtype=truths.dtype, device=device)  # (total, 2) pixels
+    anchors = _constant(tuple(map(tuple, cfg.anchors)), device, truths.dtype)  # (total, 2) pixels
     zero = torch.zeros(len(anchors), 2, dtype=truths.dtype, device=device)
-    anchor_boxes = torch.cat((zero, anchors / anchors.new_tensor([g.net_w, g.net_h])), 1)[None]  # (1, total, 4)
+    net_wh = _constant((g.net_w, g.net_h), device, truths.dtype)
+    anchor_boxes = torch.cat((zero, anchors / net_wh), 1)[None]  # (1, total, 4)
     shifted = torch.cat((torch.zeros_like(tr[:, :2]), tr[:, 2:4]), 1)[:, None]  # (m0, 1, 4) centred truths
     best_n = darknet_iou(anchor_boxes, shifted).argmax(1)  # (m0,) first best on ties, as Darknet's strict '>'
     pos = _mask_positions(cfg, device)
@@ -333,13 +342,13 @@ def layer_outputs(cfg: YoloLossConfig, x: torch.Tensor, g: Grid) -> tuple[torch.
     """Darknet's layer output (x, y after sigmoid and scale_x_y; w, h raw; objectness and classes after sigmoid)
     and the predicted boxes (normalised xywh) of raw x (B, na, ny, nx, no), through the model's own decode."""
     na = x.shape[1]
-    anchors = torch.tensor([cfg.anchors[m] for m in cfg.mask], dtype=x.dtype, device=x.device)
-    anchors = (anchors / anchors.new_tensor([g.net_w, g.net_h])).view(1, na, 1, 1, 2)
+    anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), x.device, x.dtype)
+    anchors = (anchors / _constant((g.net_w, g.net_h), x.device, x.dtype)).view(1, na, 1, 1, 2)
     xy, wh = decode_yolo_box(x, anchors, cfg.scale_x_y)
     yv, xv = torch.meshgrid(torch.arange(g.ny, device=x.device, dtype=x.dtype),
                             torch.arange(g.nx, device=x.device, dtype=x.dtype), indexing='ij')
     grid = torch.stack((xv, yv), 2).view(1, 1, g.ny, g.nx, 2)
-    pred = torch.cat(((xy + grid) / x.new_tensor([g.nx, g.ny]), wh), -1)  # (B, na, ny, nx, 4)
+    pred = torch.cat(((xy + grid) / _constant((g.nx, g.ny), x.device, x.dtype), wh), -1)  # (B, na, ny, nx, 4)
     out = torch.cat((xy, x[..., 2:4], torch.sigmoid(x[..., 4:])), -1)
     return out, pred
 
@@ -376,7 +385,7 @@ def truth_thresh_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor
         return
     tr = truths[cell[0], best_t[cell]]  # (m, 5)
     cls = tr[:, 4].long()
-    anchors = torch.tensor([cfg.anchors[m] for m in cfg.mask], dtype=out.dtype, device=out.device)
+    anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), out.device, out.dtype)
     iou_mult = best_iou[cell] ** 2
     o = out[cell]
     delta[cell + (4,)] = cfg.obj_normalizer * ((iou_mult if cfg.objectness_smooth else 1.0) - o[:, 4])
@@ -435,7 +444,8 @@ def layer_deltas(cfg: YoloLossConfig, x: torch.Tensor, truths: torch.Tensor, val
     truths (B, T, 5): [x, y, w, h, class] per image in Darknet's order (normalised); valid (B, T) marks real rows.
     """
     g = Grid(x.shape[3], x.shape[2], float(net_wh[0]), float(net_wh[1]))
-    mult = x.new_tensor(cfg.class_multipliers) if cfg.class_multipliers is not None else x.new_ones(cfg.nc)
+    mult = (_constant(tuple(cfg.class_multipliers), x.device, x.dtype) if cfg.class_multipliers is not None
+            else x.new_ones(cfg.nc))
     out, pred = layer_outputs(cfg, x, g)
     delta = torch.zeros_like(x)
     best = objectness_step(cfg, out, pred, truths, valid, delta)
