@@ -41,6 +41,7 @@ def install_sync_counter(report: Path) -> None:
 
     cuda = torch.cuda.is_available()
     events: list[list] = []
+    inside = [False]  # in a training epoch: only there a sync is the step's
 
     def write() -> None:
         tmp = report.with_suffix('.tmp')
@@ -51,6 +52,7 @@ def install_sync_counter(report: Path) -> None:
 
     def counted_epoch(*args, **kwargs):
         events.append(['epoch_start'])
+        inside[0] = True
         if cuda:
             torch.cuda.set_sync_debug_mode('warn')
         try:
@@ -58,6 +60,7 @@ def install_sync_counter(report: Path) -> None:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
+            inside[0] = False
             events.append(['epoch_end'])
             write()
 
@@ -83,7 +86,8 @@ def install_sync_counter(report: Path) -> None:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if SYNC_MESSAGE in str(message):
-            events.append(['sync', f'{Path(filename).name}:{lineno}'])
+            if inside[0]:
+                events.append(['sync', f'{Path(filename).name}:{lineno}'])
         else:
             show(message, category, filename, lineno, file, line)
 

@@ -191,6 +191,39 @@ def test_gpu_check_sync_summary_counts_per_micro_step():
     assert empty['micro_steps'] == 0 and empty['syncs_per_plain_micro_step'] is None
 
 
+def test_gpu_probe_records_syncs_inside_training_epochs(tmp_path, monkeypatch):
+    """gpu_probe's counter: sync warnings (as torch's sync debug mode raises them) are recorded with their place
+    only inside train_one_epoch, between the loss calls and optimizer steps it sees; other warnings pass through."""
+    import warnings
+    import gpu_probe
+    from utils import engine, loss
+
+    for obj, name in ((engine, 'train_one_epoch'), (loss.ComputeLoss, '__call__'), (torch.amp.GradScaler, 'step'),
+                      (warnings, 'showwarning')):
+        monkeypatch.setattr(obj, name, getattr(obj, name))  # restored after the test
+    monkeypatch.setattr(loss.ComputeLoss, '__call__', lambda self, p, t: (p, t))
+    scaler, opt = torch.amp.GradScaler('cpu', enabled=False), torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+    def epoch() -> None:
+        loss.ComputeLoss.__call__(None, 1, 2)
+        warnings.warn('called a synchronizing CUDA operation')
+        scaler.step(opt)
+        loss.ComputeLoss.__call__(None, 1, 2)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', epoch)
+    report = tmp_path / 'events.json'
+    gpu_probe.install_sync_counter(report)
+    warnings.warn('called a synchronizing CUDA operation')  # outside an epoch: not counted
+    engine.train_one_epoch()
+    with pytest.warns(UserWarning, match='something else'):
+        warnings.warn('something else')
+    events = json.loads(report.read_text())['events']
+    assert [e[0] for e in events] == ['epoch_start', 'loss', 'sync', 'step', 'loss', 'epoch_end']
+    assert events[2][1].startswith('test_bench.py:')
+    s = gpu_check.sync_summary(events)
+    assert (s['micro_steps'], s['optimizer_steps'], s['syncs_per_optimizer_step']) == (2, 1, 1.0)
+
+
 def test_gpu_check_confident_boxes_only():
     """fp16 vs fp32 detections: a box below the confidence threshold may be missing, a confident one may not, and
     a confident box must overlap its match (same class) well; the error line is picked from a command's output."""
