@@ -448,3 +448,18 @@ def test_ddp_does_not_broadcast_buffers_and_checkpoints_hold_cpu_optimizer_state
     bufs = [v for s in ckpt['optimizer']['state'].values() for v in s.values() if isinstance(v, torch.Tensor)]
     assert bufs and all(b.device.type == 'cpu' for b in bufs)
     assert all(b is not parts.optimizer.state[p0]['momentum_buffer'] for b in bufs)  # a copy, not the live state
+
+
+def test_fp16_maps_decode_in_fp32():
+    # --half on CUDA runs the network in fp16; exp() of a large raw w/h in fp16 overflows (exp(10) * 116 px > 65504)
+    # and sigmoid/exp lose sub-pixel precision: the [yolo] decode must run in fp32 whatever the maps' dtype
+    from models import YOLOLayer
+    layer = YOLOLayer([(116, 90), (156, 198)], nc=2, stride=32, index=0).eval()
+    torch.manual_seed(0)
+    raw = torch.randn(1, 2 * 7, 4, 4) * 3
+    raw[0, 2] = 10.0  # anchor 0's raw w everywhere
+    io16, _ = layer(raw.half(), (128, 128))
+    io32, _ = layer(raw.half().float(), (128, 128))  # the same fp16 numbers, decoded in fp32
+    assert io16.dtype == torch.float32 and torch.isfinite(io16).all()
+    assert torch.equal(io16, io32)
+    assert io16[0, 0, 2].item() == pytest.approx(math.exp(10) * 116, rel=1e-6)
