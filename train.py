@@ -928,7 +928,8 @@ def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) 
     if opt.resume or opt.evolve:
         return opt
     last = run_paths(Path(opt.save_dir))['last']
-    decision = _elastic_decision(last, du.launch_agents(), du.restart_count()) if du.is_main_process() else None
+    agents = du.launch_agents()  # a collective: before rank 0 goes its own way
+    decision = _elastic_decision(last, agents, du.restart_count()) if du.is_main_process() else None
     resume, message, failed = du.broadcast_object(decision)
     if failed:
         raise CheckpointError(message)

@@ -1,0 +1,170 @@
+"""Elastic restarts under torchrun: which launch a process belongs to (its agent's identity), the decision rank 0 takes
+for the whole group from weights/last.pt, and two real launches with the same --rdzv-id in the same folder."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from models import CheckpointError, save_checkpoint
+from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
+from utils import distributed as du
+
+CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
+
+
+@pytest.fixture(scope='module')
+def coco8(tmp_path_factory) -> Path:
+    return make_subset(tmp_path_factory.mktemp('coco8'), 8, name='coco8')
+
+
+def fake_proc(root: Path, pid: int, start: int, comm: str = 'python') -> Path:
+    """A /proc with the stat line of process pid (start time in field 22) and a boot id."""
+    (root / str(pid)).mkdir(parents=True)
+    fields = ['S', '1', '1', '1', '0', '-1', '4194560'] + ['0'] * 12 + [str(start), '5124096', '977']
+    (root / str(pid) / 'stat').write_text(f'{pid} ({comm}) ' + ' '.join(fields) + '\n')
+    (root / 'sys' / 'kernel' / 'random').mkdir(parents=True)
+    (root / 'sys' / 'kernel' / 'random' / 'boot_id').write_text('b00t\n')
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the agent's identity
+
+def test_agent_key_is_the_parent_process_and_its_start_time(tmp_path, monkeypatch):
+    # a command name with spaces and a parenthesis must not shift the fields
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo1')
+    proc = fake_proc(tmp_path / 'proc', os.getppid(), 123456, comm='py (x) y')
+    key = du.agent_key(proc)
+    assert key == f'{socket.gethostname()}/b00t/{os.getppid()}@123456/yolo1'
+    # the same agent restarted later (same pid reused, another start time) is another launch
+    (proc / str(os.getppid()) / 'stat').write_text((proc / str(os.getppid()) / 'stat').read_text()
+                                                   .replace(' 123456 ', ' 123999 '))
+    assert du.agent_key(proc) != key
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo2')  # train.py's own launcher called twice by one process
+    assert du.agent_key(proc) != key
+
+
+def test_agent_key_without_proc_uses_the_agents_log_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo1')
+    run_dir = tmp_path / 'torchelastic_ab12' / 'yolo1_x7q'
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(run_dir / 'attempt_3' / '1' / 'error.json'))
+    key = du.agent_key(tmp_path / 'no_proc')
+    assert key == f'{socket.gethostname()}/-/{os.getppid()}@{run_dir}/yolo1'
+    # the next attempt of the same agent writes under the same run folder: the same launch
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(run_dir / 'attempt_4' / '0' / 'error.json'))
+    assert du.agent_key(tmp_path / 'no_proc') == key
+
+
+def test_agent_key_of_this_process_is_real():
+    key = du.agent_key()
+    host, boot, pid_start, run_id = key.split('/')
+    pid, start = pid_start.split('@')
+    assert host == socket.gethostname() and int(pid) == os.getppid()
+    if Path('/proc/self/stat').exists():
+        assert boot != '-' and int(start) > 0
+
+
+def test_same_launch_needs_a_shared_agent():
+    assert du.same_launch(['a', 'b'], ['b', 'c'])
+    assert not du.same_launch(['a'], ['b'])
+    assert not du.same_launch(None, ['a'])  # old checkpoint ('elastic_run_id' only) or a single-process run
+    assert not du.same_launch([], [])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the decision (one process: broadcast is the identity)
+
+def tiny_last(save_dir: Path, **extra) -> Path:
+    """A weights/last.pt of an unfinished 3-epoch run at epoch 0, with the given extra keys."""
+    last = train.run_paths(save_dir)['last']
+    last.parent.mkdir(parents=True)
+    opt = vars(train.parse_opt(['--epochs', '3', '--save-dir', str(save_dir)]))
+    save_checkpoint({'model': {'w': torch.zeros(1)}, 'optimizer': {}, 'epoch': 0, 'opt': opt, 'hyp': {}, **extra},
+                    last)
+    return last
+
+
+@pytest.mark.parametrize('saved, resumes', [({'elastic_agents': ['host/b/1@2/x', 'me']}, True),
+                                            ({'elastic_agents': ['host/b/1@2/x']}, False),
+                                            ({'elastic_run_id': 'yolo1'}, False), ({}, False)])
+def test_elastic_resume_only_a_checkpoint_of_this_launch(tmp_path, monkeypatch, saved, resumes):
+    monkeypatch.setattr(du, 'launch_agents', lambda: ['me', 'other-node'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo1')  # same id as the old checkpoint: not what decides
+    last = tiny_last(tmp_path, **saved)
+    lines: list[str] = []
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    assert (opt.resume or None) == (str(last) if resumes else None)
+    assert len(lines) == 1
+    assert (f'resuming this launch\'s {last} at epoch 1' in lines[0]) if resumes else ('starting again' in lines[0])
+    assert last.is_file()
+
+
+def test_elastic_first_attempt_without_checkpoint_says_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    lines: list[str] = []
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    assert not opt.resume and lines == []
+
+
+def test_elastic_unreadable_last_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    last = train.run_paths(tmp_path)['last']
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='last.pt'):
+        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), print)
+    assert last.read_bytes() == b'not a checkpoint'
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# two real launches with the same --rdzv-id in one folder
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def torchrun_fixed_id(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """python -m torch.distributed.run with a fixed --rdzv-id (as the README's multi-node example), 2 gloo workers,
+    one restart allowed, running tests/ddp_worker.py (train.py)."""
+    launcher = ['--nnodes', '1', '--nproc-per-node', '2', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                f'localhost:{free_port()}', '--rdzv-id', 'yolo-fixed', '--max-restarts', '1', '--monitor-interval', '1']
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', *launcher,
+                           str(ROOT / 'tests' / 'ddp_worker.py'), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_relaunch_with_same_rdzv_id_trains_its_own_epochs_after_a_first_epoch_failure(coco8, tmp_path):
+    # launch 1 trains 2 epochs to the end; launch 2, the same command in the same folder, loses rank 1 as its epoch 0
+    # starts (before it saved anything): the restarted group must not take launch 1's last.pt for its own (it would
+    # exit 0 as "finished" having trained nothing) but train its epochs 0 and 1 once
+    args = ['--cfg', str(CFG), '--data', str(coco8), '--weights', str(TINY_WEIGHTS), '--img-size', '64', '--epochs',
+            '2', '--batch-size', '8', '--device', 'cpu', '--workers', '0', '--notest', '--rect']
+    r1 = torchrun_fixed_id(args, tmp_path, {})
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    first = torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)
+    assert first['epoch'] == 1 and len(first['elastic_agents']) == 1  # both workers: one agent
+
+    seen = tmp_path / 'seen'
+    seen.mkdir()
+    r2 = torchrun_fixed_id(args, tmp_path, {'YOLO_TEST_KILL_EPOCH': '0', 'YOLO_TEST_SEEN_DIR': str(seen)})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count('Elastic restart') == 1, r2.stdout[-3000:]  # decided once, logged by rank 0
+    assert "Elastic restart 1: weights/last.pt is another launch's" in r2.stdout and 'starting again' in r2.stdout
+    assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/1', '1/1']
+    second = torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)
+    assert second['epoch'] == 1 and second['ema_updates'] == 2  # one optimizer step per epoch, each epoch once
+    assert len(second['elastic_agents']) == 1 and set(second['elastic_agents']).isdisjoint(first['elastic_agents'])
+    for epoch in (0, 1):  # rank 1 (killed in attempt 0) trained both epochs in attempt 1
+        assert len((seen / f'rank1_epoch{epoch}.txt').read_text().splitlines()) == 4
