@@ -1013,8 +1013,8 @@ def main(opt: argparse.Namespace) -> int:
             _join_group(torch.device(resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)[0]),
                         info)
             opt = elastic_resume(opt, print if info.main else _quiet)
-        if opt.resume == 'auto':
-            opt = auto_resume(opt, print if info.main else _quiet)
+        if opt.resume == 'auto':  # rank 0 alone reads and moves files; the group follows its decision
+            opt = du.broadcast_object([auto_resume(opt) if info.main else None])[0]
             if opt is None:
                 return 0
         if opt.resume:

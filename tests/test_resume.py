@@ -36,8 +36,9 @@ def run_args(data: Path, *extra: str) -> list[str]:
 class Training:
     """train.py in its own process group (as SLURM starts a job step), its output collected as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=cwd, stdout=subprocess.PIPE,
+    def __init__(self, args: list[str], cwd: Path, launcher: list[str] | None = None):
+        launcher = launcher or [sys.executable, str(TRAIN)]
+        self.proc = subprocess.Popen([*launcher, *args], cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, 'PYTHONUNBUFFERED': '1'})
         self.text = ''
@@ -270,3 +271,39 @@ def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation
     assert epochs_of(part) == ['0/2', '1/2', '2/2']
     assert train_rows(part) == train_rows(full)
     assert_same_weights(part, full)
+
+
+
+def test_sigterm_under_torchrun_every_rank_exits_0_and_resume_equals(tmp_path):
+    # 2 gloo processes; SIGTERM to each training process (not the agent, which would exit 1 by torchrun's own
+    # design after forwarding it): the agent's exit status 0 says every rank exited 0
+    data = make_subset(tmp_path / 'data', 16, name='c16')
+    args = ['--cfg', str(CFG), '--data', str(data), '--weights', str(TINY_WEIGHTS), '--img-size', '64', '--epochs',
+            '3', '--batch-size', '4', '--device', 'cpu', '--workers', '1', '--notest', '--save-period', '2']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(TRAIN)]
+    ref, run = tmp_path / 'ref', tmp_path / 'run'
+    ref.mkdir(), run.mkdir()
+    r = subprocess.run(torchrun + args, cwd=ref, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    t = Training(args, run, launcher=torchrun)
+    try:
+        assert t.wait_for(r'\s1/2\s'), t.text[-3000:]
+        workers = [int(x) for x in Path(f'/proc/{t.proc.pid}/task/{t.proc.pid}/children').read_text().split()]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        rc = t.wait(120)
+    finally:
+        t.kill()
+    assert rc == 0, t.text[-3000:]
+    assert re.search(r'Stopped by SIGTERM in epoch 1, after \d/4 batches; saved weights/last\.pt\. Resume with: '
+                     r'\S+ -m torch\.distributed\.run --nproc_per_node 2 \S+train\.py --resume \S+', t.text)
+    ck = load(run / 'weights' / 'last.pt')
+    assert ck['epoch'] == 1 and 0 < ck['batch'] < 4
+    r = subprocess.run(torchrun + ['--resume', str(run / 'weights' / 'last.pt')], cwd=run, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert epochs_of(run) == ['0/2', '1/2', '2/2']
+    assert train_rows(run) == train_rows(ref)
+    assert_same_weights(run, ref)
