@@ -17,6 +17,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where used: `run` sets NVIDIA_TF32_OVERRIDE before torch loads cuBLAS
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_MESSAGE = 'synchroniz'  # torch's sync debug warning: "called a synchronizing CUDA operation"
@@ -110,6 +114,34 @@ def run_script(script: str, args: list[str], no_tf32: bool, sync_report: Path | 
     runpy.run_path(str(path), run_name='__main__')
 
 
+def timed_steps(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, steps: int) -> float:
+    """Seconds for `steps` AMP training steps of model on x (SGD, GradScaler for fp16), after steps // 4 warm-up."""
+    import torch
+    dev = x.device
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=dtype):
+            out = model(x)
+        loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(max(2, steps // 4)):  # cuDNN autotuning and allocations
+        step()
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
 def memfmt(cfgs: list[str], img_size: int, batch: int, steps: int, device: str, out: Path) -> dict:
     """Training steps of each cfg's model with AMP (fp16 on CUDA, bf16 on the CPU): images/s, contiguous vs NHWC.
 
@@ -135,29 +167,7 @@ def memfmt(cfgs: list[str], img_size: int, batch: int, steps: int, device: str, 
         mf = torch.channels_last if fmt == 'channels_last' else torch.contiguous_format
         model.to(memory_format=mf)
         xi = x.contiguous(memory_format=mf)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-
-        def step() -> None:
-            with torch.autocast(dev.type, dtype=dtype):
-                out = model(xi)
-            loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(max(2, steps // 4)):  # cuDNN autotuning and allocations
-            step()
-        if dev.type == 'cuda':
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if dev.type == 'cuda':
-            torch.cuda.synchronize(dev)
-        r[fmt] = batch * steps / (time.perf_counter() - t0)
-        del model, opt
+        r[fmt] = batch * steps / timed_steps(model, xi, dtype, steps)
         if fmt == 'channels_last':
             r['faster'] = 'channels_last' if r['channels_last'] > r['contiguous'] else 'contiguous'
             r['channels_last_speedup'] = r['channels_last'] / r['contiguous']
