@@ -76,11 +76,11 @@ MAP_FP32, MAP_TOL, HALF_TOL = 0.423, 0.005, 0.01  # test.py, coco128 at 416, off
 SAMPLE_OBJECTS = {'bus': {'bus', 'person'}, 'zidane': {'person', 'tie'}}  # what the fp32 run must find
 # dense (no sparsity) bf16 tensor-core peaks in TFLOPS, first match in the device name wins; V100 has no bf16: fp16
 PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0), ('V100', 125.0)]
-GOAL_IMAGES_PER_S, GOAL_MFU = 1000.0, 0.35  # issue 11 item 4, yolov3-spp at 416 on one H100 (the original: 122 on V100)
+GOAL_IMAGES_PER_S, GOAL_MFU = 1000.0, 0.35  # the speed goal: yolov3-spp at 416 on one H100 (the original: 122 on V100)
 RESUMING = re.compile(r'^Resuming \S*last\.pt from epoch \d+', re.M)  # what train.py prints when it resumes
 STEP_NAMES = ['test_fp32', 'test_half', 'detect_fp32', 'detect_half', 'sync_debug', 'channels_last', 'sigterm_resume',
               'train_fp16', 'kill9_resume', 'torchrun', 'elastic', 'train_bf16', 'throughput_spp', 'throughput_tiny',
-              'loader']  # the order they run in: this issue's checks first, so a short budget keeps them
+              'loader']  # run order: the CUDA-path faults and preemption checks first, so a short budget keeps them
 # seconds per step, (CUDA, --quick on the CPU): CUDA ones are estimates (nothing has run on a GPU yet: a JSON of a
 # real run, passed as --estimates, replaces them); CPU ones measured on the 2-core machine, rounded up
 ESTIMATES = {'test_fp32': (30, 5), 'test_half': (30, 1), 'detect_fp32': (15, 4), 'detect_half': (15, 1),
