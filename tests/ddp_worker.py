@@ -3,7 +3,9 @@
 YOLO_TEST_SEEN_DIR: each rank writes the images of each epoch to rank{R}_epoch{E}.txt there (one `path h w` line
 per image, h w the batch's tensor size), so a test can check that the ranks saw disjoint images in whole batches.
 YOLO_TEST_KILL_EPOCH=E: rank 1 of the first attempt (TORCHELASTIC_RESTART_COUNT 0) SIGKILLs itself as epoch E
-starts, so a test can check the elastic restart.
+starts, so a test can check the elastic restart. With YOLO_TEST_KILL_MARK=<file> as well, the kill happens in any
+attempt, once: the rank that kills itself creates the file first (in a multi-agent group the agents restart their
+workers with counts of their own, so the count cannot tell the first attempt).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py <train.py arguments>
 """
@@ -42,9 +44,17 @@ class RecordingLoader:
 def wrapped_epoch(real: Any, **kw: Any) -> Any:
     """train_one_epoch with the test behaviours above."""
     rank, epoch = int(os.environ.get('RANK', -1)), kw['epoch']
-    kill = os.environ.get('YOLO_TEST_KILL_EPOCH')
-    if kill and rank == 1 and epoch == int(kill) and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill, mark = os.environ.get('YOLO_TEST_KILL_EPOCH'), os.environ.get('YOLO_TEST_KILL_MARK')
+    if kill and rank == 1 and epoch == int(kill):
+        if mark:
+            try:
+                Path(mark).touch(exist_ok=False)
+            except FileExistsError:
+                kill = None
+        elif os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
+            kill = None
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
     seen = os.environ.get('YOLO_TEST_SEEN_DIR')
     if seen:
         kw['loader'] = RecordingLoader(kw['loader'], Path(seen) / f'rank{rank}_epoch{epoch}.txt')

@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,36 @@ def test_same_launch_needs_a_shared_agent():
     assert not du.same_launch(['a'], ['b'])
     assert not du.same_launch(None, ['a'])  # old checkpoint ('elastic_run_id' only) or a single-process run
     assert not du.same_launch([], [])
+
+
+def join_round(store, world_size: int, late: dict[int, float] | None = None) -> list[str]:
+    """Every rank's du.group_prefix for one group on store, each rank a thread (rank r starting late[r] s late)."""
+    out: list[str | None] = [None] * world_size
+
+    def run(r: int) -> None:
+        time.sleep((late or {}).get(r, 0.0))
+        out[r] = du.group_prefix(store, r, world_size, timeout_s=20)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_group_prefix_is_shared_by_a_group_and_new_for_each_group():
+    # the agent's store keeps earlier groups' keys; a rank arriving after rank 0 has read a dead rank's token still
+    # gets this group's prefix, and rank 0 waits for it (restart counts, which differ between nodes, play no part)
+    import torch.distributed as dist
+    store = dist.HashStore()
+    first = join_round(store, 3)
+    assert first[0] and len(set(first)) == 1
+    store.set('yolo_group/ask/2', 'token-of-a-dead-rank')
+    second = join_round(store, 3, late={2: 0.3})
+    assert second[0] and len(set(second)) == 1 and second[0] != first[0]
+    third = join_round(store, 2, late={0: 0.2})  # rank 0 last: the others wait for it
+    assert third[0] and len(set(third)) == 1 and third[0] not in (first[0], second[0])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -168,3 +200,30 @@ def test_relaunch_with_same_rdzv_id_trains_its_own_epochs_after_a_first_epoch_fa
     assert len(second['elastic_agents']) == 1 and set(second['elastic_agents']).isdisjoint(first['elastic_agents'])
     for epoch in (0, 1):  # rank 1 (killed in attempt 0) trained both epochs in attempt 1
         assert len((seen / f'rank1_epoch{epoch}.txt').read_text().splitlines()) == 4
+
+
+def test_two_agents_as_two_nodes_resume_by_any_shared_agent(coco8, tmp_path):
+    # two torchrun agents on this host, one worker each, form one group as two nodes would; rank 1 (on either agent)
+    # is SIGKILLed once as epoch 1 starts: both agents restart their workers, rank 0 decides for both, and the group
+    # continues from last.pt, which names both agents
+    port = free_port()
+    launcher = ['--nnodes', '2', '--nproc-per-node', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                f'localhost:{port}', '--rdzv-id', 'two-nodes', '--max-restarts', '1', '--monitor-interval', '1']
+    args = ['--cfg', str(CFG), '--data', str(coco8), '--weights', str(TINY_WEIGHTS), '--img-size', '64', '--epochs',
+            '3', '--batch-size', '8', '--device', 'cpu', '--workers', '0', '--notest', '--rect']
+    env = {**os.environ, 'YOLO_TEST_KILL_EPOCH': '1', 'YOLO_TEST_KILL_MARK': str(tmp_path / 'killed')}
+    agents = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launcher,
+                                str(ROOT / 'tests' / 'ddp_worker.py'), *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert (tmp_path / 'killed').exists()
+    stdout = outs[0][0] + outs[1][0]
+    assert stdout.count("resuming this launch's weights/last.pt at epoch 1") == 1, stdout[-3000:]
+    assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/2', '1/2', '2/2']
+    ck = torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ck['epoch'] == 2 and ck['ema_updates'] == 3 and len(ck['elastic_agents']) == 2

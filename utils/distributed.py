@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -60,16 +62,51 @@ def init_distributed(device: torch.device, timeout_s: float = 10800.0) -> DistIn
     # device_id binds the NCCL communicator (and barrier()'s work) to this rank's GPU, not to the current device
     # guessed from the rank; gloo on the CPU takes no device
     bound = {'device_id': device} if device.type == 'cuda' else {}
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
-    if attempt is None:
+    if 'TORCHELASTIC_RESTART_COUNT' not in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout, **bound)
         return info
     # under torchrun the agent's store outlives a failed attempt with its keys (gloo/NCCL peer addresses): a
-    # restarted group reading those would connect to dead processes, so each attempt gets keys of its own
+    # restarted group reading those would connect to dead processes, so each group gets keys of its own. The restart
+    # count cannot name them: in a multi-node group only the agent whose worker failed counts a restart
     store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
-    dist.init_process_group(backend=backend, store=dist.PrefixStore(f'yolo_attempt_{attempt}', store), rank=rank,
+    prefix = group_prefix(store, rank, world_size, timeout_s)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=world_size, timeout=timeout, **bound)
     return info
+
+
+def group_prefix(store: dist.Store, rank: int, world_size: int, timeout_s: float = 600.0) -> str:
+    """A store prefix that every rank of this group gets and no earlier group on this store had.
+
+    Rank 0 draws a new generation number; each other rank asks for it under a token of its own and acknowledges
+    under the new prefix. Earlier groups' keys are still in the store, but rank 0 only stops when every rank has
+    acknowledged under the new prefix, and a rank only reads the answer to its own token, so neither can mistake
+    a dead rank's key for a live one.
+    """
+    deadline = time.monotonic() + timeout_s
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f'yolo_group/ask/{rank}', token)
+        store.wait([f'yolo_group/answer/{token}'], timedelta(seconds=timeout_s))
+        prefix = store.get(f'yolo_group/answer/{token}').decode()
+        store.set(f'{prefix}/ack/{rank}', '1')
+        return prefix
+    prefix = f"yolo_group/{store.add('yolo_group/generation', 1)}"
+    answered: set[str] = set()
+    pending = set(range(1, world_size))
+    while pending:
+        for r in sorted(pending):
+            if store.check([f'yolo_group/ask/{r}']):
+                token = store.get(f'yolo_group/ask/{r}').decode()
+                if token not in answered:  # possibly a dead rank's token: answering it costs nothing
+                    store.set(f'yolo_group/answer/{token}', prefix)
+                    answered.add(token)
+            if store.check([f'{prefix}/ack/{r}']):
+                pending.discard(r)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'ranks {sorted(pending)} did not join the process group within {timeout_s:.0f} s')
+        time.sleep(0.005)
+    return prefix
 
 
 def is_initialized() -> bool:
