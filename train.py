@@ -711,7 +711,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                                            on_save=on_save)
             # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
             # as usual (test, results.txt, last.pt), then the run stops
-            stopped = stats.stopped_at is not None and epoch + 1 < opt.epochs
+            stopped = stats.stopped_at is not None and (stats.stopped_at < len(loader) or epoch + 1 < opt.epochs)
             if stopped and stats.stopped_at < len(loader):
                 break
             parts.scheduler.step()

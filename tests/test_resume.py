@@ -307,3 +307,49 @@ def test_sigterm_under_torchrun_every_rank_exits_0_and_resume_equals(tmp_path):
     assert epochs_of(run) == ['0/2', '1/2', '2/2']
     assert train_rows(run) == train_rows(ref)
     assert_same_weights(run, ref)
+
+
+def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_path):
+    # the loop alone on in-memory batches: a stop requested before the epoch is honoured at the first optimizer step
+    # (accumulate 2: after batch 1), on_save gets the next batch and the running losses, and an epoch started there
+    # with them ends with the same weights, state and mean losses as one that never stopped
+    import copy
+
+    from models import Darknet
+    from tests.test_train import HYP, NO_BN_CFG
+    from utils import engine
+    from utils.loss import ComputeLoss
+
+    cfg_path = tmp_path / 'nobn.cfg'
+    cfg_path.write_text(NO_BN_CFG)
+    torch.manual_seed(0)
+    ref = Darknet(cfg_path, 64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=gen),
+                torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3], [1, 2, 0.4, 0.6, 0.2, 0.4]]), ['x'] * 2, None)
+               for _ in range(6)]
+    cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=2, epochs=1,
+                            show=False)
+
+    def epoch(model, start=0, mloss=None, control=None, on_save=None, optimizer_state=None, state=None):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        out = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                                     scaler=torch.amp.GradScaler('cpu', enabled=False),
+                                     compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'),
+                                     epoch=0, state=state or engine.LoopState(accumulate=2, img_size=64), cfg=cfg,
+                                     start=start, start_mloss=mloss, control=control, on_save=on_save)
+        return out, optimizer
+
+    (full_state, full_stats), _ = epoch(a := copy.deepcopy(ref))
+    control = RunControl()
+    control.request_stop(signal.SIGTERM)
+    saved = []
+    (state, stats), optimizer = epoch(b := copy.deepcopy(ref), control=control,
+                                      on_save=lambda *x: saved.append(copy.deepcopy(x)))
+    assert stats.stopped_at == 2 and [s[0] for s in saved] == [2] and state.last_opt_step == 1
+    (state2, stats2), _ = epoch(b, start=2, mloss=saved[0][2], optimizer_state=optimizer.state_dict(),
+                                state=saved[0][1])
+    assert state2 == full_state and stats2.mloss == full_stats.mloss and stats2.stopped_at is None
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
