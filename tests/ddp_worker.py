@@ -5,7 +5,8 @@ per image, h w the batch's tensor size), so a test can check that the ranks saw 
 YOLO_TEST_KILL_EPOCH=E: rank 1 of the first attempt (TORCHELASTIC_RESTART_COUNT 0) SIGKILLs itself as epoch E
 starts, so a test can check the elastic restart. With YOLO_TEST_KILL_MARK=<file> as well, the kill happens in any
 attempt, once: the rank that kills itself creates the file first (in a multi-agent group the agents restart their
-workers with counts of their own, so the count cannot tell the first attempt).
+workers with counts of their own, so the count cannot tell the first attempt). YOLO_TEST_KILL_BATCH=B moves the kill
+from the epoch's start to the moment rank 1 would load its batch B (a restart then resumes inside the epoch).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py <train.py arguments>
 """
@@ -41,6 +42,19 @@ class RecordingLoader:
                 yield imgs, targets, paths, shapes
 
 
+class KillingLoader(RecordingLoader):
+    """A loader that SIGKILLs this process instead of yielding its batch number `at`."""
+
+    def __init__(self, loader: Any, at: int):
+        self.loader, self.at = loader, at
+
+    def __iter__(self) -> Iterator:
+        for i, batch in enumerate(self.loader):
+            if i == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+
 def wrapped_epoch(real: Any, **kw: Any) -> Any:
     """train_one_epoch with the test behaviours above."""
     rank, epoch = int(os.environ.get('RANK', -1)), kw['epoch']
@@ -53,7 +67,10 @@ def wrapped_epoch(real: Any, **kw: Any) -> Any:
                 kill = None
         elif os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
             kill = None
-        if kill:
+        at = os.environ.get('YOLO_TEST_KILL_BATCH')
+        if kill and at:
+            kw['loader'] = KillingLoader(kw['loader'], int(at))
+        elif kill:
             os.kill(os.getpid(), signal.SIGKILL)
     seen = os.environ.get('YOLO_TEST_SEEN_DIR')
     if seen:

@@ -3,6 +3,7 @@ for the whole group from weights/last.pt, and two real launches with the same --
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -227,3 +228,26 @@ def test_two_agents_as_two_nodes_resume_by_any_shared_agent(coco8, tmp_path):
     assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/2', '1/2', '2/2']
     ck = torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)
     assert ck['epoch'] == 2 and ck['ema_updates'] == 3 and len(ck['elastic_agents']) == 2
+
+
+def test_elastic_restart_inside_an_epoch_resumes_at_the_saved_batch(coco8, tmp_path):
+    # --save-period-min saves last.pt at optimizer steps inside epochs; rank 1 is SIGKILLed as it would load batch 2
+    # of epoch 1 (4 batches per rank per epoch): the restart goes through --resume's path to the saved position and
+    # loads only the batches after it
+    seen = tmp_path / 'seen'
+    seen.mkdir()
+    args = ['--cfg', str(CFG), '--data', str(coco8), '--weights', str(TINY_WEIGHTS), '--img-size', '64', '--epochs',
+            '3', '--batch-size', '2', '--device', 'cpu', '--workers', '0', '--notest', '--rect',
+            '--save-period-min', '0.00001']
+    r = torchrun_fixed_id(args, tmp_path, {'YOLO_TEST_KILL_EPOCH': '1', 'YOLO_TEST_KILL_BATCH': '2',
+                                           'YOLO_TEST_KILL_MARK': str(tmp_path / 'killed'),
+                                           'YOLO_TEST_SEEN_DIR': str(seen)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"Elastic restart 1: resuming this launch's weights/last\.pt at epoch 1, batch (\d)", r.stdout)
+    assert m, r.stdout[-3000:]
+    batch = int(m.group(1))  # the save after batch 1's step, or after batch 0's if the kill cut the later one short
+    assert batch in (1, 2)
+    assert [row.split()[0] for row in (tmp_path / 'results.txt').read_text().splitlines()] == ['0/2', '1/2', '2/2']
+    # rank 1 in epoch 1: batches 0 and 1 before the kill, then only batches batch..3 after the restart
+    assert len((seen / 'rank1_epoch1.txt').read_text().splitlines()) == 2 + 4 - batch
+    assert torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['epoch'] == 2
