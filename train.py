@@ -929,7 +929,12 @@ def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) 
         return opt
     last = run_paths(Path(opt.save_dir))['last']
     agents = du.launch_agents()  # a collective: before rank 0 goes its own way
-    decision = _elastic_decision(last, agents, du.restart_count()) if du.is_main_process() else None
+    decision = None
+    if du.is_main_process():
+        try:
+            decision = _elastic_decision(last, agents, du.restart_count())
+        except Exception as e:  # noqa: BLE001 - the other ranks wait for an answer: an error must reach them too
+            decision = None, f'{last}: cannot decide whether to resume it ({type(e).__name__}: {e})', True
     resume, message, failed = du.broadcast_object(decision)
     if failed:
         raise CheckpointError(message)
@@ -963,6 +968,8 @@ def _elastic_decision(last: Path, agents: list[str], restart: int) -> tuple[str 
     if not du.same_launch(ckpt.get('elastic_agents'), agents):
         return None, (f"{head}: {last} is another launch's (none of its agents is in this group), starting again"
                       if restart else ''), False
+    if run_finished(ckpt):  # --resume's path then says so and exits 0
+        return str(last), f"{head}: this launch's {last} is its finished run", False
     batch = ckpt.get('batch')
     where = f"epoch {ckpt['epoch']}, batch {batch}" if batch is not None else f"epoch {int(ckpt['epoch']) + 1}"
     return str(last), f"{head}: resuming this launch's {last} at {where}", False

@@ -251,3 +251,28 @@ def test_elastic_restart_inside_an_epoch_resumes_at_the_saved_batch(coco8, tmp_p
     # rank 1 in epoch 1: batches 0 and 1 before the kill, then only batches batch..3 after the restart
     assert len((seen / 'rank1_epoch1.txt').read_text().splitlines()) == 2 + 4 - batch
     assert torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['epoch'] == 2
+
+
+def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(tmp_path, monkeypatch, capsys):
+    # the group failed after saving its final epoch (say while plotting): the restart finds its own finished run,
+    # and --resume's path says so and exits 0 without training
+    monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    last = tiny_last(tmp_path, elastic_agents=['me'])
+    ckpt = torch.load(last, weights_only=True)
+    save_checkpoint({**ckpt, 'epoch': 2}, last)
+    lines: list[str] = []
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    assert opt.resume == str(last) and lines == [f"Elastic restart 1: this launch's {last} is its finished run"]
+    assert train.resolve_resume(opt)[1] is None and 'already finished' in capsys.readouterr().out
+
+
+def test_elastic_checkpoint_rank0_cannot_judge_is_an_error_not_a_wait(tmp_path, monkeypatch):
+    # a last.pt naming this group's agent but not saved by train.py (no options): rank 0 must still answer
+    monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    last = train.run_paths(tmp_path)['last']
+    last.parent.mkdir(parents=True)
+    save_checkpoint({'model': {'w': torch.zeros(1)}, 'optimizer': {}, 'elastic_agents': ['me'], 'epoch': 0}, last)
+    with pytest.raises(CheckpointError, match='cannot decide whether to resume it'):
+        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), print)
