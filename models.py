@@ -68,12 +68,16 @@ class YOLOLayer(nn.Module):
         """Anchors in grid units of this layer: (na, 2)."""
         return self.anchors / self.stride
 
-    def _grid(self, ny: int, nx: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (ny, nx, device, dtype)
+    def _grid(self, ny: int, nx: int, img_hw: tuple[int, int], device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cell positions (1, 1, ny, nx, 2), stride (2,) = (sx, sy)) in fp32 on device, made once per shape: a
+        stride tensor from Python numbers each forward would be a blocking host-to-device copy on CUDA."""
+        key = (ny, nx, tuple(img_hw), device)
         if key not in self._grid_cache or torch.jit.is_tracing():  # traced (ONNX): built from the input's shape
-            yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=dtype),
-                                    torch.arange(nx, device=device, dtype=dtype), indexing='ij')
-            self._grid_cache = {key: torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)}
+            yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
+                                    torch.arange(nx, device=device, dtype=torch.float32), indexing='ij')
+            stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=device)  # (sx, sy)
+            self._grid_cache = {key: (torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2), stride)}
         return self._grid_cache[key]
 
     def asff(self, outputs: list) -> torch.Tensor:
@@ -98,8 +102,7 @@ class YOLOLayer(nn.Module):
             return None, p
         # decoded in fp32 whatever the network's dtype: bf16 steps 2 px between 256 and 512, fp16 0.25 px
         pf = p.float()
-        grid = self._grid(ny, nx, p.device, torch.float32)
-        stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device)  # (sx, sy)
+        grid, stride = self._grid(ny, nx, img_hw, p.device)
         # the one decode the losses use too (scale_x_y included), so training optimises these boxes
         xy, wh = decode_yolo_box(pf, self.anchors.view(1, self.na, 1, 1, 2), self.scale_x_y, grid)
         xy = xy * stride

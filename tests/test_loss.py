@@ -463,3 +463,14 @@ def test_fp16_maps_decode_in_fp32():
     assert io16.dtype == torch.float32 and torch.isfinite(io16).all()
     assert torch.equal(io16, io32)
     assert io16[0, 0, 2].item() == pytest.approx(math.exp(10) * 116, rel=1e-6)
+
+
+def test_inference_decode_makes_no_tensor_from_python_numbers_after_the_first_batch(monkeypatch):
+    # the grid and the stride of a shape are made once: on CUDA each tensor from Python numbers is a blocking copy
+    model = Darknet(ROOT / 'cfg' / 'yolov3-tiny.cfg', img_size=64).eval()
+    x = torch.zeros(1, 3, 64, 96)
+    with torch.no_grad():
+        model(x)
+        reads = HostReads(monkeypatch)
+        model(x)
+    assert reads.calls == []
