@@ -84,7 +84,7 @@ STEP_NAMES = ['test_fp32', 'test_half', 'detect_fp32', 'detect_half', 'sync_debu
 # seconds per step, (CUDA, --quick on the CPU): CUDA ones are estimates (nothing has run on a GPU yet: a JSON of a
 # real run, passed as --estimates, replaces them); CPU ones measured on the 2-core machine, rounded up
 ESTIMATES = {'test_fp32': (30, 5), 'test_half': (30, 1), 'detect_fp32': (15, 4), 'detect_half': (15, 1),
-             'sync_debug': (50, 6), 'channels_last': (45, 6), 'sigterm_resume': (90, 30), 'train_fp16': (45, 1),
+             'sync_debug': (50, 10), 'channels_last': (45, 7), 'sigterm_resume': (90, 30), 'train_fp16': (45, 1),
              'kill9_resume': (60, 12), 'torchrun': (40, 10), 'elastic': (70, 20), 'train_bf16': (45, 6),
              'throughput_spp': (60, 1), 'throughput_tiny': (40, 1), 'loader': (30, 4)}
 CONFIDENT = 0.5  # detect_half compares boxes this confident; detect.py's threshold is 0.3 (see step_detect_half)
