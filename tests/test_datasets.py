@@ -490,6 +490,212 @@ def letter_rgb(img0: np.ndarray, size: int) -> np.ndarray:
     return letterbox(img0, size)[0][:, :, ::-1].transpose(2, 0, 1)
 
 
+# --- samplers: order and augmentation from (seed, epoch, k), exact mid-epoch resume ----------------------------------
+
+AUG = {**HYP, 'degrees': 5.0, 'translate': 0.1, 'scale': 0.2, 'shear': 2.0}  # every augmentation on
+
+
+def epoch_batches(loader: torch.utils.data.DataLoader, epoch: int, start: int = 0) -> list[tuple]:
+    """(i, imgs, targets, paths) of one iteration from batch `start` of `epoch`, numbered as the loop numbers them."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_start(start)
+    return [(i, imgs, targets, paths) for i, (imgs, targets, paths, _) in enumerate(loader, start)]
+
+
+def same_batches(a: list[tuple], b: list[tuple]) -> bool:
+    """Two lists of epoch_batches hold the same batches: numbers, images, targets and paths."""
+    return len(a) == len(b) and all(x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+                                    and x[3] == y[3] for x, y in zip(a, b))
+
+
+def test_worker_count_does_not_change_batches(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    l0, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
+    l2, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=2, seed=3, nc=80)
+    assert l0.num_workers == 0 and l2.num_workers == 2 and len(l0) == len(l2) == 4
+    epochs = []
+    for epoch in (0, 1):  # l2's workers persist: the second epoch reaches them through the sampler's keys
+        a, b = epoch_batches(l0, epoch), epoch_batches(l2, epoch)
+        assert same_batches(a, b)
+        epochs.append(a)
+    assert [p for x in epochs[0] for p in x[3]] != [p for x in epochs[1] for p in x[3]]  # another order
+    assert sorted(p for x in epochs[0] for p in x[3]) == sorted(p for x in epochs[1] for p in x[3])  # same images
+    assert same_batches(epoch_batches(l2, 0), epochs[0])  # an epoch again: the same batches
+    other, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=4, nc=80)
+    assert not torch.equal(epoch_batches(other, 0)[0][1], epochs[0][0][1])  # the seed decides
+
+
+def test_set_start_skips_batches_without_loading_them(coco16_data, monkeypatch):
+    path = load_data_config(coco16_data)['train']
+    loader, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
+    full = epoch_batches(loader, 1)
+    keys, loaded = [], []
+    get_item, load_image = LoadImagesAndLabels.__getitem__, ds.load_image
+    monkeypatch.setattr(LoadImagesAndLabels, '__getitem__', lambda self, key: keys.append(key) or get_item(self, key))
+    monkeypatch.setattr(ds, 'load_image', lambda i: loaded.append(i) or load_image(i))
+    part = epoch_batches(loader, 1, start=2)
+    assert [x[0] for x in part] == [2, 3] and same_batches(part, full[2:]) and len(loader) == 4
+    assert [k.k for k in keys] == list(range(8, 16))  # only the samples of batches 2 and 3 were made
+    assert len(loaded) == 4 * 8 and loaded[::4] == [k.index for k in keys]  # each: its image and 3 mosaic partners
+    monkeypatch.undo()
+    assert len(list(loader)) == 4  # set_start holds for one iteration only
+    l2, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=2, seed=3, nc=80)
+    assert same_batches(epoch_batches(l2, 1, start=3), full[3:])  # with workers too
+    assert epoch_batches(l2, 1, start=4) == []  # the epoch was complete
+    with pytest.raises(ValueError, match=r'start batch 5 is not in \[0, 4\]'):
+        loader.sampler.set_start(5)
+
+
+def samples_by_k(loader: torch.utils.data.DataLoader, epoch: int, start: int = 0) -> dict[int, tuple]:
+    """{k: (image, labels (n, 5), path)} of every sample one iteration gives, k its position in the global order."""
+    batches = epoch_batches(loader, epoch, start)
+    keys = loader.sampler.epoch_keys()[start * loader.batch_size:]
+    out, j = {}, 0
+    for _, imgs, targets, paths in batches:
+        for b in range(len(imgs)):
+            out[keys[j].k] = (imgs[b], targets[targets[:, 0] == b, 1:], paths[b])
+            j += 1
+    assert j == len(keys)
+    return out
+
+
+def same_samples(a: dict[int, tuple], b: dict[int, tuple]) -> bool:
+    """The samples of a are in b with the same image, labels and path."""
+    return all(k in b and torch.equal(v[0], b[k][0]) and torch.equal(v[1], b[k][1]) and v[2] == b[k][2]
+               for k, v in a.items())
+
+
+def test_ddp_shards_partition_the_epoch_and_resume(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    single, _ = create_dataloader(path, 128, 2, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
+    whole = samples_by_k(single, 2)
+    assert sorted(whole) == list(range(16))
+    ranks = []
+    for rank in (0, 1):
+        loader, _ = create_dataloader(path, 128, 2, hyp=AUG, augment=True, rank=rank, world_size=2, workers=1,
+                                      seed=3, nc=80)
+        assert len(loader) == 4
+        ranks.append(samples_by_k(loader, 2))
+        part = samples_by_k(loader, 2, start=3)  # resume a rank at its batch 3: its last 2 samples
+        assert sorted(part) == sorted(ranks[-1])[-2:] and same_samples(part, ranks[-1])
+    assert sorted(ranks[0]) == list(range(0, 16, 2)) and sorted(ranks[1]) == list(range(1, 16, 2))  # a partition
+    # sample k is the same image, augmented the same, whichever process (and worker) loads it
+    assert same_samples(ranks[0], whole) and same_samples(ranks[1], whole)
+
+
+def test_image_weights_loader_resumes_and_augments_repeats_apart(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    weights = np.zeros(16)
+    weights[[2, 5]] = 1.0  # only two images are drawn: each about 8 times
+    loaders = []
+    for workers in (0, 2):
+        loader, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=workers, image_weights=True,
+                                       seed=3, nc=80)
+        loader.sampler.set_weights(weights)
+        loaders.append(loader)
+    full = epoch_batches(loaders[0], 1)
+    assert same_batches(epoch_batches(loaders[1], 1), full) and same_batches(epoch_batches(loaders[1], 1, 2), full[2:])
+    paths = [p for x in full for p in x[3]]
+    assert set(paths) == {ds.img_files[2], ds.img_files[5]} and len(paths) == 16
+    imgs = torch.cat([x[1] for x in full])
+    for p in set(paths):  # the draws of one image: one augmentation each (k differs)
+        same_image = [imgs[j] for j, q in enumerate(paths) if q == p]
+        assert len({x.numpy().tobytes() for x in same_image}) == len(same_image)
+
+
+def test_rect_loaders_resume(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    single, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, rect=True, workers=0, seed=3, nc=80)
+    full = epoch_batches(single, 0)
+    # as the original: no shuffle, the planned batches in order, each with its planned shape
+    assert [list(x[3]) for x in full] == [ds.img_files[i:i + 4] for i in range(0, 16, 4)]
+    assert all(tuple(imgs.shape[2:]) == tuple(ds.batch_shapes[i]) for i, imgs, _, _ in full)
+    assert same_batches(epoch_batches(single, 0, start=2), full[2:])
+    for rank in (0, 1):
+        loader, _ = create_dataloader(path, 128, 3, hyp=AUG, augment=True, rect=True, rank=rank, world_size=2,
+                                      workers=1, seed=3, nc=80)
+        assert isinstance(loader.sampler, RectDistributedSampler) and len(loader) == 3
+        whole = epoch_batches(loader, 1)
+        assert same_batches(epoch_batches(loader, 1, start=1), whole[1:])
+
+
+def test_create_dataloader_needs_nc_to_train(coco16_data):
+    path = load_data_config(coco16_data)['train']
+    with pytest.raises(ValueError, match='needs nc'):
+        create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0)
+    loader, _ = create_dataloader(path, 128, 4, rect=True, shuffle=False, workers=0)
+    assert not loader.pin_memory  # pinned only when asked (a loader feeding a CUDA device)
+
+
+WORKERS_UNDER_SIGNALS = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from utils.datasets import create_dataloader
+hyp = {'hsv_h': 0.0, 'hsv_s': 0.0, 'hsv_v': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
+loader, _ = create_dataloader(sys.argv[2], 128, 2, hyp=hyp, augment=True, workers=2, nc=80)
+it = iter(loader)
+next(it)
+got = []  # the main process's own handlers, installed once the workers run (as a trainer installs them)
+signal.signal(signal.SIGTERM, lambda *a: got.append('TERM'))
+signal.signal(signal.SIGUSR1, lambda *a: got.append('USR1'))
+print('WORKERS', *[w.pid for w in it._workers], flush=True)
+sys.stdin.readline()  # the test signals the whole process group meanwhile
+n = 1 + sum(1 for _ in it)
+print('BATCHES', n, 'SIGNALS', ','.join(got), flush=True)
+sys.stdin.readline()  # the test kills this process with SIGKILL meanwhile
+'''
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie left unreaped counts as gone)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='process groups and /proc')
+def test_workers_survive_preemption_signals_and_die_with_the_main_process(coco16_data):
+    import signal
+    import time
+    path = load_data_config(coco16_data)['train']
+    p = subprocess.Popen([sys.executable, '-c', WORKERS_UNDER_SIGNALS, str(ROOT), path], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def next_line(prefix: str) -> str:
+        """The script's next output line starting with prefix ('' at its end)."""
+        line = p.stdout.readline()
+        while line and not line.startswith(prefix):
+            line = p.stdout.readline()
+        return line
+
+    try:
+        line = next_line('WORKERS')
+        assert line, 'the script ended before its workers ran'
+        workers = [int(x) for x in line.split()[1:]]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        os.killpg(p.pid, signal.SIGTERM)  # what SLURM and spot instances do: the whole group
+        os.killpg(p.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        p.stdin.write('\n')
+        p.stdin.flush()
+        line = next_line('BATCHES')
+        assert line.split()[:3] == ['BATCHES', '8', 'SIGNALS'], line  # the epoch finished
+        assert sorted(line.split()[3].split(',')) == ['TERM', 'USR1'], line  # and the main process got both
+        assert all(_alive(w) for w in workers)
+        p.kill()  # kill -9: no chance to shut the workers down
+        p.wait(10)
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), 'DataLoader workers outlived their main process'
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 # --- the command line (train.py belongs to the training issue) -----------------------------------------------------
 
 @pytest.mark.skipif(not (ROOT / 'train.py').exists(), reason='train.py is not written yet')

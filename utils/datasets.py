@@ -471,14 +471,36 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
         dist.barrier()
 
 
+def _ignore_preemption_signals() -> None:
+    """In a DataLoader worker: ignore SIGUSR1, and SIGTERM unless it comes from the worker's own main process.
+
+    SLURM and spot-instance preemption signal the whole process group: the main process finishes its step, saves
+    and then shuts its workers down; a worker killed first would fail that step. The main process itself still
+    stops a worker with SIGTERM (the DataLoader's and multiprocessing's terminate() at exit), so SIGTERM is taken
+    by a thread that reads the sender: the main process's own SIGTERM ends the worker as usual. A worker also
+    exits when its main process dies (the DataLoader's watchdog checks it).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, 'sigwaitinfo'):  # no sender to tell apart: ignore it, the watchdog still applies
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the main process
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action: end as terminate() expects
+
+    Thread(target=wait, daemon=True, name='sigterm-from-main').start()
+
+
 def _worker_init(worker_id: int) -> None:
     """Keep OpenCV single-threaded in a DataLoader worker, and leave preemption signals to the main process."""
     cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV's own threads would oversubscribe the cores
-    # SLURM and spot-instance preemption send SIGTERM (or SIGUSR1) to the whole process group: the main process
-    # finishes its step, saves and then shuts the workers down; a worker killed first would fail that step. Workers
-    # still exit when the main process dies (the DataLoader's watchdog checks it).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _ignore_preemption_signals()
 
 
 def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
