@@ -837,7 +837,7 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
         return opt, None
     defaults = vars(get_args_parser().parse_args([]))
     new = argparse.Namespace(**{**defaults, **saved})
-    for k in ('device', 'workers'):  # where to run may change between the crash and the resume
+    for k in AUTO_RESUME_FREE[:-1]:  # where and how often to save may change between the crash and the resume
         if getattr(opt, k) != defaults[k]:
             setattr(new, k, getattr(opt, k))
     new.resume = str(ckpt_path)
@@ -851,7 +851,7 @@ def run_finished(ckpt: dict) -> bool:
             or (ckpt.get('batch') is None and int(ckpt['epoch']) + 1 >= int(ckpt['opt']['epochs'])))
 
 
-AUTO_RESUME_FREE = ('device', 'workers', 'resume')  # may change between a crash and its requeue
+AUTO_RESUME_FREE = ('device', 'workers', 'save_period_min', 'resume')  # may change between a crash and its resume
 
 
 def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace | None:
