@@ -190,6 +190,9 @@ class FiniteGuard:
         self.ok = torch.ones((), dtype=torch.bool, device=device)
         self.batch = torch.full((), -1, dtype=torch.long, device=device)  # first bad batch of this rank
         self.items = torch.zeros(4, device=device)  # its loss items
+        # [not stop, not save] on the host, pinned on CUDA so its copy to the device does not block; reused: each
+        # agree() reads the reduced flags back before the next one refills it
+        self._host_flags = torch.ones(2, pin_memory=device.type == 'cuda')
 
     def record(self, i: int, loss: torch.Tensor, items: torch.Tensor) -> None:
         """Note batch i's loss (device ops only)."""
@@ -205,8 +208,8 @@ class FiniteGuard:
         """One all_reduce (MIN) of [finite, not stop, not save] across ranks: raise NonFiniteLossError when any rank
         saw a non-finite loss, else return (any rank asked to stop, a save is due)."""
         if du.is_initialized():
-            flags = torch.cat([self.ok.float().reshape(1),
-                               torch.tensor([float(not stop), float(not save)]).to(self.ok.device)])
+            self._host_flags[0], self._host_flags[1] = float(not stop), float(not save)
+            flags = torch.cat([self.ok.float().reshape(1), self._host_flags.to(self.ok.device, non_blocking=True)])
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
             finite, go_on, no_save = flags.tolist()  # the one host read per optimizer step
             stop, save = not go_on, not no_save
