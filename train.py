@@ -865,6 +865,11 @@ def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> 
     opt.resume = False
     paths = run_paths(Path(opt.save_dir))
     last = paths['last']
+    named = run_paths(Path(opt.save_dir), opt.name)['last'] if opt.name else None
+    if not last.is_file() and named is not None and named.is_file():  # --name renames last.pt when a run finishes
+        log(f'--resume auto: {named} is a finished run (--name {opt.name}); nothing to train. To train more: '
+            f'--weights {named} --epochs N')
+        return None
     if not last.is_file():
         log(f'--resume auto: no {last}, starting a new run')
         return opt

@@ -354,3 +354,16 @@ def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_pat
                                 state=saved[0][1])
     assert state2 == full_state and stats2.mloss == full_stats.mloss and stats2.stopped_at is None
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_resume_auto_knows_a_finished_run_renamed_by_name(tmp_path, capsys):
+    # --name X renames the finished run's last.pt to last_X.pt: a requeue of the same command must not retrain
+    import train
+
+    (tmp_path / 'weights').mkdir()
+    (tmp_path / 'weights' / 'last_x.pt').write_bytes(b'')
+    opt = train.parse_opt(['--resume', 'auto', '--name', 'x', '--save-dir', str(tmp_path)])
+    assert train.auto_resume(opt) is None
+    assert f"{tmp_path / 'weights' / 'last_x.pt'} is a finished run (--name x)" in capsys.readouterr().out
+    opt = train.parse_opt(['--resume', 'auto', '--name', 'y', '--save-dir', str(tmp_path)])
+    assert train.auto_resume(opt).resume is False  # another name: nothing of this run yet
