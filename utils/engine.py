@@ -10,6 +10,7 @@ import itertools
 import math
 import random
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -151,7 +152,10 @@ class RunControl:
 
     def install(self) -> RunControl:
         """Route SIGTERM and SIGUSR1 to request_stop (main thread only); DataLoader workers forked later inherit the
-        handler, so a signal sent to the whole process group does not kill them mid-epoch."""
+        handler, so a signal sent to the whole process group does not kill them mid-epoch. Outside the main thread
+        (where Python cannot set handlers) signals keep their behaviour."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
