@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from threading import Thread
@@ -37,8 +38,8 @@ CACHE_VERSION = 1  # bump when the cache layout or the checks change
 AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
-__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'LoadImages', 'LoadWebcam', 'LoadStreams',
-           'create_dataloader', 'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label',
+__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'PreemptionSafeLoader', 'LoadImages',
+           'LoadWebcam', 'LoadStreams', 'create_dataloader', 'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label',
            'IMG_FORMATS', 'VID_FORMATS']
 
 
@@ -471,7 +472,7 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
         dist.barrier()
 
 
-def _ignore_preemption_signals() -> None:
+def _ignore_preemption_signals(main_pid: int) -> None:
     """In a DataLoader worker: ignore SIGUSR1, and SIGTERM unless it comes from the worker's own main process.
 
     SLURM and spot-instance preemption signal the whole process group: the main process finishes its step, saves
@@ -480,16 +481,19 @@ def _ignore_preemption_signals() -> None:
     by a thread that reads the sender: the main process's own SIGTERM ends the worker as usual. A worker also
     exits when its main process dies (the DataLoader's watchdog checks it).
     """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # the worker started with both blocked (PreemptionSafeLoader): one that arrived since is pending until now
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # discards a pending one
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     if not hasattr(signal, 'sigwaitinfo'):  # no sender to tell apart: ignore it, the watchdog still applies
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         return
-    parent = os.getppid()
+    senders = {main_pid, os.getppid()}  # the parent differs from the main process under forkserver or spawn
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the main process
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
 
     def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in senders:
             pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.kill(os.getpid(), signal.SIGTERM)  # the default action: end as terminate() expects
@@ -497,10 +501,24 @@ def _ignore_preemption_signals() -> None:
     Thread(target=wait, daemon=True, name='sigterm-from-main').start()
 
 
-def _worker_init(worker_id: int) -> None:
+class PreemptionSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM and SIGUSR1 blocked, so that a preemption signal sent to the
+    process group while they start waits for their worker_init_fn (which ignores it) instead of killing them."""
+
+    def __iter__(self) -> Any:
+        if not self.num_workers or not hasattr(signal, 'pthread_sigmask'):
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # inherited by the workers
+        try:
+            return super().__iter__()
+        finally:  # the main process's own handlers run now for anything that arrived meanwhile
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init(worker_id: int, main_pid: int) -> None:
     """Keep OpenCV single-threaded in a DataLoader worker, and leave preemption signals to the main process."""
     cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV's own threads would oversubscribe the cores
-    _ignore_preemption_signals()
+    _ignore_preemption_signals(main_pid)
 
 
 def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
@@ -542,9 +560,10 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
         sampler = ShuffleSampler(len(dataset), batch_size, world, r, shuffle=shuffle, seed=seed)
     generator = torch.Generator()  # seeds only the workers' torch RNG, which the dataset does not draw from
     generator.manual_seed(seed + r * 1000)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=nw,
-                        pin_memory=pin_memory, collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=_worker_init,
-                        generator=generator, persistent_workers=nw > 0)
+    loader = PreemptionSafeLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=nw,
+                                  pin_memory=pin_memory, collate_fn=LoadImagesAndLabels.collate_fn,
+                                  worker_init_fn=partial(_worker_init, main_pid=os.getpid()), generator=generator,
+                                  persistent_workers=nw > 0)
     return loader, dataset
 
 
