@@ -177,7 +177,7 @@ def test_kill_9_after_a_periodic_save_then_resume_equals(data32, reference, tmp_
     assert_same_weights(tmp_path, reference)
 
 
-def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm_run, tmp_path):
+def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm_run, tmp_path, capsys):
     # an unfinished run of the same options resumes
     same = tmp_path / 'same'
     shutil.copytree(sigterm_run[0], same)
@@ -206,12 +206,14 @@ def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm
     assert [p.name.startswith('results_replaced_') for p in other.glob('results_replaced_*.txt')] == [True]
     assert epochs_of(other) == ['0/0']
 
-    # a fresh folder starts a new run
-    fresh = tmp_path / 'fresh'
-    fresh.mkdir()
-    r = cli(run_args(data32, '--resume', 'auto', '--epochs', '1'), fresh)
-    assert r.returncode == 0 and '--resume auto: no weights/last.pt, starting a new run' in r.stdout
-    assert epochs_of(fresh) == ['0/0']
+    # a fresh folder starts a new run (the decision alone: the training is the one above)
+    import train
+
+    opt = train.parse_opt(run_args(data32, '--resume', 'auto', '--save-dir', str(tmp_path / 'fresh')))
+    decided = train.auto_resume(opt)
+    assert decided.resume is False and decided.epochs == EPOCHS
+    last = tmp_path / 'fresh' / 'weights' / 'last.pt'
+    assert f'--resume auto: no {last}, starting a new run' in capsys.readouterr().out
 
 
 def test_run_control_flags_and_one_collective_answer(monkeypatch):
