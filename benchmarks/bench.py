@@ -53,6 +53,10 @@ WEIGHTS = SHARED / 'weights' / 'yolov3-tiny.weights'
 DEFAULT_CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 PROBE_ENV = 'YOLO_BENCH_PROBE'  # file the child's tqdm probe appends one JSON line per finished loop to
 
+if str(BENCH_DIR) not in sys.path:  # benchmarks/ is not a package; subset.py is its dataset builder
+    sys.path.insert(0, str(BENCH_DIR))
+from subset import make_subset  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------------------- child side
 def _install_tqdm_probe(log_path: str) -> None:
@@ -185,21 +189,6 @@ def machine_info() -> dict:
             'cuda': torch.cuda.is_available()}
 
 
-def make_dataset(dst: Path, n: int | None) -> tuple[Path, Path]:
-    """Symlink the first n coco128 images and labels under dst (so caches land there); return (images dir, .data)."""
-    images, labels = dst / 'coco128' / 'images' / 'train2017', dst / 'coco128' / 'labels' / 'train2017'
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for im in sorted((COCO128 / 'images' / 'train2017').glob('*.jpg'))[:n]:
-        (images / im.name).symlink_to(im)
-        lb = COCO128 / 'labels' / 'train2017' / (im.stem + '.txt')
-        if lb.exists():
-            (labels / lb.name).symlink_to(lb)
-    data = dst / 'bench.data'  # a name without 'coco.data': neither test.py turns on COCO JSON scoring
-    data.write_text(f'classes=80\ntrain={images}\nvalid={images}\nnames={COCO128 / "coco.names"}\n')
-    return images, data
-
-
 def git_state(repo: Path) -> str:
     """'<short commit>' of a git checkout, '+dirty' when tracked files differ from it; '' for a plain folder."""
     try:
@@ -324,8 +313,8 @@ def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix='yolo_bench_'))
     try:
         src, patches = prepare_repo(repo, tmp, compat)
-        images, data = make_dataset(tmp / 'data', opt.images)
-        n = len(list(images.glob('*.jpg')))
+        subset = make_subset(COCO128, tmp / 'data', opt.images, link=True, name='bench')
+        images, data, n = subset.images, subset.data, subset.n_images
         env = child_env(compat, tmp)
         res = {'repo': str(repo), 'git': git_state(repo), 'compat': compat, 'patches': patches, 'images': n}
         for line in patches:

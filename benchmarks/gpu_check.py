@@ -92,6 +92,7 @@ PROBE = BENCH_DIR / 'gpu_probe.py'
 
 sys.path.insert(0, str(BENCH_DIR))
 import bench  # noqa: E402  (benchmarks/ is not a package: its tqdm probe and parsers)
+from subset import make_subset  # noqa: E402
 
 
 class CheckFailed(Exception):
@@ -199,29 +200,6 @@ class Ctx:
     def size(self, cuda_size: int = 416, quick_size: int = 64) -> int:
         """Image size of a training step."""
         return quick_size if self.quick else cuda_size
-
-
-def make_dataset(inputs: Inputs, dst: Path, n: int | None, copies: int = 1, valid: Path | None = None
-                 ) -> tuple[Path, int, int]:
-    """Symlink the first n images (and labels) `copies` times under dst; (.data file, images, label rows).
-
-    valid: the validation images of the .data file (default: the same images).
-    """
-    images, labels = dst / 'images', dst / 'labels'
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    n_targets = 0
-    src = sorted((inputs.data_dir / 'images' / 'train2017').glob('*.jpg'))[:n]
-    for k in range(copies):  # distinct names: the loader drops duplicate paths
-        for im in src:
-            (images / f'{k}_{im.name}').symlink_to(im)
-            lb = inputs.data_dir / 'labels' / 'train2017' / f'{im.stem}.txt'
-            if lb.exists():
-                (labels / f'{k}_{lb.name}').symlink_to(lb)
-                n_targets += sum(1 for x in lb.read_text().splitlines() if x.strip())
-    data = dst / 'check.data'
-    data.write_text(f'classes=80\ntrain={images}\nvalid={valid or images}\nnames={inputs.data_dir / "coco.names"}\n')
-    return data, len(src) * copies, n_targets
 
 
 def run_cli(ctx: Ctx, name: str, cmd: list[str], cwd: Path, timeout: float, env: dict | None = None
@@ -1015,8 +993,8 @@ def _figure(r: dict) -> str:
     return ''
 
 
-def summary_table(results: list[dict]) -> str:
-    """One line per step: status, seconds, main figure or the reason."""
+def step_table(results: list[dict]) -> str:
+    """One line per step: status, seconds, main figure or the reason (bench.py's summary_table compares checkouts)."""
     lines = [f"{'step':16s} {'status':8s} {'s':>6s}  figure / reason"]
     for r in results:
         lines.append(f"{r['step']:16s} {r['status']:8s} {r['seconds']:6.1f}  {r['reason'] or _figure(r)}")
@@ -1086,10 +1064,12 @@ def prepare(opt: argparse.Namespace, inputs: Inputs) -> Ctx:
     ctx = Ctx(inputs, device, opt.quick, work, work / 'logs' if archive else opt.logs,
               torch.cuda.device_count() if device != 'cpu' else 0)
     ctx.estimates = load_estimates(opt.estimates, cuda=ctx.cuda)
-    ctx.data, ctx.n_images, ctx.n_targets = make_dataset(inputs, work / 'data', 8 if opt.quick else None)
+    n = 8 if opt.quick else None
+    base = make_subset(inputs.data_dir, work / 'data', n, link=True, name='check')
+    ctx.data, ctx.n_images, ctx.n_targets = base.data, base.n_images, base.n_targets
     if ctx.cuda:  # the throughput steps: 16 batches of 64 per epoch (--quick: 4 of 16)
-        ctx.shared['x8'], ctx.shared['x8_images'], _ = make_dataset(inputs, work / 'data_x8', 8 if opt.quick else None,
-                                                                    copies=8, valid=ctx.data.parent / 'images')
+        x8 = make_subset(inputs.data_dir, work / 'data_x8', n, copies=8, link=True, name='check', valid=base.images)
+        ctx.shared['x8'], ctx.shared['x8_images'] = x8.data, x8.n_images
     return ctx
 
 
@@ -1121,7 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
         if opt.work is None:
             shutil.rmtree(ctx.work, ignore_errors=True)
     print()
-    print(summary_table(results))
+    print(step_table(results))
     failed = [r['step'] for r in results if r['status'] == 'fail']
     print(f"\n{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
           f"{sum(r['status'] == 'pass' for r in results)} passed, "

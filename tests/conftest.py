@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+
+from benchmarks import subset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
@@ -19,17 +20,7 @@ SAMPLES = SHARED / 'samples'
 
 def make_subset(dst: Path, n: int | None = None, start: int = 0, name: str = 'subset') -> Path:
     """Copy n coco128 images (sorted, from start) and their labels under dst/images, dst/labels; return a .data file."""
-    images = sorted(COCO128_IMAGES.glob('*.jpg'))[start:None if n is None else start + n]
-    (dst / 'images').mkdir(parents=True, exist_ok=True)
-    (dst / 'labels').mkdir(parents=True, exist_ok=True)
-    for im in images:
-        shutil.copy(im, dst / 'images' / im.name)
-        lb = COCO128 / 'labels' / 'train2017' / (im.stem + '.txt')
-        if lb.exists():
-            shutil.copy(lb, dst / 'labels' / lb.name)
-    data = dst / f'{name}.data'
-    data.write_text(f"classes=80\ntrain={dst / 'images'}\nvalid={dst / 'images'}\nnames={COCO_NAMES}\n")
-    return data
+    return subset.make_subset(COCO128, dst, n, start, name=name).data
 
 
 @pytest.fixture(scope='session')
