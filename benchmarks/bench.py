@@ -1,4 +1,4 @@
-"""Side-by-side speed of training, test.py and the training loader, for this checkout and others (issue 7).
+"""Side-by-side speed of training, test.py and the training loader, for this checkout and others.
 
     python benchmarks/bench.py                                        # this checkout
     python benchmarks/bench.py --repo /work/orig-archive --repo .     # the 2020 original (git clone -b archive), then this
@@ -132,10 +132,10 @@ def _tree_pss_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> dict:
+def run_measured(cmd: list[str], cwd: Path, env: dict, log_path: Path, timeout: float) -> dict:
     """Run cmd to completion; wall time, exit code, ru_maxrss of its largest process, peak PSS of its tree."""
     peak = [0]
-    with open(log, 'w') as out:
+    with open(log_path, 'w') as out:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         done = threading.Event()
@@ -307,7 +307,7 @@ def bench_loader(repo: Path, images: Path, epochs: int, env: dict) -> dict:
         os.environ.update(saved)
 
 
-def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
+def bench_repo(repo: Path, opt: argparse.Namespace) -> dict:
     """All measurements of one checkout, each in fresh subprocesses, in a temporary folder removed afterwards."""
     compat = is_original(repo) if opt.compat == 'auto' else opt.compat == 'on'
     tmp = Path(tempfile.mkdtemp(prefix='yolo_bench_'))
@@ -318,7 +318,7 @@ def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
         env = child_env(compat, tmp)
         res = {'repo': str(repo), 'git': git_state(repo), 'compat': compat, 'patches': patches, 'images': n}
         for line in patches:
-            log(f'  patched in its temporary copy: {line}')
+            print(f'  patched in its temporary copy: {line}')
         steps = [('loader', lambda: bench_loader(src, images, opt.loader_epochs, env)),
                  ('test', lambda: bench_test(src, compat, opt.cfg, data, n, opt.test_size, tmp, env, opt.timeout)),
                  ('train', lambda: bench_train(src, compat, opt.cfg, data, n, opt.train_size, opt.train_epochs, tmp,
@@ -329,11 +329,11 @@ def bench_repo(repo: Path, opt: argparse.Namespace, log=print) -> dict:
             before = load1()
             res[name] = fn()
             res[name].update(load_before=before, load_after=load1())
-            log(f'  {name:6s} {_fmt(name, res[name])}')
+            print(f'  {name:6s} {_fmt(name, res[name])}')
         return res
     finally:
         if opt.keep:
-            log(f'  kept {tmp}')
+            print(f'  kept {tmp}')
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / 'shared' / 'datasets' / 'coco128' / 'images' / 'train2017'
-# as the original (archive train.py): colour jitter on, geometric jitter off (degrees/translate/scale/shear * 0)
+# the original's training augmentation (archive train.py): colour jitter on, geometric jitter off
+# (degrees/translate/scale/shear * 0)
 ARCHIVE_AUG = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0,
                'shear': 0.0}
 

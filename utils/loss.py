@@ -138,9 +138,10 @@ class ComputeLoss:
             tobj = torch.zeros(pi[..., 0].numel() + 1, device=device)  # (bs * na * ny * nx + 1,): the last is a sink
             if b.shape[0]:
                 match = masks[i]
-                n = match.sum().clamp(min=1)  # matched pairs (a device scalar); the mean of none is 0 as the original
+                n = match.sum().clamp(min=1)  # matched pairs (a device scalar); the mean of none is 0
                 ps = pi[b, a, gj, gi]  # (na * nt, nc + 5) predictions at the pairs' anchors and cells
-                # decoded as YOLOLayer does at inference (scale_x_y too); as the original, exp(t) clamped at 1e3
+                # decoded as YOLOLayer does at inference (scale_x_y too); exp(t) clamped at 1e3 so a wild early
+                # prediction cannot overflow
                 pxy, pwh = decode_yolo_box(ps, anchors[i], self.scale_x_y[i], max_wh_scale=1e3)
                 giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (na * nt,)
                 lbox += torch.where(match, 1.0 - giou, 0.0).sum() / n

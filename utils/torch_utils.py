@@ -167,9 +167,9 @@ def pin_memory_for(device: torch.device) -> bool:
 
 
 def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
-    """Whether training runs the model in channels_last (NHWC): on the CPU (oneDNN's NHWC convolutions are ~1.2x
-    faster forward + backward there), and on CUDA with fp16/bf16 AMP on tensor-core GPUs (compute capability
-    >= 7.0), whose cuDNN kernels take NHWC without transposes; fp32 on CUDA keeps NCHW."""
+    """Whether training runs the model in channels_last (NHWC): on the CPU (oneDNN's NHWC convolutions are faster
+    forward + backward there: benchmarks/README.md), and on CUDA with fp16/bf16 AMP on tensor-core GPUs (compute
+    capability >= 7.0), whose cuDNN kernels take NHWC without transposes; fp32 on CUDA keeps NCHW."""
     if device.type == 'cpu':
         return True
     if device.type != 'cuda' or amp_dtype not in (torch.float16, torch.bfloat16):
