@@ -1,9 +1,8 @@
-"""train.py and utils/engine.py: schedule, optimizer groups, accumulation, AMP, EMA, multi-scale, checkpoints, resume,
-freeze, evolve, device rules, DDP (torchrun, elastic restart, launcher), and short CPU runs through the command line
-on a few coco128 images at 64-160 pixels."""
+"""train.py end to end (slow tier): short CPU runs in-process and through the command line on a few coco128 images
+at 64-160 pixels (schedule, checkpoints, resume, freeze, evolve, options), and DDP (gloo ranks, torchrun, elastic
+restart, launcher). The pure parts are in test_train_units.py."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 import signal
@@ -20,11 +19,12 @@ import torch.nn as nn
 import train
 from models import Darknet, load_darknet_weights
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
-from utils import engine
-from utils.torch_utils import ModelEMA
+from tests.test_train_units import NO_BN_CFG, run_epoch
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
+
+pytestmark = pytest.mark.slow
 
 
 def cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -48,7 +48,7 @@ def load(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# pure parts
+# in-process runs on coco128 images, DDP groups
 
 def record_lrs(monkeypatch) -> list[tuple[int, list[float]]]:
     """(epoch, LR of each optimizer group) as the optimizer had them after each epoch's batches of a real run."""
@@ -83,122 +83,6 @@ def test_lr_of_a_real_run_burn_in_then_the_originals_cosine(coco8, tmp_path, mon
             expected = [target] * 3
         assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12), e
     assert seen[-1][1][0] == pytest.approx(lr0 * 0.0733, rel=1e-3) and seen[-1][1][0] < 0.08 * lr0
-
-
-def test_warmup_interpolates_lr_momentum_gr_accumulate():
-    targets = [0.01, 0.01, 0.01]
-    w0 = engine.warmup_values(0, 500, targets, HYP, batch_size=16)
-    assert w0['lr'] == [0.0, 0.0, 0.1] and w0['momentum'] == pytest.approx(0.9)
-    assert w0['gr'] == 0.0 and w0['accumulate'] == 1 and w0['weight_decay'] == [0.0, 0.0, 0.0]
-    mid = engine.warmup_values(250, 500, targets, HYP, batch_size=16)
-    assert mid['lr'] == pytest.approx([0.005, 0.005, 0.055])
-    assert mid['momentum'] == pytest.approx((0.9 + 0.937) / 2) and mid['gr'] == pytest.approx(0.5)
-    assert mid['accumulate'] == round(1 + 3 * 0.5)  # 1 -> 64 / 16 = 4
-    assert mid['weight_decay'] == pytest.approx([0.0, HYP['weight_decay'] / 2, 0.0])
-    end = engine.warmup_values(500, 500, targets, HYP, batch_size=16)
-    assert end['lr'] == pytest.approx(targets) and end['momentum'] == pytest.approx(0.937)
-    assert end['gr'] == 1.0 and end['accumulate'] == 4 and end['weight_decay'] == [0.0, HYP['weight_decay'], 0.0]
-    assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
-
-
-def test_optimizer_groups_as_the_original():
-    model = Darknet(CFG, 160)
-    opt = train.build_optimizer(model, HYP)
-    g0, g1, g2 = opt.param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith('.bias') for p in g2['params'])
-    assert all(names[id(p)].endswith('Conv2d.weight') for p in g1['params'])
-    assert all('BatchNorm2d.weight' in names[id(p)] for p in g0['params'])
-    assert g1['weight_decay'] == HYP['weight_decay'] and g0['weight_decay'] == 0 and g2['weight_decay'] == 0
-    assert g0['nesterov'] and g0['momentum'] == HYP['momentum']
-    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
-    assert isinstance(train.build_optimizer(model, HYP, adam=True), torch.optim.Adam)
-
-
-def test_multi_scale_sizes():
-    assert train.check_img_sizes([320, 320, 320], False) == (320, 320, 10, 10, False)
-    big, test_size, gmin, gmax, multi = train.check_img_sizes([320, 320, 256], True)
-    assert (big, test_size, gmin * 32, gmax * 32, multi) == (448, 256, 192, 448, True)  # 0.67x - 1.5x
-    assert train.check_img_sizes([256, 512, 416], False)[2:] == (8, 16, True)  # min != max -> multi-scale
-    rng = __import__('random').Random(0)
-    sizes = {engine.multi_scale_size(rng, gmin, gmax) for _ in range(300)}
-    assert sizes == set(range(192, 449, 32))
-    imgs = torch.rand(2, 3, 448, 320)
-    assert engine.resize_batch(imgs, 224).shape[2:] == (224, 160)
-    assert engine.resize_batch(imgs, 200).shape[2:] == (224, 160)  # sides rounded up to multiples of 32
-    for bad in ([300, 300, 300], [320, 320, 0], [640, 320, 320]):
-        with pytest.raises(ValueError, match='img-size'):
-            train.check_img_sizes(bad, False)
-
-
-NO_BN_CFG = """[net]
-width=64
-height=64
-channels=3
-
-[convolutional]
-filters=8
-size=3
-stride=2
-pad=1
-activation=leaky
-
-[convolutional]
-filters=8
-size=3
-stride=2
-pad=1
-activation=leaky
-
-[convolutional]
-filters=255
-size=1
-stride=1
-pad=1
-activation=linear
-
-[yolo]
-mask=0,1,2
-anchors=10,14, 23,27, 37,58
-classes=80
-num=3
-"""
-
-
-def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int, lr: float = 1.0,
-              amp_dtype: torch.dtype | None = None, distributed: bool = False
-              ) -> tuple[train.LoopState, train.EpochStats]:
-    """One real train_one_epoch over in-memory batches with plain SGD, no burn-in, no EMA."""
-    from utils.loss import ComputeLoss
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
-    cfg = train.LoopConfig(hyp=HYP, lf=train.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
-                           amp_dtype=amp_dtype, distributed=distributed, show=False)
-    return train.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
-                                 compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'), epoch=0,
-                                 state=train.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
-
-
-def test_accumulated_micro_batches_step_like_one_nominal_batch(tmp_path):
-    # the real loop: 4 micro-batches of 2 images, accumulated, make the same optimizer step as one batch of 8
-    # (objectness-only targets so the per-batch means weigh equally; no BatchNorm, whose statistics depend on the split)
-    cfg = tmp_path / 'nobn.cfg'
-    cfg.write_text(NO_BN_CFG)
-    torch.manual_seed(0)
-    imgs = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8)
-    empty = torch.zeros(0, 6)
-    ref = Darknet(cfg, 64)
-    a, b = copy.deepcopy(ref), copy.deepcopy(ref)
-    state, _ = run_epoch(a, [(x, empty, ['x'] * 2, None) for x in imgs.chunk(4)], accumulate=4, batch_size=2)
-    assert state.last_opt_step == 3  # one step, after the 4th micro-batch
-    run_epoch(b, [(imgs, empty, ['x'] * 8, None)], accumulate=1, batch_size=8)
-    moved = [(pa - pr).abs().max().item() for pa, pr in zip(a.parameters(), ref.parameters())]
-    assert max(moved) > 1e-4  # the step did something
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-7)
-    c = copy.deepcopy(ref)  # 3 micro-batches of an accumulation of 4: no step yet, the weights stay
-    state, _ = run_epoch(c, [(x, empty, ['x'] * 2, None) for x in imgs.chunk(4)[:3]], accumulate=4, batch_size=2)
-    assert state.last_opt_step == -1 and all(torch.equal(p, q) for p, q in zip(c.parameters(), ref.parameters()))
 
 
 def _ddp_accumulate_worker(rank: int, init_file: str, cfg: str, out: str) -> None:
@@ -245,69 +129,6 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_amp_bf16_training_step_on_cpu():
-    # a real step of yolov3-tiny under CPU autocast bf16: convolutions run in bf16, the loss is finite, weights move
-    model = Darknet(CFG, 64)
-    load_darknet_weights(model, TINY_WEIGHTS)
-    dtypes = set()
-    model.module_list[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
-    before = copy.deepcopy(model.state_dict())
-    imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.4, 0.6, 0.2, 0.2]])
-    _, stats = run_epoch(model, [(imgs, targets, ['a', 'b'], None)], accumulate=1, batch_size=2, lr=0.01,
-                         amp_dtype=torch.bfloat16)
-    assert dtypes == {torch.bfloat16}
-    assert all(math.isfinite(x) for x in stats.mloss) and stats.mloss[3] > 0
-    assert not torch.equal(before['module_list.0.Conv2d.weight'], model.module_list[0].Conv2d.weight)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
-
-
-def test_bf16_warning_only_without_bf16_instructions():
-    from utils.torch_utils import cpu_has_bf16
-    assert cpu_has_bf16('processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n') is False
-    assert cpu_has_bf16('flags\t\t: fpu avx512f avx512_bf16 amx_tile\n') is True
-    assert cpu_has_bf16('') is None  # unknown: no warning
-    logs: list[str] = []
-    assert train.resolve_amp('bf16', torch.device('cpu'), logs.append)[1] == torch.bfloat16
-    assert (any('slower than fp32' in s for s in logs)) == (cpu_has_bf16() is False)
-
-
-@pytest.mark.parametrize('flags, chosen', [('fpu avx512f avx512_bf16 amx_tile', 'bf16'),
-                                           ('fpu sse avx2 avx512f', 'off'), (None, 'off')])
-def test_amp_auto_on_the_cpu_follows_its_bf16_flags(monkeypatch, flags, chosen):
-    # auto = bf16 autocast where the CPU computes bf16 natively, fp32 where it would be emulated or is unknown
-    from utils import torch_utils
-    monkeypatch.setattr(torch_utils, 'read_cpuinfo', lambda: None if flags is None else f'flags\t\t: {flags}\n')
-    logs: list[str] = []
-    amp, dtype = train.resolve_amp('auto', torch.device('cpu'), logs.append)
-    assert (amp, dtype) == (chosen, {'bf16': torch.bfloat16, 'off': None}[chosen])
-    assert len(logs) == 1 and logs[0].startswith(f'--amp auto: {chosen} (')
-    assert ('no native bf16' in logs[0]) == (flags is not None and chosen == 'off')
-    assert ('unknown' in logs[0]) == (flags is None)
-    logs.clear()
-    assert train.resolve_amp('auto', torch.device('cuda', 0), logs.append) == ('fp16', torch.float16)
-    assert 'CUDA' in logs[0]
-    assert train.resolve_amp('off', torch.device('cpu'), logs.append) == ('off', None) and len(logs) == 1
-
-
-def test_ema_update_and_ramp():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    ema = ModelEMA(model, decay=0.9999, tau=2000)
-    assert all(not p.requires_grad for p in ema.ema.parameters())
-    assert ema.decay(1) == pytest.approx(0.9999 * (1 - math.exp(-1 / 2000)))
-    assert ema.decay(100000) == pytest.approx(0.9999, rel=1e-6)
-    before = copy.deepcopy(ema.ema.state_dict())
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-    ema.update(model)
-    d = ema.decay(1)
-    expected = before['0.weight'] * d + model[0].weight * (1 - d)
-    assert torch.allclose(ema.ema[0].weight, expected, atol=1e-6)
-    assert torch.equal(ema.ema[0].bias, before['0.bias'])  # unchanged tensors stay bit-identical
-    assert ema.ema[1].num_batches_tracked == before['1.num_batches_tracked']
-    assert ema.updates == 1
-
-
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     gen = torch.Generator().manual_seed(3)
     state = train.rng_state(gen)
@@ -319,43 +140,6 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     assert a == b
 
 
-def test_freeze_layers_keeps_only_yolo_feeding_convs_trainable():
-    model = Darknet(CFG, 160)
-    frozen, trainable = train.freeze_modules(model, freeze_layers=True)
-    heads = {i - 1 for i in model.yolo_layers}
-    for name, p in model.named_parameters():
-        assert p.requires_grad == (int(name.split('.')[1]) in heads), name
-    assert trainable == sum(p.numel() for i in heads for p in model.module_list[i].parameters())
-    assert frozen + trainable == sum(p.numel() for p in model.parameters())
-    opt = train.build_optimizer(model, HYP)
-    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == trainable
-
-
-def test_progress_best_epoch_and_patience():
-    p = train.Progress()
-    assert not p.stale(0, 1)  # nothing tested yet
-    p = p.after_test(0, 0.0, np.zeros(2))  # the first test is the best so far, even at fitness 0
-    assert (p.best_epoch, p.best_fitness) == (0, 0.0)
-    p = p.after_test(1, 0.30, np.array([0.2, 0.4]))
-    p = p.after_test(2, 0.30, np.array([0.1, 0.5]))  # equal is not better
-    assert (p.best_epoch, p.best_fitness) == (1, 0.30) and p.maps.tolist() == [0.1, 0.5]
-    assert p.stale(2, 1) and not p.stale(2, 2) and not p.stale(2, 0)  # patience 0: off
-    assert p.stale(3, 2)
-
-
-def test_progress_survives_a_checkpoint_and_old_checkpoints_still_resume(tmp_path):
-    p = train.Progress(0.25, 3, np.array([0.5, 0.125]))
-    torch.save({'epoch': 5, **p.state()}, tmp_path / 'c.pt')
-    q = train.Progress.from_checkpoint(load(tmp_path / 'c.pt'))
-    assert (q.best_fitness, q.best_epoch, q.maps.tolist()) == (0.25, 3, [0.5, 0.125])
-    # a checkpoint from before best_epoch and maps: the best epoch is read from its results.txt rows
-    rows = ''.join(train.progress_row(e, 9, '0G', [1, 1, 1, 3], 5, 128) + '%10.4g' * 8 % (0.5, 0.5, m50, m, 0.4, 1, 1,
-                   1) + '\n' for e, (m50, m) in enumerate([(0.2, 0.1), (0.3, 0.2), (0.3, 0.1)]))
-    q = train.Progress.from_checkpoint({'epoch': 2, 'best_fitness': 0.21, 'training_results': rows})
-    assert (q.best_fitness, q.best_epoch, q.maps) == (0.21, 1, None)
-    assert train.Progress.from_checkpoint({'epoch': 4, 'best_fitness': 0.2}).best_epoch == 4  # no rows either
-
-
 def test_new_options_refuse_what_cannot_work(coco8):
     from utils import distributed as du
     for extra, message in ((['--image-weights', '--rect'], '--image-weights draws images at random'),
@@ -363,15 +147,6 @@ def test_new_options_refuse_what_cannot_work(coco8):
                            (['--save-period', '-1'], '--save-period -1: must be 0')):
         with pytest.raises(ValueError, match=message):
             train.check_options(train.parse_opt(base_args(coco8, *extra)), du.DistInfo(), torch.device('cpu'))
-
-
-def test_load_hyp_errors_name_the_file(tmp_path):
-    bad = tmp_path / 'hyp.yaml'
-    bad.write_text('giou: 3.54\n')
-    with pytest.raises(ValueError, match=f'{bad}.*missing'):
-        train.load_hyp(bad)
-    with pytest.raises(FileNotFoundError, match='nope.yaml'):
-        train.load_hyp(tmp_path / 'nope.yaml')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -607,96 +382,6 @@ def test_device_list_launch_trains_one_process_per_device_rect(coco8, tmp_path):
     assert ck['epoch'] == 0 and ck['opt']['rect'] and len(ck['elastic_agents']) == 1
 
 
-def _append_rows(path: str, start: int) -> None:
-    """Worker for the concurrency test: ten generations' rows into one evolve.txt."""
-    from utils.evolve import append_result
-    for i in range(start, start + 10):
-        append_result(Path(path), {**HYP, 'lr0': 1e-4 * (i + 1)}, (0.1, 0.2, 0.3, 0.001 * i, 0.5, 1.0, 2.0, 3.0))
-
-
-def test_evolve_file_survives_concurrent_writers(tmp_path):
-    import multiprocessing as mp
-    from utils.evolve import read_evolve
-    path = tmp_path / 'evolve.txt'
-    ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-    procs = [ctx.Process(target=_append_rows, args=(str(path), 10 * k)) for k in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert all(p.exitcode == 0 for p in procs)
-    x = read_evolve(path, list(HYP))
-    assert x.shape == (30, 8 + len(HYP))
-    assert np.allclose(sorted(x[:, 8 + list(HYP).index('lr0')]), [1e-4 * (i + 1) for i in range(30)])
-    assert x[0, 3] == x[:, 3].max()  # sorted by fitness, best first
-
-
-def test_mutation_keeps_limits_and_fixed_keys():
-    from utils.evolve import LIMITS, mutate
-    rng = np.random.default_rng(0)
-    assert mutate(HYP, np.zeros((0, 8 + len(HYP))), rng) == HYP  # no history: the given hyp is the first parent
-    rows = np.array([[0, 0, 0.5, 0.3, 0, 0, 0, 0] + list(HYP.values()),
-                     [0, 0, 0.1, 0.05, 0, 0, 0, 0] + list(HYP.values())])
-    for _ in range(50):
-        child = mutate(HYP, rows, rng)
-        assert child['lrf'] == HYP['lrf'] and child['fl_gamma'] == HYP['fl_gamma']  # gain 0: never mutated
-        assert child['degrees'] == 0.0  # 0 stays 0 (the original's disabled geometric augmentation)
-        assert all(lo <= child[k] <= hi for k, (lo, hi) in LIMITS.items())
-        assert child != HYP
-
-
-def test_distributed_env_and_helpers_in_a_process_group(monkeypatch, tmp_path):
-    import torch.distributed as dist
-    from utils import distributed as du
-    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
-        monkeypatch.delenv(k, raising=False)
-    assert du.env_info() == du.DistInfo() and du.env_info().main and not du.env_info().distributed
-    assert du.local_world_size() == 1 and du.all_gather_object({'a': 1}) == [{'a': 1}]
-    monkeypatch.setenv('RANK', '3')
-    monkeypatch.setenv('LOCAL_RANK', '1')
-    monkeypatch.setenv('WORLD_SIZE', '4')
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
-    info = du.env_info()
-    assert (info.rank, info.local_rank, info.world_size, info.distributed, info.main) == (3, 1, 4, True, False)
-    assert du.local_world_size() == 2
-    # a real (one-process gloo) group: the helpers go through torch.distributed
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        assert du.is_initialized() and du.is_main_process() and du.get_world_size() == 1
-        assert du.all_gather_object([1, 2]) == [[1, 2]]
-        du.barrier()
-        du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
-        assert (tmp_path / 'f.txt').read_text() == 'saved'
-    finally:
-        du.cleanup()
-    assert not du.is_initialized()
-
-
-def test_device_rules():
-    from utils.torch_utils import resolve_device
-    assert resolve_device('cpu', -1, 1, 8) == ('cpu', 0)
-    assert resolve_device('', -1, 1, 0) == ('cpu', 0)
-    assert resolve_device('', -1, 1, 2) == ('cuda:0', 0)
-    assert resolve_device('1', -1, 1, 2) == ('cuda:1', 1)
-    assert resolve_device('0,1', -1, 1, 2) == ('cuda:0', 2)  # no torchrun: one process per listed device
-    assert resolve_device('cuda:2,3', -1, 1, 4) == ('cuda:2', 2)
-    # torchrun: LOCAL_RANK takes the LOCAL_RANK-th listed device, or CUDA device LOCAL_RANK
-    assert resolve_device('2,3', 1, 2, 4) == ('cuda:3', 0)
-    assert resolve_device('', 1, 2, 2) == ('cuda:1', 0)
-    assert resolve_device('cpu', 1, 2, 0) == ('cpu', 0)
-    with pytest.raises(ValueError, match='lists 1 device.*2 processes'):
-        resolve_device('0', 0, 2, 2)
-    with pytest.raises(ValueError, match='2 CUDA device'):
-        resolve_device('', 2, 3, 2)
-    with pytest.raises(ValueError, match='CUDA is not available'):
-        resolve_device('0,1', -1, 1, 0)
-    with pytest.raises(ValueError, match=r'has 2 CUDA device.*\[3\]'):
-        resolve_device('0,3', -1, 1, 2)
-    for bad in ('gpu', '0,0', '-1'):
-        with pytest.raises(ValueError, match='--device'):
-            resolve_device(bad, -1, 1, 2)
-
-
 def test_device_list_without_cuda_is_one_clear_error(coco8, tmp_path, capsys):
     assert train.main(train.parse_opt(base_args(coco8, '--save-dir', str(tmp_path))[:-4] + ['--device', '0,1'])) == 2
     assert 'CUDA is not available' in capsys.readouterr().err and not (tmp_path / 'weights').exists()
@@ -716,28 +401,6 @@ def test_cuda_rng_states_of_more_or_fewer_devices(capsys):
     out = capsys.readouterr().out
     seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert (f'sees {seen}' in out) == (seen != 2)
-
-
-def test_sync_bn_conversion_and_refusal_on_cpu_ddp():
-    from utils import distributed as du
-    model = Darknet(CFG, 64)
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    sd = copy.deepcopy(model.state_dict())
-    logs: list[str] = []
-    converted = train.convert_sync_bn(model, logs.append)
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn > 0
-    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in sd.items())
-    assert logs == [f'Using SyncBatchNorm ({n_bn} layers)']
-    opt = train.parse_opt(['--sync-bn', '--batch-size', '8'])
-    ddp2 = du.DistInfo(rank=0, local_rank=0, world_size=2)
-    with pytest.raises(ValueError, match='--sync-bn needs CUDA'):
-        train.check_options(opt, ddp2, torch.device('cpu'))
-    train.check_options(opt, ddp2, torch.device('cuda', 0))  # allowed on CUDA
-    train.check_options(opt, du.DistInfo(), torch.device('cpu'), logs.append)
-    assert logs[-1] == '--sync-bn has no effect in a single process'
-    with pytest.raises(ValueError, match='multiple of the number of processes 2'):
-        train.check_options(train.parse_opt(['--batch-size', '7']), ddp2, torch.device('cpu'))
 
 
 def test_rank0_validates_with_the_per_process_batch(coco8):
