@@ -13,7 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-PAD_COLOR = (114, 114, 114)  # as the original: grey padding for letterbox, mosaic canvas and affine borders
+PAD_COLOR = (114, 114, 114)  # grey padding for letterbox, mosaic canvas and affine borders
 
 
 def letterbox(img: np.ndarray, new_shape: int | Sequence[int] = 416, color: tuple = PAD_COLOR, auto: bool = True,
@@ -100,7 +100,7 @@ def warp_boxes(boxes: np.ndarray, M: np.ndarray) -> np.ndarray:
     return np.stack((x.min(1), y.min(1), x.max(1), y.max(1)), 1)
 
 
-# as the original (random_affine in its utils/datasets.py): a warped box is kept when it is more than 4 px wide and
+# the original's rule (random_affine in its utils/datasets.py): a warped box is kept when it is more than 4 px wide and
 # high, keeps more than 20% of its area and has an aspect ratio under 10
 BOX_MIN_WH = 4.0  # px, strict: a box exactly 4 px wide is dropped
 BOX_MIN_AREA_RATIO = 0.2

@@ -39,7 +39,7 @@ def image_ids(paths: Sequence[str | os.PathLike]) -> dict[str, int]:
 def find_coco_annotations(images_path: str | os.PathLike) -> Path | None:
     """COCO's own annotation file for a split laid out as COCO's, or None where there is none:
     <root>/images/<split>/ -> <root>/annotations/instances_<split>.json; a list <root>/<name>.txt ->
-    <root>/annotations/instances_<name>.json, else the one <root>/annotations/instances_val*.json (as the original)."""
+    <root>/annotations/instances_<name>.json, else the one <root>/annotations/instances_val*.json."""
     p = Path(images_path)
     if p.is_dir():
         f = p.parent.parent / 'annotations' / f'instances_{p.name}.json'

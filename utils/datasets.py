@@ -243,7 +243,8 @@ class LoadImagesAndLabels(Dataset):
             self._cache_images()
         elif augment and self._cache_bytes() <= min(AUTO_CACHE_BYTES, 0.3 * _available_memory()):
             # a small training set (coco128 at 320: 30 MB) is decoded once instead of 4 times per mosaic every
-            # epoch: JPEG decoding is ~80% of the loader's work, and on few cores it competes with training
+            # epoch: JPEG decoding is most of the loader's work (benchmarks/README.md), and on few cores it competes
+            # with training
             self._cache_images()
 
     def _log(self, msg: str) -> None:
@@ -261,9 +262,9 @@ class LoadImagesAndLabels(Dataset):
         """The checked labels of img_files: from the cache next to the labels when it is current, else a scan."""
         single = path[0] if isinstance(path, (list, tuple)) and len(path) == 1 else path
         if (isinstance(single, (str, Path)) and os.path.isfile(single)
-                and str(single).rsplit('.', 1)[-1].lower() not in IMG_FORMATS):  # as the original: beside a .txt list
+                and str(single).rsplit('.', 1)[-1].lower() not in IMG_FORMATS):  # beside a .txt list
             cache_path = Path(single).with_suffix('.cache')
-        else:  # as the original: labels/train2017 -> labels/train2017.cache
+        else:  # labels/train2017 -> labels/train2017.cache
             cache_path = Path(label_files[0]).parent.with_suffix('.cache')
         key = _files_hash(img_files + label_files, extra=f'nc={nc}')
         cache = None
@@ -385,7 +386,7 @@ class LoadImagesAndLabels(Dataset):
             dw, dh = abs(img.shape[1] - new[0]), abs(img.shape[0] - new[1])
             reduced_close = flag != cv2.IMREAD_COLOR and dw <= 1 and dh <= 1  # the decoder rounds up odd sizes
             if (dw or dh) and not reduced_close:  # a 1-pixel resample would only blur; labels are normalised
-                # as the original: INTER_AREA only when shrinking for testing, INTER_LINEAR otherwise
+                # INTER_AREA only when shrinking for testing, INTER_LINEAR otherwise (the choice changes test mAP)
                 interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
                 img = cv2.resize(img, new, interpolation=interp)
         return img, (h0, w0), img.shape[:2]
@@ -441,7 +442,7 @@ class LoadImagesAndLabels(Dataset):
             labels[:, 1:5] = xyxy2xywh(labels[:, 1:5])
             labels[:, [2, 4]] /= img.shape[0]
             labels[:, [1, 3]] /= img.shape[1]
-        flip = self.augment and rng.random() < 0.5  # left-right only, as the original
+        flip = self.augment and rng.random() < 0.5  # left-right only
         if flip and nl:
             labels[:, 1] = 1 - labels[:, 1]
         labels_out = torch.zeros((nl, 6))
@@ -556,7 +557,7 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
         sampler = WeightedImageSampler(len(dataset), world, r, seed=seed, batch_size=batch_size)
     elif world > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
         sampler = RectDistributedSampler(dataset, batch_size, world, r, shuffle=shuffle, seed=seed)
-    elif train or world > 1:  # single process rect: the planned batches in order, as the original
+    elif train or world > 1:  # single process rect: the planned batches in order
         sampler = ShuffleSampler(len(dataset), batch_size, world, r, shuffle=shuffle, seed=seed)
     generator = torch.Generator()  # seeds only the workers' torch RNG, which the dataset does not draw from
     generator.manual_seed(seed + r * 1000)
@@ -664,7 +665,7 @@ class LoadWebcam:
             self.cap.release()
             raise StopIteration
         if isinstance(self.pipe, int):
-            img0 = cv2.flip(img0, 1)  # as the original: a local camera is shown like a mirror
+            img0 = cv2.flip(img0, 1)  # a local camera is shown like a mirror
         return f'webcam_{self.count}.jpg', _letterbox_chw(img0, self.img_size, True), img0, None
 
     def __len__(self) -> int:
@@ -719,7 +720,7 @@ class LoadStreams:
                 ok, im = cap.retrieve()
                 self.imgs[i] = im if ok else self.imgs[i] * 0
                 n = 0
-            time.sleep(0.01)  # as the original: yield to the other threads
+            time.sleep(0.01)  # yield to the other threads
         cap.release()
 
     def __iter__(self) -> LoadStreams:

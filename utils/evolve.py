@@ -14,7 +14,7 @@ from filelock import FileLock
 from utils.metrics import fitness
 
 RESULT_NAMES = ('P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1', 'val_GIoU', 'val_obj', 'val_cls')
-# as the original: mutation gain per hyperparameter (lrf and fl_gamma are not mutated, momentum only a little)
+# the original's mutation gain per hyperparameter (lrf and fl_gamma are not mutated, momentum only a little)
 GAINS = {'giou': 1, 'cls': 1, 'cls_pw': 1, 'obj': 1, 'obj_pw': 1, 'iou_t': 1, 'lr0': 1, 'lrf': 0, 'momentum': 0.1,
          'weight_decay': 1, 'fl_gamma': 0, 'hsv_h': 1, 'hsv_s': 1, 'hsv_v': 1, 'degrees': 1, 'translate': 1,
          'scale': 1, 'shear': 1}

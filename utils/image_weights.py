@@ -12,7 +12,7 @@ from utils.samplers import EpochSampler
 
 def labels_to_class_weights(labels: Sequence[np.ndarray], nc: int) -> np.ndarray:
     """(nc,) weights summing to 1, inversely proportional to each class's box count in labels ((n, 5) rows
-    [class, x, y, w, h] per image); a class without boxes counts as one box, as the original."""
+    [class, x, y, w, h] per image); a class without boxes counts as one box."""
     classes = np.concatenate([lb[:, 0] for lb in labels]).astype(np.int64) if len(labels) else np.zeros(0, np.int64)
     counts = np.bincount(classes, minlength=nc).astype(np.float64)[:nc]
     counts[counts == 0] = 1

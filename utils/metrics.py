@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)  # COCO's mAP@0.5:0.95 thresholds
-PR_SCORE = 0.1  # as the original: P and R are reported at this confidence (ultralytics/yolov3 issue 898)
+PR_SCORE = 0.1  # as the original: P and R are reported at this confidence
 CM_CONF, CM_IOU = 0.25, 0.45  # the confusion matrix counts detections at detect-time thresholds, as YOLOv5
 _trapezoid = getattr(np, 'trapezoid', None) or np.trapz  # numpy 2 renamed trapz; requirements allow numpy 1.23
 

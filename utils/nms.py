@@ -1,18 +1,18 @@
 """Non-maximum suppression of YOLO inference output: confidence filter, multi-label, batched NMS, merge-NMS.
 
 torchvision is imported where NMS first needs it, not at module import: `import torchvision` pulls in torch._dynamo
-(about a second on a 2-core machine), which `--help`, option errors and train.py's start-up need not pay. Images
+(slow: benchmarks/README.md), which `--help`, option errors and train.py's start-up need not pay. Images
 with at most SMALL candidates (detect.py's at its default conf) go through select_small, which keeps exactly what
 torchvision's batched_nms keeps, so detect.py never imports it on ordinary images; larger sets (test.py's conf
 0.001) use torchvision. test.py calls `import_in_background()` first, so that import overlaps its model loading.
 
 Speed on the CPU without touching the process-wide thread count: torch runs a CPU op on several threads when it
 has more than 32768 elements, and some ops at any size (indexing by a boolean mask or an index tensor,
-repeat_interleave); on a busy machine (test.py's loader workers on 2 cores) each such op waits for a core, 1-20 ms
-instead of 10-20 us, and NMS is hundreds of small ops. So NMS works image by image, selects with index_select, and
+repeat_interleave); on a busy machine (test.py's loader workers on few cores) each such op waits for a core, and NMS
+is hundreds of small ops. So NMS works image by image, selects with index_select, and
 cuts its work into pieces of at most GRAIN elements: rows of candidates, and pairs of merge-NMS, which compares
-each kept box only with the candidates of its own class (about 6x fewer pairs than the k x n IoU matrix on
-coco128), one coordinate at a time. test.py on coco128: NMS 2-9 ms per image, as with one thread (3-6 ms).
+each kept box only with the candidates of its own class (far fewer pairs than the k x n IoU matrix), one coordinate
+at a time. Timings: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 
 from utils.boxes import bbox_iou, xywh2xyxy
 
-MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped, as the original
-MERGE_MAX = 3000  # as the original: merge-NMS only below this many candidates per image
+MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped
+MERGE_MAX = 3000  # merge-NMS only below this many candidates per image
 GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: elementwise CPU ops below this many elements run on one thread
 SMALL = 64  # up to this many candidates per image (detect.py at conf 0.3: at most 39 on coco128), select_small() keeps
 # exactly what torchvision.ops.batched_nms keeps, as fast, without importing torchvision (a second of start-up)
@@ -62,10 +62,10 @@ def candidates(x: torch.Tensor, conf_thres: float, multi_label: bool,
 
     conf = objectness x class probability. Rows with objectness > conf_thres and both sides in (MIN_WH, MAX_WH)
     are kept; each (row, class) pair with conf > conf_thres becomes a candidate (multi_label), or only the best
-    class of each row. Candidates keep the order of rows, then classes, as the original.
+    class of each row. Candidates keep the order of rows, then classes.
     """
     x = _rows(x, x[:, 4] > conf_thres)  # first: at conf 0.001 it leaves a few hundred of the N rows
-    x = _rows(x, ((x[:, 2:4] > MIN_WH) & (x[:, 2:4] < MAX_WH)).all(1))  # as the original: tiny, huge boxes dropped
+    x = _rows(x, ((x[:, 2:4] > MIN_WH) & (x[:, 2:4] < MAX_WH)).all(1))  # tiny and huge boxes dropped
     dets = [_row_candidates(c, conf_thres, multi_label) for c in x.split(max(1, GRAIN // x.shape[1]))]
     det = torch.cat(dets) if dets else x.new_zeros(0, 6)
     if classes is not None:
