@@ -335,7 +335,7 @@ def test_mutation_keeps_limits_and_fixed_keys():
         assert child != HYP
 
 
-def test_distributed_env_and_helpers_in_a_process_group(monkeypatch, tmp_path):
+def test_distributed_env_and_helpers_in_a_process_group(monkeypatch):
     import torch.distributed as dist
     from utils import distributed as du
     for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
@@ -352,11 +352,9 @@ def test_distributed_env_and_helpers_in_a_process_group(monkeypatch, tmp_path):
     # a real (one-process gloo) group: the helpers go through torch.distributed
     dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
     try:
-        assert du.is_initialized() and du.is_main_process() and du.get_world_size() == 1
-        assert du.all_gather_object([1, 2]) == [[1, 2]]
+        assert du.is_initialized() and du.is_main_process()
+        assert du.all_gather_object([1, 2]) == [[1, 2]] and du.broadcast_object('rank 0') == 'rank 0'
         du.barrier()
-        du.save_on_master(lambda p: p.write_text('saved'), tmp_path / 'f.txt')
-        assert (tmp_path / 'f.txt').read_text() == 'saved'
     finally:
         du.cleanup()
     assert not du.is_initialized()

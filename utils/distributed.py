@@ -119,11 +119,6 @@ def is_main_process() -> bool:
     return not is_initialized() or dist.get_rank() == 0
 
 
-def get_world_size() -> int:
-    """Number of processes in the group (1 without one)."""
-    return dist.get_world_size() if is_initialized() else 1
-
-
 def barrier() -> None:
     """Wait for every rank; nothing to wait for in a single-process run."""
     if is_initialized():
@@ -200,12 +195,6 @@ def same_launch(saved: Any, agents: list[str]) -> bool:
     """True when a checkpoint's saved agent keys share an agent with this group's (False for a checkpoint without
     keys: a single-process run or one saved before they existed)."""
     return isinstance(saved, (list, tuple)) and bool(set(saved) & set(agents))
-
-
-def save_on_master(save_fn, *args, **kwargs) -> None:
-    """Call save_fn(*args, **kwargs) on the main process only."""
-    if is_main_process():
-        save_fn(*args, **kwargs)
 
 
 def cleanup() -> None:
