@@ -14,10 +14,8 @@ import functools
 import io
 import math
 import os
-import pickle
 import re
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,11 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.boxes import decode_yolo_box
+from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
+from utils.files import atomic_write
 from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
 from utils.parse_config import ConfigError, cfg_with_classes, parse_cfg_text
-from utils.torch_utils import count_parameters, de_parallel, intersect_state_dicts
+from utils.torch_utils import count_parameters, intersect_state_dicts
 
 # BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6; the original's
 # eps=1e-4 moves the official yolov3-tiny outputs by up to 5e-4 against Darknet/OpenCV, eps=1e-6 by about 5e-6.
@@ -41,10 +41,6 @@ BN_MOMENTUM, BN_EPS = 0.03, 1e-6
 
 class WeightsError(ValueError):
     """A Darknet .weights file that does not fit the model; the message names the file and the counts."""
-
-
-class CheckpointError(ValueError):
-    """A .pt checkpoint that cannot be loaded safely or does not hold a model."""
 
 
 class YOLOLayer(nn.Module):
@@ -535,53 +531,7 @@ def save_weights(model: Darknet, path: str | Path, cutoff: int = -1) -> None:
     parts = [np.asarray(model.version, dtype=np.int32).tobytes(), np.array([model.seen], dtype=np.int64).tobytes()]
     parts += [t.detach().cpu().float().numpy().ravel().tobytes()
               for seq in _conv_layers(model, cutoff) for t in _darknet_tensors(seq)]
-    _atomic_write(path, lambda f: f.write(b''.join(parts)))
-
-
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, then rename: a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# .pt checkpoints
-
-def save_checkpoint(ckpt: dict, path: str | Path) -> None:
-    """torch.save a checkpoint of tensors and plain values atomically (temp file + rename)."""
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a .pt checkpoint with weights_only=True; anything else (code, pickled objects) is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain values, and unpickling "
-            f"them could run code (loaded with weights_only=True). Only load checkpoints you trust; convert a "
-            f"trusted one by extracting its state_dict. Detail: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
-        raise CheckpointError(f"{path}: not a model checkpoint (expected a dict with a 'model' state_dict)")
-    return ckpt
+    atomic_write(path, b''.join(parts))
 
 
 def transfer_weights(model: nn.Module, state_dict: dict, verbose: bool = True) -> tuple[int, int]:
@@ -592,15 +542,6 @@ def transfer_weights(model: nn.Module, state_dict: dict, verbose: bool = True) -
     if verbose:
         print(f"transferred {len(matched)}/{len(own)} items")
     return len(matched), len(own)
-
-
-def model_checkpoint(model: Darknet, **extra: Any) -> dict:
-    """A minimal checkpoint dict for a model: its state_dict, cfg text, class names and Darknet header values."""
-    m = de_parallel(model)
-    names = getattr(m, 'names', None)
-    return {'model': {k: v.detach().cpu() for k, v in m.state_dict().items()}, 'cfg': m.cfg_text,
-            'names': list(names) if names is not None else None,
-            'version': [int(v) for v in m.version], 'seen': int(m.seen), **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import CheckpointError, WeightsError, load_eval_model  # noqa: E402
+from models import WeightsError, load_eval_model  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
 from utils.data_config import DatasetError, check_dataset, load_data_config  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402

@@ -34,10 +34,10 @@ import torch.nn as nn
 import yaml
 
 import test as val  # test.py: test() is called in-process after each epoch
-from models import (CheckpointError, Darknet, WeightsError, YOLOLayer, attempt_download, load_checkpoint,
-                    load_weights, model_checkpoint, save_checkpoint)
+from models import Darknet, WeightsError, YOLOLayer, attempt_download, load_weights
 from utils import distributed as du
 from utils.anchors import check_anchors
+from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
 from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,

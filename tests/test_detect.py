@@ -103,7 +103,8 @@ def test_several_streams_from_a_list(tmp_path):
 
 
 def test_pt_checkpoint_and_headless_view(tmp_path):
-    from models import load_model, model_checkpoint, save_checkpoint
+    from models import load_model
+    from utils.checkpoint import model_checkpoint, save_checkpoint
 
     pt = tmp_path / 'tiny.pt'
     save_checkpoint(model_checkpoint(load_model(TINY_WEIGHTS, CFG, 416)), pt)

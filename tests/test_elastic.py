@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from models import CheckpointError, save_checkpoint
+from utils.checkpoint import CheckpointError, save_checkpoint
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from utils import distributed as du
 

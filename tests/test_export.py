@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import models
-from models import load_model, model_checkpoint, save_checkpoint
+from models import load_model
+from utils.checkpoint import model_checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
 from utils.export import export_onnx

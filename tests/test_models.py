@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import models
-from models import (CheckpointError, Darknet, WeightsError, attempt_download, load_checkpoint, load_darknet_weights,
-                    load_model, model_checkpoint, save_checkpoint, save_weights, transfer_weights)
+from models import (Darknet, WeightsError, attempt_download, load_darknet_weights, load_model, save_weights,
+                    transfer_weights)
 from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout, randomize
+from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from utils.layers import Reorg3d
 from utils.parse_config import ConfigError
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import (CheckpointError, Darknet, WeightsError, attempt_download, cfg_with_classes, class_prior,
-                    coco_names, load_model, load_weights, model_checkpoint, save_checkpoint)
+from models import (Darknet, WeightsError, attempt_download, cfg_with_classes, class_prior, coco_names, load_model,
+                    load_weights)
+from utils.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
 from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
