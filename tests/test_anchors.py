@@ -3,6 +3,7 @@ cfg, on a dataset of only small boxes where the default yolov3-tiny anchors fit 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchor
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss
 from utils.datasets import LoadImagesAndLabels
+from utils.logs import LOGGER
 from utils.parse_config import parse_model_cfg
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -69,7 +71,8 @@ def test_cfg_rewrite_keeps_everything_else():
         cfg_with_anchors('[net]\nwidth=32\n[convolutional]\nfilters=4\n', np.ones((1, 2)))
 
 
-def test_small_boxes_new_anchors_fit(tmp_path, capsys):
+def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after a script in this session set up logging
     data = small_box_data(tmp_path / 'dots')
     out = tmp_path / 'tiny-dots.cfg'
     before = TINY.read_bytes()
@@ -93,22 +96,24 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys):
 
     # the check train.py runs: the default anchors warn with the command to run; the new ones pass
     ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), 320)
-    logs: list[str] = []
-    bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, log=logs.append, data=str(data), cfg=str(TINY))
+    with caplog.at_level(logging.INFO, logger='yolov3'):
+        bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, data=str(data), cfg=str(TINY))
+    logs = caplog.messages
     assert bpr < 0.98 and re.fullmatch(r'anchors: BPR 0\.\d{4}, \d+\.\d\d anchors per target at 320 \(iou_t 0\.2\)',
                                        logs[0])
-    assert 'WARNING' in logs[1] and f'python -m utils.anchors --data {data} --cfg {TINY} --img-size 320' in logs[1]
+    assert caplog.records[1].levelname == 'WARNING' and f'python -m utils.anchors --data {data} --cfg {TINY} --img-size 320' in logs[1]
     # run from another folder, the command still works when pasted: a cd to the root, absolute paths
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         assert fix_command('my.data', str(TINY), 320) == (f'cd {ROOT} && python -m utils.anchors --data '
                                                          f'{tmp_path / "my.data"} --cfg {TINY} --img-size 320')
-    logs.clear()
-    bpr_new = check_anchors(ds, Darknet(str(out)), 320, 0.2, log=logs.append)
-    assert bpr_new >= 0.98 and len(logs) == 1 and bpr_new == pytest.approx(fit['after'][1], abs=1e-4)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='yolov3'):
+        bpr_new = check_anchors(ds, Darknet(str(out)), 320, 0.2)
+    assert bpr_new >= 0.98 and len(caplog.messages) == 1 and bpr_new == pytest.approx(fit['after'][1], abs=1e-4)
     # under Darknet's best-anchor rule too: the anchor no mask uses (yolov3-tiny's first) takes no label
     assert anchors[0].tolist() == [2, 2]
-    assert check_anchors(ds, Darknet(str(out)), 320, 0.2, log=logs.append, loss='darknet') >= 0.98
+    assert check_anchors(ds, Darknet(str(out)), 320, 0.2, loss='darknet') >= 0.98
 
     # reproducible from the seed
     out2 = tmp_path / 'again.cfg'
@@ -148,7 +153,8 @@ def test_anchor_tool_errors(tmp_path, capsys):
     assert out.stat().st_mtime_ns == stamp
 
 
-def test_darknet_rule_and_advice_when_fine_tuning(tmp_path):
+def test_darknet_rule_and_advice_when_fine_tuning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(LOGGER, 'propagate', True)
     # yolov3-tiny: anchor 0 (10x14) is in no mask, anchor 3 (81x82) in both; Darknet assigns the best of all six
     configs = DarknetLoss(Darknet(str(TINY))).configs
     wh = torch.tensor([[10.0, 14.0], [80.0, 80.0], [300.0, 300.0], [12.0, 30.0]])
@@ -160,10 +166,11 @@ def test_darknet_rule_and_advice_when_fine_tuning(tmp_path):
 
     data = small_box_data(tmp_path / 'dots', n_images=2, boxes=5)
     ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), 320)
-    logs: list[str] = []
-    bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, log=logs.append, data=str(data), cfg=str(TINY),
-                        loss='darknet', pretrained=True)
+    with caplog.at_level(logging.INFO, logger='yolov3'):
+        bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, data=str(data), cfg=str(TINY), loss='darknet',
+                            pretrained=True)
+    logs = caplog.messages
     assert bpr < 0.98 and logs[0].endswith("at 320 (Darknet's best anchor)")
-    # starting from weights: what the figure means, keep the weights' anchors, no WARNING asking to replace them
-    assert 'WARNING' not in logs[1] and 'keep them when fine-tuning' in logs[1] and 'from scratch' in logs[1]
+    # starting from weights: what the figure means, keep the weights' anchors, no warning asking to replace them
+    assert caplog.records[1].levelname == 'INFO' and 'keep them when fine-tuning' in logs[1] and 'from scratch' in logs[1]
     assert 'train with the cfg it writes' not in logs[1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,13 +26,14 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-from models import YOLOLayer
 from utils.augmentations import BOX_MAX_ASPECT, BOX_MIN_WH
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss, YoloLossConfig, darknet_iou
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import LoadImagesAndLabels
+from utils.logs import LOGGER, setup_logging
 from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg, with_values
+from utils.torch_utils import de_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HYP = ROOT / 'data' / 'hyp.scratch.yaml'
@@ -64,13 +65,14 @@ def anchor_fit(wh: torch.Tensor, anchors: torch.Tensor, thr: float) -> tuple[flo
     """(fitness, BPR, anchors per target) of (n, 2) target sizes against the (m, 2) anchors the layers use."""
     iou = wh_iou(wh, anchors.to(wh.dtype))  # (n, m)
     best = iou.max(1).values  # (n,)
-    fitness = (best * (best > thr)).mean()  # as the original's kmean_anchors
+    fitness = (best * (best > thr)).mean()  # mean best IoU, counting only IoUs above thr
     return float(fitness), float((best > thr).float().mean()), float((iou > thr).float().sum(1).mean())
 
 
 def model_anchors(model: nn.Module) -> torch.Tensor:
     """(m, 2) anchors in pixels of every [yolo] layer of a Darknet model (DDP-wrapped or not), in layer order."""
-    anchors = [m.anchors.detach().float().cpu() for m in model.modules() if isinstance(m, YOLOLayer)]
+    m = de_parallel(model)
+    anchors = [m.module_list[i].anchors.detach().float().cpu() for i in m.yolo_layers]
     if not anchors:
         raise AnchorError('the model has no [yolo] layers')
     return torch.cat(anchors, 0)
@@ -99,8 +101,7 @@ def darknet_fit(wh: torch.Tensor, configs: list[YoloLossConfig]) -> tuple[float,
     return float(matched.float().mean()), float(count.mean())
 
 
-def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Callable[[str], None] = print,
-                  data: str | None = None, cfg: str | None = None, loss: str = 'original',
+def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, data: str | None = None, cfg: str | None = None, loss: str = 'original',
                   pretrained: bool = False) -> float:
     """Log how well the model's anchors fit the dataset's labels at img_size, under the assignment rule of the loss
     ('original': IoU above thr; 'darknet': Darknet's best anchor), and return the BPR.
@@ -112,8 +113,8 @@ def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Cal
     wh = label_wh(dataset.labels, dataset.shapes, img_size)
     keep = kept_by_loader(wh)
     if not keep.any():
-        log(f'WARNING: anchors: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at {img_size}: '
-            f'the loader drops them all (train at a larger --img-size)')
+        LOGGER.warning(f'anchors: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at {img_size}: '
+                       f'the loader drops them all (train at a larger --img-size)')
         return 0.0
     wh_t = torch.from_numpy(wh[keep]).float()
     if loss == 'darknet':
@@ -122,9 +123,11 @@ def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, log: Cal
     else:
         _, bpr, aat = anchor_fit(wh_t, model_anchors(model), thr)
         rule = f'iou_t {thr:g}'
-    log(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} ({rule})')
+    LOGGER.info(f'anchors: BPR {bpr:.4f}, {aat:.2f} anchors per target at {img_size} ({rule})')
     if bpr < BPR_WARN:
-        log(anchor_advice(bpr, rule, pretrained, fix_command(data, cfg, img_size)))
+        # from weights a low BPR is a note (keep their anchors); from scratch it warns with the command to fix it
+        (LOGGER.info if pretrained else LOGGER.warning)(anchor_advice(bpr, rule, pretrained,
+                                                                      fix_command(data, cfg, img_size)))
     return bpr
 
 
@@ -136,7 +139,7 @@ def anchor_advice(bpr: float, rule: str, pretrained: bool, command: str) -> str:
                 f'when fine-tuning (new anchors change what every pretrained width/height output means, and the '
                 f'heads must relearn them). New anchors help when training from scratch, or for boxes far from those '
                 f'the weights learned (then compare both runs): {command}')
-    return (f'WARNING: anchors: {missed} (BPR < {BPR_WARN}). Training from scratch, anchors fitted to this data '
+    return (f'anchors: {missed} (BPR < {BPR_WARN}). Training from scratch, anchors fitted to this data '
             f'help: {command}  and train with the cfg it writes')
 
 
@@ -175,7 +178,7 @@ def by_area(anchors: np.ndarray) -> np.ndarray:
 
 
 def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, gen: int = 1000, seed: int = 0,
-                   start: np.ndarray | None = None, log: Callable[[str], None] = print) -> np.ndarray:
+                   start: np.ndarray | None = None) -> np.ndarray:
     """n anchors (n, 2), sorted by area, for target sizes wh (t, 2): k-means, then `gen` generations of mutation
     keeping improvements of the fitness (with masks, as the layers use them). Reproducible from seed.
 
@@ -184,12 +187,12 @@ def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, g
     from scipy.cluster.vq import kmeans  # scipy only for this tool, not for training
 
     rng = np.random.default_rng(seed)
-    pts = wh[(wh >= 2.0).all(1)]  # as the original: sub-2-pixel boxes would drag the clusters to zero
+    pts = wh[(wh >= 2.0).all(1)]  # sub-2-pixel boxes would drag the clusters to zero
     sigma = pts.std(0)
     sigma[sigma == 0] = 1.0  # all boxes the same width (or height): nothing to whiten
     used = sorted({i for m in masks for i in m})  # anchors some layer uses (yolov3-tiny's masks skip anchor 0)
     nu = len(used)
-    log(f'anchors: k-means for the {nu} anchors the masks use, on {len(pts)} boxes...')
+    LOGGER.info(f'anchors: k-means for the {nu} anchors the masks use, on {len(pts)} boxes...')
     c, _ = kmeans(pts / sigma, min(nu, len(pts)), iter=30, rng=np.random.default_rng(seed))
     c = c * sigma
     if len(c) < nu:  # fewer distinct boxes than anchors: complete with label sizes
@@ -203,11 +206,11 @@ def evolve_anchors(wh: np.ndarray, n: int, masks: list[list[int]], thr: float, g
         return anchor_fit(wh_t, used_anchors(by_area(a), masks), thr)[0]
 
     f = fitness(k)
-    log(f'anchors: k-means fitness {f:.4f}')
+    LOGGER.info(f'anchors: k-means fitness {f:.4f}')
     if start is not None and len(start) == n and fitness(start) > f:
         k, f = start.astype(np.float64), fitness(start)
-        log(f"anchors: the cfg's anchors fit better ({f:.4f}): refining those instead")
-    mp, s = 0.9, 0.1  # as the original: mutation probability and sigma
+        LOGGER.info(f"anchors: the cfg's anchors fit better ({f:.4f}): refining those instead")
+    mp, s = 0.9, 0.1  # mutation probability and sigma of the original's evolution
     for _ in tqdm(range(gen), desc='Evolving anchors', file=sys.stderr, disable=gen == 0):
         v = np.ones_like(k)
         while (v == 1).all():  # mutate until something changes
@@ -342,6 +345,7 @@ def main(opt: argparse.Namespace) -> int:
 
 
 if __name__ == '__main__':
+    setup_logging()
     try:
         sys.exit(main(parse_opt()))
     except (AnchorError, DatasetError, ConfigError) as err:
