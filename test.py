@@ -2,7 +2,8 @@
 
     python test.py --cfg cfg/yolov3-tiny.cfg --data data/coco128.data --weights weights/yolov3-tiny.weights
 
-train.py calls test() in-process after every epoch with its EMA model and its own dataloader.
+train.py calls evaluate() in-process after every epoch with its EMA model and its own dataloader; the command line
+(run) builds the model and loader from its options and calls the same function.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -70,6 +72,43 @@ def _model_stride(model: nn.Module) -> int:
     return int(max(strides)) if strides else 32
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """How evaluate() scores a model and what it prints and writes (train.py and the command line differ here)."""
+    conf_thres: float = 0.001  # detections below this confidence are dropped before NMS
+    iou_thres: float = 0.6  # NMS IoU threshold
+    multi_label: bool = True  # a box may carry several classes (train.py: off during burn-in, as the original)
+    merge: bool = True  # merge-NMS: boxes averaged with their overlapping neighbours
+    augment: bool = False  # test-time augmentation (flips and scales)
+    single_cls: bool = False  # every class counted as one (names must then be ['object'])
+    verbose: bool = False  # one table row per class with targets
+    plots: bool = True  # test_batch0_{gt,pred}.jpg, PR/P/R/F1 curves and the confusion matrix in save_dir
+    save_dir: Path = Path('.')
+    save_json: bool = False  # COCO-format predictions.json, scored by pycocotools
+    coco_gt: Path | None = None  # COCO ground truth for save_json (None: written from the labels)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What evaluate() measured over the whole set."""
+    mp: float  # mean precision at PR_SCORE
+    mr: float  # mean recall at PR_SCORE
+    map50: float  # mAP@0.5
+    map: float  # mAP@0.5:0.95
+    mf1: float  # mean F1
+    loss: tuple[float, float, float]  # val box, obj, cls losses averaged over batches (zeros without compute_loss)
+    maps: np.ndarray  # (nc,) per-class mAP@0.5:0.95 (the mean for classes without targets)
+    nt: np.ndarray  # (nc,) targets per class
+    per_class: APResult | None  # per-class P, R, AP and curves, None when no image had targets
+    seen: int  # images evaluated
+    times: tuple[float, float, float]  # inference, NMS, total in ms per image
+
+    @property
+    def results(self) -> tuple[float, ...]:
+        """(P, R, mAP@0.5, mAP@0.5:0.95, F1, val box, val obj, val cls): a results.txt row's metrics."""
+        return (self.mp, self.mr, self.map50, self.map, self.mf1, *self.loss)
+
+
 class EvalRun(NamedTuple):
     """What the batch loop of one evaluation gathers."""
     stats: list[tuple]  # per image with labels or detections: (correct (n, 10), conf (n,), cls (n,), target cls (m,))
@@ -112,13 +151,14 @@ def val_loader(data: dict, imgsz: int, batch_size: int, model: nn.Module, single
     return loader
 
 
-def coco_json(data: dict, dataloader: torch.utils.data.DataLoader, names: list[str], single_cls: bool,
-              coco_gt: str | Path | None) -> CocoJson:
-    """COCO JSON writer: against --coco-gt, COCO's annotations found beside the images, or the labels."""
-    gt_file = Path(coco_gt) if coco_gt else None
-    if gt_file is None and not single_cls and isinstance(data.get('valid'), str):
-        gt_file = find_coco_annotations(data['valid'])
-    return CocoJson(list(getattr(dataloader.dataset, 'img_files', [])), names, gt_file)
+def coco_gt_file(data: dict, single_cls: bool, coco_gt: str | Path | None) -> Path | None:
+    """Ground truth for --save-json: --coco-gt, else COCO's annotations found beside the images, else None (written
+    from the labels)."""
+    if coco_gt:
+        return Path(coco_gt)
+    if not single_cls and isinstance(data.get('valid'), str):
+        return find_coco_annotations(data['valid'])
+    return None
 
 
 def image_stats(pred: torch.Tensor, labels: torch.Tensor, tbox: torch.Tensor, iouv: torch.Tensor) -> tuple | None:
@@ -132,12 +172,11 @@ def image_stats(pred: torch.Tensor, labels: torch.Tensor, tbox: torch.Tensor, io
     return correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()
 
 
-def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf_thres: float, iou_thres: float,
-                 multi_label: bool = True, merge: bool = True, augment: bool = False,
+def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg: EvalConfig,
                  compute_loss: Callable | None = None, coco: CocoJson | None = None,
                  plot: Callable | None = None) -> EvalRun:
-    """Run the model and NMS over the loader; match detections to labels (and add them to coco); plot(batch_i,
-    imgs, targets, paths, output) is called for each batch when given."""
+    """Run the model and NMS (cfg's thresholds) over the loader; match detections to labels (and add them to coco);
+    plot(batch_i, imgs, targets, paths, output) is called for each batch when given."""
     import_in_background()  # torchvision, for NMS: its import runs beside the first batch's forward pass
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16/bf16 with --half
@@ -157,14 +196,14 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, conf
 
         t = time_synchronized(device)
         with cudnn_benchmark(benchmark):
-            inf_out, train_out = model(imgs, augment=augment)  # (B, N, 5 + nc) in input pixels; raw maps
+            inf_out, train_out = model(imgs, augment=cfg.augment)  # (B, N, 5 + nc) in input pixels; raw maps
         t_inf += time_synchronized(device) - t
         if compute_loss is not None and train_out is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
         import torchvision.ops  # noqa: F401  waits for that import once: start-up, not NMS time per image
         t = time_synchronized(device)
-        output = non_max_suppression(inf_out.float(), conf_thres=conf_thres, iou_thres=iou_thres,
-                                     multi_label=multi_label, merge=merge)
+        output = non_max_suppression(inf_out.float(), conf_thres=cfg.conf_thres, iou_thres=cfg.iou_thres,
+                                     multi_label=cfg.multi_label, merge=cfg.merge)
         t_nms += time_synchronized(device) - t
 
         for si, pred in enumerate(output):  # pred: (n, 6) [x1, y1, x2, y2, conf, cls] in letterboxed pixels
@@ -262,58 +301,34 @@ def save_metric_plots(s: Summary, confusion: ConfusionMatrix | None, names: list
 
 
 @torch.no_grad()
-def test(cfg: str | None, data: str | Path | dict, weights: str | None = None, batch_size: int = 16,
-         imgsz: int = 416, conf_thres: float = 0.001, iou_thres: float = 0.6, save_json: bool = False,
-         single_cls: bool = False, augment: bool = False, model: nn.Module | None = None,
-         dataloader: torch.utils.data.DataLoader | None = None, multi_label: bool = True,
-         compute_loss: Callable | None = None, verbose: bool = False, plots: bool = True,
-         save_dir: str | Path = '.', device: str = '', coco_gt: str | Path | None = None, merge: bool = True,
-         workers: int = 8, half: str | bool = 'auto'
-         ) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
-    """Evaluate a model (given, or built from cfg + weights) on data's 'valid' images.
-
-    Returns (results, maps, times): results = (P, R, mAP@0.5, mAP@0.5:0.95, F1, val box, val obj, val cls) with the
-    losses averaged over batches when compute_loss is given (else 0); maps (nc,) per-class mAP@0.5:0.95;
-    times = (inference, NMS, total) in ms per image. half: the precision of the model built here (HALF_CHOICES,
-    see utils.torch_utils.inference_dtype: 'auto' is bf16 on a CPU with native bf16); a given model runs as it is.
-    """
-    dev = _device(device, batch_size) if model is None else None
-    if model is not None and half not in ('auto', 'off', False):
-        raise EvalError(f'--half {half} applies to a model test() loads, not to a given model (cast that one)')
-    dtype = _half_dtype(half, dev) if model is None else None  # refusals before anything is written
-    save_dir = Path(save_dir)
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, names: list[str],
+             cfg: EvalConfig = EvalConfig(), compute_loss: Callable | None = None) -> EvalResult:
+    """Score a model on a validation loader whose classes are `names`: P, R, mAP@0.5, mAP@0.5:0.95, F1, and the
+    mean val losses when compute_loss is given. The model runs as it is (its device and dtype) in eval mode and is
+    left in the mode it came in; the table, speed line, plots and COCO JSON go where cfg says."""
+    nc = len(names)
+    save_dir = Path(cfg.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    data = data if isinstance(data, dict) else load_data_config(data)
-    if dataloader is None:
-        check_dataset(data, splits=('valid',))  # before the model: a wrong path fails at once
-    if model is None:
-        model = load_eval_model(weights, cfg, imgsz, dev, dtype)
     was_training = model.training
     model.eval()
-    nc = 1 if single_cls else int(data['nc'])
-    names = class_names(data, model, single_cls)
-    if dataloader is None:
-        dataloader = val_loader(data, imgsz, batch_size, model, single_cls, workers)
-    coco = coco_json(data, dataloader, names, single_cls, coco_gt) if save_json else None
-
-    confusion = confusion_for(model, nc, single_cls) if plots else None
-    run = eval_batches(model, dataloader, conf_thres, iou_thres, multi_label, merge, augment, compute_loss, coco,
-                       batch_plotter(save_dir, names, confusion, single_cls) if plots else None)
+    coco = CocoJson(list(getattr(loader.dataset, 'img_files', [])), names, cfg.coco_gt) if cfg.save_json else None
+    confusion = confusion_for(model, nc, cfg.single_cls) if cfg.plots else None
+    plot = batch_plotter(save_dir, names, confusion, cfg.single_cls) if cfg.plots else None
+    run = eval_batches(model, loader, cfg, compute_loss, coco, plot)
     s = summarize(run.stats, nc)
-    print_summary(s, run.seen, names, per_class=verbose and nc > 1)
-    if plots:
+    print_summary(s, run.seen, names, per_class=cfg.verbose and nc > 1)
+    if cfg.plots:
         save_metric_plots(s, confusion, names, save_dir)
     n = max(run.seen, 1)
     times = (run.t_inf / n * 1e3, run.t_nms / n * 1e3, (run.t_inf + run.t_nms) / n * 1e3)
+    imgsz = getattr(loader.dataset, 'img_size', 0)
     print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g, %s'
-          % (*times, imgsz, imgsz, getattr(dataloader, 'batch_size', None) or batch_size,
-             str(next(model.parameters()).dtype).replace('torch.', '')))
+          % (*times, imgsz, imgsz, loader.batch_size or 0, str(next(model.parameters()).dtype).replace('torch.', '')))
     if coco is not None and run.seen:
         coco.evaluate(save_dir)
-
     model.train(was_training)
-    results = (s.mp, s.mr, s.map50, s.map, s.mf1, *(run.loss.cpu() / max(len(dataloader), 1)).tolist())
-    return results, s.maps, times
+    loss = tuple((run.loss.cpu() / max(len(loader), 1)).tolist())
+    return EvalResult(s.mp, s.mr, s.map50, s.map, s.mf1, loss, s.maps, s.nt, s.res, run.seen, times)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -349,6 +364,31 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return opt
 
 
+def eval_config(opt: argparse.Namespace, data: dict) -> EvalConfig:
+    """The EvalConfig of test.py's options (per-class rows on; the COCO ground truth resolved when --save-json)."""
+    return EvalConfig(conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, augment=opt.augment,
+                      single_cls=opt.single_cls, verbose=True, save_dir=Path(opt.save_dir), save_json=opt.save_json,
+                      coco_gt=coco_gt_file(data, opt.single_cls, opt.coco_gt) if opt.save_json else None)
+
+
+def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
+    """(data config, model) of the options: --device and --half are checked before anything is written, the
+    dataset before the model loads (a wrong path fails at once)."""
+    device = _device(opt.device, opt.batch_size)
+    dtype = _half_dtype(opt.half, device)
+    Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
+    data = load_data_config(opt.data)
+    check_dataset(data, splits=('valid',))
+    return data, load_eval_model(opt.weights, opt.cfg, opt.img_size, device, dtype)
+
+
+def run(opt: argparse.Namespace) -> EvalResult:
+    """`test.py --task test`: the model and validation loader built from the options, evaluated."""
+    data, model = load(opt)
+    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
+    return evaluate(model, loader, class_names(data, model, opt.single_cls), eval_config(opt, data))
+
+
 def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.ndarray | None = None) -> Path:
     """mAP and time over NMS IoU thresholds -> study.txt (one row each: results, seconds) and study.png."""
     from utils.plots import _pyplot
@@ -356,12 +396,13 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)
     loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
+    names = class_names(data, model, opt.single_cls)
+    cfg = EvalConfig(conf_thres=opt.conf_thres, augment=opt.augment, single_cls=opt.single_cls, plots=False,
+                     save_dir=save_dir)
     y = []
     for iou in x:
         t = time.time()
-        r = test(opt.cfg, data, batch_size=opt.batch_size, imgsz=opt.img_size, conf_thres=opt.conf_thres,
-                 iou_thres=float(iou), single_cls=opt.single_cls, augment=opt.augment, model=model,
-                 dataloader=loader, plots=False, save_dir=save_dir)[0]
+        r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
         y.append(r + (time.time() - t,))
     y = np.array(y)
     np.savetxt(save_dir / 'study.txt', np.column_stack((x, y)), fmt='%10.4g',
@@ -383,14 +424,14 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
               ious: tuple[float, ...] = (0.6, 0.7)) -> Path:
     """mAP and time at image sizes 256-640 and two NMS IoU thresholds -> benchmark.txt."""
     sizes = list(range(256, 640, 128)) if sizes is None else sizes
+    names = class_names(data, model, opt.single_cls)
+    cfg = EvalConfig(conf_thres=opt.conf_thres, single_cls=opt.single_cls, plots=False, save_dir=Path(opt.save_dir))
     y = []
     for s in sizes:
         loader = val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)
         for iou in ious:
             t = time.time()
-            r = test(opt.cfg, data, batch_size=opt.batch_size, imgsz=s, conf_thres=opt.conf_thres, iou_thres=iou,
-                     single_cls=opt.single_cls, model=model, dataloader=loader, plots=False,
-                     save_dir=opt.save_dir)[0]
+            r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
             y.append((s, iou) + r + (time.time() - t,))
     out = Path(opt.save_dir) / 'benchmark.txt'
     np.savetxt(out, y, fmt='%10.4g', header='img_size iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
@@ -403,15 +444,9 @@ def main(opt: argparse.Namespace) -> int:
     print(opt)
     import_in_background()  # torchvision, for NMS: its import runs while the data and the model load
     if opt.task == 'test':
-        test(opt.cfg, opt.data, opt.weights, opt.batch_size, opt.img_size, opt.conf_thres, opt.iou_thres,
-             opt.save_json, opt.single_cls, opt.augment, verbose=True, save_dir=opt.save_dir, device=opt.device,
-             coco_gt=opt.coco_gt or None, workers=opt.workers, half=opt.half)
+        run(opt)
         return 0
-    Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
-    data = load_data_config(opt.data)
-    check_dataset(data, splits=('valid',))
-    device = _device(opt.device, opt.batch_size)
-    model = load_eval_model(opt.weights, opt.cfg, opt.img_size, device, _half_dtype(opt.half, device))
+    data, model = load(opt)
     if opt.task == 'study':
         study(opt, model, data)
     else:

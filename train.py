@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 import yaml
 
-import test as val  # test.py: test() is called in-process after each epoch
+import test as val  # test.py: evaluate() is called in-process after each epoch
 from models import Darknet, WeightsError, YOLOLayer, attempt_download, load_weights
 from utils import distributed as du
 from utils.anchors import check_anchors
 from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.engine import (GS, NBS, CosineLR, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,
+from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,
                           memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
@@ -571,47 +571,94 @@ def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistI
     return loader, dataset, testloader
 
 
-def end_epoch(epoch: int, stats: EpochStats, parts: Parts, bare: Darknet, hyp: dict, data: dict, testloader: Any,
-              opt: argparse.Namespace, imgsz_test: int, progress: Progress, save_state: dict, tb: Any,
-              device: torch.device, after_burn_in: bool, keep: bool = False) -> tuple[tuple[float, ...], Progress]:
-    """Rank 0 after an epoch: test the EMA model, append results.txt, log TensorBoard scalars, save last.pt (best.pt
-    when fitness improved, epoch_K.pt for --save-period; keep: save last.pt even with --nosave, for a run that stops
-    here to resume). Returns (results, progress with this epoch's test)."""
-    save_dir, evolve = Path(opt.save_dir), bool(opt.evolve)
+TB_TAGS = ('train/giou_loss', 'train/obj_loss', 'train/cls_loss', 'metrics/precision', 'metrics/recall',
+           'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95', 'metrics/F1', 'val/giou_loss', 'val/obj_loss', 'val/cls_loss')
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What rank 0 works with at the end of every epoch, fixed for the run."""
+    parts: Parts
+    bare: Darknet  # the model without its DDP wrapper: the EMA copies its attributes
+    data: dict
+    testloader: Any
+    opt: argparse.Namespace
+    tb: Any  # TensorBoard SummaryWriter or None
+    device: torch.device
+
+
+def validate(ctx: EpochEnd, epoch: int, progress: Progress, after_burn_in: bool) -> val.EvalResult:
+    """Test the EMA model on the test loader with the val losses; plots at the last epoch and where --patience ends
+    the run unless this epoch improves (not under --evolve)."""
+    opt, model = ctx.opt, ctx.parts.ema.ema
+    final = epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience)
+    cfg = val.EvalConfig(multi_label=after_burn_in, single_cls=opt.single_cls, plots=final and not opt.evolve,
+                         save_dir=Path(opt.save_dir))
+    names = val.class_names(ctx.data, model, opt.single_cls)
+    return val.evaluate(model, ctx.testloader, names, cfg, ctx.parts.compute_loss)
+
+
+def append_results(save_dir: Path, row: str, results: tuple[float, ...]) -> None:
+    """One results.txt line: the epoch's progress row, then P, R, mAP@0.5, mAP@0.5:0.95, F1 and the 3 val losses."""
+    with open(run_paths(save_dir)['results'], 'a') as f:
+        f.write(row + '%10.4g' * 8 % results + '\n')
+
+
+def log_scalars(tb: Any, epoch: int, mloss: tuple[float, ...], results: tuple[float, ...]) -> None:
+    """TensorBoard scalars of an epoch: the 3 mean training losses and the 8 test results (TB_TAGS)."""
+    for x, tag in zip(list(mloss[:3]) + list(results), TB_TAGS):
+        tb.add_scalar(tag, x, epoch)
+
+
+def checkpoint_targets(opt: argparse.Namespace, epoch: int, progress: Progress, keep: bool) -> list[Path]:
+    """Where an epoch's checkpoint goes: last.pt when keep, with best.pt when this epoch is the best so far (or there
+    is no best.pt yet); epoch_K.pt for --save-period."""
+    save_dir = Path(opt.save_dir)
     paths = run_paths(save_dir)
-    final_epoch = epoch + 1 == opt.epochs  # plots also where --patience ends the run unless this epoch improves
-    parts.ema.update_attr(bare)
+    targets = []
+    if keep:
+        targets.append(paths['last'])
+        if progress.best_epoch == epoch or not paths['best'].exists():
+            targets.append(paths['best'])
+    if saves_epoch(opt, epoch):
+        targets.append(epoch_path(save_dir, epoch))
+    return targets
+
+
+def save_epoch_end(targets: list[Path], *, progress: Progress, epoch: int, parts: Parts, bare: Darknet, hyp: dict,
+                   opt: argparse.Namespace, save_state: dict) -> None:
+    """One end-of-epoch checkpoint (results.txt so far, progress, save_state's loop and run entries) at each
+    target."""
+    if not targets:
+        return
+    results = run_paths(Path(opt.save_dir))['results'].read_text()
+    ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
+                          training_results=results, **progress.state(), **save_state)
+    for target in targets:
+        save_checkpoint(ckpt, target)
+
+
+def end_epoch(ctx: EpochEnd, epoch: int, stats: EpochStats, progress: Progress, save: Callable[..., None],
+              after_burn_in: bool, keep: bool = False) -> tuple[tuple[float, ...], Progress]:
+    """Rank 0 after an epoch: test the EMA model (unless --notest before the last epoch), append results.txt, log
+    TensorBoard scalars, then save(targets, progress=...) the checkpoints (last.pt unless --nosave; keep: last.pt
+    even then, for a run that stops here to resume). Returns (results, progress with this epoch's test)."""
+    opt = ctx.opt
+    ctx.parts.ema.update_attr(ctx.bare)
     results = (0.0,) * 8
-    if not opt.notest or final_epoch:
-        results, maps, _ = val.test(opt.cfg, data, batch_size=opt.batch_size // du.env_info().world_size,
-                                    imgsz=imgsz_test, model=parts.ema.ema, dataloader=testloader,
-                                    compute_loss=parts.compute_loss, save_dir=save_dir, single_cls=opt.single_cls,
-                                    multi_label=after_burn_in,
-                                    plots=(final_epoch or progress.stale(epoch, opt.patience)) and not evolve)
-        results = tuple(float(x) for x in results)
+    if not opt.notest or epoch + 1 == opt.epochs:
+        r = validate(ctx, epoch, progress, after_burn_in)
+        results = tuple(float(x) for x in r.results)
         fi = float(fitness(np.array(results).reshape(1, -1))[0])
-        progress = progress.after_test(epoch, fi, np.asarray(maps, dtype=np.float64))
-    row = progress_row(epoch, opt.epochs, memory_used(device), stats.mloss[:4], stats.targets, stats.img_size)
-    if not evolve:
-        with open(paths['results'], 'a') as f:
-            f.write(row + '%10.4g' * 8 % results + '\n')
-    if tb is not None:
-        tags = ['train/giou_loss', 'train/obj_loss', 'train/cls_loss', 'metrics/precision', 'metrics/recall',
-                'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95', 'metrics/F1', 'val/giou_loss', 'val/obj_loss',
-                'val/cls_loss']
-        for x, tag in zip(list(stats.mloss[:3]) + list(results), tags):
-            tb.add_scalar(tag, x, epoch)
-    final = final_epoch or progress.stale(epoch, opt.patience)  # --patience: this epoch's checkpoint is the last
-    keep = (not opt.nosave) or ((final or keep) and not evolve)
-    if keep or saves_epoch(opt, epoch):
-        ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
-                              training_results=paths['results'].read_text(), **progress.state(), **save_state)
-        if keep:
-            save_checkpoint(ckpt, paths['last'])
-            if progress.best_epoch == epoch or not paths['best'].exists():
-                save_checkpoint(ckpt, paths['best'])
-        if saves_epoch(opt, epoch):
-            save_checkpoint(ckpt, epoch_path(save_dir, epoch))
+        progress = progress.after_test(epoch, fi, np.asarray(r.maps, dtype=np.float64))
+    if not opt.evolve:
+        row = progress_row(epoch, opt.epochs, memory_used(ctx.device), stats.mloss[:4], stats.targets, stats.img_size)
+        append_results(Path(opt.save_dir), row, results)
+    if ctx.tb is not None:
+        log_scalars(ctx.tb, epoch, stats.mloss, results)
+    final = epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience)  # --patience: this epoch's is the last
+    keep = (not opt.nosave) or ((final or keep) and not opt.evolve)
+    save(checkpoint_targets(opt, epoch, progress, keep), progress=progress)
     return results, progress
 
 
@@ -660,7 +707,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     parts = build_parts(model, hyp, opt, device, info, log)
     loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test, pin_memory_for(device))
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
-        check_anchors(dataset, model, imgsz, hyp['iou_t'], log, data=opt.data, cfg=opt.cfg, loss=opt.loss,
+        check_anchors(dataset, model, imgsz, hyp['iou_t'], data=opt.data, cfg=opt.cfg, loss=opt.loss,
                       pretrained=bool(opt.weights or opt.resume))
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
@@ -676,7 +723,9 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
                      amp_dtype=parts.amp_dtype, channels_last=channels_last,
                      multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
-                     show=info.main, seed=opt.seed)
+                     show=info.main, seed=opt.seed, device=device,
+                     checkpoint_name=str(run_paths(Path(opt.save_dir))['last']))
+    ends = EpochEnd(parts, model, data, testloader, opt, tb, device)
     # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; before the
     # loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
     control = None if opt.evolve else RunControl(opt.save_period_min * 60).install()
@@ -702,13 +751,10 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             on_save = None if control is None or not info.main else partial(
                 save_mid_epoch, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt, progress=progress,
                 extra=run_state, log=log)
+            run = EpochControl(point.batch if resumed else 0, point.mloss if resumed else None, control, on_save, plot)
             state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
                                            scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
-                                           device=device, epoch=epoch, state=state, cfg=cfg,
-                                           checkpoint_name=str(run_paths(Path(opt.save_dir))['last']),
-                                           first_batch=plot, start=point.batch if resumed else 0,
-                                           start_mloss=point.mloss if resumed else None, control=control,
-                                           on_save=on_save)
+                                           epoch=epoch, state=state, cfg=cfg, run=run)
             # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
             # as usual (test, results.txt, last.pt), then the run stops
             stopped = stats.stopped_at is not None and (stats.stopped_at < len(loader) or epoch + 1 < opt.epochs)
@@ -716,8 +762,9 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                 break
             parts.scheduler.step()
             if info.main:
-                results, progress = end_epoch(epoch, stats, parts, model, hyp, data, testloader, opt, imgsz_test,
-                                              progress, {**loop_entries(state), **run_state()}, tb, device,
+                save = partial(save_epoch_end, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt,
+                               save_state={**loop_entries(state), **run_state()})
+                results, progress = end_epoch(ends, epoch, stats, progress, save,
                                               after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
             du.barrier()  # the other ranks wait while rank 0 tests and saves
             if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together

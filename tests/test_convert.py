@@ -2,6 +2,7 @@
 mAP of test.py on converted labels, the real coco128 COCO file, splits, and errors that leave nothing on disk."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,7 +21,14 @@ from utils.data_config import load_data_config, load_names
 from utils.datasets import list_image_files
 
 LABELS = COCO128 / 'labels' / 'train2017'
-NAMES = load_names(COCO_NAMES)
+
+
+@functools.cache
+def coco_names() -> list[str]:
+    """The 80 coco128 class names (read when a test needs them, so collecting this file needs no ../shared)."""
+    return load_names(COCO_NAMES)
+
+
 # 15 labelled images and a background one (no label file in coco128)
 SUBSET = [p.name for p in sorted(COCO128_IMAGES.glob('*.jpg'))[:15]] + ['000000000250.jpg']
 
@@ -41,7 +49,7 @@ def read_labels(out: Path, image: str, names: list[str] | None = None) -> np.nda
     text = (out / 'labels' / (Path(image).stem + '.txt')).read_text()
     x = np.array(text.split(), dtype=float).reshape(-1, 5)
     if names is not None:
-        x[:, 0] = [NAMES.index(names[int(c)]) for c in x[:, 0]]
+        x[:, 0] = [coco_names().index(names[int(c)]) for c in x[:, 0]]
     return x
 
 
@@ -54,7 +62,7 @@ def original_labels(image: str) -> np.ndarray:
 def write_coco(path: Path, images: list[str]) -> Path:
     """A COCO instances JSON of coco128 labels: COCO's gapped category ids, one crowd box, full-precision boxes."""
     ids = coco80_to_coco91_class()
-    d = {'images': [], 'annotations': [], 'categories': [{'id': ids[k], 'name': n} for k, n in enumerate(NAMES)]}
+    d = {'images': [], 'annotations': [], 'categories': [{'id': ids[k], 'name': n} for k, n in enumerate(coco_names())]}
     for image in images:
         (w, h), b = pixel_boxes(image)
         iid = int(Path(image).stem)
@@ -84,7 +92,7 @@ def write_voc(folder: Path, images: list[str]) -> Path:
         objs = []
         for c, x1, y1, x2, y2 in b:
             xmin, ymin = round(x1) + 1, round(y1) + 1  # first pixel inside, 1-based
-            objs.append((NAMES[int(c)], 0, xmin, ymin, max(round(x2), xmin), max(round(y2), ymin)))
+            objs.append((coco_names()[int(c)], 0, xmin, ymin, max(round(x2), xmin), max(round(y2), ymin)))
         (folder / f'{Path(image).stem}.xml').write_text(voc_xml(image, size, objs))
     return folder
 
@@ -94,8 +102,8 @@ def write_labelme(folder: Path, images: list[str]) -> Path:
     folder.mkdir()
     for image in images:
         (w, h), b = pixel_boxes(image)
-        shapes = [{'label': NAMES[int(c)], 'points': [[x2, y2], [x1, y1]], 'shape_type': 'rectangle', 'flags': {}}
-                  for c, x1, y1, x2, y2 in b]  # corners in the order dragged: any order is a box
+        shapes = [{'label': coco_names()[int(c)], 'points': [[x2, y2], [x1, y1]], 'shape_type': 'rectangle',
+                   'flags': {}} for c, x1, y1, x2, y2 in b]  # corners in the order dragged: any order is a box
         d = {'version': '5.4.1', 'shapes': shapes, 'imagePath': f'..\\images\\{image}', 'imageData': None,
              'imageWidth': w, 'imageHeight': h}
         (folder / f'{Path(image).stem}.json').write_text(json.dumps(d))
@@ -116,6 +124,7 @@ def convert(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_real_coco128_json_matches_shared_labels(tmp_path, capsys):
     # ../shared's YOLO labels were converted from this same file: same boxes (to their 6 digits), crowd boxes left out
     out = tmp_path / 'c128'
@@ -130,7 +139,7 @@ def test_real_coco128_json_matches_shared_labels(tmp_path, capsys):
         np.testing.assert_allclose(got, want, atol=2e-6, err_msg=image)
         assert (out / 'images' / image).resolve() == (COCO128_IMAGES / image).resolve()
     data = load_data_config(out / 'c128.data')
-    assert data['nc'] == 80 and data['names'] == NAMES  # names kept: class mapping from COCO weights works
+    assert data['nc'] == 80 and data['names'] == coco_names()  # names kept: class mapping from COCO weights works
     assert data['train'] == data['valid'] == str(out / 'train.txt')
     assert len(list_image_files(data['train'])) == 128
     assert sorted(p.name for p in out.iterdir()) == ['c128.data', 'c128.names', 'images', 'labels', 'train.txt']
@@ -143,9 +152,10 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_round_trips_give_the_same_boxes_and_map(tmp_path, capsys):
     from models import load_model
-    from test import test
+    from test import EvalConfig, evaluate, val_loader
 
     images = subset_images(tmp_path)
     convert('coco', '--ann', write_coco(tmp_path / 'coco.json', SUBSET), '--images', images, '--out', tmp_path / 'c')
@@ -173,14 +183,21 @@ def test_round_trips_give_the_same_boxes_and_map(tmp_path, capsys):
     orig = tmp_path / 'original.data'
     orig.write_text(f'classes=80\ntrain={listed}\nvalid={listed}\nnames={COCO_NAMES}\n')
     model = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', 256)
-    maps = {k: test(None, d, imgsz=256, model=model, plots=False, save_dir=tmp_path, workers=0)[0][:5]
-            for k, d in (('original', orig), ('coco', tmp_path / 'c' / 'c.data'), ('voc', tmp_path / 'v' / 'v.data'))}
+
+    def scores(data_file: Path) -> tuple[float, ...]:  # P, R, mAP@0.5, mAP@0.5:0.95, F1 as test.py scores them
+        data = load_data_config(data_file)
+        loader = val_loader(data, 256, 16, model, False, 0)
+        return evaluate(model, loader, data['names'], EvalConfig(plots=False, save_dir=tmp_path)).results[:5]
+
+    maps = {k: scores(d) for k, d in (('original', orig), ('coco', tmp_path / 'c' / 'c.data'),
+                                      ('voc', tmp_path / 'v' / 'v.data'))}
     assert 0.2 < maps['original'][2] < 0.9
     assert maps['coco'] == maps['original']
     # VOC's whole-pixel corners move boxes by up to half a pixel: only the strictest IoU thresholds notice
     assert maps['voc'][:3] == maps['original'][:3] and maps['voc'][3] == pytest.approx(maps['original'][3], abs=0.002)
 
 
+@pytest.mark.slow
 def test_split_is_seeded_and_complete(tmp_path, capsys):
     images = subset_images(tmp_path)
     ann = write_coco(tmp_path / 'coco.json', SUBSET)
@@ -255,6 +272,7 @@ def _coco(path: Path, bbox: list | None = None, image: str = 'a.jpg', image_id: 
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case, message', [
     ('json', r'coco.json: malformed JSON: Expecting'),
     ('image_id', r'coco.json: annotation id 7: image_id 5 is not in .images. \(a missing image\)'),
@@ -317,6 +335,7 @@ def test_existing_out_is_refused_and_kept(tmp_path):
     assert (out / 'labels' / 'a.txt').read_text() == '0 0.0390625 0.0833333 0.046875 0.0833333\n'
 
 
+@pytest.mark.slow
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     images = subset_images(tmp_path)
     ann = write_coco(tmp_path / 'coco.json', SUBSET)
@@ -334,6 +353,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ['coco.json', 'photos']
 
 
+@pytest.mark.slow
 def test_link_falls_back_to_copy(tmp_path, monkeypatch):
     src = COCO128_IMAGES / SUBSET[0]
     assert link_image(src, tmp_path / 'a.jpg') == 'linked' and (tmp_path / 'a.jpg').is_symlink()

@@ -68,7 +68,7 @@ def test_bf16_network_decodes_boxes_in_fp32():
 @pytest.mark.skipif(not HAS_BF16, reason='this CPU has no native bf16 (bf16 would be emulated and slow)')
 def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
     from models import load_eval_model
-    from test import test, val_loader
+    from test import EvalConfig, evaluate, val_loader
     from utils.data_config import load_data_config
 
     # the first 32 coco128 images, read in place (on 16 images single classes' APs jump: up to 0.0032 apart there)
@@ -81,9 +81,9 @@ def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
     for half in ('off', 'auto'):  # test.py's own model loading for each --half, one loader for both
         model = load_eval_model(str(TINY_WEIGHTS), str(CFG), 320, CPU, inference_dtype(half, CPU))
         loader = loader or val_loader(data, 320, 16, model, False, 0)
-        results = test(None, data, imgsz=320, model=model, dataloader=loader, plots=False, save_dir=tmp_path)[0]
+        result = evaluate(model, loader, data['names'], EvalConfig(plots=False, save_dir=tmp_path))
         speed = re.search(r'Speed: .*, (\w+)$', capsys.readouterr().out, re.M)
-        maps[speed.group(1)] = results[2]
+        maps[speed.group(1)] = result.map50
     assert set(maps) == {'float32', 'bfloat16'}  # the default ran bf16 on this CPU
     assert maps['float32'] > 0.3 and abs(maps['bfloat16'] - maps['float32']) < 0.003
 

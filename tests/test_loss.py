@@ -278,7 +278,7 @@ def test_training_micro_steps_read_nothing_from_the_device(monkeypatch):
     loop = engine.LoopConfig(hyp=TRAIN_HYP, lf=engine.CosineLR(1, 0.1), n_burn=-1, batch_size=2, epochs=1, show=False)
     state, _ = engine.train_one_epoch(model=model, loader=Loader(batches), optimizer=optimizer,
                                       scaler=torch.amp.GradScaler('cpu', enabled=False), compute_loss=loss_fn,
-                                      ema=ModelEMA(model), device=torch.device('cpu'), epoch=0,
+                                      ema=ModelEMA(model), epoch=0,
                                       state=engine.LoopState(accumulate=3, img_size=64), cfg=loop)
     assert state.last_opt_step == 5  # optimizer steps after batches 2 and 5
     steps = per_batch[1:]  # what each batch's step did (per_batch[0]: before the first batch)
@@ -352,8 +352,8 @@ def test_testpy_and_detect_bind_the_device_before_loading(monkeypatch, tmp_path)
     monkeypatch.setattr(detect, 'load_eval_model', loaded)
     data = make_subset(tmp_path, 1)
     with pytest.raises(RuntimeError, match='stop here'):
-        testpy.test(None, data, 'x.pt', batch_size=1, imgsz=128, device='1', half='off', plots=False,
-                    save_dir=tmp_path)
+        testpy.run(testpy.parse_opt(['--data', str(data), '--weights', 'x.pt', '--batch-size', '1', '--img-size',
+                                     '128', '--device', '1', '--half', 'off', '--save-dir', str(tmp_path)]))
     with pytest.raises(RuntimeError, match='stop here'):
         detect.load_detector(detect.parse_opt(['--weights', 'x.pt', '--device', '1', '--half', 'off']))
     assert seen == [[torch.device('cuda:1')], [torch.device('cuda:1')] * 2]

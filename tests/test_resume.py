@@ -340,9 +340,9 @@ def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_pat
             optimizer.load_state_dict(optimizer_state)
         out = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
                                      scaler=torch.amp.GradScaler('cpu', enabled=False),
-                                     compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'),
-                                     epoch=0, state=state or engine.LoopState(accumulate=2, img_size=64), cfg=cfg,
-                                     start=start, start_mloss=mloss, control=control, on_save=on_save)
+                                     compute_loss=ComputeLoss(model, HYP), ema=None, epoch=0,
+                                     state=state or engine.LoopState(accumulate=2, img_size=64), cfg=cfg,
+                                     run=engine.EpochControl(start, mloss, control, on_save))
         return out, optimizer
 
     (full_state, full_stats), _ = epoch(a := copy.deepcopy(ref))

@@ -80,7 +80,7 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     import torch
 
     from models import load_model
-    from test import test
+    from test import EvalConfig, class_names, evaluate
     from utils.data_config import load_data_config
     from utils.datasets import create_dataloader
     from utils.loss import ComputeLoss
@@ -90,14 +90,16 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     compute_loss = ComputeLoss(model, yaml.safe_load((ROOT / 'data' / 'hyp.scratch.yaml').read_text()))
     model.train()
     loader, dataset = create_dataloader(data['valid'], 256, 8, pad=0.5, rect=True, shuffle=False, workers=0)
-    results, maps, times = test(None, data, imgsz=256, model=model, dataloader=loader, compute_loss=compute_loss,
-                                save_json=True, save_dir=tmp_path)
+    names = class_names(data, model, single_cls=False)
+    r = evaluate(model, loader, names, EvalConfig(save_json=True, save_dir=tmp_path), compute_loss)
     assert model.training
-    assert len(results) == 8 and maps.shape == (80,) and len(times) == 3
-    p, r, map50, map_, f1, lbox, lobj, lcls = results
+    assert len(r.results) == 8 and r.maps.shape == (80,) and len(r.times) == 3 and r.seen == 16
+    p, rec, map50, map_, f1, lbox, lobj, lcls = r.results
+    assert (p, rec, map50, map_, f1) == (r.mp, r.mr, r.map50, r.map, r.mf1)
     assert 0.3 < map50 < 0.9 and 0 < map_ < map50
     assert lbox > 0 and lobj > 0 and lcls > 0
-    assert 0 < maps[0] < 1  # person (class 0) has targets in the subset: its own mAP@0.5:0.95
+    assert 0 < r.maps[0] < 1  # person (class 0) has targets in the subset: its own mAP@0.5:0.95
+    assert r.nt.sum() == sum(len(x) for x in dataset.labels) and r.per_class is not None
     gt = json.loads((tmp_path / 'ground_truth.json').read_text())
     assert len(gt['images']) == 16 and len(gt['annotations']) == sum(len(x) for x in dataset.labels)
     # COCO's evaluation of the same detections agrees with ours at IoU 0.5
@@ -105,11 +107,11 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     stats = coco_evaluate(tmp_path / 'ground_truth.json', tmp_path / 'predictions.json', verbose=False)
     assert abs(stats[1] - map50) < 0.03
     # no loss function (the command line): the losses are zeros
-    results = test(None, data, imgsz=256, model=model, dataloader=loader, plots=False, save_dir=tmp_path)[0]
-    assert results[5:] == (0.0, 0.0, 0.0) and results[2] == pytest.approx(map50)
+    plain = evaluate(model, loader, names, EvalConfig(plots=False, save_dir=tmp_path))
+    assert plain.loss == (0.0, 0.0, 0.0) and plain.map50 == pytest.approx(map50)
     # test-time augmentation (flip + two scales, merged before NMS): a different, still sound, result
-    tta = test(None, data, imgsz=256, model=model, dataloader=loader, augment=True, plots=False, save_dir=tmp_path)[0]
-    assert tta[2] != map50 and abs(tta[2] - map50) < 0.15
+    tta = evaluate(model, loader, names, EvalConfig(augment=True, plots=False, save_dir=tmp_path))
+    assert tta.map50 != map50 and abs(tta.map50 - map50) < 0.15
     assert torch.is_grad_enabled()
 
 

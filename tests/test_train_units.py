@@ -134,7 +134,7 @@ def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int,
     cfg = train.LoopConfig(hyp=HYP, lf=train.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
                            amp_dtype=amp_dtype, distributed=distributed, show=False)
     return train.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
-                                 compute_loss=ComputeLoss(model, HYP), ema=None, device=torch.device('cpu'), epoch=0,
+                                 compute_loss=ComputeLoss(model, HYP), ema=None, epoch=0,
                                  state=train.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
 
 

@@ -100,6 +100,18 @@ class LoopConfig:
     distributed: bool = False  # DDP: gradients all-reduced only on optimizer steps (no_sync on micro-steps)
     show: bool = True  # progress bar (rank 0)
     seed: int = 0  # multi-scale sizes are drawn from (seed, ni)
+    device: torch.device = torch.device('cpu')  # where the model is: batches go there
+    checkpoint_name: str = 'weights/last.pt'  # the checkpoint a non-finite loss error points back to
+
+
+@dataclass(frozen=True)
+class EpochControl:
+    """Per-epoch inputs besides the loop state: where a resumed epoch starts and what the loop calls out to."""
+    start: int = 0  # first batch to train (a resumed epoch), the ones before it are skipped unloaded
+    start_mloss: torch.Tensor | None = None  # (4,) running mean losses of batches 0..start-1
+    control: RunControl | None = None  # the run's stop request and periodic-save clock, agreed on by all ranks
+    on_save: Callable[[int, LoopState, torch.Tensor], None] | None = None  # rank 0: save at (next batch, state, mloss)
+    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None  # the run's very first batch (plot)
 
 
 @dataclass(frozen=True)
@@ -244,20 +256,18 @@ def burn_in(optimizer: torch.optim.Optimizer, compute_loss: ComputeLoss, ni: int
 
 
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    compute_loss: ComputeLoss, ema: ModelEMA | None, device: torch.device, epoch: int,
-                    state: LoopState, cfg: LoopConfig, checkpoint_name: str = 'weights/last.pt',
-                    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None,
-                    start: int = 0, start_mloss: torch.Tensor | None = None, control: RunControl | None = None,
-                    on_save: Callable[[int, LoopState, torch.Tensor], None] | None = None
-                    ) -> tuple[LoopState, EpochStats]:
-    """Train one pass over loader from batch `start`; return the state to continue from and the epoch's mean losses.
+                    compute_loss: ComputeLoss, ema: ModelEMA | None, epoch: int, state: LoopState, cfg: LoopConfig,
+                    run: EpochControl = EpochControl()) -> tuple[LoopState, EpochStats]:
+    """Train one pass over loader from batch run.start; return the state to continue from and the epoch's mean losses.
 
     An optimizer step (and EMA update) every state.accumulate batches, counted across epochs as the original.
-    first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it). A resumed epoch starts
-    at batch `start` with the running mean losses start_mloss (4,) of batches 0..start-1. At each optimizer step the
-    ranks agree on control's stop request and periodic save: on_save(next batch, state, running mean losses) is then
-    called (rank 0 passes it, the others None), and a stop ends the epoch there (EpochStats.stopped_at).
+    run.first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it). A resumed epoch
+    starts at batch run.start with the running mean losses run.start_mloss (4,) of batches 0..start-1. At each
+    optimizer step the ranks agree on run.control's stop request and periodic save: run.on_save(next batch, state,
+    running mean losses) is then called (rank 0 passes it, the others None), and a stop ends the epoch there
+    (EpochStats.stopped_at).
     """
+    device, start, control, on_save = cfg.device, run.start, run.control, run.on_save
     model.train()
     nb = len(loader)
     last_opt_step, accumulate, img_size = state.last_opt_step, state.accumulate, state.img_size
@@ -265,7 +275,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         compute_loss.gr = state.gr
     autocast = nullcontext() if cfg.amp_dtype is None else torch.autocast(device.type, dtype=cfg.amp_dtype)
     guard = FiniteGuard(device)
-    mloss = torch.zeros(4, device=device) if start_mloss is None else start_mloss.to(device)
+    mloss = torch.zeros(4, device=device) if run.start_mloss is None else run.start_mloss.to(device)
     targets = torch.zeros(0, 6)
     imgs = torch.zeros(0, 3, img_size, img_size)
     stopped_at = None
@@ -303,7 +313,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         if step:
             # before the (possibly non-finite) gradients reach the weights; the same collective carries the stop
             # request (any rank's) and the periodic save (rank 0's clock)
-            stop, save = guard.agree(epoch, checkpoint_name, control is not None and control.stop_requested,
+            stop, save = guard.agree(epoch, cfg.checkpoint_name, control is not None and control.stop_requested,
                                      control is not None and on_save is not None and control.save_due())
             scaler.step(optimizer)
             scaler.update()
@@ -317,8 +327,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         if cfg.show and (device.type != 'cuda' or i % 10 == 0 or i == nb - 1):
             pbar.set_description(progress_row(epoch, cfg.epochs, memory_used(device), mloss.tolist(),
                                               targets.shape[0], imgs.shape[-1]))
-        if ni == 0 and first_batch is not None:
-            first_batch(imgs, targets, paths)
+        if ni == 0 and run.first_batch is not None:
+            run.first_batch(imgs, targets, paths)
         if stop or save:
             # no gradients are pending right after an optimizer step, so this is an exact resume point; after the
             # epoch's last batch the end-of-epoch checkpoint takes its place
@@ -329,7 +339,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                 stopped_at = i + 1
                 break
     pbar.close()
-    guard.check(epoch, checkpoint_name)  # micro-steps after the last optimizer step
+    guard.check(epoch, cfg.checkpoint_name)  # micro-steps after the last optimizer step
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]), stopped_at)
