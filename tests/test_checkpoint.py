@@ -1,0 +1,201 @@
+"""utils/checkpoint.py: a run saved and restored into fresh parts continues exactly as the uninterrupted run; what
+the module refuses. Fast tier: a toy model in memory, no ../shared, no subprocesses."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import Darknet
+from utils.checkpoint import (CheckpointError, Progress, ResumePoint, RunCheckpointer, load_checkpoint,
+                              model_checkpoint, read_run, restore_cuda_rng, rng_state, save_checkpoint,
+                              set_rng_state, strip_optimizer, training_weights)
+from utils.engine import CosineLR, LoopState
+from utils.logs import LOGGER
+from utils.torch_utils import ModelEMA
+
+TOY_CFG = Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg'
+EPOCHS = 3
+
+
+@dataclass
+class Parts:
+    """What a run steps besides the model (train.py's Parts has these too)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lf: CosineLR
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA
+
+
+def fresh_run(seed: int) -> tuple[Darknet, Parts]:
+    """A toy model and its training parts, initialised from seed (a different seed: different weights)."""
+    torch.manual_seed(seed)
+    model = Darknet(TOY_CFG, img_size=64)
+    model.names = ['a', 'b', 'c']
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    lf = CosineLR(EPOCHS, 0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    return model, Parts(optimizer, scheduler, lf, scaler, ModelEMA(model, tau=2.0))
+
+
+def step(model: Darknet, parts: Parts, gen: torch.Generator) -> float:
+    """One training step that draws from every RNG a real one does: images from torch, augmentation choices from
+    python and numpy, the loader's order from its generator."""
+    x = torch.randn(2, 3, 64, 64) * (1 + random.random()) + float(np.random.rand())
+    x = x[torch.randperm(2, generator=gen)]
+    loss = sum(p.float().pow(2).mean() for p in model(x))
+    parts.optimizer.zero_grad()
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.ema.update(model)
+    return loss.item()
+
+
+def opt_for(tmp_path: Path) -> argparse.Namespace:
+    """The options a checkpoint carries (train.py's Namespace; only seed and epochs are read back here)."""
+    return argparse.Namespace(seed=0, deterministic=False, epochs=EPOCHS, save_dir=tmp_path, cfg=str(TOY_CFG),
+                              resume=str(tmp_path / 'last.pt'), patience=0)
+
+
+def start(seed: int, tmp_path: Path) -> tuple[Darknet, Parts, torch.Generator, RunCheckpointer]:
+    """A run as train.py starts one: seeded globals, parts, a loader generator and the checkpointer over them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    model, parts = fresh_run(seed)
+    gen = torch.Generator().manual_seed(seed)
+    saver = RunCheckpointer(model, parts, {'lr0': 0.01}, opt_for(tmp_path), gen, agents=['host/1'],
+                            last=tmp_path / 'last.pt', results=tmp_path / 'results.txt')
+    return model, parts, gen, saver
+
+
+def assert_same_run(a: tuple[Darknet, Parts], b: tuple[Darknet, Parts]) -> None:
+    """Bit-identical raw weights, EMA weights, optimizer state and LR."""
+    for k, v in a[0].state_dict().items():
+        assert torch.equal(v, b[0].state_dict()[k]), k
+    for k, v in a[1].ema.ema.state_dict().items():
+        assert torch.equal(v, b[1].ema.ema.state_dict()[k]), k
+    assert a[1].ema.updates == b[1].ema.updates
+    sa, sb = a[1].optimizer.state_dict(), b[1].optimizer.state_dict()
+    assert [g['lr'] for g in sa['param_groups']] == [g['lr'] for g in sb['param_groups']]
+    for i, s in sa['state'].items():
+        assert torch.equal(s['momentum_buffer'], sb['state'][i]['momentum_buffer'])
+
+
+def test_resume_at_an_epoch_end_equals_the_uninterrupted_run(tmp_path):
+    # the uninterrupted run: epoch 0 (3 steps), the schedule steps, epoch 1 (3 steps)
+    model, parts, gen, saver = start(0, tmp_path)
+    for _ in range(3):
+        step(model, parts, gen)
+    parts.scheduler.step()
+    saver.results.write_text('epoch 0 row\n')
+    progress = Progress(0.25, 0, np.array([0.5, 0.25, 0.0]))
+    saver.save_epoch_end([saver.last], 0, LoopState(last_opt_step=2, accumulate=4, img_size=64), progress)
+    for _ in range(3):
+        step(model, parts, gen)
+    parts.scheduler.step()
+
+    # a new process: other weights and RNG streams until the checkpoint is restored
+    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    model2, parts2, gen2, saver2 = start(1, tmp_path)
+    model2.load_state_dict(training_weights(ckpt))
+    resumed = saver2.restore(ckpt, LoopState(accumulate=1, img_size=32))
+    assert resumed.point == ResumePoint(1)  # the next epoch, from its start
+    assert resumed.state == LoopState(last_opt_step=2, accumulate=4, img_size=64)
+    assert (resumed.progress, resumed.progress.maps.tolist()) == (progress, [0.5, 0.25, 0.0])
+    assert resumed.results == 'epoch 0 row\n'
+    for _ in range(3):
+        step(model2, parts2, gen2)
+    parts2.scheduler.step()
+
+    assert_same_run((model, parts), (model2, parts2))
+
+
+def test_resume_inside_an_epoch_continues_at_the_saved_batch(tmp_path):
+    model, parts, gen, saver = start(0, tmp_path)
+    losses = [step(model, parts, gen) for _ in range(2)]
+    mloss = torch.tensor([sum(losses) / 2, 0.0, 0.0, sum(losses) / 2])
+    saver.save_mid_epoch(2, LoopState(last_opt_step=1, accumulate=2, img_size=64, gr=0.5), mloss, epoch=0,
+                         progress=Progress())
+    after = [step(model, parts, gen) for _ in range(2)]
+
+    ckpt = load_checkpoint(saver.last)
+    model2, parts2, gen2, saver2 = start(5, tmp_path)
+    model2.load_state_dict(training_weights(ckpt))
+    resumed = saver2.restore(ckpt, LoopState())
+    assert (resumed.point.epoch, resumed.point.batch) == (0, 2) and torch.equal(resumed.point.mloss, mloss)
+    assert resumed.state == LoopState(last_opt_step=1, accumulate=2, img_size=64, gr=0.5)
+    assert parts2.scheduler.last_epoch == 0  # the LR is the saved step's, not a new epoch's
+    assert [step(model2, parts2, gen2) for _ in range(2)] == after
+    assert_same_run((model, parts), (model2, parts2))
+
+
+def test_saved_run_says_where_it_stopped_and_a_stripped_one_is_finished(tmp_path):
+    model, parts, gen, saver = start(0, tmp_path)
+    step(model, parts, gen)
+    saver.save_mid_epoch(1, LoopState(), torch.zeros(4), epoch=1, progress=Progress())
+    run = read_run(saver.last)
+    assert (run.epoch, run.batch, run.where, run.finished) == (1, 1, 'epoch 1, batch 1', False)
+    assert run.opt['epochs'] == EPOCHS and run.hyp == {'lr0': 0.01} and run.agents == ['host/1']
+    saver.save_epoch_end([saver.last], EPOCHS - 1, LoopState(), Progress())
+    assert read_run(saver.last).finished  # the last epoch saved
+    saver.save_epoch_end([saver.last], 0, LoopState(), Progress())
+    assert not read_run(saver.last).finished
+    strip_optimizer(saver.last)
+    ckpt = load_checkpoint(saver.last)
+    assert ckpt['optimizer'] is None and ckpt['model_train'] is None and read_run(saver.last).finished
+    assert ckpt['names'] == ['a', 'b', 'c'] and set(ckpt['model']) == set(model.state_dict())
+
+
+def test_rng_state_of_every_kind_round_trips_through_a_weights_only_file(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    random.gauss(0, 1)  # python's cached second gaussian is part of its state
+    torch.save(rng_state(gen), tmp_path / 's.pt')
+    draws = (random.gauss(0, 1), np.random.randn(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    set_rng_state(torch.load(tmp_path / 's.pt', weights_only=True), gen)
+    assert (random.gauss(0, 1), np.random.randn(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == draws
+
+
+def test_cuda_rng_states_of_more_or_fewer_devices(caplog, monkeypatch):
+    # a checkpoint from 2 GPUs resumed where there is 1, or from 1 where there are 3
+    monkeypatch.setattr(LOGGER, 'propagate', True)
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    put: list = []
+    assert restore_cuda_rng(saved, 1, lambda s, i: put.append((i, int(s[0])))) == 1
+    assert put == [(0, 0)] and 'restored 1, dropped 1' in caplog.text
+    assert restore_cuda_rng(saved[:1], 3, lambda s, i: None) == 1 and 'devices 1-2 keep fresh seeds' in caplog.text
+
+
+def test_refuses_what_is_not_a_checkpoint_and_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r'nothing\.pt: checkpoint not found'):
+        load_checkpoint(tmp_path / 'nothing.pt')
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='junk.pt: not a readable PyTorch checkpoint'):
+        load_checkpoint(junk)
+    code = tmp_path / 'code.pt'
+    torch.save({'model': {}, 'opt': argparse.Namespace(x=1)}, code)  # unpickling it would import and build objects
+    with pytest.raises(CheckpointError, match='code.pt: refused to load'):
+        load_checkpoint(code)
+    weights = tmp_path / 'weights.pt'
+    save_checkpoint(model_checkpoint(Darknet(TOY_CFG, img_size=64)), weights)
+    with pytest.raises(CheckpointError, match="weights.pt: not a train.py checkpoint"):
+        read_run(weights)  # a model to fine-tune from (--weights), not a run to resume
+
+
+def test_a_failed_save_leaves_the_previous_file(tmp_path):
+    path = tmp_path / 'last.pt'
+    save_checkpoint({'model': {'w': torch.ones(2)}}, path)
+    with pytest.raises(Exception):
+        save_checkpoint({'model': {'w': torch.zeros(2)}, 'bad': lambda: 0}, path)  # cannot be pickled
+    assert torch.equal(load_checkpoint(path)['model']['w'], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ['last.pt']  # no temporary file left behind
