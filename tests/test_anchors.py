@@ -122,6 +122,7 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
     assert out2.read_bytes() == out.read_bytes()
 
 
+@pytest.mark.slow
 def test_anchor_tool_errors(tmp_path, capsys):
     data = small_box_data(tmp_path / 'dots', n_images=2, boxes=3)
     cfg = tmp_path / 'mine.cfg'
