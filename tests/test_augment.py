@@ -200,6 +200,7 @@ def test_flip_and_letterbox_dataset(tmp_path):
     assert 0 < flips < 18  # some flipped, some not
 
 
+@pytest.mark.slow
 def test_reduced_decode_matches_full():
     """Training decodes big JPEGs at 1/2, 1/4 scale in the decoder: the same picture as a full decode + resize,
     up to sub-pixel shifts (compared blurred) and a row or column of rounding."""
