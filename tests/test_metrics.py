@@ -155,6 +155,7 @@ def test_fitness_picks_the_epoch_with_better_map_over_thresholds():
     assert fitness(np.array([[0, 0, 1, 1, 0, 0, 0, 0]])) == pytest.approx([1.0])  # perfect mAPs: fitness 1
 
 
+@pytest.mark.slow
 def test_coco_ids_and_class_map():
     # each of our 80 class indices maps to COCO's category of the same name (COCO's ids have gaps, e.g. no 12)
     cats = json.loads((COCO128 / 'annotations' / 'instances_train2017.json').read_text())['categories']
