@@ -79,6 +79,7 @@ def test_must_start_with_net_and_missing_file(tmp_path):
         parse_model_cfg(tmp_path / 'nope.cfg')
 
 
+@pytest.mark.slow
 def test_every_reference_cfg_parses():
     files = sorted(REF_CFG.glob('*.cfg'))
     assert len(files) == 20
