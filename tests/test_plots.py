@@ -159,6 +159,7 @@ def test_confusion_matrix_plot_cells_and_labels(tmp_path):
     assert (img[g.top + 4 * g.cell + 4:, g.left:g.left + 4 * g.cell] < 100).any()  # rotated column labels below
 
 
+@pytest.mark.slow
 def test_confusion_matrix_plot_80_and_1_classes(tmp_path):
     from tests.conftest import COCO_NAMES
 
