@@ -152,6 +152,7 @@ def test_merge_nms_equals_class_offset_formulation(monkeypatch):
     assert torch.allclose(pieces, ours, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_import_in_background_defers_only_until_loaded():
     """In a fresh process: importing utils.nms loads no torchvision; import_in_background() loads torchvision.ops in
     a thread while the caller goes on, and NMS then gives the same boxes as in this process."""
@@ -215,6 +216,7 @@ def test_both_paths_give_the_same_detections(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(small, large)) and sum(len(d) for d in small) > 10
 
 
+@pytest.mark.slow
 def test_detect_runs_without_importing_torchvision(tmp_path):
     """detect.py at its default conf on bus.jpg, in a fresh process: NMS takes the small path, so the second of
     torchvision's import is never paid; the detections are the usual 4 persons and 1 bus."""
