@@ -96,6 +96,7 @@ def test_build_targets_patch_fixes_the_torch2_crash_with_the_same_indices():
     assert gj.tolist() == [0, 0, 12, 12] and gi.tolist() == [12, 5, 0, 12] and gj.dtype == torch.long
 
 
+@pytest.mark.slow
 def test_compat_install_restores_numpy_names():
     """install() brings back the numpy aliases the 2020 code uses (in a subprocess: it changes torch.load)."""
     code = ('import compat_original, numpy as np, torch; compat_original.install(); '
@@ -104,6 +105,7 @@ def test_compat_install_restores_numpy_names():
     subprocess.run([sys.executable, '-c', code], cwd=ROOT / 'benchmarks', check=True)
 
 
+@pytest.mark.slow
 def test_quick_run_this_checkout(tmp_path, capsys):
     """`bench.py --quick` on 8 images: the figures agree with the run (counts, rates from times, the JSON)."""
     out = tmp_path / 'r.json'
@@ -131,6 +133,7 @@ def test_quick_run_this_checkout(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------ gpu_check.py
+@pytest.mark.slow
 def test_gpu_check_kill_tree_reaches_children_in_their_own_session(tmp_path):
     """As torchrun's workers: a child in a session of its own dies with its parent (a process-group kill misses it)."""
     code = ('import subprocess, sys, time; '
@@ -241,6 +244,7 @@ def test_gpu_check_confident_boxes_only():
     assert gpu_check.max_state_diff(a, {'w': torch.zeros(4), 'n': torch.tensor(2)}) == float('inf')
 
 
+@pytest.mark.slow
 def test_gpu_check_json_and_logs_written_step_by_step(tmp_path, monkeypatch):
     """After every step the JSON and the logs archive hold what ran: a run killed inside its second step leaves the
     first step's result and log, the second marked running, the rest pending."""
@@ -267,6 +271,7 @@ def test_gpu_check_json_and_logs_written_step_by_step(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['logs.tar.gz', 'r.json']  # no temporary files left
 
 
+@pytest.mark.slow
 def test_gpu_check_budget_skips_what_does_not_fit(tmp_path, monkeypatch, capsys):
     """--budget: a step whose estimate (here from an earlier run's JSON, --estimates) exceeds what is left is skipped
     and says so; the steps that fit run, and no command may run past the budget."""
@@ -296,6 +301,7 @@ def test_gpu_check_budget_skips_what_does_not_fit(tmp_path, monkeypatch, capsys)
         gpu_check.main(['--device', 'cpu', '--quick', '--estimates', str(earlier)])
 
 
+@pytest.mark.slow
 def test_gpu_check_records_failures_and_goes_on(tmp_path, monkeypatch, capsys):
     """A failing or crashing step is recorded with its reason, the next step still runs, the exit status is 1."""
     def failing(ctx):
@@ -321,6 +327,7 @@ def test_gpu_check_records_failures_and_goes_on(tmp_path, monkeypatch, capsys):
     assert '2 failed: test_fp32, loader; 1 passed, 1 skipped' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
     """`gpu_check.py --device cpu --quick`: every step passes or is skipped for want of CUDA, figures consistent."""
     out, logs = tmp_path / 'r.json', tmp_path / 'logs.tar.gz'
@@ -357,6 +364,7 @@ def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- bench_infer.py
+@pytest.mark.slow
 def test_bench_infer_tables_and_agreement(tmp_path, capsys):
     """bench_infer at a tiny size: both tables, every path and job timed, and the paths find the same boxes."""
     import bench_infer
