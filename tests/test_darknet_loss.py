@@ -122,6 +122,7 @@ class Crash(Exception):
     """Stands for a crash after an epoch's checkpoint was written."""
 
 
+@pytest.mark.slow
 def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
     # yolov4-tiny from random init (ciou, scale_x_y, iou_thresh): epoch 0, a crash, then --resume finishes epoch 1
     data = make_subset(tmp_path / 'data', 4)
@@ -145,6 +146,7 @@ def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
     assert all(math.isfinite(float(v)) and float(v) > 0 for r in rows for v in r[2:6])  # box, obj, cls, total
 
 
+@pytest.mark.slow
 def test_train_refuses_a_key_it_cannot_honour(tmp_path, capsys):
     cfg = tmp_path / 'v4.cfg'
     cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\nnew_coords=1\n'))
