@@ -138,6 +138,7 @@ def test_duplicate_class_names(tmp_path):
         load_data_config(y)
 
 
+@pytest.mark.slow
 def test_shipped_configs():
     for name in ('coco2014.data', 'coco2017.data', 'coco128.data', 'coco128.yaml'):
         d = load_data_config(ROOT / 'data' / name)
@@ -146,6 +147,7 @@ def test_shipped_configs():
     assert (ROOT / 'data' / 'coco.names').read_text().splitlines() == COCO_NAMES.read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_missing_train_path(tmp_path):
     cfg = tmp_path / 'x.data'
     missing = tmp_path / 'nowhere' / 'images'
@@ -166,6 +168,7 @@ def test_missing_train_path(tmp_path):
         LoadImagesAndLabels(str(missing))
 
 
+@pytest.mark.slow
 def test_download_command_makes_dataset(tmp_path):
     target = tmp_path / 'made' / 'images'
     cfg = tmp_path / 'x.data'
@@ -176,6 +179,7 @@ def test_download_command_makes_dataset(tmp_path):
 
 # --- image lists and label paths -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_label_paths_and_lists(tmp_path):
     sep = os.sep
     assert img2label_paths([f'{sep}a{sep}images{sep}x{sep}images{sep}b.c.jpg']) == \
@@ -233,6 +237,7 @@ def test_exif_rotated_image_in_training(tmp_path):
 
 # --- the planted-faults dataset ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_planted_faults_read_only(tmp_path, capsys):
     data, faulty = make_faulty(tmp_path / 'faulty')
     before = snapshot(tmp_path / 'faulty')
@@ -254,6 +259,7 @@ def test_planted_faults_read_only(tmp_path, capsys):
     assert snapshot(tmp_path / 'faulty') == before  # nothing changed, nothing added (no cache in a read-only folder)
 
 
+@pytest.mark.slow
 def test_planted_faults_cached_second_start(tmp_path, capsys):
     data, faulty = make_faulty(tmp_path / 'faulty')
     before = snapshot(tmp_path / 'faulty')
@@ -273,6 +279,7 @@ def test_planted_faults_cached_second_start(tmp_path, capsys):
     check_fault_report(second, faulty)  # the faults are reported again from the cache, once each
 
 
+@pytest.mark.slow
 def test_no_good_image(tmp_path):
     (tmp_path / 'images').mkdir()
     for i in range(3):
@@ -289,6 +296,7 @@ def test_no_good_image(tmp_path):
 
 # --- cache ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_invalidation(tmp_path, capsys):
     make_subset(tmp_path, 6)
     images = tmp_path / 'images'
@@ -312,6 +320,7 @@ def test_cache_invalidation(tmp_path, capsys):
     assert 'New cache created' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cache_images_ram(tmp_path, capsys, monkeypatch):
     make_subset(tmp_path, 4)
     images = str(tmp_path / 'images')
@@ -329,6 +338,7 @@ def test_cache_images_ram(tmp_path, capsys, monkeypatch):
     assert all(im is None for im in ds.imgs) and ds[0][0].shape == (3, 160, 160)
 
 
+@pytest.mark.slow
 def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
     """Training (augment) loaders keep small sets decoded in RAM; evaluation and large sets read from disk."""
     make_subset(tmp_path, 4)
@@ -342,6 +352,7 @@ def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
 
 # --- items, batches, loaders ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_items_rect_and_collate(coco16_data):
     path = load_data_config(coco16_data)['train']
     ds = LoadImagesAndLabels(path, 160, 4, rect=True)
@@ -361,6 +372,7 @@ def test_items_rect_and_collate(coco16_data):
                                                                                enumerate(counts)), [])
 
 
+@pytest.mark.slow
 def test_create_dataloader_workers_and_seed(coco16_data):
     path = load_data_config(coco16_data)['train']
 
@@ -376,6 +388,7 @@ def test_create_dataloader_workers_and_seed(coco16_data):
     assert not torch.equal(a[0][0], c[0][0])
 
 
+@pytest.mark.slow
 def test_create_dataloader_distributed_split(coco16_data):
     path = load_data_config(coco16_data)['train']
     seen = []
@@ -396,6 +409,7 @@ def rank_batches(ds: LoadImagesAndLabels, bs: int, world: int, **kw) -> list[lis
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('world, bs', [(2, 4), (4, 3)])
 def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
     ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, bs, rect=True)
@@ -414,6 +428,7 @@ def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
         assert set(dealt) == set(range(nb)) and len(dealt) - nb == -nb % world  # disjoint up to padding
 
 
+@pytest.mark.slow
 def test_rect_distributed_sampler_epochs(coco16_data):
     ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, 2, rect=True)  # 8 planned batches
     s = RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)
@@ -426,6 +441,7 @@ def test_rect_distributed_sampler_epochs(coco16_data):
                                                                           for i in (2 * b, 2 * b + 1)]
 
 
+@pytest.mark.slow
 def test_create_dataloader_distributed_rect(coco16_data):
     path = load_data_config(coco16_data)['train']
     seen = []
@@ -441,6 +457,7 @@ def test_create_dataloader_distributed_rect(coco16_data):
     assert sum(len(x) for x in seen) == 16  # only the last planned batch (1 image) padded with itself
 
 
+@pytest.mark.slow
 def test_load_images_and_video(tmp_path):
     for name in ('bus.jpg', 'zidane.jpg'):
         (tmp_path / name).write_bytes((COCO128.parents[1] / 'samples' / name).read_bytes())
@@ -508,6 +525,7 @@ def same_batches(a: list[tuple], b: list[tuple]) -> bool:
                                     and x[3] == y[3] for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_batches(coco16_data):
     path = load_data_config(coco16_data)['train']
     l0, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
@@ -525,6 +543,7 @@ def test_worker_count_does_not_change_batches(coco16_data):
     assert not torch.equal(epoch_batches(other, 0)[0][1], epochs[0][0][1])  # the seed decides
 
 
+@pytest.mark.slow
 def test_set_start_skips_batches_without_loading_them(coco16_data, monkeypatch):
     path = load_data_config(coco16_data)['train']
     loader, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
@@ -565,6 +584,7 @@ def same_samples(a: dict[int, tuple], b: dict[int, tuple]) -> bool:
                for k, v in a.items())
 
 
+@pytest.mark.slow
 def test_ddp_shards_partition_the_epoch_and_resume(coco16_data):
     path = load_data_config(coco16_data)['train']
     single, _ = create_dataloader(path, 128, 2, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
@@ -583,6 +603,7 @@ def test_ddp_shards_partition_the_epoch_and_resume(coco16_data):
     assert same_samples(ranks[0], whole) and same_samples(ranks[1], whole)
 
 
+@pytest.mark.slow
 def test_image_weights_loader_resumes_and_augments_repeats_apart(coco16_data):
     path = load_data_config(coco16_data)['train']
     weights = np.zeros(16)
@@ -603,6 +624,7 @@ def test_image_weights_loader_resumes_and_augments_repeats_apart(coco16_data):
         assert len({x.numpy().tobytes() for x in same_image}) == len(same_image)
 
 
+@pytest.mark.slow
 def test_rect_loaders_resume(coco16_data):
     path = load_data_config(coco16_data)['train']
     single, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, rect=True, workers=0, seed=3, nc=80)
@@ -619,6 +641,7 @@ def test_rect_loaders_resume(coco16_data):
         assert same_batches(epoch_batches(loader, 1, start=1), whole[1:])
 
 
+@pytest.mark.slow
 def test_create_dataloader_needs_nc_to_train(coco16_data):
     path = load_data_config(coco16_data)['train']
     with pytest.raises(ValueError, match='needs nc'):
@@ -656,6 +679,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != 'linux', reason='process groups and /proc')
 @pytest.mark.parametrize('end', ['kill -9', 'exit'])
 def test_workers_survive_preemption_signals_and_end_with_the_main_process(coco16_data, end, tmp_path):
@@ -709,6 +733,7 @@ def test_workers_survive_preemption_signals_and_end_with_the_main_process(coco16
 
 # --- the command line (train.py belongs to the training issue) -----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / 'train.py').exists(), reason='train.py is not written yet')
 def test_train_on_planted_faults(tmp_path):
     data, faulty = make_faulty(tmp_path / 'faulty')
@@ -732,6 +757,7 @@ def test_train_on_planted_faults(tmp_path):
     assert snapshot(tmp_path / 'faulty') == before  # no dataset file changed or added
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / 'train.py').exists(), reason='train.py is not written yet')
 def test_train_missing_dataset(tmp_path):
     missing = tmp_path / 'nowhere' / 'images'
