@@ -178,6 +178,7 @@ def torchrun_fixed_id(args: list[str], cwd: Path, env: dict[str, str]) -> subpro
                           timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_relaunch_with_same_rdzv_id_trains_its_own_epochs_after_a_first_epoch_failure(coco8, tmp_path):
     # launch 1 trains 2 epochs to the end; launch 2, the same command in the same folder, loses rank 1 as its epoch 0
     # starts (before it saved anything): the restarted group must not take launch 1's last.pt for its own (it would
@@ -203,6 +204,7 @@ def test_relaunch_with_same_rdzv_id_trains_its_own_epochs_after_a_first_epoch_fa
         assert len((seen / f'rank1_epoch{epoch}.txt').read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_two_agents_as_two_nodes_resume_by_any_shared_agent(coco8, tmp_path):
     # two torchrun agents on this host, one worker each, form one group as two nodes would; rank 1 (on either agent)
     # is SIGKILLed once as epoch 1 starts: both agents restart their workers, rank 0 decides for both, and the group
@@ -230,6 +232,7 @@ def test_two_agents_as_two_nodes_resume_by_any_shared_agent(coco8, tmp_path):
     assert ck['epoch'] == 2 and ck['ema_updates'] == 3 and len(ck['elastic_agents']) == 2
 
 
+@pytest.mark.slow
 def test_elastic_restart_inside_an_epoch_resumes_at_the_saved_batch(coco8, tmp_path):
     # --save-period-min saves last.pt at optimizer steps inside epochs; rank 1 is SIGKILLed as it would load batch 2
     # of epoch 1 (4 batches per rank per epoch): the restart goes through --resume's path to the saved position and
