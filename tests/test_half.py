@@ -51,6 +51,7 @@ def test_cuda_keeps_fp32_by_default_and_fp16_for_half():
         inference_dtype('fp8', CPU)
 
 
+@pytest.mark.slow
 def test_bf16_network_decodes_boxes_in_fp32():
     model = load_model(TINY_WEIGHTS, CFG, 256).fuse()
     x = torch.rand(1, 3, 256, 256)
@@ -95,6 +96,7 @@ def xywh_iou(a: list[float], b: list[float]) -> float:
     return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
 
 
+@pytest.mark.slow
 def test_detect_half_finds_the_bus_and_four_persons_as_fp32(tmp_path, capsys):
     from detect import detect, parse_opt
 
@@ -110,6 +112,7 @@ def test_detect_half_finds_the_bus_and_four_persons_as_fp32(tmp_path, capsys):
         assert max(xywh_iou(r[1:], h[1:]) for h in rows['on'] if h[0] == r[0]) > 0.95
 
 
+@pytest.mark.slow
 def test_bench_half_times_three_variants_of_the_same_network():
     from benchmarks.bench_half import measure, variants
 
