@@ -135,6 +135,7 @@ def sigterm_run(data32, tmp_path_factory) -> tuple[Path, str, float]:
     return d, t.text, dt
 
 
+@pytest.mark.slow
 def test_sigterm_saves_position_and_exits_0_with_the_resume_command(sigterm_run):
     d, out, dt = sigterm_run
     assert dt < 60
@@ -149,6 +150,7 @@ def test_sigterm_saves_position_and_exits_0_with_the_resume_command(sigterm_run)
     assert epochs_of(d) == ['0/2']  # the interrupted epoch's row comes once it completes
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(sigterm_run, reference, tmp_path):
     d = tmp_path / 'run'
     shutil.copytree(sigterm_run[0], d)
@@ -160,6 +162,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(sigterm_run, reference
     assert_same_weights(d, reference)
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_periodic_save_then_resume_equals(data32, reference, tmp_path):
     # --save-period-min 0.001 (60 ms): last.pt at nearly every optimizer step; kill -9 once one inside epoch 1 exists
     t = Training(run_args(data32, '--save-period-min', '0.001'), tmp_path)
@@ -177,6 +180,7 @@ def test_kill_9_after_a_periodic_save_then_resume_equals(data32, reference, tmp_
     assert_same_weights(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm_run, tmp_path, capsys):
     # an unfinished run of the same options resumes
     same = tmp_path / 'same'
@@ -238,6 +242,7 @@ def test_run_control_flags_and_one_collective_answer(monkeypatch):
         guard.agree(0, 'x', stop=True)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation(tmp_path, monkeypatch):
     # in-process, burn-in over after one batch and NBS 8 (batch 4: an optimizer step every 2 batches), so the
     # resumed step runs on the LR, momentum and weight decay the optimizer state holds mid-epoch, not burn-in's
@@ -277,6 +282,7 @@ def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation
 
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_every_rank_exits_0_and_resume_equals(tmp_path):
     # 2 gloo processes; SIGTERM to each training process (not the agent, which would exit 1 by torchrun's own
     # design after forwarding it): the agent's exit status 0 says every rank exited 0
@@ -312,6 +318,7 @@ def test_sigterm_under_torchrun_every_rank_exits_0_and_resume_equals(tmp_path):
     assert_same_weights(run, ref)
 
 
+@pytest.mark.slow
 def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_path):
     # the loop alone on in-memory batches: a stop requested before the epoch is honoured at the first optimizer step
     # (accumulate 2: after batch 1), on_save gets the next batch and the running losses, and an epoch started there
