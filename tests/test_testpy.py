@@ -29,6 +29,7 @@ def all_row(stdout: str) -> list[float]:
     return [float(v) for v in m.group(1).split()]
 
 
+@pytest.mark.slow
 def test_coco128_map_matches_original(coco128_data, tmp_path):
     # the acceptance run (~20 s): the original gives P 0.375, R 0.44, mAP@0.5 0.424; pycocotools AP50 0.436, AP 0.231
     r = run_testpy('--cfg', str(CFG), '--data', str(coco128_data), '--weights', str(TINY_WEIGHTS), '--img-size',
@@ -74,6 +75,7 @@ def test_coco128_map_matches_original(coco128_data, tmp_path):
     assert 0.35 < found < 0.65 and 0.3 < missed < 0.65 and found + missed <= 1.01, (found, missed)
 
 
+@pytest.mark.slow
 def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     # as train.py calls it: its own model (train mode before and after), its own dataloader and loss function;
     # the subset has no COCO annotation file, so the ground truth JSON is written from the YOLO labels
@@ -115,6 +117,7 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     assert torch.is_grad_enabled()
 
 
+@pytest.mark.slow
 def test_benchmark_task_writes_table(coco16_data, tmp_path):
     from models import load_model
     from test import benchmark
@@ -128,6 +131,7 @@ def test_benchmark_task_writes_table(coco16_data, tmp_path):
     assert (y[:, 4] > 0.1).all()  # mAP@0.5 at both sizes
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(tmp_path):
     bad = tmp_path / 'bad.data'
     bad.write_text(f'classes=80\ntrain={tmp_path}/nothing\nvalid={tmp_path}/nothing\n')
@@ -150,6 +154,7 @@ def test_row_labels_from_data_else_checkpoint():
     assert class_names(unnamed, model, single_cls=True) == ['object']
 
 
+@pytest.mark.slow
 def test_half_fp16_on_the_cpu_is_a_clear_error_and_writes_nothing(coco16_data, tmp_path):
     out = tmp_path / 'out'
     r = run_testpy('--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--data', str(coco16_data), '--device', 'cpu',
