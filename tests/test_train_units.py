@@ -304,6 +304,7 @@ def _append_rows(path: str, start: int) -> None:
         append_result(Path(path), {**HYP, 'lr0': 1e-4 * (i + 1)}, (0.1, 0.2, 0.3, 0.001 * i, 0.5, 1.0, 2.0, 3.0))
 
 
+@pytest.mark.slow
 def test_evolve_file_survives_concurrent_writers(tmp_path):
     import multiprocessing as mp
     from utils.evolve import read_evolve
