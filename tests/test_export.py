@@ -15,6 +15,8 @@ from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
 from utils.export import export_onnx
 
+pytestmark = pytest.mark.slow  # runs command lines or reads ../shared
+
 ort = pytest.importorskip('onnxruntime')
 
 
