@@ -35,6 +35,7 @@ def bus416() -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+@pytest.mark.slow
 def test_official_tiny_weights_match_opencv(bus416):
     model = Darknet(ROOT / 'cfg' / 'yolov3-tiny.cfg', 416)
     load_darknet_weights(model, TINY_WEIGHTS)
@@ -63,6 +64,7 @@ OPENCV_DEVIATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(p.name for p in REF_CFG.glob('*.cfg')))
 def test_reference_cfg_against_opencv(name, bus416, tmp_path):
     cfg = REF_CFG / name
@@ -106,6 +108,7 @@ def test_reorg3d_is_darknets_loop():
     assert np.array_equal(ours.ravel(), out)
 
 
+@pytest.mark.slow
 def test_share_index_shares_weights_and_non_square_strides():
     model = Darknet(REF_CFG / 'yolov3-spp-matrix.cfg', 416)
     shared = model.module_list[128]
@@ -141,6 +144,7 @@ OWN_CFGS = ['yolov3.cfg', 'yolov3-spp.cfg', 'yolov3-tiny.cfg', 'yolov3-tiny3.cfg
             'yolov3-1cls.cfg', 'yolov3-spp-1cls.cfg', 'yolov3-tiny-1cls.cfg', 'yolov3-tiny3-1cls.cfg']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', OWN_CFGS)
 def test_own_cfg_is_the_reference_network(name):
     ours, ref = _structure(ROOT / 'cfg' / name), _structure(REF_CFG / name)
@@ -151,6 +155,7 @@ def test_own_cfg_is_the_reference_network(name):
     assert ours == ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(p.name for p in REF_CFG.glob('*.cfg')))
 def test_random_init_heads_have_the_bias_prior(name):
     """As the original's create_modules: objectness -4.5, classes log(0.6 / (nc - 0.99)) on every fresh head."""
@@ -188,6 +193,7 @@ def test_own_cfgs_are_up_to_date_with_generator(tmp_path):
     assert 'mask=1,2,3' in (ROOT / 'cfg' / 'yolov3-tiny.cfg').read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['yolov3.cfg', 'yolov3-spp.cfg', 'yolov3-tiny.cfg'])
 def test_own_cfg_weights_run_in_opencv_with_reference_cfg(name, bus416, tmp_path):
     model = Darknet(ROOT / 'cfg' / name, 416)
@@ -199,6 +205,7 @@ def test_own_cfg_weights_run_in_opencv_with_reference_cfg(name, bus416, tmp_path
     assert r['box_obj'] < 1e-4 and r['cls'] < 1e-4, r
 
 
+@pytest.mark.slow
 def test_weights_pt_weights_round_trip_is_bit_identical(tmp_path):
     src = tmp_path / 'yolov3-tiny.weights'
     shutil.copy(TINY_WEIGHTS, src)
@@ -218,6 +225,7 @@ def test_weights_pt_weights_round_trip_is_bit_identical(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_fused_model_equals_unfused():
     model = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', 320)
     x = torch.rand(2, 3, 320, 320)
@@ -228,6 +236,7 @@ def test_fused_model_equals_unfused():
     assert ((a - b).abs() / a.abs().clamp(min=1)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_non_square_input_and_eval_layout():
     model = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', (256, 416))
     x = torch.rand(1, 3, 256, 416)
@@ -268,6 +277,7 @@ def test_misspelled_key_in_file(tmp_path):
     assert str(cfg) in str(e.value) and "'batch_normalise'" in str(e.value) and '[convolutional]' in str(e.value)
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_weights_are_errors(tmp_path):
     trunc = tmp_path / 'trunc.weights'
     trunc.write_bytes(TINY_WEIGHTS.read_bytes()[:1_000_000])
@@ -286,6 +296,7 @@ def test_truncated_and_foreign_weights_are_errors(tmp_path):
     assert not (tmp_path / 'trunc.pt').exists()
 
 
+@pytest.mark.slow
 def test_partial_weights_cutoff_from_name(tmp_path):
     full = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg')
     part = tmp_path / 'yolov3-tiny.conv.15'
@@ -297,6 +308,7 @@ def test_partial_weights_cutoff_from_name(tmp_path):
     assert not torch.equal(a['module_list.15.Conv2d.weight'], b['module_list.15.Conv2d.weight'])
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_model_alone_and_transfers(tmp_path, capsys):
     model = load_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', 320)
     path = tmp_path / 'm.pt'
@@ -331,6 +343,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / 'pwned_marker').exists()
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path):
     onnxruntime = pytest.importorskip('onnxruntime')
     out = tmp_path / 'tiny.onnx'
@@ -350,6 +363,7 @@ def test_onnx_export_matches_pytorch(tmp_path):
         assert (np.abs(got - ref) / np.maximum(1, np.abs(ref))).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_attempt_download_offline_and_bad_download(tmp_path, monkeypatch):
     target = tmp_path / 'weights' / 'yolov3.weights'
 
