@@ -53,6 +53,7 @@ def outputs(model: Darknet, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)[0][0]  # (N, 5 + nc): boxes, objectness, per-class probabilities
 
 
+@pytest.mark.slow
 def test_official_weights_into_1cls_cfg_transfer_and_say_so(official, capsys):
     model = Darknet(TINY_1CLS)
     load_weights(model, TINY_WEIGHTS)
@@ -64,6 +65,7 @@ def test_official_weights_into_1cls_cfg_transfer_and_say_so(official, capsys):
     assert heads_have_prior(model) and model.names is None
 
 
+@pytest.mark.slow
 def test_two_class_mapping_equals_80_class_columns(official, bus, capsys):
     model = Darknet(cfg_with_classes(TINY.read_text(), 2), 416)
     load_weights(model, TINY_WEIGHTS, names=['car', 'person'])
@@ -77,6 +79,7 @@ def test_two_class_mapping_equals_80_class_columns(official, bus, capsys):
     assert torch.allclose(got[:, 5:], ref[:, 5 + np.array([2, 0])], atol=1e-6)  # sigmoid per class: exact columns
 
 
+@pytest.mark.slow
 def test_person_only_into_1cls_cfg_is_the_person_detector(official, bus, capsys):
     model = Darknet(TINY_1CLS, 416)
     load_weights(model, TINY_WEIGHTS, names=['person'])
@@ -86,6 +89,7 @@ def test_person_only_into_1cls_cfg_is_the_person_detector(official, bus, capsys)
     assert torch.allclose(got[:, 5], ref[:, 5], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unknown_class_keeps_fresh_rows_with_prior(official, capsys):
     model = Darknet(REF_CFG / 'yolov3-tiny-3cls.cfg')
     load_weights(model, TINY_WEIGHTS, names=['car', 'widget', 'person'])
@@ -98,6 +102,7 @@ def test_unknown_class_keeps_fresh_rows_with_prior(official, capsys):
         assert torch.equal(w[a * 8 + 5], w80[a * 85 + 7]) and torch.equal(w[a * 8 + 7], w80[a * 85 + 5])
 
 
+@pytest.mark.slow
 def test_mapping_off_leaves_fresh_heads_with_prior(capsys):
     model = Darknet(TINY_1CLS)
     load_weights(model, TINY_WEIGHTS, names=['person'], map_classes=False)
@@ -106,6 +111,7 @@ def test_mapping_off_leaves_fresh_heads_with_prior(capsys):
     assert heads_have_prior(model)
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_names_and_maps(official, tmp_path, capsys):
     pt = tmp_path / 'coco.pt'
     save_checkpoint(model_checkpoint(official), pt)
@@ -126,6 +132,7 @@ def test_checkpoint_carries_names_and_maps(official, tmp_path, capsys):
     assert heads_have_prior(model)
 
 
+@pytest.mark.slow
 def test_weights_of_another_network_say_how_to_fine_tune():
     model = Darknet(ROOT / 'cfg' / 'yolov3.cfg')
     before = model.module_list[0].Conv2d.weight.clone()
@@ -137,6 +144,7 @@ def test_weights_of_another_network_say_how_to_fine_tune():
     assert torch.equal(before, model.module_list[0].Conv2d.weight)  # nothing loaded
 
 
+@pytest.mark.slow
 def test_empty_and_truncated_weights(tmp_path):
     empty = tmp_path / 'yolov3-tiny.weights'
     empty.touch()
@@ -157,6 +165,7 @@ def test_empty_and_truncated_weights(tmp_path):
     assert not (tmp_path / 'yolov3-tiny.pt').exists()
 
 
+@pytest.mark.slow
 def test_duplicate_or_miscounted_names_are_one_line_errors():
     model = Darknet(cfg_with_classes(TINY.read_text(), 3))
     with pytest.raises(ValueError, match="duplicate class names 'car'"):
