@@ -233,11 +233,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return n_p, n_g
 
 
-def intersect_state_dicts(da: dict, db: dict) -> dict:
-    """Entries of da whose key is in db with the same shape."""
-    return {k: v for k, v in da.items() if k in db and v.shape == db[k].shape}
-
-
 class ModelEMA:
     """Exponential moving average of a model's weights and buffers, for testing and saving (updated per optimizer step).
 
