@@ -1,7 +1,15 @@
-"""Shared paths and small datasets for the tests; ../shared is read-only and never written."""
+"""Shared paths and small datasets for the tests; ../shared is read-only and never written.
+
+Two tiers (pytest.ini): the fast one (`-m "not slow"`) runs on tests/fixtures/toy.cfg and synthetic data, needs no
+../shared and starts no process, which fast_tier_starts_no_process enforces; tests marked slow run command lines, DDP
+groups and benchmarks, and read ../shared (YOLO_SHARED moves it; point it at an empty folder to check that the fast
+tier does not need it).
+"""
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +24,21 @@ COCO_NAMES = COCO128 / 'coco.names'
 TINY_WEIGHTS = SHARED / 'weights' / 'yolov3-tiny.weights'
 REF_CFG = SHARED / 'darknet-cfg'
 SAMPLES = SHARED / 'samples'
+TOY_CFG = ROOT / 'tests' / 'fixtures' / 'toy.cfg'  # 41k parameters, 3 classes, heads at strides 32 and 16
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_process(request, monkeypatch) -> None:
+    """A test not marked slow that starts a subprocess or a multiprocessing child fails, naming the marker."""
+    if request.node.get_closest_marker('slow') is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f'{request.node.nodeid} starts a process: mark it @pytest.mark.slow (the fast tier '
+                           f'starts none)')
+
+    monkeypatch.setattr(subprocess.Popen, '__init__', refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, 'start', refuse)
 
 
 def make_subset(dst: Path, n: int | None = None, start: int = 0, name: str = 'subset') -> Path:
