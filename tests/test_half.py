@@ -66,6 +66,7 @@ def test_bf16_network_decodes_boxes_in_fp32():
     assert (out[..., :2] % 1 != 0).float().mean() > 0.9 and xy_err.median() < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BF16, reason='this CPU has no native bf16 (bf16 would be emulated and slow)')
 def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
     from models import load_eval_model
