@@ -71,6 +71,7 @@ def test_cfg_rewrite_keeps_everything_else():
         cfg_with_anchors('[net]\nwidth=32\n[convolutional]\nfilters=4\n', np.ones((1, 2)))
 
 
+@pytest.mark.slow
 def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after a script in this session set up logging
     data = small_box_data(tmp_path / 'dots')
