@@ -110,7 +110,7 @@ pad=1
 activation=leaky
 
 [convolutional]
-filters=255
+filters=24
 size=1
 stride=1
 pad=1
@@ -119,7 +119,7 @@ activation=linear
 [yolo]
 mask=0,1,2
 anchors=10,14, 23,27, 37,58
-classes=80
+classes=3
 num=3
 """
 
