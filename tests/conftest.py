@@ -59,3 +59,37 @@ def coco128_data(tmp_path_factory) -> Path:
 def coco16_data(tmp_path_factory) -> Path:
     """A .data file over a writable copy of the first 16 coco128 images."""
     return make_subset(tmp_path_factory.mktemp('coco16'), 16, name='coco16')
+
+
+def make_synthetic(dst: Path, n: int = 16, nc: int = 3, seed: int = 0) -> Path:
+    """n JPEGs of n different aspect ratios (about 100-250 px a side) with 1-3 labelled boxes of nc classes each
+    (boxes drawn as solid colours on noise) under dst/images, dst/labels; return a .data file over them."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    (dst / 'images').mkdir(parents=True, exist_ok=True)
+    (dst / 'labels').mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = 100 + 150 * i // max(n - 1, 1), 250 - 150 * i // max(n - 1, 1)  # tall to wide, one ratio each
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        rows = []
+        for _ in range(int(rng.integers(1, 4))):
+            c = int(rng.integers(0, nc))
+            bw, bh = rng.uniform(0.1, 0.5, 2)
+            x, y = rng.uniform(bw / 2, 1 - bw / 2), rng.uniform(bh / 2, 1 - bh / 2)
+            x0, y0 = int((x - bw / 2) * w), int((y - bh / 2) * h)
+            img[y0:y0 + int(bh * h), x0:x0 + int(bw * w)] = (40 * c, 255 - 40 * c, 128)
+            rows.append(f'{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}')
+        cv2.imwrite(str(dst / 'images' / f'{i:03d}.jpg'), img)
+        (dst / 'labels' / f'{i:03d}.txt').write_text('\n'.join(rows) + '\n')
+    names = dst / 'toy.names'
+    names.write_text(''.join(f'class{c}\n' for c in range(nc)))
+    data = dst / 'synthetic.data'
+    data.write_text(f"classes={nc}\ntrain={dst / 'images'}\nvalid={dst / 'images'}\nnames={names}\n")
+    return data
+
+
+@pytest.fixture(scope='session')
+def synthetic16_data(tmp_path_factory) -> Path:
+    """A .data file over 16 synthetic images of 16 aspect ratios, 3 classes (fast tier: no ../shared)."""
+    return make_synthetic(tmp_path_factory.mktemp('synthetic16'))

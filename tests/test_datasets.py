@@ -352,9 +352,8 @@ def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
 
 # --- items, batches, loaders ---------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_items_rect_and_collate(coco16_data):
-    path = load_data_config(coco16_data)['train']
+def test_items_rect_and_collate(synthetic16_data):
+    path = load_data_config(synthetic16_data)['train']
     ds = LoadImagesAndLabels(path, 160, 4, rect=True)
     assert not ds.mosaic and (ds.batch_shapes % 32 == 0).all()
     ar = ds.shapes[:, 1] / ds.shapes[:, 0]
@@ -388,9 +387,8 @@ def test_create_dataloader_workers_and_seed(coco16_data):
     assert not torch.equal(a[0][0], c[0][0])
 
 
-@pytest.mark.slow
-def test_create_dataloader_distributed_split(coco16_data):
-    path = load_data_config(coco16_data)['train']
+def test_create_dataloader_distributed_split(synthetic16_data):
+    path = load_data_config(synthetic16_data)['train']
     seen = []
     for rank in (0, 1):
         loader, _ = create_dataloader(path, 160, 4, rank=rank, world_size=2, workers=0, seed=3)
@@ -409,10 +407,9 @@ def rank_batches(ds: LoadImagesAndLabels, bs: int, world: int, **kw) -> list[lis
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('world, bs', [(2, 4), (4, 3)])
-def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
-    ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, bs, rect=True)
+def test_rect_distributed_sampler_whole_batches(synthetic16_data, world, bs):
+    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'], 160, bs, rect=True)
     nb = int(ds.batch.max()) + 1  # 4 batches of 4, or 6 of 3 with a last one of 1
     assert len({tuple(x) for x in ds.batch_shapes}) > 1  # several planned shapes, so mixing them would show
     plain = list(torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=0, shuffle=False))
@@ -428,9 +425,8 @@ def test_rect_distributed_sampler_whole_batches(coco16_data, world, bs):
         assert set(dealt) == set(range(nb)) and len(dealt) - nb == -nb % world  # disjoint up to padding
 
 
-@pytest.mark.slow
-def test_rect_distributed_sampler_epochs(coco16_data):
-    ds = LoadImagesAndLabels(load_data_config(coco16_data)['train'], 160, 2, rect=True)  # 8 planned batches
+def test_rect_distributed_sampler_epochs(synthetic16_data):
+    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'], 160, 2, rect=True)  # 8 planned batches
     s = RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)
     a = [key.index for key in s]
     s.set_epoch(1)
@@ -441,9 +437,8 @@ def test_rect_distributed_sampler_epochs(coco16_data):
                                                                           for i in (2 * b, 2 * b + 1)]
 
 
-@pytest.mark.slow
-def test_create_dataloader_distributed_rect(coco16_data):
-    path = load_data_config(coco16_data)['train']
+def test_create_dataloader_distributed_rect(synthetic16_data):
+    path = load_data_config(synthetic16_data)['train']
     seen = []
     for rank in (0, 1):
         loader, ds = create_dataloader(path, 160, 3, rect=True, rank=rank, world_size=2, workers=0, pad=0.5)
