@@ -29,10 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models import WeightsError, coco_names, load_eval_model  # noqa: E402
+from models import load_eval_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.darknet_weights import WeightsError, coco_names  # noqa: E402
 from utils.data_config import DatasetError, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402

@@ -164,7 +164,8 @@ def test_onnx_runs_from_another_cwd_with_coco_names(tmp_path):
 def test_names_carried_by_a_one_class_checkpoint(tmp_path):
     # a person detector: yolov3-tiny-1cls with its head rows mapped from the official weights' person class, saved
     # as a plain dict; run from another folder without --names, it labels with the names the checkpoint carries
-    from models import Darknet, load_weights
+    from models import Darknet
+    from utils.transfer import load_weights
 
     cfg = ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'
     model = Darknet(cfg, 416)

@@ -10,9 +10,9 @@ import torch
 
 import models
 from models import load_model
-from utils.checkpoint import model_checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
+from utils.checkpoint import model_checkpoint, save_checkpoint
 from utils.export import export_onnx
 
 pytestmark = pytest.mark.slow  # runs command lines or reads ../shared

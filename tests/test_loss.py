@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import Darknet, load_darknet_weights
+from models import Darknet
 from utils import torch_utils
 from utils.torch_utils import ModelEMA
 import train
 from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, make_subset
 from utils import distributed as du
 from utils import engine
+from utils.darknet_weights import load_darknet_weights
 from utils.data_config import load_data_config
 from utils.loss import ComputeLoss, FocalLoss, assign_targets, build_targets
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 import train
-from models import Darknet, load_darknet_weights
+from models import Darknet
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from tests.test_train_units import NO_BN_CFG, run_epoch
+from utils.darknet_weights import load_darknet_weights
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import (Darknet, WeightsError, attempt_download, cfg_with_classes, class_prior, coco_names, load_model,
-                    load_weights)
-from utils.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
+from models import Darknet, class_prior, load_model
 from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS
+from utils.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
+from utils.darknet_weights import WeightsError, coco_names
+from utils.downloads import attempt_download
+from utils.parse_config import cfg_with_classes
+from utils.transfer import load_weights
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 TINY_1CLS = ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'
