@@ -92,6 +92,9 @@ PROBE = BENCH_DIR / 'gpu_probe.py'
 
 sys.path.insert(0, str(BENCH_DIR))
 import bench  # noqa: E402  (benchmarks/ is not a package: its tqdm probe and parsers)
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # for utils.files (after benchmarks/, so its modules keep their names)
+from utils.files import atomic_write  # noqa: E402
 from subset import make_subset  # noqa: E402
 
 
@@ -928,21 +931,15 @@ class Report:
             failed = [r['step'] for r in self.steps.values() if r['status'] == 'fail']
             doc = {'machine': self.info, 'quick': self.ctx.quick, 'budget_s': self.budget,
                    'elapsed_s': round(time.monotonic() - self.t0, 1), 'failed': failed, 'steps': self.results()}
-            _atomic_write(self.out, json.dumps(doc, indent=1).encode())
+            atomic_write(self.out, json.dumps(doc, indent=1))
         if self.archive and self.ctx.logs and self.ctx.logs.is_dir():
-            tmp = self.archive.with_name(self.archive.name + '.tmp')
-            with tarfile.open(tmp, 'w:gz') as tar:
-                for f in sorted(self.ctx.logs.iterdir()):
-                    tar.add(f, arcname=f'gpu_check_logs/{f.name}')
-            tmp.replace(self.archive)
+            atomic_write(self.archive, self._write_archive)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace path with data in one rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    def _write_archive(self, f) -> None:
+        """Every log so far as one .tar.gz into the binary file f."""
+        with tarfile.open(fileobj=f, mode='w:gz') as tar:
+            for log in sorted(self.ctx.logs.iterdir()):
+                tar.add(log, arcname=f'gpu_check_logs/{log.name}')
 
 
 def run_steps(ctx: Ctx, names: list[str], jobs: int, report: Report) -> list[dict]:
