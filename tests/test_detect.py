@@ -36,6 +36,7 @@ def label_classes(txt: Path) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+@pytest.mark.slow
 def test_samples_with_labels(tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
@@ -55,6 +56,7 @@ def test_samples_with_labels(tmp_path):
     assert re.search(r'bus\.jpg: \d+x\d+ \d+ persons, 1 bus, Done', r.stdout)
 
 
+@pytest.mark.slow
 def test_video_comes_out_as_video(tmp_path):
     src = tmp_path / 'clip.mp4'
     im = cv2.resize(cv2.imread(str(SAMPLES / 'bus.jpg')), (320, 400))
@@ -81,6 +83,7 @@ def test_video_comes_out_as_video(tmp_path):
         assert label_classes(out / f'clip_{k}.txt') == [BUS]
 
 
+@pytest.mark.slow
 def test_several_streams_from_a_list(tmp_path):
     # a .txt source is a list of streams (here two video files, read by threads as cameras would be)
     im = cv2.resize(cv2.imread(str(SAMPLES / 'bus.jpg')), (160, 192))
@@ -102,6 +105,7 @@ def test_several_streams_from_a_list(tmp_path):
         cap.release()
 
 
+@pytest.mark.slow
 def test_pt_checkpoint_and_headless_view(tmp_path):
     from models import load_model
     from utils.checkpoint import model_checkpoint, save_checkpoint
@@ -129,6 +133,7 @@ class _Evil:
         return os.system, (f'touch {self.marker}',)
 
 
+@pytest.mark.slow
 def test_booby_trapped_checkpoint_is_refused(tmp_path):
     marker = tmp_path / 'code_ran'
     evil = tmp_path / 'evil.pt'
@@ -141,6 +146,7 @@ def test_booby_trapped_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_onnx_runs_from_another_cwd_with_coco_names(tmp_path):
     # models.py --onnx and the export's agreement with PyTorch are tested in test_models.py; here: detect.py runs the
     # .onnx file, and without --names an 80-class model is labelled from data/coco.names beside the script
@@ -161,6 +167,7 @@ def test_onnx_runs_from_another_cwd_with_coco_names(tmp_path):
         detect(parse_opt(['--weights', str(onnx_file), '--source', str(SAMPLES), '--augment']))
 
 
+@pytest.mark.slow
 def test_names_carried_by_a_one_class_checkpoint(tmp_path):
     # a person detector: yolov3-tiny-1cls with its head rows mapped from the official weights' person class, saved
     # as a plain dict; run from another folder without --names, it labels with the names the checkpoint carries
@@ -192,6 +199,7 @@ def test_names_carried_by_a_one_class_checkpoint(tmp_path):
     assert class_names(None, None, 80)[:2] == ['person', 'bicycle']  # 80 classes: COCO's
 
 
+@pytest.mark.slow
 def test_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(DetectError, match='nowhere.jpg does not exist'):
         detect(parse_opt(['--weights', str(TINY_WEIGHTS), '--source', str(tmp_path / 'nowhere.jpg')]))
@@ -203,6 +211,7 @@ def test_bad_options_are_clear_errors(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_outputs_json_crops_confidences_nosave_max_det(tmp_path, capsys):
     out = tmp_path / 'out'
     detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES / 'bus.jpg'),
