@@ -61,6 +61,7 @@ def parity():
     return d, model, p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('setting', ['bce', 'focal_gamma1.5'])
 def test_loss_parity_with_original(parity, setting):
     d, model, p = parity
@@ -71,6 +72,7 @@ def test_loss_parity_with_original(parity, setting):
     assert loss.item() == pytest.approx(ref[3].item(), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_loss_backward_gives_finite_gradients(parity):
     d, model, _ = parity
     model.zero_grad()
@@ -114,6 +116,7 @@ def test_build_targets_threshold_and_layers():
     assert all(len(t) == 0 for t in tcls) and all(x.shape == (0, 4) for x in tbox)
 
 
+@pytest.mark.slow
 def test_training_data_drops_labels_of_classes_the_model_lacks(tmp_path, capsys):
     # the loss no longer checks classes (a device read per batch): the training loader train.py builds must
     make_subset(tmp_path, 3)
@@ -339,6 +342,7 @@ def test_cuda_device_is_bound_and_synchronised_by_index(monkeypatch):
     assert not torch_utils.pin_memory_for(torch.device('cpu')) and torch_utils.pin_memory_for(torch.device('cuda:1'))
 
 
+@pytest.mark.slow
 def test_testpy_and_detect_bind_the_device_before_loading(monkeypatch, tmp_path):
     # test.py / detect.py --device 1: GPU 1 is the current device before the model (or any CUDA tensor) exists
     import detect
