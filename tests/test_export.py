@@ -46,7 +46,7 @@ def dynamic_onnx(tiny, tmp_path_factory) -> Path:
 
 def test_dynamic_export_runs_any_batch_and_size_in_onnxruntime(tiny, dynamic_onnx):
     f = dynamic_onnx
-    assert not tiny.training and not getattr(tiny, 'fused', False)  # the caller's model is left as it was
+    assert not tiny.training and not tiny.fused  # the caller's model is left as it was
     sess = ort.InferenceSession(str(f), providers=['CPUExecutionProvider'])
     assert sess.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
     assert sess.get_outputs()[0].shape == ['batch', 'boxes', 85]
