@@ -13,7 +13,7 @@ from models import Darknet
 from utils import torch_utils
 from utils.torch_utils import ModelEMA
 import train
-from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, make_subset
+from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, TOY_CFG, make_subset
 from utils import distributed as du
 from utils import engine
 from utils.darknet_weights import load_darknet_weights
@@ -259,10 +259,9 @@ class HostReads:
 def test_training_micro_steps_read_nothing_from_the_device(monkeypatch):
     # the real train_one_epoch on a tiny model: a micro-step (no optimizer step) must not make the host wait for the
     # device; an optimizer step reads one flag (the finite-loss check, the collective all ranks agree through)
-    cfg = ROOT / 'cfg' / 'yolov3-tiny.cfg'
-    model = Darknet(cfg, img_size=64)
+    model = Darknet(TOY_CFG, img_size=64)
     torch.manual_seed(0)
-    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 7, 0.3, 0.6, 0.1, 0.1], [1, 2, 0.7, 0.2, 0.6, 0.5]])
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 0, 0.3, 0.6, 0.1, 0.1], [1, 2, 0.7, 0.2, 0.6, 0.5]])
     batches = [(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), targets, ['x'] * 2, None)
                for _ in range(6)]
     reads = HostReads(monkeypatch)
