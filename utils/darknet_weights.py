@@ -4,7 +4,7 @@ A .weights file is a header (version major, minor, revision as int32; images see
 every convolution's float32 values in Darknet's order: BN bias, BN weight, running mean, running var, conv weight
 (or conv bias, conv weight without BN). Partial files (darknet53.conv.74) hold the first N layers only.
 The model is used by duck typing (module_list of nn.Sequential with Conv2d [+ BatchNorm2d], cfg_text, cfg_path, nc,
-yolo_layers, version, seen, fused), so this module does not import models.py.
+yolo_layers, version, seen, fused): nothing here needs the top-level models.py.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Weights of the same network with another class count load everything but the out
 layers. Those are mapped by class name when the model's class names are given, mapping is on and the source has
 names: box and objectness rows as they are, each known class from its source class, unknown ones fresh (with the
 bias prior). Otherwise they stay fresh. The model is used by duck typing (state_dict, module_list, yolo_layers,
-head_convs, cfg_text, cfg_path, nc, names, version, seen); twins are built as type(model)(cfg), so this module does not
-import models.py.
+head_convs, cfg_text, cfg_path, nc, names, version, seen); twins are built as type(model)(cfg): nothing here needs
+the top-level models.py.
 """
 from __future__ import annotations
 
