@@ -65,7 +65,7 @@ def parity():
 @pytest.mark.parametrize('setting', ['bce', 'focal_gamma1.5'])
 def test_loss_parity_with_original(parity, setting):
     d, model, p = parity
-    loss, items = ComputeLoss(model, d[setting]['hyp'], gr=d['gr'])(p, d['targets'])
+    loss, items = ComputeLoss(model, d[setting]['hyp'])(p, d['targets'], d['gr'])
     ref = torch.tensor([d[setting][k] for k in ('lbox', 'lobj', 'lcls', 'total')])
     assert items.shape == (4,)
     assert torch.allclose(items, ref, rtol=1e-3, atol=0), (items, ref)
@@ -78,7 +78,7 @@ def test_loss_backward_gives_finite_gradients(parity):
     model.zero_grad()
     p = model(d['images'][:2].float() / 255)
     targets = d['targets'][d['targets'][:, 0] < 2]
-    loss, _ = ComputeLoss(model, d['bce']['hyp'], gr=d['gr'])(p, targets)
+    loss, _ = ComputeLoss(model, d['bce']['hyp'])(p, targets, d['gr'])
     loss.backward()
     grads = [q.grad for q in model.parameters() if q.grad is not None]
     assert len(grads) == len(list(model.parameters()))
@@ -168,15 +168,12 @@ def test_loss_perfect_prediction_and_objectness_ratio():
     targets = torch.tensor([[0, 1, 2.5 / 4, 1.5 / 4, 2 / 4, 2 / 4]])
     loss_fn = ComputeLoss(model, HYP)
     for gr in (0.0, 1.0):
-        loss_fn.gr = gr
-        _, items = loss_fn([p], targets)
+        _, items = loss_fn([p], targets, gr)
         assert items.tolist() == pytest.approx([0, 0, 0, 0], abs=1e-4)
     # a worse box lowers the objectness target when gr = 1 but not when gr = 0
     p[0, 0, 1, 2, 2:4] = 1.0
-    loss_fn.gr = 0.0
-    obj_gr0 = loss_fn([p], targets)[1][1]
-    loss_fn.gr = 1.0
-    obj_gr1 = loss_fn([p], targets)[1][1]
+    obj_gr0 = loss_fn([p], targets, gr=0.0)[1][1]
+    obj_gr1 = loss_fn([p], targets, gr=1.0)[1][1]
     assert obj_gr0 < 1e-3 < obj_gr1
 
 

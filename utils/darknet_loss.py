@@ -494,8 +494,8 @@ def darknet_truths(targets: torch.Tensor, batch_size: int, nc: int) -> tuple[tor
 
 
 class DarknetLoss:
-    """Darknet's [yolo] loss for a model (train.py --loss darknet); called as ComputeLoss: loss_fn(p, targets) ->
-    (loss (1,), items (4,) = box, obj, cls, total, detached).
+    """Darknet's [yolo] loss for a model (train.py --loss darknet); called as ComputeLoss: loss_fn(p, targets, gr)
+    -> (loss (1,), items (4,) = box, obj, cls, total, detached); Darknet has no objectness ramp, so gr is unused.
 
     items are the loss Darknet prints for the batch (each layer's cost averaged over the [yolo] layers, divided by
     the batch size), split into its IoU, objectness and class parts. The gradient of loss with respect to each raw
@@ -505,7 +505,7 @@ class DarknetLoss:
     cfg's learning rate, and lr0 still scales it as for the default loss.
     """
 
-    def __init__(self, model: nn.Module, hyp: dict[str, float] | None = None, gr: float = 1.0):
+    def __init__(self, model: nn.Module, hyp: dict[str, float] | None = None):
         bare = de_parallel(model)
         defs = [bare.module_defs[j] for j in bare.yolo_layers]
         self.configs = [yolo_loss_config(d, f"{bare.cfg_path}:{d['line']}: layer {j}")
@@ -514,10 +514,10 @@ class DarknetLoss:
         self.nc = int(bare.nc)
         self.grad_scale = float(bare.hyperparams.get('learning_rate', DARKNET_LR)) / REFERENCE_LR0
         self.hyp = dict(hyp or {})
-        self.gr = gr  # set by the burn-in like ComputeLoss's; Darknet's loss has no objectness ramp
 
-    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6)."""
+    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6); gr is ignored."""
         bs = p[0].shape[0]
         items = torch.zeros(4, device=p[0].device)
         surrogate = torch.zeros((), device=p[0].device)

@@ -120,7 +120,7 @@ class LoopState:
     last_opt_step: int = -1  # integrated batch of the last optimizer step
     accumulate: int = 1  # batches per optimizer step (ramped 1 -> NBS / batch during burn-in)
     img_size: int = 0  # current multi-scale size
-    gr: float | None = None  # the loss's objectness GIoU ratio (burn-in ramps it; None: leave the loss's own)
+    gr: float | None = None  # the loss's objectness GIoU ratio (burn-in ramps it 0 -> 1; None: 1.0)
 
 
 @dataclass(frozen=True)
@@ -242,17 +242,16 @@ class FiniteGuard:
                                  f'good checkpoint')
 
 
-def burn_in(optimizer: torch.optim.Optimizer, compute_loss: ComputeLoss, ni: int, epoch: int,
-            cfg: LoopConfig) -> int:
-    """Set the burn-in LRs, weight decays, momentum and loss gr of integrated batch ni; return the accumulation."""
+def burn_in(optimizer: torch.optim.Optimizer, ni: int, epoch: int, cfg: LoopConfig) -> tuple[int, float]:
+    """Set the burn-in LRs, weight decays and momentum of integrated batch ni; return (the accumulation count, the
+    loss's gr)."""
     w = warmup_values(ni, cfg.n_burn, [g['initial_lr'] * cfg.lf(epoch) for g in optimizer.param_groups], cfg.hyp,
                       cfg.batch_size)
-    compute_loss.gr = w['gr']
     for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
         g['lr'], g['weight_decay'] = lr, wd
         if 'momentum' in g:
             g['momentum'] = w['momentum']
-    return w['accumulate']
+    return w['accumulate'], w['gr']
 
 
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -271,8 +270,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     model.train()
     nb = len(loader)
     last_opt_step, accumulate, img_size = state.last_opt_step, state.accumulate, state.img_size
-    if state.gr is not None:
-        compute_loss.gr = state.gr
+    gr = 1.0 if state.gr is None else state.gr  # the loss's objectness GIoU ratio, ramped during burn-in
     autocast = nullcontext() if cfg.amp_dtype is None else torch.autocast(device.type, dtype=cfg.amp_dtype)
     guard = FiniteGuard(device)
     mloss = torch.zeros(4, device=device) if run.start_mloss is None else run.start_mloss.to(device)
@@ -291,7 +289,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         imgs = imgs.to(device, non_blocking=True).float() / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
         targets = targets.to(device, non_blocking=True)  # (n, 6) [image, class, x, y, w, h]
         if ni <= cfg.n_burn:
-            accumulate = burn_in(optimizer, compute_loss, ni, epoch, cfg)
+            accumulate, gr = burn_in(optimizer, ni, epoch, cfg)
         if cfg.multi_scale:
             if ni % accumulate == 0:  # as the original: a new size every accumulation step
                 img_size = multi_scale_size_at(cfg.seed, ni, *cfg.multi_scale)
@@ -305,7 +303,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         with no_sync:
             with autocast:
                 pred = model(imgs)
-            loss, loss_items = compute_loss(pred, targets)
+            loss, loss_items = compute_loss(pred, targets, gr)
             scaler.scale(loss * (cfg.batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
         guard.record(i, loss, loss_items)
 
@@ -333,7 +331,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             # no gradients are pending right after an optimizer step, so this is an exact resume point; after the
             # epoch's last batch the end-of-epoch checkpoint takes its place
             if on_save is not None and i + 1 < nb:
-                on_save(i + 1, LoopState(last_opt_step, accumulate, img_size, compute_loss.gr), mloss)
+                on_save(i + 1, LoopState(last_opt_step, accumulate, img_size, gr), mloss)
             control.saved()
             if stop:
                 stopped_at = i + 1
@@ -344,4 +342,4 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         torch.cuda.synchronize(device)
     stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]), stopped_at)
     return replace(state, last_opt_step=last_opt_step, accumulate=accumulate, img_size=img_size,
-                   gr=compute_loss.gr), stats
+                   gr=gr), stats

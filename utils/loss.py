@@ -87,21 +87,20 @@ def build_targets(p: list[torch.Tensor], targets: torch.Tensor, anchor_vecs: lis
 
 class ComputeLoss:
     """The YOLOv3 loss of one model: takes the [yolo] layers' anchors, the class count and the hyperparameters once,
-    then is called as loss_fn(predictions, targets).
+    then is called as loss_fn(predictions, targets, gr).
 
     hyp: giou, obj, cls gains (cls as the loss should use it: train.py scales it by nc / 80), cls_pw, obj_pw, iou_t,
-    fl_gamma. gr: objectness target = (1 - gr) + gr * GIoU; train.py ramps it 0 -> 1 during burn-in.
+    fl_gamma. The objectness target is (1 - gr) + gr * GIoU with gr given per call (the burn-in ramps it 0 -> 1).
     A call makes no host sync on CUDA (no .item(), no boolean indexing, no tensors from Python lists): what is
     per-device (anchors, BCE pos_weight) is built once per device.
     """
 
-    def __init__(self, model: nn.Module, hyp: dict[str, float], gr: float = 1.0):
+    def __init__(self, model: nn.Module, hyp: dict[str, float]):
         bare = de_parallel(model)
         self.anchor_vecs = [bare.module_list[j].anchor_vec.detach().clone() for j in bare.yolo_layers]
         self.scale_x_y = [float(bare.module_list[j].scale_x_y) for j in bare.yolo_layers]
         self.nc = int(bare.nc)
         self.hyp = dict(hyp)
-        self.gr = gr
         self._per_device: dict[torch.device, tuple[list[torch.Tensor], nn.Module, nn.Module]] = {}
 
     def _device_parts(self, device: torch.device) -> tuple[list[torch.Tensor], nn.Module, nn.Module]:
@@ -117,12 +116,14 @@ class ComputeLoss:
             self._per_device[device] = ([a.to(device) for a in self.anchor_vecs], bce_cls, bce_obj)
         return self._per_device[device]
 
-    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6) on p's device.
+    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6) on p's device, with
+        objectness GIoU ratio gr (1.0 after burn-in).
 
         Returns (loss (1,), loss_items (4,) = [lbox, lobj, lcls, total], detached).
         """
-        h, gr, nc = self.hyp, self.gr, self.nc
+        h, nc = self.hyp, self.nc
         device = p[0].device
         anchor_vecs, bce_cls, bce_obj = self._device_parts(device)
         p = [pi.float() for pi in p]  # losses in fp32 even when the forward ran under autocast
