@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import Darknet, class_prior, load_model
-from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS
+from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS, TOY_CFG
 from utils.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
 from utils.darknet_weights import WeightsError, coco_names
 from utils.downloads import attempt_download
@@ -187,3 +187,66 @@ def test_pt_of_another_network_is_an_error(tmp_path):
         load_weights(model, pt)
     assert str(pt) in str(e.value) and 'another model' in str(e.value) and "--weights ''" in str(e.value)
     assert torch.equal(before, model.module_list[0].Conv2d.weight)
+
+
+# ---- fast tier: the same rules on the toy cfg (3 classes), no ../shared
+
+def toy_source(tmp_path, names: list[str]) -> tuple[Darknet, object]:
+    """A toy model with random (not fresh-looking) weights saved as a checkpoint carrying its class names."""
+    torch.manual_seed(0)
+    src = Darknet(TOY_CFG)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    src.names = list(names)
+    pt = tmp_path / 'toy.pt'
+    save_checkpoint(model_checkpoint(src), pt)
+    return src.eval(), pt
+
+
+def test_toy_reordered_names_permute_the_class_columns(tmp_path, capsys):
+    src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
+    dst = Darknet(TOY_CFG)
+    load_weights(dst, pt, names=['bird', 'cat', 'dog'])  # the same classes in another order
+    x = torch.rand(1, 3, 64, 96)
+    a, b = outputs(src, x), outputs(dst, x)
+    assert torch.allclose(b[:, :5], a[:, :5]) and torch.allclose(b[:, 5:], a[:, [7, 5, 6]])
+    assert dst.names == ['bird', 'cat', 'dog']
+    out = capsys.readouterr().out
+    assert '2 output convolutions mapped by class name' in out and 'bird <- bird (2)' in out
+
+
+def test_toy_mapping_into_fewer_classes_copies_known_rows_and_keeps_new_ones_fresh(tmp_path, capsys):
+    src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
+    dst = Darknet(cfg_with_classes(TOY_CFG.read_text(), 2))
+    fresh = {k: v.clone() for k, v in dst.state_dict().items()}
+    load_weights(dst, pt, names=['dog', 'fish'])
+    got, want = dst.state_dict(), src.state_dict()
+    heads = [f'module_list.{j}.Conv2d.{t}' for j in dst.head_convs() for t in ('weight', 'bias')]
+    assert all(torch.equal(got[k], want[k]) for k in got if k not in heads)  # the rest loaded as it was
+    for k in heads:  # rows per anchor: x, y, w, h, objectness, then classes (source 8 rows, model 7)
+        g, w, f = got[k].view(3, 7, -1), want[k].view(3, 8, -1), fresh[k].view(3, 7, -1)
+        assert torch.equal(g[:, :5], w[:, :5])  # box and objectness rows as they were
+        assert torch.equal(g[:, 5], w[:, 6])  # dog <- dog (source class 1)
+        assert torch.equal(g[:, 6], f[:, 6])  # fish: new, the fresh row with its bias prior
+    assert heads_have_prior(dst, classes=[1])
+    out = capsys.readouterr().out
+    assert 'dog <- dog (1)' in out and 'fish <- (new)' in out and dst.names == ['dog', 'fish']
+
+
+def test_toy_without_names_leaves_other_class_heads_fresh(tmp_path, capsys):
+    _, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
+    dst = Darknet(cfg_with_classes(TOY_CFG.read_text(), 2))
+    load_weights(dst, pt)  # no names for the model: nothing to map by
+    assert heads_have_prior(dst) and dst.names is None
+    n = len(dst.state_dict())
+    assert f'transferred {n - 4}/{n} items from {pt}' in capsys.readouterr().out
+
+
+def test_toy_same_classes_and_names_load_whole(tmp_path, capsys):
+    src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
+    dst = Darknet(TOY_CFG)
+    load_weights(dst, pt)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(outputs(src, x), outputs(dst, x)) and dst.names == ['cat', 'dog', 'bird']
+    assert capsys.readouterr().out == ''  # a whole load says nothing
