@@ -37,6 +37,7 @@ from utils.darknet_weights import WeightsError, coco_names  # noqa: E402
 from utils.data_config import DatasetError, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
+from utils.logs import setup_logging  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, inference_dtype, select_device, set_cuda_device,  # noqa: E402
@@ -427,6 +428,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> int:
     """Run detect(opt); returns the exit status."""
+    setup_logging()
     print(opt)
     detect(opt)
     return 0

@@ -34,6 +34,7 @@ from utils.data_config import DatasetError, check_dataset, load_data_config  # n
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
+from utils.logs import setup_logging  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
                                pin_memory_for, select_device, set_cuda_device, time_synchronized)
@@ -441,6 +442,7 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
 
 def main(opt: argparse.Namespace) -> int:
     """Run the task asked for; returns the exit status."""
+    setup_logging()
     print(opt)
     import_in_background()  # torchvision, for NMS: its import runs while the data and the model load
     if opt.task == 'test':

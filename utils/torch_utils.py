@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.logs import LOGGER
+
 
 def select_device(device: str = '', batch_size: int | None = None, local_rank: int = -1) -> torch.device:
     """The torch.device of a '--device' string: '' (CUDA if available), 'cpu', '0', '0,1' (CUDA indices as this
@@ -119,13 +121,13 @@ def inference_dtype(half: str, device: torch.device) -> torch.dtype:
     native = cpu_has_bf16()  # None (flags unknown) counts as no
     if half == 'bf16':
         if not native:
-            print('WARNING: --half bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
+            LOGGER.warning('--half bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
                   'bf16 is emulated there and much slower than fp32; --half off runs fp32')
         return torch.bfloat16
     if native:
         return torch.bfloat16
     if half == 'on':
-        print('WARNING: --half: this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16 in its flags) and '
+        LOGGER.warning('--half: this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16 in its flags) and '
               'fp16 needs CUDA; running in fp32')
     return torch.float32
 
