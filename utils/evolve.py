@@ -11,6 +11,7 @@ import torch
 import yaml
 from filelock import FileLock
 
+from utils.files import atomic_write
 from utils.metrics import fitness
 
 RESULT_NAMES = ('P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1', 'val_GIoU', 'val_obj', 'val_cls')
@@ -68,9 +69,8 @@ def append_result(path: Path, hyp: dict[str, float], results: tuple[float, ...])
         x = np.unique(np.concatenate((x, row), 0), axis=0)
         x = x[np.argsort(-fitness(x))]
         header = ' '.join(f'{n:>11s}' for n in (*RESULT_NAMES, *keys))
-        tmp = path.with_name(path.name + '.tmp')
-        np.savetxt(tmp, x, fmt='%11.5g', header=header[2:] if header.startswith('  ') else header)
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savetxt(f, x, fmt='%11.5g',
+                                                header=header[2:] if header.startswith('  ') else header))
     return x
 
 
