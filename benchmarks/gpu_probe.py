@@ -42,15 +42,14 @@ def install_sync_counter(report: Path) -> None:
     """
     import torch
     from utils import engine, loss
+    from utils.files import atomic_write
 
     cuda = torch.cuda.is_available()
     events: list[list] = []
     inside = [False]  # in a training epoch: only there a sync is the step's
 
     def write() -> None:
-        tmp = report.with_suffix('.tmp')
-        tmp.write_text(json.dumps({'cuda': cuda, 'events': events}))
-        tmp.replace(report)
+        atomic_write(report, json.dumps({'cuda': cuda, 'events': events}))
 
     epoch_fn = engine.train_one_epoch
 
