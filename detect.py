@@ -89,7 +89,7 @@ def window_unavailable() -> str | None:
 
 
 def is_stream(source: str) -> bool:
-    """A webcam index, a stream URL or a .txt list of streams (as the original)."""
+    """A webcam index, a stream URL or a .txt list of streams."""
     return source.isnumeric() or source.lower().startswith(STREAM_PREFIXES) or source.endswith('.txt')
 
 
@@ -274,7 +274,7 @@ def draw_detections(det: torch.Tensor, im0: np.ndarray, names: list[str]) -> Non
 
 
 def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
-    """Whether results are shown in a window: --view-img or a stream (as the original), where a window can open."""
+    """Whether results are shown in a window: --view-img or a stream, where a window can open."""
     view_img = opt.view_img or stream
     why = window_unavailable() if view_img else None
     if why:

@@ -39,7 +39,7 @@ from utils.parse_config import ConfigError  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
                                pin_memory_for, select_device, set_cuda_device, time_synchronized)
 
-COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # as the original: --save-json is implied
+COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # --save-json is implied for these
 
 
 class EvalError(Exception):
@@ -78,7 +78,7 @@ class EvalConfig:
     """How evaluate() scores a model and what it prints and writes (train.py and the command line differ here)."""
     conf_thres: float = 0.001  # detections below this confidence are dropped before NMS
     iou_thres: float = 0.6  # NMS IoU threshold
-    multi_label: bool = True  # a box may carry several classes (train.py: off during burn-in, as the original)
+    multi_label: bool = True  # a box may carry several classes (train.py: off during burn-in)
     merge: bool = True  # merge-NMS: boxes averaged with their overlapping neighbours
     augment: bool = False  # test-time augmentation (flips and scales)
     single_cls: bool = False  # every class counted as one (names must then be ['object'])

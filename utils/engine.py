@@ -45,7 +45,7 @@ class CosineLR:
 
 
 def n_burn_in(nb: int) -> int:
-    """Burn-in (warmup) iterations: as the original, max(3 epochs, 500 iterations)."""
+    """Burn-in (warmup) iterations: max(3 epochs, 500 iterations)."""
     return max(3 * nb, 500)
 
 
@@ -291,7 +291,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         if ni <= cfg.n_burn:
             accumulate, gr = burn_in(optimizer, ni, epoch, cfg)
         if cfg.multi_scale:
-            if ni % accumulate == 0:  # as the original: a new size every accumulation step
+            if ni % accumulate == 0:  # a new size every accumulation step
                 img_size = multi_scale_size_at(cfg.seed, ni, *cfg.multi_scale)
             imgs = resize_batch(imgs, img_size)
         if cfg.channels_last:
