@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shlex
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -37,19 +36,21 @@ import test as val  # test.py: evaluate() is called in-process after each epoch
 from models import Darknet, WeightsError, YOLOLayer, attempt_download, load_weights
 from utils import distributed as du
 from utils.anchors import check_anchors
-from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
+from utils.checkpoint import (CheckpointError, Progress, RunCheckpointer, load_checkpoint, plain, read_run,
+                              strip_optimizer, training_weights)
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
 from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,
                           memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
+from utils.logs import setup_logging
 from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
 from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, de_parallel,
-                               init_seeds, optimizer_state_cpu, pin_memory_for, resolve_device, set_cuda_device,
+                               init_seeds, pin_memory_for, resolve_device, set_cuda_device,
                                use_channels_last)
 
 ROOT = Path(__file__).resolve().parent
@@ -207,83 +208,7 @@ def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# checkpoint state
-
-def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """All RNG states as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': _pystate_to(random.getstate()),
-             'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                       'has_gauss': int(has_gauss), 'cached': float(cached)},
-             'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    if loader_generator is not None:
-        state['loader'] = loader_generator.get_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None,
-                  log: Callable[[str], None] = print) -> None:
-    """Restore what rng_state() saved (the CUDA states of the devices this machine has)."""
-    random.setstate(_pystate_from(state['python']))
-    n = state['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
-    torch.set_rng_state(state['torch'])
-    if state.get('cuda') is not None:
-        n_dev = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        restore_cuda_rng(list(state['cuda']), n_dev, torch.cuda.set_rng_state, log)
-    if loader_generator is not None and 'loader' in state:
-        loader_generator.set_state(state['loader'])
-
-
-def restore_cuda_rng(states: list[torch.Tensor], n_devices: int, set_state: Callable[[torch.Tensor, int], None],
-                     log: Callable[[str], None] = print) -> int:
-    """Put saved CUDA RNG states onto devices 0..n-1 with set_state(state, index), as many as both sides have (a
-    checkpoint from N GPUs resumed on M); say what was dropped or left fresh. Returns the number restored."""
-    n = min(len(states), n_devices)
-    for i in range(n):
-        set_state(states[i], i)
-    if len(states) > n_devices:
-        log(f'Resume: the checkpoint has CUDA RNG states of {len(states)} devices, this process sees {n_devices}: '
-            f'restored {n}, dropped {len(states) - n}')
-    elif len(states) < n_devices:
-        log(f'Resume: the checkpoint has CUDA RNG states of {len(states)} devices, this process sees {n_devices}: '
-            f'devices {n}-{n_devices - 1} keep fresh seeds')
-    return n
-
-
-def plain(x: Any) -> Any:
-    """Options as plain python (paths as strings) for weights_only checkpoints and YAML."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def run_checkpoint(ema: ModelEMA, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   hyp: dict, opt: argparse.Namespace, **state: Any) -> dict:
-    """Everything --resume needs, as tensors and plain values: the EMA model (what test/detect use), the raw model,
-    optimizer, GradScaler, EMA update count, hyp, options, seed, cfg text, plus the given state (epoch, ...)."""
-    ckpt = model_checkpoint(ema.ema, optimizer=optimizer_state_cpu(optimizer),  # loads anywhere, GPU run or not
-                            model_train={k: v.detach().cpu() for k, v in de_parallel(model).state_dict().items()},
-                            ema_updates=ema.updates, scaler=scaler.state_dict(), hyp=dict(hyp),
-                            opt=plain(vars(opt)), seed=opt.seed, **state)
-    for k in ('model', 'model_train'):  # NCHW (contiguous) tensors whatever layout training used
-        ckpt[k] = {n: v.contiguous() for n, v in ckpt[k].items()}
-    return ckpt
-
-
-def strip_optimizer(path: str | Path) -> None:
-    """Drop the optimizer and training-only state from a checkpoint (for a smaller final file), atomically."""
-    ckpt = load_checkpoint(path)
-    for k in ('optimizer', 'model_train', 'scaler'):
-        ckpt[k] = None
-    save_checkpoint(ckpt, path)
-
+# run outputs
 
 def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
     """results.txt, weights/last.pt, weights/best.pt under save_dir; with a name, the final (renamed) paths."""
@@ -304,46 +229,6 @@ def saves_epoch(opt: argparse.Namespace, epoch: int) -> bool:
     return opt.save_period > 0 and epoch % opt.save_period == 0 and not opt.evolve
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What the run's tests have shown so far, kept in checkpoints: the best fitness and its epoch (-1: no test yet)
-    for best.pt and --patience, and the last test's per-class mAP@0.5:0.95 (None: no test yet) for --image-weights."""
-    best_fitness: float = 0.0
-    best_epoch: int = -1
-    maps: np.ndarray | None = field(default=None, compare=False)  # (nc,); arrays have no single truth value
-
-    def after_test(self, epoch: int, fi: float, maps: np.ndarray) -> Progress:
-        """The progress after epoch's test gave fitness fi (the first test is the best so far whatever its value)."""
-        if fi > self.best_fitness or self.best_epoch < 0:
-            return Progress(fi, epoch, maps)
-        return replace(self, maps=maps)
-
-    def stale(self, epoch: int, patience: int) -> bool:
-        """True when patience > 0 and fitness has not improved in the patience epochs up to this one."""
-        return patience > 0 and self.best_epoch >= 0 and epoch - self.best_epoch >= patience
-
-    def state(self) -> dict[str, Any]:
-        """Checkpoint entries (plain values and a tensor, weights_only-loadable)."""
-        maps = None if self.maps is None else torch.from_numpy(np.asarray(self.maps, dtype=np.float64))
-        return {'best_fitness': self.best_fitness, 'best_epoch': self.best_epoch, 'maps': maps}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> Progress:
-        """The progress a checkpoint saved; one written before best_epoch existed takes its best epoch from the
-        results.txt rows it carries (the checkpoint's own epoch if it has none)."""
-        maps = ckpt.get('maps')
-        maps = None if maps is None else maps.numpy()
-        best = float(ckpt.get('best_fitness', 0.0))
-        if 'best_epoch' in ckpt:
-            return cls(best, int(ckpt['best_epoch']), maps)
-        rows = [r.split() for r in (ckpt.get('training_results') or '').splitlines()]
-        rows = [r for r in rows if len(r) == len(RESULTS_COLUMNS)]
-        if not rows:
-            return cls(best, int(ckpt.get('epoch', -1)), maps)
-        fits = fitness(np.array([[0.0, 0.0, float(r[10]), float(r[11])] for r in rows]))  # mAP@0.5, mAP@0.5:0.95
-        return cls(best, int(rows[int(np.argmax(fits))][0].split('/')[0]), maps)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # training
 
@@ -358,7 +243,7 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
                          f"{' (--single-cls)' if opt.single_cls else ''}; use a cfg with classes={nc}")
     weights = str(opt.weights or '')
     if ckpt is not None:
-        model.load_state_dict(ckpt['model_train'] if ckpt.get('model_train') else ckpt['model'])
+        model.load_state_dict(training_weights(ckpt))
     elif weights:
         if main_proc and not weights.endswith('.pt'):
             attempt_download(weights)  # official Darknet files only
@@ -469,67 +354,6 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss, amp, amp_dtype)
 
 
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a resumed run continues: the epoch, the batch inside it (0: its start) and that epoch's running mean
-    losses of the batches already trained (None at an epoch's start)."""
-    epoch: int = 0
-    batch: int = 0
-    mloss: torch.Tensor | None = None
-
-
-def restore_training(ckpt: dict, parts: Parts, start: LoopState, opt: argparse.Namespace,
-                     log: Callable[[str], None] = print) -> tuple[ResumePoint, Progress, LoopState]:
-    """--resume: optimizer, scaler, EMA, schedule and burn-in position back where the checkpoint was saved, at the
-    end of an epoch or (with 'batch') at an optimizer step inside one; returns (where to continue, the tests' progress
-    so far, loop state)."""
-    if ckpt.get('optimizer') is not None:
-        parts.optimizer.load_state_dict(ckpt['optimizer'])
-    if ckpt.get('scaler'):
-        parts.scaler.load_state_dict(ckpt['scaler'])
-    if parts.ema is not None:
-        parts.ema.ema.load_state_dict(ckpt['model'])
-        parts.ema.updates = int(ckpt.get('ema_updates', 0))
-    batch = ckpt.get('batch')
-    if batch is None:  # an epoch's end: continue with the next epoch at its scheduled LR
-        point = ResumePoint(int(ckpt['epoch']) + 1)
-        parts.scheduler.last_epoch = point.epoch - 1
-        for g in parts.optimizer.param_groups:  # no second warmup: ni keeps counting
-            g['lr'] = g['initial_lr'] * parts.lf(point.epoch)
-    else:  # inside an epoch: the optimizer state holds the LR, momentum and weight decay of that step
-        point = ResumePoint(int(ckpt['epoch']), int(batch), ckpt.get('mloss'))
-        parts.scheduler.last_epoch = point.epoch
-    progress = Progress.from_checkpoint(ckpt)
-    where = f'epoch {point.epoch}' + (f', batch {point.batch}' if point.batch else '')
-    log(f"Resuming {opt.resume} from {where} of {opt.epochs} epochs; best fitness {progress.best_fitness:.4f} "
-        f"at epoch {progress.best_epoch}" + (f' (--patience {opt.patience})' if opt.patience else ''))
-    state = replace(start, last_opt_step=int(ckpt.get('last_opt_step', -1)),
-                    accumulate=int(ckpt.get('accumulate', start.accumulate)),
-                    img_size=int(ckpt.get('img_size', start.img_size)), gr=ckpt.get('gr'))
-    return point, progress, state
-
-
-def loop_entries(state: LoopState) -> dict[str, Any]:
-    """The loop state a checkpoint keeps (burn-in position: accumulation, loss gr; the multi-scale size)."""
-    return {'last_opt_step': state.last_opt_step, 'accumulate': state.accumulate, 'img_size': state.img_size,
-            'gr': state.gr}
-
-
-def save_mid_epoch(batch: int, state: LoopState, mloss: torch.Tensor, *, epoch: int, parts: Parts, bare: nn.Module,
-                   hyp: dict, opt: argparse.Namespace, progress: Progress, extra: Callable[[], dict],
-                   log: Callable[[str], None] = print) -> None:
-    """Rank 0 at an optimizer step inside an epoch (a stop request or --save-period-min): weights/last.pt with the
-    position (next batch, loop state, running mean losses), from which --resume continues exactly."""
-    t = time.time()
-    paths = run_paths(Path(opt.save_dir))
-    results = paths['results'].read_text() if paths['results'].exists() else ''
-    ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch, batch=batch,
-                          mloss=mloss.detach().float().cpu(), training_results=results, **progress.state(),
-                          **loop_entries(state), **extra())
-    save_checkpoint(ckpt, paths['last'])
-    log(f"\nSaved {paths['last']} at epoch {epoch}, batch {batch} ({time.time() - t:.1f} s)")
-
-
 def resume_command(last: Path, info: du.DistInfo) -> str:
     """The command that continues this run from last."""
     args = [str(ROOT / 'train.py'), '--resume', str(last.resolve())]
@@ -537,18 +361,6 @@ def resume_command(last: Path, info: du.DistInfo) -> str:
         return shlex.join([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
                            str(du.local_world_size()), *args]) + '  (with the same torchrun options as this run)'
     return shlex.join([sys.executable, *args])
-
-
-def restore_rng(saved: dict | None, loader: Any, info: du.DistInfo, opt: argparse.Namespace, start_epoch: int,
-                log: Callable[[str], None] = print) -> None:
-    """RNG streams of a resumed run: rank 0 gets the saved ones back, other ranks fresh ones of their own."""
-    if not saved:
-        return
-    if info.main:  # the saved states are rank 0's
-        set_rng_state(saved, loader.generator, log)
-    else:  # other ranks: fresh streams of their own, distinct per rank and per resume point
-        init_seeds(opt.seed + 1 + info.rank + 1000 * start_epoch, deterministic=opt.deterministic)
-        loader.generator.manual_seed(opt.seed + 1000 * info.rank + 1000003 * start_epoch)
 
 
 def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
@@ -625,19 +437,6 @@ def checkpoint_targets(opt: argparse.Namespace, epoch: int, progress: Progress, 
     return targets
 
 
-def save_epoch_end(targets: list[Path], *, progress: Progress, epoch: int, parts: Parts, bare: Darknet, hyp: dict,
-                   opt: argparse.Namespace, save_state: dict) -> None:
-    """One end-of-epoch checkpoint (results.txt so far, progress, save_state's loop and run entries) at each
-    target."""
-    if not targets:
-        return
-    results = run_paths(Path(opt.save_dir))['results'].read_text()
-    ckpt = run_checkpoint(parts.ema, bare, parts.optimizer, parts.scaler, hyp, opt, epoch=epoch,
-                          training_results=results, **progress.state(), **save_state)
-    for target in targets:
-        save_checkpoint(ckpt, target)
-
-
 def end_epoch(ctx: EpochEnd, epoch: int, stats: EpochStats, progress: Progress, save: Callable[..., None],
               after_burn_in: bool, keep: bool = False) -> tuple[tuple[float, ...], Progress]:
     """Rank 0 after an epoch: test the EMA model (unless --notest before the last epoch), append results.txt, log
@@ -711,12 +510,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                       pretrained=bool(opt.weights or opt.resume))
     batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
-    point, progress = ResumePoint(), Progress()
-    if ckpt is not None:
-        point, progress, state = restore_training(ckpt, parts, state, opt, log)
-        if info.main:
-            run_paths(Path(opt.save_dir))['results'].write_text(ckpt.get('training_results') or '')
-        restore_rng(ckpt.get('rng'), loader, info, opt, point.epoch, log)
+    paths = run_paths(Path(opt.save_dir))
+    saver = RunCheckpointer(model, parts, hyp, opt, loader.generator, agents, paths['last'], paths['results'])
+    resumed = saver.restore(ckpt, state, info.rank)  # no checkpoint: epoch 0 with this state
+    point, progress, state = resumed.point, resumed.progress, resumed.state
+    if ckpt is not None and info.main:
+        paths['results'].write_text(resumed.results)
     del ckpt
     start_epoch = point.epoch
     tb = start_outputs(opt, hyp, info, log)
@@ -724,7 +523,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                      amp_dtype=parts.amp_dtype, channels_last=channels_last,
                      multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
                      show=info.main, seed=opt.seed, device=device,
-                     checkpoint_name=str(run_paths(Path(opt.save_dir))['last']))
+                     checkpoint_name=str(paths['last']))
     ends = EpochEnd(parts, model, data, testloader, opt, tb, device)
     # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; before the
     # loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
@@ -738,10 +537,6 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
     results, t0, epoch, stopped = (0.0,) * 8, time.time(), start_epoch, False
 
-    def run_state() -> dict[str, Any]:
-        """Checkpoint entries every last.pt of this launch carries besides the model and loop state."""
-        return {'elastic_agents': agents, 'rng': rng_state(loader.generator)}
-
     try:
         for epoch in range(start_epoch, opt.epochs):
             set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
@@ -749,8 +544,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             log(('\n' + '%10s' * 8) % RESULTS_HEADER)
             resumed = epoch == start_epoch and point.batch > 0
             on_save = None if control is None or not info.main else partial(
-                save_mid_epoch, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt, progress=progress,
-                extra=run_state, log=log)
+                saver.save_mid_epoch, epoch=epoch, progress=progress)
             run = EpochControl(point.batch if resumed else 0, point.mloss if resumed else None, control, on_save, plot)
             state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
                                            scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
@@ -762,8 +556,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
                 break
             parts.scheduler.step()
             if info.main:
-                save = partial(save_epoch_end, epoch=epoch, parts=parts, bare=model, hyp=hyp, opt=opt,
-                               save_state={**loop_entries(state), **run_state()})
+                save = partial(saver.save_epoch_end, epoch=epoch, state=state)
                 results, progress = end_epoch(ends, epoch, stats, progress, save,
                                               after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
             du.barrier()  # the other ranks wait while rank 0 tests and saves
@@ -844,16 +637,6 @@ def _quiet(_: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _pystate_to(state: tuple) -> dict:
-    """A python random state -> tensors and plain values for a weights_only checkpoint."""
-    return {'version': state[0], 'state': torch.tensor(state[1], dtype=torch.int64), 'gauss': state[2]}
-
-
-def _pystate_from(d: dict) -> tuple:
-    """The inverse of _pystate_to."""
-    return d['version'], tuple(int(x) for x in d['state'].tolist()), d['gauss']
-
-
 def _tensorboard(save_dir: Path, name: str, log: Callable[[str], None]):
     """A SummaryWriter under save_dir/runs, or None when tensorboard is not installed."""
     try:
@@ -874,28 +657,19 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
     ckpt_path = Path(opt.resume) if isinstance(opt.resume, str) else Path(opt.save_dir) / 'weights' / 'last.pt'
     if not ckpt_path.is_file():
         raise CheckpointError(f'{ckpt_path}: nothing to resume (no such checkpoint)')
-    ckpt = load_checkpoint(ckpt_path)
-    saved = ckpt.get('opt')
-    if not isinstance(saved, dict) or 'hyp' not in ckpt:
-        raise CheckpointError(f'{ckpt_path}: not a train.py checkpoint (no saved options); use --weights instead')
-    if run_finished(ckpt):
-        print(f"{ckpt_path}: this run already finished ({int(ckpt['epoch']) + 1}/{saved['epochs']} epochs); "
+    run = read_run(ckpt_path)
+    if run.finished:
+        print(f"{ckpt_path}: this run already finished ({run.epoch + 1}/{run.opt['epochs']} epochs); "
               f"nothing to resume. To train more: --weights {ckpt_path} --epochs N")
         return opt, None
     defaults = vars(get_args_parser().parse_args([]))
-    new = argparse.Namespace(**{**defaults, **saved})
+    new = argparse.Namespace(**{**defaults, **run.opt})
     for k in AUTO_RESUME_FREE[:-1]:  # where and how often to save may change between the crash and the resume
         if getattr(opt, k) != defaults[k]:
             setattr(new, k, getattr(opt, k))
     new.resume = str(ckpt_path)
     new.save_dir = str(ckpt_path.parent.parent)
-    return new, ckpt['hyp']
-
-
-def run_finished(ckpt: dict) -> bool:
-    """True for a checkpoint of a run that trained all its epochs (or was stripped at its end)."""
-    return (ckpt.get('optimizer') is None
-            or (ckpt.get('batch') is None and int(ckpt['epoch']) + 1 >= int(ckpt['opt']['epochs'])))
+    return new, run.hyp
 
 
 AUTO_RESUME_FREE = ('device', 'workers', 'save_period_min', 'resume')  # may change between a crash and its resume
@@ -921,27 +695,24 @@ def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> 
         log(f'--resume auto: no {last}, starting a new run')
         return opt
     try:
-        ckpt = load_checkpoint(last)
-        saved = ckpt.get('opt')
-        if not isinstance(saved, dict) or 'hyp' not in ckpt:
-            raise CheckpointError(f'{last}: not a train.py checkpoint (no saved options)')
+        run = read_run(last)
     except CheckpointError as e:
         log(f'--resume auto: {e}; {_move_aside(paths)}, starting a new run')
         return opt
     defaults, now = vars(get_args_parser().parse_args([])), plain(vars(opt))
-    saved = {**defaults, **saved}
+    saved = {**defaults, **run.opt}
     changed = [k for k in now if k not in AUTO_RESUME_FREE and not _same_option(k, saved.get(k), now[k])]
     try:
-        if not changed and load_hyp(opt.hyp) != ckpt['hyp']:
+        if not changed and load_hyp(opt.hyp) != run.hyp:
             changed = ['hyp (the file\'s values)']
     except (FileNotFoundError, ValueError):
         pass  # a hyp file that cannot be read stops the new run with its own error
-    if run_finished(ckpt):
-        log(f"--resume auto: {last} is a finished run ({int(ckpt['epoch']) + 1}/{saved['epochs']} epochs); nothing "
+    if run.finished:
+        log(f"--resume auto: {last} is a finished run ({run.epoch + 1}/{saved['epochs']} epochs); nothing "
             f"to train" + (f" (options differ: {', '.join(changed)})" if changed else '') +
             f'. To train more: --weights {last} --epochs N')
         return None
-    where = f"epoch {ckpt['epoch']}" + (f", batch {ckpt['batch']}" if ckpt.get('batch') is not None else ' (end)')
+    where = run.where
     if changed:
         log(f"--resume auto: {last} ({where}) is an unfinished run of other options ({', '.join(changed)}); "
             f'{_move_aside(paths)}, starting a new run')
@@ -1012,19 +783,17 @@ def _elastic_decision(last: Path, agents: list[str], restart: int) -> tuple[str 
         return None, (f'{head}: no checkpoint of this launch in {last.parent} yet, starting again'
                       if restart else ''), False
     try:
-        ckpt = load_checkpoint(last)
+        run = read_run(last, require_options=False)  # its options are read only once it is this launch's
     except CheckpointError as e:
         if not restart:  # a new launch starts a new run over whatever is there, as without torchrun
             return None, '', False
         return None, f'{head}: {e}; not starting again over it (move it away to start a new run)', True
-    if not du.same_launch(ckpt.get('elastic_agents'), agents):
+    if not du.same_launch(run.agents, agents):
         return None, (f"{head}: {last} is another launch's (none of its agents is in this group), starting again"
                       if restart else ''), False
-    if run_finished(ckpt):  # --resume's path then says so and exits 0
+    if run.finished:  # --resume's path then says so and exits 0
         return str(last), f"{head}: this launch's {last} is its finished run", False
-    batch = ckpt.get('batch')
-    where = f"epoch {ckpt['epoch']}, batch {batch}" if batch is not None else f"epoch {int(ckpt['epoch']) + 1}"
-    return str(last), f"{head}: resuming this launch's {last} at {where}", False
+    return str(last), f"{head}: resuming this launch's {last} at {run.resumes_at}", False
 
 
 def launch(opt: argparse.Namespace, nproc: int) -> int:
@@ -1063,6 +832,7 @@ def _worker(opt: dict) -> int:
 def main(opt: argparse.Namespace) -> int:
     """Run training (or --resume, or --evolve) as the command line says; return the exit status."""
     info = du.env_info()
+    setup_logging(info.rank)  # rank 0 (or the one process) prints; the modules log through utils.logs.LOGGER
     try:
         hyp = None
         n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -20,6 +20,7 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from tests.test_train_units import NO_BN_CFG, run_epoch
+from utils import checkpoint
 from utils.darknet_weights import load_darknet_weights
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -130,17 +131,6 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
-    gen = torch.Generator().manual_seed(3)
-    state = train.rng_state(gen)
-    torch.save(state, tmp_path / 's.pt')
-    state = torch.load(tmp_path / 's.pt', weights_only=True)
-    a = (__import__('random').random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
-    train.set_rng_state(state, gen)
-    b = (__import__('random').random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
-    assert a == b
-
-
 def test_new_options_refuse_what_cannot_work(coco8):
     from utils import distributed as du
     for extra, message in ((['--image-weights', '--rect'], '--image-weights draws images at random'),
@@ -239,17 +229,17 @@ def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
 
     # the same run, stopped right after epoch 0 was saved
     part = tmp_path / 'part'
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_crash(ckpt, path):
         real_save(ckpt, path)
         if ckpt['epoch'] == 0 and Path(path).name == 'best.pt':
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part)]))
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', real_save)
     # after epoch 0 (one batch, ni = 0): momentum and weight decay as burn-in set them at ni = 0, LR already
     # stepped by the cosine schedule to epoch 1
     groups = load(part / 'weights' / 'last.pt')['optimizer']['param_groups']
@@ -386,22 +376,6 @@ def test_device_list_launch_trains_one_process_per_device_rect(coco8, tmp_path):
 def test_device_list_without_cuda_is_one_clear_error(coco8, tmp_path, capsys):
     assert train.main(train.parse_opt(base_args(coco8, '--save-dir', str(tmp_path))[:-4] + ['--device', '0,1'])) == 2
     assert 'CUDA is not available' in capsys.readouterr().err and not (tmp_path / 'weights').exists()
-
-
-def test_cuda_rng_states_of_more_or_fewer_devices(capsys):
-    # a checkpoint from 2 GPUs resumed where there are fewer (here: none, or a fabricated 1)
-    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
-    put: list = []
-    logs: list[str] = []
-    assert train.restore_cuda_rng(saved, 1, lambda s, i: put.append((i, int(s[0]))), logs.append) == 1
-    assert put == [(0, 0)] and 'restored 1, dropped 1' in logs[0]
-    assert train.restore_cuda_rng(saved[:1], 3, lambda s, i: None, logs.append) == 1 and 'devices 1-2' in logs[1]
-    state = train.rng_state()
-    state['cuda'] = saved
-    train.set_rng_state(state)  # on this CPU machine: nothing restored, no IndexError
-    out = capsys.readouterr().out
-    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert (f'sees {seen}' in out) == (seen != 2)
 
 
 def test_rank0_validates_with_the_per_process_batch(coco8):

@@ -271,10 +271,13 @@ class RunCheckpointer:
         save_checkpoint(ckpt, self.last)
         LOGGER.info(f"\nSaved {self.last} at epoch {epoch}, batch {batch} ({time.time() - t:.1f} s)")
 
-    def restore(self, ckpt: dict, start: LoopState, rank: int = -1) -> Resumed:
+    def restore(self, ckpt: dict | None, start: LoopState, rank: int = -1) -> Resumed:
         """--resume: optimizer, scaler, EMA, schedule, burn-in position and RNG back where ckpt was saved, at the end
         of an epoch or (with 'batch') at an optimizer step inside one; the model's own weights are loaded when it is
-        built (training_weights). rank: this process's (ranks other than 0 draw fresh RNG streams of their own)."""
+        built (training_weights). rank: this process's (ranks other than 0 draw fresh RNG streams of their own).
+        Without a checkpoint: a new run's start (epoch 0, no tests yet, the start state), nothing changed."""
+        if ckpt is None:
+            return Resumed(ResumePoint(), Progress(), start, '')
         resumed = restore_training(ckpt, self.parts, start)
         point, progress = resumed.point, resumed.progress
         where = f'epoch {point.epoch}' + (f', batch {point.batch}' if point.batch else '')
