@@ -8,7 +8,8 @@ plain values so that torch.load(weights_only=True) reads it:
     epoch, batch, mloss                              the last epoch trained, or (batch not None) the next batch inside
                                                      epoch and the running mean losses before it
     last_opt_step, accumulate, img_size, gr          the loop state: burn-in position, multi-scale size
-    best_fitness, best_epoch, maps, training_results the tests so far (best.pt, --patience, --image-weights), results.txt
+    best_fitness, best_epoch, maps, training_results the tests so far (best.pt, --patience, --image-weights) and
+                                                     results.txt
     rng                                              python, numpy, torch, CUDA (per device) and the loader generator
     elastic_agents                                   the torchrun agents of the launch that wrote it
 strip_optimizer sets optimizer, model_train and scaler to None at the end of a run.
@@ -108,7 +109,8 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
         loader_generator.set_state(state['loader'])
 
 
-def restore_cuda_rng(states: list[torch.Tensor], n_devices: int, set_state: Callable[[torch.Tensor, int], None]) -> int:
+def restore_cuda_rng(states: list[torch.Tensor], n_devices: int,
+                     set_state: Callable[[torch.Tensor, int], None]) -> int:
     """Put saved CUDA RNG states onto devices 0..n-1 with set_state(state, index), as many as both sides have (a
     checkpoint from N GPUs resumed on M); say what was dropped or left fresh. Returns the number restored."""
     n = min(len(states), n_devices)
@@ -257,6 +259,8 @@ class RunCheckpointer:
 
     def save_epoch_end(self, paths: list[Path], epoch: int, state: LoopState, progress: Progress) -> None:
         """The checkpoint after epoch (trained, tested, its results.txt row written) into each of paths."""
+        if not paths:
+            return
         ckpt = self.checkpoint(epoch=epoch, **progress.state(), **loop_entries(state))
         for p in paths:
             save_checkpoint(ckpt, p)
@@ -282,9 +286,9 @@ class RunCheckpointer:
         point, progress = resumed.point, resumed.progress
         where = f'epoch {point.epoch}' + (f', batch {point.batch}' if point.batch else '')
         patience = getattr(self.opt, 'patience', 0)
-        LOGGER.info(f"Resuming {self.opt.resume} from {where} of {self.opt.epochs} epochs; best fitness "
-            f"{progress.best_fitness:.4f} at epoch {progress.best_epoch}" + (f' (--patience {patience})' if patience
-                                                                             else ''))
+        LOGGER.info(f'Resuming {self.opt.resume} from {where} of {self.opt.epochs} epochs; best fitness '
+                    f'{progress.best_fitness:.4f} at epoch {progress.best_epoch}'
+                    + (f' (--patience {patience})' if patience else ''))
         restore_rng(ckpt.get('rng'), self.loader_generator, rank, self.opt, resumed.point.epoch)
         return resumed
 
