@@ -33,8 +33,8 @@ from models import load_eval_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.darknet_weights import WeightsError, coco_names  # noqa: E402
-from utils.data_config import DatasetError, load_names  # noqa: E402
+from utils.darknet_weights import WeightsError  # noqa: E402
+from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.logs import setup_logging  # noqa: E402
@@ -199,21 +199,6 @@ class VideoWriters:
         self.open.clear()
 
 
-def class_names(names_file: str | None, model_names: list[str] | None, nc: int) -> list[str]:
-    """Labels for the model's nc classes: --names when given (its count must match), else the names the checkpoint
-    carries, else COCO's (data/coco.names beside this script, whatever the cwd) for an 80-class model, else the
-    class indices."""
-    if names_file:
-        names = load_names(names_file)
-        if len(names) != nc:
-            raise DatasetError(f"{names_file}: {len(names)} class names but the model has {nc} classes")
-        return names
-    if model_names is not None and len(model_names) == nc:
-        return [str(n) for n in model_names]
-    coco = coco_names() if nc == 80 else None
-    return coco if coco is not None else [str(i) for i in range(nc)]
-
-
 def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch.device, torch.dtype]:
     """The model of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
     fused, in eval mode, its layers in the --half dtype; returns (model, device, input dtype). Sets opt.img_size to
@@ -355,7 +340,8 @@ def detect(opt: argparse.Namespace) -> Path:
     check_options(opt, source, stream)
     model, device, dtype = load_detector(opt)
     onnx = isinstance(model, OnnxModel)
-    names = class_names(opt.names, getattr(model, 'names', None), model.nc)
+    names = class_names(model.nc, load_names(opt.names) if opt.names else None, getattr(model, 'names', None),
+                        source=opt.names)
 
     out.mkdir(parents=True, exist_ok=True)  # never emptied: results of earlier runs stay unless overwritten
     view_img = open_view(opt, stream, out)

@@ -186,17 +186,6 @@ def test_names_carried_by_a_one_class_checkpoint(tmp_path):
     assert n >= 3
     drawn, orig = cv2.imread(str(out / 'bus.jpg')), cv2.imread(str(SAMPLES / 'bus.jpg'))
     assert (np.abs(drawn.astype(int) - orig).max(2) > 60).mean() > 0.005  # boxes and labels were drawn
-    # --names still overrides, and must have the model's class count
-    from detect import class_names
-
-    two = tmp_path / 'two.names'
-    two.write_text('pedestrian\n')
-    assert class_names(str(two), ['person'], 1) == ['pedestrian']
-    two.write_text('pedestrian\ncyclist\n')
-    with pytest.raises(DatasetError, match='two.names: 2 class names but the model has 1 classes'):
-        class_names(str(two), ['person'], 1)
-    assert class_names(None, None, 1) == ['0']  # nothing known: class indices
-    assert class_names(None, None, 80)[:2] == ['person', 'bicycle']  # 80 classes: COCO's
 
 
 @pytest.mark.slow

@@ -154,6 +154,21 @@ def test_row_labels_from_data_else_checkpoint():
     assert class_names(unnamed, model, single_cls=True) == ['object']
 
 
+def test_class_names_one_rule():
+    # test.py's rows and detect.py's labels: listed names (a dataset's, --names) win, a config's placeholders count
+    # as none, then the checkpoint's (when they are nc), COCO's for 80 classes, else the placeholders
+    from utils.data_config import DatasetError, class_names, placeholder_names
+
+    assert class_names(2, ['cat', 'dog'], ['person', 'car']) == ['cat', 'dog']
+    assert class_names(2, placeholder_names(2), ['person', 'car']) == ['person', 'car']
+    assert class_names(2, None, ['person', 'car']) == ['person', 'car']
+    assert class_names(2, None, ['person']) == ['class0', 'class1']  # carried names of another head: not these
+    assert class_names(80, placeholder_names(80))[:2] == ['person', 'bicycle']
+    assert class_names(3) == ['class0', 'class1', 'class2']
+    with pytest.raises(DatasetError, match='two.names: 2 class names but the model has 1 classes'):
+        class_names(1, ['pedestrian', 'cyclist'], source='two.names')
+
+
 @pytest.mark.slow
 def test_half_fp16_on_the_cpu_is_a_clear_error_and_writes_nothing(coco16_data, tmp_path):
     out = tmp_path / 'out'

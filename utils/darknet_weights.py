@@ -9,7 +9,6 @@ yolo_layers, version, seen, fused): nothing here needs the top-level models.py.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import re
 from pathlib import Path
@@ -21,24 +20,9 @@ import torch.nn as nn
 from utils.files import atomic_write
 from utils.parse_config import cfg_with_classes
 
-COCO_NAMES = Path(__file__).resolve().parents[1] / 'data' / 'coco.names'  # 80-class Darknet weights are COCO's
-
 
 class WeightsError(ValueError):
     """A Darknet .weights file that does not fit the model; the message names the file and the counts."""
-
-
-@functools.lru_cache(maxsize=1)
-def _coco_names() -> tuple[str, ...] | None:
-    if not COCO_NAMES.is_file():
-        return None
-    return tuple(s.strip() for s in COCO_NAMES.read_text(encoding='utf-8').splitlines() if s.strip())
-
-
-def coco_names() -> list[str] | None:
-    """The 80 COCO class names of data/coco.names (found in the repository, not in the cwd), or None if missing."""
-    names = _coco_names()
-    return list(names) if names else None
 
 
 def conv_layers(model: nn.Module, cutoff: int = -1) -> list[nn.Sequential]:

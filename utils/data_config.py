@@ -1,6 +1,7 @@
 """Dataset configs: Darknet `.data` and ultralytics YAML files, class names, and checks that the data is there."""
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import subprocess
@@ -8,7 +9,7 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -20,6 +21,43 @@ YAML_KEYS = {'path', 'train', 'val', 'valid', 'test', 'nc', 'names', 'download'}
 
 class DatasetError(Exception):
     """A dataset config, list, folder or file is missing or malformed; the message names the file."""
+
+
+COCO_NAMES = ROOT / 'data' / 'coco.names'  # 80-class Darknet weights are COCO's
+
+
+@functools.lru_cache(maxsize=1)
+def _coco_names() -> tuple[str, ...] | None:
+    if not COCO_NAMES.is_file():
+        return None
+    return tuple(s.strip() for s in COCO_NAMES.read_text(encoding='utf-8').splitlines() if s.strip())
+
+
+def coco_names() -> list[str] | None:
+    """The 80 COCO class names of data/coco.names (found in the repository, not in the cwd), or None if missing."""
+    names = _coco_names()
+    return list(names) if names else None
+
+
+def placeholder_names(nc: int) -> list[str]:
+    """The names of a dataset config that gives none: 'class0', 'class1', ..."""
+    return [f'class{i}' for i in range(nc)]
+
+
+def class_names(nc: int, listed: Sequence[str] | None = None, carried: Sequence[str] | None = None,
+                source: str | Path = 'class names') -> list[str]:
+    """Labels for nc classes, the first that applies: `listed` (a dataset config's or a --names file's, named source
+    in the error when their count is not nc; a config's placeholders count as none), the names a checkpoint carries
+    when there are nc of them, COCO's for 80 classes (what every 80-class Darknet .weights release is), else the
+    placeholders 'class0', 'class1', ..."""
+    if listed is not None and list(listed) != placeholder_names(nc):
+        if len(listed) != nc:
+            raise DatasetError(f"{source}: {len(listed)} class names but the model has {nc} classes")
+        return [str(n) for n in listed]
+    if carried is not None and len(carried) == nc:
+        return [str(n) for n in carried]
+    coco = coco_names() if nc == 80 else None
+    return coco if coco is not None else placeholder_names(nc)
 
 
 def load_names(path: str | Path) -> list[str]:
@@ -159,7 +197,7 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     if nc < 1:
         raise DatasetError(f"{cfg}: number of classes must be >= 1, got {nc}")
     if names is None:
-        names = [f'class{i}' for i in range(nc)]
+        names = placeholder_names(nc)
     if len(names) != nc:
         raise DatasetError(f"{cfg}: {nc} classes but {len(names)} names")
     out['nc'], out['names'] = nc, names

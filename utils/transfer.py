@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.darknet_weights import (WeightsError, coco_names, cutoff_from_name, darknet_source_classes,
-                                   darknet_value_count, fill_from_values, misfit_error, read_darknet_file)
+from utils.darknet_weights import (WeightsError, cutoff_from_name, darknet_source_classes, darknet_value_count,
+                                   fill_from_values, misfit_error, read_darknet_file)
+from utils.data_config import coco_names
 from utils.parse_config import cfg_with_classes
 
 
