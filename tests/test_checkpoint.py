@@ -138,6 +138,24 @@ def test_resume_inside_an_epoch_continues_at_the_saved_batch(tmp_path):
     assert_same_run((model, parts), (model2, parts2))
 
 
+def test_a_checkpoint_from_before_the_loop_state_and_rng_still_resumes(tmp_path):
+    model, parts, gen, saver = start(0, tmp_path)
+    step(model, parts, gen)
+    ckpt = saver.checkpoint(epoch=0, best_fitness=0.2)  # no best_epoch, maps, loop state: keys added later
+    del ckpt['rng'], ckpt['elastic_agents']  # added later too
+    save_checkpoint(ckpt, saver.last)
+    ckpt = load_checkpoint(saver.last)
+    model2, parts2, gen2, saver2 = start(1, tmp_path)
+    before = rng_state()
+    resumed = saver2.restore(ckpt, LoopState(accumulate=4, img_size=64))
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(before)
+    assert resumed.point == ResumePoint(1) and resumed.state == LoopState(accumulate=4, img_size=64)
+    assert (resumed.progress.best_fitness, resumed.progress.best_epoch) == (0.2, 0)  # its own epoch, no rows to read
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws  # no saved RNG: streams left alone
+    assert read_run(saver.last, require_options=False).agents is None
+
+
 def test_saved_run_says_where_it_stopped_and_a_stripped_one_is_finished(tmp_path):
     model, parts, gen, saver = start(0, tmp_path)
     step(model, parts, gen)
