@@ -40,11 +40,11 @@ from utils.checkpoint import (CheckpointError, Progress, RunCheckpointer, load_c
                               strip_optimizer, training_weights)
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import create_dataloader
-from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError, RunControl,
-                          memory_used, n_burn_in, progress_row, train_one_epoch)
+from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError,
+                          RunControl, build_optimizer, memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
-from utils.logs import setup_logging
+from utils.logs import LOGGER, setup_logging
 from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
@@ -168,30 +168,6 @@ def load_hyp(path: str | Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------------------
 # optimizer, schedule, freezing
 
-def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False,
-                    log: Callable[[str], None] = print) -> torch.optim.Optimizer:
-    """The original's three groups: 0 = BN and other weights (no decay), 1 = conv weights (decay), 2 = biases."""
-    pg0, pg1, pg2 = [], [], []
-    for name, v in de_parallel(model).named_parameters():
-        if not v.requires_grad:
-            continue  # frozen: kept out of the optimizer
-        if name.endswith('.bias'):
-            pg2.append(v)
-        elif name.endswith('Conv2d.weight'):
-            pg1.append(v)
-        else:
-            pg0.append(v)
-    # groups given as dicts so an empty one (e.g. no BN weights left after --freeze-layers) keeps the group indices
-    groups = [{'params': pg0}, {'params': pg1, 'weight_decay': hyp['weight_decay']}, {'params': pg2}]
-    if adam:
-        optimizer = torch.optim.Adam(groups, lr=hyp['lr0'])
-    else:
-        optimizer = torch.optim.SGD(groups, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
-    log(f'Optimizer groups: {len(pg2)} .bias, {len(pg1)} Conv2d.weight, {len(pg0)} other')
-    return optimizer
-
-
-
 def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0) -> tuple[int, int]:
     """Freeze (requires_grad False) all but the convolutions feeding [yolo] layers, and/or the first `freeze`
     modules; returns (frozen, trainable) parameter counts."""
@@ -233,7 +209,7 @@ def saves_epoch(opt: argparse.Namespace, epoch: int) -> bool:
 # training
 
 def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: list[str], imgsz: int,
-                ckpt: dict | None, log: Callable[[str], None] = print) -> Darknet:
+                ckpt: dict | None) -> Darknet:
     """The Darknet model of opt.cfg with its starting weights (the resumed checkpoint's raw weights, a .pt's matching
     tensors, or Darknet weights), frozen layers and class names."""
     main_proc = du.env_info().main
@@ -252,7 +228,7 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
         load_weights(model, weights, names=names, map_classes=not opt.no_class_map, verbose=main_proc)
     if opt.freeze_layers or opt.freeze:
         frozen, trainable = freeze_modules(model, opt.freeze_layers, opt.freeze)
-        log(f'Frozen {frozen:,} parameters, training {trainable:,}')
+        LOGGER.info(f'Frozen {frozen:,} parameters, training {trainable:,}')
     model.names = names
     if main_proc:
         model.info(img_size=imgsz)
@@ -273,17 +249,20 @@ class Parts:
     amp_dtype: torch.dtype | None
 
 
-def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] = print) -> tuple[str, torch.dtype | None]:
+AMP_DTYPES = {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}  # autocast dtype of each --amp choice
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
     """The autocast dtype of --amp (auto: fp16 on CUDA, bf16 on a CPU with native bf16, else off; the choice and its
     reason printed in one line), warning where bf16 would be emulated."""
     if amp == 'auto':
         amp, why = resolve_auto_amp(device)
-        log(f'--amp auto: {amp} ({why})')
+        LOGGER.info(f'--amp auto: {amp} ({why})')
     if amp == 'bf16' and device.type == 'cpu' and cpu_has_bf16() is False:
-        log('WARNING: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
-            'bf16 is emulated there; yolov3-tiny forward + backward was measured 15x slower than fp32 on such a CPU '
-            '(about 2x faster than fp32 on one that has avx512_bf16); use --amp off on this CPU')
-    return amp, {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
+        LOGGER.warning('--amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
+                       'bf16 is emulated there; yolov3-tiny forward + backward was measured 15x slower than fp32 on '
+                       'such a CPU (about 2x faster than fp32 on one that has avx512_bf16); use --amp off on this CPU')
+    return amp, AMP_DTYPES[amp]
 
 
 def resolve_auto_amp(device: torch.device) -> tuple[str, str]:
@@ -298,8 +277,7 @@ def resolve_auto_amp(device: torch.device) -> tuple[str, str]:
     return 'off', 'this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in its flags), where bf16 is emulated: fp32'
 
 
-def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.device,
-                  log: Callable[[str], None] = print) -> None:
+def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.device) -> None:
     """Refuse option combinations that cannot run (one clear error), note the ones that do nothing."""
     if opt.batch_size % info.world_size:
         raise ValueError(f'--batch-size {opt.batch_size} must be a multiple of the number of processes '
@@ -308,7 +286,7 @@ def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.devi
         raise ValueError('--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); leave it out '
                          'for DDP on the CPU')
     if opt.sync_bn and not info.distributed:
-        log('--sync-bn has no effect in a single process')
+        LOGGER.info('--sync-bn has no effect in a single process')
     if opt.image_weights and opt.rect:
         raise ValueError('--image-weights draws images at random but --rect trains fixed batches of similar aspect '
                          'ratio: use one or the other')
@@ -318,25 +296,26 @@ def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.devi
     if opt.save_period_min < 0:
         raise ValueError(f'--save-period-min {opt.save_period_min}: must be 0 (off) or a number of minutes')
     if opt.evolve and (opt.patience or opt.save_period):
-        log('--patience and --save-period have no effect with --evolve (it tests only the last epoch, saves nothing)')
+        LOGGER.info('--patience and --save-period have no effect with --evolve (it tests only the last epoch, saves '
+                    'nothing)')
     elif opt.patience and opt.notest:
         raise ValueError('--patience compares the fitness of each epoch\'s test: leave out --notest')
 
 
-def convert_sync_bn(model: nn.Module, log: Callable[[str], None] = print) -> nn.Module:
+def convert_sync_bn(model: nn.Module) -> nn.Module:
     """The model with every BatchNorm as SyncBatchNorm (statistics over all DDP ranks), its state unchanged."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    log(f'Using SyncBatchNorm ({sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())} layers)')
+    LOGGER.info(f'Using SyncBatchNorm ({sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())} layers)')
     return model
 
 
 def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
-                info: du.DistInfo, log: Callable[[str], None] = print) -> Parts:
+                info: du.DistInfo) -> Parts:
     """Optimizer, cosine schedule, GradScaler, EMA and loss for a model on its device, then the DDP wrapper."""
-    optimizer = build_optimizer(model, hyp, opt.adam, log)
+    optimizer = build_optimizer(model, hyp, opt.adam)
     lf = CosineLR(opt.epochs, hyp['lrf'])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    amp, amp_dtype = resolve_amp(opt.amp, device, log)
+    amp, amp_dtype = resolve_amp(opt.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model) if info.main else None
     loss_hyp = {**hyp, 'cls': hyp['cls'] * model.nc / 80}  # as the original: the class gain was tuned for 80 classes
@@ -346,7 +325,7 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
     wrapped: nn.Module = model
     if info.distributed:
         if opt.sync_bn:
-            wrapped = convert_sync_bn(wrapped, log)
+            wrapped = convert_sync_bn(wrapped)
         # no copy of rank 0's BN running stats to every rank before each forward: only rank 0's are ever used (it
         # alone tests and saves, through its EMA), the other ranks' are never read
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == 'cuda'
@@ -461,8 +440,7 @@ def end_epoch(ctx: EpochEnd, epoch: int, stats: EpochStats, progress: Progress, 
     return results, progress
 
 
-def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistInfo,
-                  log: Callable[[str], None]) -> Any:
+def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistInfo) -> Any:
     """Rank 0 of a (non-evolve) run, once model, data and weights have loaded (bad input writes nothing): hyp.yaml and
     opt.yaml, a new run's old outputs cleared; the TensorBoard writer (or None)."""
     if not info.main or opt.evolve:
@@ -475,15 +453,13 @@ def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistI
         for f in save_dir.glob('train_batch*.jpg'):
             f.unlink()
         run_paths(save_dir)['results'].unlink(missing_ok=True)  # as the original: a new run starts a new results.txt
-    return _tensorboard(save_dir, opt.name, log)
+    return _tensorboard(save_dir, opt.name)
 
 
-def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
-          log: Callable[[str], None] = print) -> tuple[float, ...]:
+def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) -> tuple[float, ...]:
     """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls)."""
     info = du.env_info()
-    log = log if info.main else _quiet  # rank 0 alone talks
-    check_options(opt, info, device, log)
+    check_options(opt, info, device)
     imgsz, imgsz_test, grid_min, grid_max, multi_scale = check_img_sizes(opt.img_size, opt.multi_scale)
     init_seeds(opt.seed + 1 + max(info.rank, 0), deterministic=opt.deterministic)
     if device.type == 'cuda':  # autotuned convolutions pay off when the shapes stay the same
@@ -497,13 +473,13 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     nc = 1 if opt.single_cls else data['nc']
     names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
-    model = build_model(opt, hyp, nc, names, imgsz, ckpt, log).to(device)
+    model = build_model(opt, hyp, nc, names, imgsz, ckpt).to(device)
     # NHWC: oneDNN's convolutions on the CPU, tensor cores under fp16/bf16 AMP on CUDA (decided before the DDP
     # wrapper, which must see the parameters in their final layout)
-    channels_last = use_channels_last(device, resolve_amp(opt.amp, device, _quiet)[1])
+    channels_last = use_channels_last(device, AMP_DTYPES[resolve_auto_amp(device)[0] if opt.amp == 'auto' else opt.amp])
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    parts = build_parts(model, hyp, opt, device, info, log)
+    parts = build_parts(model, hyp, opt, device, info)
     loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test, pin_memory_for(device))
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
         check_anchors(dataset, model, imgsz, hyp['iou_t'], data=opt.data, cfg=opt.cfg, loss=opt.loss,
@@ -518,7 +494,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         paths['results'].write_text(resumed.results)
     del ckpt
     start_epoch = point.epoch
-    tb = start_outputs(opt, hyp, info, log)
+    tb = start_outputs(opt, hyp, info)
     cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
                      amp_dtype=parts.amp_dtype, channels_last=channels_last,
                      multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
@@ -528,12 +504,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; before the
     # loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
     control = None if opt.evolve else RunControl(opt.save_period_min * 60).install()
-    log(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
-        f'{loader.num_workers} dataloader workers; effective batch {batch_size * state.accumulate} '
-        f'({batch_size} x {state.accumulate} accumulated, {info.world_size} process'
-        f'{"es" if info.world_size > 1 else ""}); AMP {parts.amp}; '
-        f'{cfg.n_burn} burn-in iterations')
-    log(f'Starting training for {opt.epochs} epochs...')
+    LOGGER.info(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
+                f'{loader.num_workers} dataloader workers; effective batch {batch_size * state.accumulate} '
+                f'({batch_size} x {state.accumulate} accumulated, {info.world_size} process'
+                f'{"es" if info.world_size > 1 else ""}); AMP {parts.amp}; '
+                f'{cfg.n_burn} burn-in iterations')
+    LOGGER.info(f'Starting training for {opt.epochs} epochs...')
     plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
     results, t0, epoch, stopped = (0.0,) * 8, time.time(), start_epoch, False
 
@@ -541,7 +517,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         for epoch in range(start_epoch, opt.epochs):
             set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
                            if opt.image_weights else None)
-            log(('\n' + '%10s' * 8) % RESULTS_HEADER)
+            LOGGER.info(('\n' + '%10s' * 8) % RESULTS_HEADER)
             resumed = epoch == start_epoch and point.batch > 0
             on_save = None if control is None or not info.main else partial(
                 saver.save_mid_epoch, epoch=epoch, progress=progress)
@@ -562,7 +538,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
             du.barrier()  # the other ranks wait while rank 0 tests and saves
             if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
                 progress = du.all_gather_object(progress)[0]
-            if stopped or stop_early(progress, epoch, opt.patience, log):
+            if stopped or stop_early(progress, epoch, opt.patience):
                 break
     finally:  # an exception (Ctrl-C, a non-finite loss) leaves the handlers as they were
         if control is not None:
@@ -570,12 +546,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
     if stopped:
         last = run_paths(Path(opt.save_dir))['last']
         why = signal.Signals(control.signum).name if control.signum else 'a stop request on another rank'
-        log(f'Stopped by {why} in epoch {epoch}, after {stats.stopped_at}/{len(loader)} batches; saved {last}. '
-            f'Resume with: {resume_command(last, info)}')
+        LOGGER.info(f'Stopped by {why} in epoch {epoch}, after {stats.stopped_at}/{len(loader)} batches; saved {last}. '
+                    f'Resume with: {resume_command(last, info)}')
     elif info.main:
-        log(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
+        LOGGER.info(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
         if not opt.evolve:
-            _finish(Path(opt.save_dir), opt, run_paths(Path(opt.save_dir)), log)
+            _finish(Path(opt.save_dir), opt, run_paths(Path(opt.save_dir)))
     if info.main and tb is not None:
         tb.close()
     du.barrier()
@@ -591,14 +567,14 @@ def set_epoch_draw(sampler: Any, epoch: int, image_weights: np.ndarray | None = 
         sampler.set_epoch(epoch)
 
 
-def stop_early(progress: Progress, epoch: int, patience: int, log: Callable[[str], None] = print) -> bool:
+def stop_early(progress: Progress, epoch: int, patience: int) -> bool:
     """--patience: True (and one line saying why and which epoch was best) when fitness has not improved for patience
     epochs."""
     if not progress.stale(epoch, patience):
         return False
-    log(f'Stopping early after epoch {epoch}: fitness has not improved for {epoch - progress.best_epoch} epochs '
-        f'(--patience {patience}); the best was epoch {progress.best_epoch} (fitness {progress.best_fitness:.4f}), '
-        f'saved as best.pt')
+    LOGGER.info(f'Stopping early after epoch {epoch}: fitness has not improved for {epoch - progress.best_epoch} '
+                f'epochs (--patience {patience}); the best was epoch {progress.best_epoch} '
+                f'(fitness {progress.best_fitness:.4f}), saved as best.pt')
     return True
 
 
@@ -610,7 +586,7 @@ def _plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Ten
         tb.add_image('train_batch0', mosaic, 0, dataformats='HWC')
 
 
-def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log: Callable[[str], None]) -> None:
+def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path]) -> None:
     """Strip the optimizer from the final checkpoints (epoch_K.pt stay full), rename them and epoch_K.pt for --name,
     plot results.png."""
     for k in ('last', 'best'):
@@ -629,22 +605,19 @@ def _finish(save_dir: Path, opt: argparse.Namespace, paths: dict[str, Path], log
         try:
             plot_results(paths['results'], save_path=save_dir / 'results.png')
         except ValueError as e:  # a results.txt edited by hand: the run itself is fine
-            log(f'WARNING: results.png not plotted: {e}')
-    log(f"Results saved to {paths['results']}, weights to {paths['last'].parent}")
+            LOGGER.warning(f'results.png not plotted: {e}')
+    LOGGER.info(f"Results saved to {paths['results']}, weights to {paths['last'].parent}")
 
 
-def _quiet(_: str) -> None:
-    """The log of ranks other than 0."""
 
-
-def _tensorboard(save_dir: Path, name: str, log: Callable[[str], None]):
+def _tensorboard(save_dir: Path, name: str):
     """A SummaryWriter under save_dir/runs, or None when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log('tensorboard not installed: no scalars logged')
+        LOGGER.info('tensorboard not installed: no scalars logged')
         return None
-    log(f'Tensorboard: tensorboard --logdir {save_dir / "runs"}, view at http://localhost:6006/')
+    LOGGER.info(f'Tensorboard: tensorboard --logdir {save_dir / "runs"}, view at http://localhost:6006/')
     run = time.strftime('%Y%m%d-%H%M%S') + (f'_{name}' if name else '')
     return SummaryWriter(log_dir=str(save_dir / 'runs' / run))
 
@@ -675,7 +648,7 @@ def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | 
 AUTO_RESUME_FREE = ('device', 'workers', 'save_period_min', 'resume')  # may change between a crash and its resume
 
 
-def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace | None:
+def auto_resume(opt: argparse.Namespace) -> argparse.Namespace | None:
     """--resume auto: the options to run, with opt.resume set to this folder's weights/last.pt when it is an
     unfinished run of the same options (AUTO_RESUME_FREE aside), False to start fresh; None when that run finished.
 
@@ -688,16 +661,16 @@ def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> 
     last = paths['last']
     named = run_paths(Path(opt.save_dir), opt.name)['last'] if opt.name else None
     if not last.is_file() and named is not None and named.is_file():  # --name renames last.pt when a run finishes
-        log(f'--resume auto: {named} is a finished run (--name {opt.name}); nothing to train. To train more: '
-            f'--weights {named} --epochs N')
+        LOGGER.info(f'--resume auto: {named} is a finished run (--name {opt.name}); nothing to train. To train more: '
+                    f'--weights {named} --epochs N')
         return None
     if not last.is_file():
-        log(f'--resume auto: no {last}, starting a new run')
+        LOGGER.info(f'--resume auto: no {last}, starting a new run')
         return opt
     try:
         run = read_run(last)
     except CheckpointError as e:
-        log(f'--resume auto: {e}; {_move_aside(paths)}, starting a new run')
+        LOGGER.info(f'--resume auto: {e}; {_move_aside(paths)}, starting a new run')
         return opt
     defaults, now = vars(get_args_parser().parse_args([])), plain(vars(opt))
     saved = {**defaults, **run.opt}
@@ -708,18 +681,18 @@ def auto_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> 
     except (FileNotFoundError, ValueError):
         pass  # a hyp file that cannot be read stops the new run with its own error
     if run.finished:
-        log(f"--resume auto: {last} is a finished run ({run.epoch + 1}/{saved['epochs']} epochs); nothing "
-            f"to train" + (f" (options differ: {', '.join(changed)})" if changed else '') +
-            f'. To train more: --weights {last} --epochs N')
+        LOGGER.info(f"--resume auto: {last} is a finished run ({run.epoch + 1}/{saved['epochs']} epochs); nothing "
+                    f"to train" + (f" (options differ: {', '.join(changed)})" if changed else '') +
+                    f'. To train more: --weights {last} --epochs N')
         return None
     where = run.where
     if changed:
-        log(f"--resume auto: {last} ({where}) is an unfinished run of other options ({', '.join(changed)}); "
-            f'{_move_aside(paths)}, starting a new run')
+        LOGGER.info(f"--resume auto: {last} ({where}) is an unfinished run of other options ({', '.join(changed)}); "
+                    f'{_move_aside(paths)}, starting a new run')
         return opt
     free = [k for k in AUTO_RESUME_FREE[:-1] if not _same_option(k, saved.get(k), now[k])]
-    log(f'--resume auto: resuming {last} at {where}' +
-        (f"; {', '.join(free)} from this command line, not the saved run" if free else ''))
+    LOGGER.info(f'--resume auto: resuming {last} at {where}' +
+                (f"; {', '.join(free)} from this command line, not the saved run" if free else ''))
     opt.resume = str(last)
     return opt
 
@@ -743,7 +716,7 @@ def _move_aside(paths: dict[str, Path]) -> str:
     return f"kept the old run as {', '.join(moved)}"
 
 
-def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) -> argparse.Namespace:
+def elastic_resume(opt: argparse.Namespace) -> argparse.Namespace:
     """Under torchrun, whether this worker group continues weights/last.pt as --resume would: only when the checkpoint
     is this launch's (its saved elastic agents share one with this group's), so a restart after a worker or node loss
     continues and a relaunch of the same command (even with the same --rdzv-id) starts again. Rank 0 alone reads
@@ -753,7 +726,7 @@ def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) 
     last = run_paths(Path(opt.save_dir))['last']
     agents = du.launch_agents()  # a collective: before rank 0 goes its own way
     decision = None
-    if du.is_main_process():
+    if du.env_info().main:
         try:
             decision = _elastic_decision(last, agents, du.restart_count())
         except Exception as e:  # noqa: BLE001 - the other ranks wait for an answer: an error must reach them too
@@ -762,7 +735,7 @@ def elastic_resume(opt: argparse.Namespace, log: Callable[[str], None] = print) 
     if failed:
         raise CheckpointError(message)
     if message:
-        log(message)
+        LOGGER.info(message)
     if resume:
         readable = du.all_gather_object((socket.gethostname(), os.access(resume, os.R_OK)))
         missing = [f'rank {r} on {host}' for r, (host, ok) in enumerate(readable) if not ok]
@@ -841,7 +814,7 @@ def main(opt: argparse.Namespace) -> int:
             # this command line's device (a restart resumes this launch's run, saved with the same options)
             _join_group(torch.device(resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)[0]),
                         info)
-            opt = elastic_resume(opt, print if info.main else _quiet)
+            opt = elastic_resume(opt)
         if opt.resume == 'auto':  # rank 0 alone reads and moves files; the group follows its decision
             opt = du.broadcast_object([auto_resume(opt) if info.main else None])[0]
             if opt is None:

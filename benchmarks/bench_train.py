@@ -60,7 +60,7 @@ def bench_train(cfg: str | Path = ROOT / 'cfg' / 'yolov3-tiny.cfg', weights: str
 
         train.train_one_epoch = timed_epoch
         try:
-            train.train(train.load_hyp(opt.hyp), opt, dev, log=lambda s: None)
+            train.train(train.load_hyp(opt.hyp), opt, dev)
         finally:
             train.train_one_epoch = real
     timed = times[1:] or times  # skip the first epoch (worker start, page cache) when there are more

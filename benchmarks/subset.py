@@ -29,6 +29,7 @@ def make_subset(coco: Path, dst: Path, n: int | None = None, start: int = 0, cop
     but the files stay read-only where ../shared is). copies > 1 prefixes names with the copy's index (the loader
     drops duplicate paths). valid: the validation images of the .data file (default: the subset's own).
     """
+    coco = coco.resolve()  # symlinks hold the absolute path: a relative one would resolve from the link's folder
     src_images, src_labels = coco / 'images' / 'train2017', coco / 'labels' / 'train2017'
     if not src_images.is_dir():
         raise FileNotFoundError(f'{src_images}: no coco128 images folder (expected images/train2017 under {coco})')

@@ -2,6 +2,7 @@
 for the whole group from weights/last.pt, and two real launches with the same --rdzv-id in the same folder."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -18,6 +19,7 @@ import train
 from utils.checkpoint import CheckpointError, save_checkpoint
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from utils import distributed as du
+from utils.logs import LOGGER
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 
@@ -25,6 +27,14 @@ CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 @pytest.fixture(scope='module')
 def coco8(tmp_path_factory) -> Path:
     return make_subset(tmp_path_factory.mktemp('coco8'), 8, name='coco8')
+
+
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """A function returning what the project logger said so far in this test (the lines rank 0 prints)."""
+    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after an in-process train.main set up logging
+    caplog.set_level(logging.INFO, logger='yolov3')
+    return lambda: [r.getMessage() for r in caplog.records if r.name == 'yolov3']
 
 
 def fake_proc(root: Path, pid: int, start: int, comm: str = 'python') -> Path:
@@ -127,24 +137,24 @@ def tiny_last(save_dir: Path, **extra) -> Path:
 @pytest.mark.parametrize('saved, resumes', [({'elastic_agents': ['host/b/1@2/x', 'me']}, True),
                                             ({'elastic_agents': ['host/b/1@2/x']}, False),
                                             ({'elastic_run_id': 'yolo1'}, False), ({}, False)])
-def test_elastic_resume_only_a_checkpoint_of_this_launch(tmp_path, monkeypatch, saved, resumes):
+def test_elastic_resume_only_a_checkpoint_of_this_launch(logged, tmp_path, monkeypatch, saved, resumes):
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me', 'other-node'])
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo1')  # same id as the old checkpoint: not what decides
     last = tiny_last(tmp_path, **saved)
-    lines: list[str] = []
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    lines = logged()
     assert (opt.resume or None) == (str(last) if resumes else None)
     assert len(lines) == 1
     assert (f'resuming this launch\'s {last} at epoch 1' in lines[0]) if resumes else ('starting again' in lines[0])
     assert last.is_file()
 
 
-def test_elastic_first_attempt_without_checkpoint_says_nothing(tmp_path, monkeypatch):
+def test_elastic_first_attempt_without_checkpoint_says_nothing(logged, tmp_path, monkeypatch):
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
-    lines: list[str] = []
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    lines = logged()
     assert not opt.resume and lines == []
 
 
@@ -155,7 +165,7 @@ def test_elastic_unreadable_last_is_an_error_naming_it(tmp_path, monkeypatch):
     last.parent.mkdir(parents=True)
     last.write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='last.pt'):
-        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), print)
+        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     assert last.read_bytes() == b'not a checkpoint'
 
 
@@ -256,7 +266,7 @@ def test_elastic_restart_inside_an_epoch_resumes_at_the_saved_batch(coco8, tmp_p
     assert torch.load(tmp_path / 'weights' / 'last.pt', map_location='cpu', weights_only=True)['epoch'] == 2
 
 
-def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(tmp_path, monkeypatch, capsys):
+def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(logged, tmp_path, monkeypatch, capsys):
     # the group failed after saving its final epoch (say while plotting): the restart finds its own finished run,
     # and --resume's path says so and exits 0 without training
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
@@ -264,8 +274,8 @@ def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(tmp_pat
     last = tiny_last(tmp_path, elastic_agents=['me'])
     ckpt = torch.load(last, weights_only=True)
     save_checkpoint({**ckpt, 'epoch': 2}, last)
-    lines: list[str] = []
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), lines.append)
+    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    lines = logged()
     assert opt.resume == str(last) and lines == [f"Elastic restart 1: this launch's {last} is its finished run"]
     assert train.resolve_resume(opt)[1] is None and 'already finished' in capsys.readouterr().out
 
@@ -278,4 +288,4 @@ def test_elastic_checkpoint_rank0_cannot_judge_is_an_error_not_a_wait(tmp_path, 
     last.parent.mkdir(parents=True)
     save_checkpoint({'model': {'w': torch.zeros(1)}, 'optimizer': {}, 'elastic_agents': ['me'], 'epoch': 0}, last)
     with pytest.raises(CheckpointError, match='cannot decide whether to resume it'):
-        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]), print)
+        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))

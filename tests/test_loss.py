@@ -437,7 +437,7 @@ def test_ddp_does_not_broadcast_buffers_and_checkpoints_hold_cpu_optimizer_state
     opt = train.parse_opt(['--device', 'cpu', '--epochs', '1'])
     torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
-        parts = train.build_parts(model, TRAIN_HYP, opt, torch.device('cpu'), du.DistInfo(0, 0, 1), log=lambda s: None)
+        parts = train.build_parts(model, TRAIN_HYP, opt, torch.device('cpu'), du.DistInfo(0, 0, 1))
     finally:
         torch.distributed.destroy_process_group()
     assert isinstance(parts.model, nn.parallel.DistributedDataParallel)

@@ -3,6 +3,7 @@ groups, multi-scale sizes, accumulation, AMP choice, EMA, freeze, progress, hyp 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import train
 from models import Darknet
 from tests.conftest import ROOT
 from utils import engine
+from utils.logs import LOGGER
 from utils.torch_utils import ModelEMA
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -26,19 +28,28 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """A function returning what the project logger said so far in this test (the lines rank 0 prints)."""
+    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after an in-process train.main set up logging
+    caplog.set_level(logging.INFO, logger='yolov3')
+    return lambda: [r.getMessage() for r in caplog.records if r.name == 'yolov3']
+
+
 def test_warmup_interpolates_lr_momentum_gr_accumulate():
-    targets = [0.01, 0.01, 0.01]
+    targets = {'other': 0.01, 'conv_weight': 0.01, 'bias': 0.01}
     w0 = engine.warmup_values(0, 500, targets, HYP, batch_size=16)
-    assert w0['lr'] == [0.0, 0.0, 0.1] and w0['momentum'] == pytest.approx(0.9)
-    assert w0['gr'] == 0.0 and w0['accumulate'] == 1 and w0['weight_decay'] == [0.0, 0.0, 0.0]
+    assert w0['lr'] == {'other': 0.0, 'conv_weight': 0.0, 'bias': 0.1} and w0['momentum'] == pytest.approx(0.9)
+    assert w0['gr'] == 0.0 and w0['accumulate'] == 1 and set(w0['weight_decay'].values()) == {0.0}
     mid = engine.warmup_values(250, 500, targets, HYP, batch_size=16)
-    assert mid['lr'] == pytest.approx([0.005, 0.005, 0.055])
+    assert mid['lr'] == pytest.approx({'other': 0.005, 'conv_weight': 0.005, 'bias': 0.055})
     assert mid['momentum'] == pytest.approx((0.9 + 0.937) / 2) and mid['gr'] == pytest.approx(0.5)
     assert mid['accumulate'] == round(1 + 3 * 0.5)  # 1 -> 64 / 16 = 4
-    assert mid['weight_decay'] == pytest.approx([0.0, HYP['weight_decay'] / 2, 0.0])
+    assert mid['weight_decay'] == pytest.approx({'other': 0.0, 'conv_weight': HYP['weight_decay'] / 2, 'bias': 0.0})
     end = engine.warmup_values(500, 500, targets, HYP, batch_size=16)
     assert end['lr'] == pytest.approx(targets) and end['momentum'] == pytest.approx(0.937)
-    assert end['gr'] == 1.0 and end['accumulate'] == 4 and end['weight_decay'] == [0.0, HYP['weight_decay'], 0.0]
+    assert end['gr'] == 1.0 and end['accumulate'] == 4
+    assert end['weight_decay'] == {'other': 0.0, 'conv_weight': HYP['weight_decay'], 'bias': 0.0}
     assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
 
 
@@ -176,32 +187,31 @@ def test_amp_bf16_training_step_on_cpu():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
 
-def test_bf16_warning_only_without_bf16_instructions():
+def test_bf16_warning_only_without_bf16_instructions(logged):
     from utils.torch_utils import cpu_has_bf16
     assert cpu_has_bf16('processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n') is False
     assert cpu_has_bf16('flags\t\t: fpu avx512f avx512_bf16 amx_tile\n') is True
     assert cpu_has_bf16('') is None  # unknown: no warning
-    logs: list[str] = []
-    assert train.resolve_amp('bf16', torch.device('cpu'), logs.append)[1] == torch.bfloat16
-    assert (any('slower than fp32' in s for s in logs)) == (cpu_has_bf16() is False)
+    assert train.resolve_amp('bf16', torch.device('cpu'))[1] == torch.bfloat16
+    assert (any('slower than fp32' in s for s in logged())) == (cpu_has_bf16() is False)
 
 
 @pytest.mark.parametrize('flags, chosen', [('fpu avx512f avx512_bf16 amx_tile', 'bf16'),
                                            ('fpu sse avx2 avx512f', 'off'), (None, 'off')])
-def test_amp_auto_on_the_cpu_follows_its_bf16_flags(monkeypatch, flags, chosen):
+def test_amp_auto_on_the_cpu_follows_its_bf16_flags(logged, caplog, monkeypatch, flags, chosen):
     # auto = bf16 autocast where the CPU computes bf16 natively, fp32 where it would be emulated or is unknown
     from utils import torch_utils
     monkeypatch.setattr(torch_utils, 'read_cpuinfo', lambda: None if flags is None else f'flags\t\t: {flags}\n')
-    logs: list[str] = []
-    amp, dtype = train.resolve_amp('auto', torch.device('cpu'), logs.append)
+    amp, dtype = train.resolve_amp('auto', torch.device('cpu'))
+    logs = logged()
     assert (amp, dtype) == (chosen, {'bf16': torch.bfloat16, 'off': None}[chosen])
     assert len(logs) == 1 and logs[0].startswith(f'--amp auto: {chosen} (')
     assert ('no native bf16' in logs[0]) == (flags is not None and chosen == 'off')
     assert ('unknown' in logs[0]) == (flags is None)
-    logs.clear()
-    assert train.resolve_amp('auto', torch.device('cuda', 0), logs.append) == ('fp16', torch.float16)
-    assert 'CUDA' in logs[0]
-    assert train.resolve_amp('off', torch.device('cpu'), logs.append) == ('off', None) and len(logs) == 1
+    caplog.clear()
+    assert train.resolve_amp('auto', torch.device('cuda', 0)) == ('fp16', torch.float16)
+    assert 'CUDA' in logged()[0]
+    assert train.resolve_amp('off', torch.device('cpu')) == ('off', None) and len(logged()) == 1
 
 
 def distance(a: nn.Module, b: nn.Module) -> float:
@@ -386,23 +396,22 @@ def test_device_rules():
             resolve_device(bad, -1, 1, 2)
 
 
-def test_sync_bn_conversion_and_refusal_on_cpu_ddp():
+def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
     from utils import distributed as du
     model = Darknet(CFG, 64)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     sd = copy.deepcopy(model.state_dict())
-    logs: list[str] = []
-    converted = train.convert_sync_bn(model, logs.append)
+    converted = train.convert_sync_bn(model)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn > 0
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in sd.items())
-    assert logs == [f'Using SyncBatchNorm ({n_bn} layers)']
+    assert logged() == [f'Using SyncBatchNorm ({n_bn} layers)']
     opt = train.parse_opt(['--sync-bn', '--batch-size', '8'])
     ddp2 = du.DistInfo(rank=0, local_rank=0, world_size=2)
     with pytest.raises(ValueError, match='--sync-bn needs CUDA'):
         train.check_options(opt, ddp2, torch.device('cpu'))
     train.check_options(opt, ddp2, torch.device('cuda', 0))  # allowed on CUDA
-    train.check_options(opt, du.DistInfo(), torch.device('cpu'), logs.append)
-    assert logs[-1] == '--sync-bn has no effect in a single process'
+    train.check_options(opt, du.DistInfo(), torch.device('cpu'))
+    assert logged()[-1] == '--sync-bn has no effect in a single process'
     with pytest.raises(ValueError, match='multiple of the number of processes 2'):
         train.check_options(train.parse_opt(['--batch-size', '7']), ddp2, torch.device('cpu'))

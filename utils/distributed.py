@@ -114,11 +114,6 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def is_main_process() -> bool:
-    """True on rank 0, or in a single-process run."""
-    return not is_initialized() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every rank; nothing to wait for in a single-process run."""
     if is_initialized():

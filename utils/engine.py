@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils import distributed as du
+from utils.logs import LOGGER
 from utils.loss import ComputeLoss
-from utils.torch_utils import ModelEMA
+from utils.torch_utils import ModelEMA, de_parallel
 
 GS = 32  # grid size: the largest stride; image sizes must be multiples of it
 NBS = 64  # nominal batch size: gradients are accumulated up to it, and the loss is scaled by batch_size / NBS
@@ -49,18 +50,53 @@ def n_burn_in(nb: int) -> int:
     return max(3 * nb, 500)
 
 
-def warmup_values(ni: int, n_burn: int, lr_targets: list[float], hyp: dict, batch_size: int) -> dict[str, Any]:
-    """Burn-in at integrated batch ni: LRs and weight decays of the three groups, momentum, obj GIoU ratio gr,
-    accumulation count.
+OPTIMIZER_GROUPS = ('other', 'conv_weight', 'bias')  # build_optimizer's param_group names, in the original's order
 
-    As the original: bias LR (group 2) falls 0.1 -> its target, other LRs rise 0 -> target, conv weight decay
-    (group 1) rises 0 -> hyp['weight_decay'], momentum 0.9 -> hyp['momentum'], gr 0 -> 1, accumulate
-    1 -> NBS / batch_size, all linear over n_burn iterations.
+
+def build_optimizer(model: nn.Module, hyp: dict, adam: bool = False) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or Adam over three named param groups: 'other' (BatchNorm weights and the rest, no decay),
+    'conv_weight' (convolution weights, decayed) and 'bias' (no decay); frozen parameters are left out."""
+    params: dict[str, list[nn.Parameter]] = {name: [] for name in OPTIMIZER_GROUPS}
+    for name, v in de_parallel(model).named_parameters():
+        if not v.requires_grad:
+            continue
+        kind = 'bias' if name.endswith('.bias') else 'conv_weight' if name.endswith('Conv2d.weight') else 'other'
+        params[kind].append(v)
+    # every group is kept, an empty one too (no BN weights left after --freeze-layers), so saved states always match
+    groups = [{'params': params[k], 'name': k} for k in OPTIMIZER_GROUPS]
+    groups[OPTIMIZER_GROUPS.index('conv_weight')]['weight_decay'] = hyp['weight_decay']
+    if adam:
+        optimizer = torch.optim.Adam(groups, lr=hyp['lr0'])
+    else:
+        optimizer = torch.optim.SGD(groups, lr=hyp['lr0'], momentum=hyp['momentum'], nesterov=True)
+    optimizer.register_load_state_dict_pre_hook(_keep_group_names)
+    LOGGER.info(f"Optimizer groups: {len(params['bias'])} .bias, {len(params['conv_weight'])} Conv2d.weight, "
+                f"{len(params['other'])} other")
+    return optimizer
+
+
+def _keep_group_names(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Loading an optimizer state replaces the group dicts: give groups saved without names (checkpoints older than
+    the names) the names of this optimizer's groups, which build_optimizer made in the same order."""
+    saved = state_dict['param_groups']
+    if all('name' in g for g in saved) or len(saved) != len(optimizer.param_groups):
+        return state_dict
+    named = [{'name': own['name'], **g} if 'name' in own else g for g, own in zip(saved, optimizer.param_groups)]
+    return {**state_dict, 'param_groups': named}
+
+
+def warmup_values(ni: int, n_burn: int, lr_targets: dict[str, float], hyp: dict, batch_size: int) -> dict[str, Any]:
+    """Burn-in at integrated batch ni: the LR and weight decay of each named group (lr_targets: group name -> LR to
+    reach), momentum, the loss's objectness GIoU ratio gr and the accumulation count.
+
+    As the original: the 'bias' LR falls 0.1 -> its target, the other LRs rise 0 -> target, only 'conv_weight' decays
+    (0 -> hyp['weight_decay']), momentum 0.9 -> hyp['momentum'], gr 0 -> 1, accumulate 1 -> NBS / batch_size, all
+    linear over n_burn iterations.
     """
     xi = [0, n_burn]
-    return {'lr': [float(np.interp(ni, xi, [0.1 if j == 2 else 0.0, t])) for j, t in enumerate(lr_targets)],
-            'weight_decay': [float(np.interp(ni, xi, [0.0, hyp['weight_decay'] if j == 1 else 0.0]))
-                             for j in range(len(lr_targets))],
+    return {'lr': {k: float(np.interp(ni, xi, [0.1 if k == 'bias' else 0.0, t])) for k, t in lr_targets.items()},
+            'weight_decay': {k: float(np.interp(ni, xi, [0.0, hyp['weight_decay'] if k == 'conv_weight' else 0.0]))
+                             for k in lr_targets},
             'momentum': float(np.interp(ni, xi, [0.9, hyp['momentum']])),
             'gr': float(np.interp(ni, xi, [0.0, 1.0])),
             'accumulate': max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))}
@@ -243,12 +279,17 @@ class FiniteGuard:
 
 
 def burn_in(optimizer: torch.optim.Optimizer, ni: int, epoch: int, cfg: LoopConfig) -> tuple[int, float]:
-    """Set the burn-in LRs, weight decays and momentum of integrated batch ni; return (the accumulation count, the
-    loss's gr)."""
-    w = warmup_values(ni, cfg.n_burn, [g['initial_lr'] * cfg.lf(epoch) for g in optimizer.param_groups], cfg.hyp,
+    """Set the burn-in LRs, weight decays and momentum of integrated batch ni in the optimizer's named groups;
+    return (the accumulation count, the loss's gr)."""
+    unnamed = [k for k, g in enumerate(optimizer.param_groups) if 'name' not in g]
+    if unnamed:
+        raise ValueError(f'optimizer param groups {unnamed} have no name: burn-in needs the groups build_optimizer '
+                         f'makes ({", ".join(OPTIMIZER_GROUPS)})')
+    groups = {g['name']: g for g in optimizer.param_groups}
+    w = warmup_values(ni, cfg.n_burn, {k: g['initial_lr'] * cfg.lf(epoch) for k, g in groups.items()}, cfg.hyp,
                       cfg.batch_size)
-    for g, lr, wd in zip(optimizer.param_groups, w['lr'], w['weight_decay']):
-        g['lr'], g['weight_decay'] = lr, wd
+    for k, g in groups.items():
+        g['lr'], g['weight_decay'] = w['lr'][k], w['weight_decay'][k]
         if 'momentum' in g:
             g['momentum'] = w['momentum']
     return w['accumulate'], w['gr']
