@@ -53,6 +53,27 @@ def test_warmup_interpolates_lr_momentum_gr_accumulate():
     assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
 
 
+def test_burn_in_finds_the_groups_by_name_also_in_an_older_saved_state():
+    model = Darknet(TOY_CFG, 64)
+    old = train.build_optimizer(model, HYP).state_dict()
+    for g in old['param_groups']:
+        del g['name']  # an optimizer state saved before the groups had names
+    opt = train.build_optimizer(model, HYP)
+    opt.load_state_dict(old)
+    assert [g['name'] for g in opt.param_groups] == ['other', 'conv_weight', 'bias']
+    cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(10, HYP['lrf']), n_burn=100, batch_size=16, epochs=10)
+    for g in opt.param_groups:
+        g['initial_lr'] = HYP['lr0']
+    opt.param_groups.reverse()  # the order means nothing: only the names do
+    assert engine.burn_in(opt, 0, 0, cfg) == (1, 0.0)  # (accumulation, the loss's gr) at the first batch
+    by_name = {g['name']: g for g in opt.param_groups}
+    assert (by_name['bias']['lr'], by_name['conv_weight']['lr'], by_name['other']['lr']) == (0.1, 0.0, 0.0)
+    engine.burn_in(opt, 100, 0, cfg)
+    assert by_name['conv_weight']['weight_decay'] == HYP['weight_decay'] > 0 == by_name['bias']['weight_decay']
+    with pytest.raises(ValueError, match='build_optimizer'):  # a plain optimizer has no names to look up
+        engine.burn_in(torch.optim.SGD(model.parameters(), lr=0.01), 0, 0, cfg)
+
+
 def test_optimizer_groups_decay_conv_weights_only():
     # each trainable parameter is optimised once; convolution weights decay, BatchNorm weights and every bias do not
     model = Darknet(TOY_CFG, 64)
