@@ -26,12 +26,13 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import WeightsError, load_eval_model  # noqa: E402
+from models import load_eval_model  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
-from utils.data_config import DatasetError, check_dataset, load_data_config  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
+from utils.darknet_weights import WeightsError  # noqa: E402
+from utils.data_config import DatasetError, check_dataset, class_names, load_data_config  # noqa: E402
+from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
 from utils.logs import setup_logging  # noqa: E402
@@ -131,24 +132,22 @@ class Summary(NamedTuple):
     res: APResult | None  # per-class results, None when no image had targets
 
 
-def class_names(data: dict, model: nn.Module, single_cls: bool) -> list[str]:
-    """Row labels: 'object' for --single-cls, the dataset's names, else those the checkpoint carries (a data file
-    without names gets load_data_config's placeholders 'class0', 'class1', ...)."""
+def eval_names(data: dict, model: nn.Module, single_cls: bool) -> list[str]:
+    """Row labels: 'object' for --single-cls, else utils.data_config.class_names of the dataset's names and those the
+    checkpoint carries."""
     if single_cls:
         return ['object']
-    names, nc = list(data['names']), int(data['nc'])
     carried = getattr(de_parallel(model), 'names', None)
-    if names == [f'class{i}' for i in range(nc)] and carried is not None and len(carried) == nc:
-        return list(carried)
-    return names
+    return class_names(int(data['nc']), data['names'], carried, data.get('path', 'dataset config'))
 
 
 def val_loader(data: dict, imgsz: int, batch_size: int, model: nn.Module, single_cls: bool,
                workers: int) -> torch.utils.data.DataLoader:
     """The validation loader of the original: rectangular batches padded by half a stride, not shuffled."""
-    loader, _ = create_dataloader(data['valid'], imgsz, batch_size, stride=_model_stride(model), pad=0.5, rect=True,
-                                  single_cls=single_cls, shuffle=False, workers=workers, nc=int(data['nc']),
-                                  prefix='test: ', pin_memory=pin_memory_for(next(model.parameters()).device))
+    opts = DatasetOptions(img_size=imgsz, batch_size=batch_size, rect=True, single_cls=single_cls, pad=0.5,
+                          stride=_model_stride(model), nc=int(data['nc']), prefix='test: ')
+    pin = pin_memory_for(next(model.parameters()).device)
+    loader, _ = create_dataloader(data['valid'], opts, LoaderOptions(workers=workers, shuffle=False, pin_memory=pin))
     return loader
 
 
@@ -189,7 +188,7 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg:
     header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
     for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
         imgs = imgs.to(device, non_blocking=True).to(dtype) / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
-        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions (~1.5x on CPU)
+        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
         height, width = imgs.shape[2:]  # rectangular batch: H, W multiples of 32
@@ -387,7 +386,7 @@ def run(opt: argparse.Namespace) -> EvalResult:
     """`test.py --task test`: the model and validation loader built from the options, evaluated."""
     data, model = load(opt)
     loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
-    return evaluate(model, loader, class_names(data, model, opt.single_cls), eval_config(opt, data))
+    return evaluate(model, loader, eval_names(data, model, opt.single_cls), eval_config(opt, data))
 
 
 def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.ndarray | None = None) -> Path:
@@ -397,7 +396,7 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)
     loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
-    names = class_names(data, model, opt.single_cls)
+    names = eval_names(data, model, opt.single_cls)
     cfg = EvalConfig(conf_thres=opt.conf_thres, augment=opt.augment, single_cls=opt.single_cls, plots=False,
                      save_dir=save_dir)
     y = []
@@ -425,7 +424,7 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
               ious: tuple[float, ...] = (0.6, 0.7)) -> Path:
     """mAP and time at image sizes 256-640 and two NMS IoU thresholds -> benchmark.txt."""
     sizes = list(range(256, 640, 128)) if sizes is None else sizes
-    names = class_names(data, model, opt.single_cls)
+    names = eval_names(data, model, opt.single_cls)
     cfg = EvalConfig(conf_thres=opt.conf_thres, single_cls=opt.single_cls, plots=False, save_dir=Path(opt.save_dir))
     y = []
     for s in sizes:
