@@ -245,7 +245,7 @@ OBJ_PRIOR = -4.5
 
 
 def class_prior(nc: int) -> float:
-    """The class-logit bias prior of a fresh head with nc classes (as the original: log(0.6 / (nc - 0.99)))."""
+    """The class-logit bias prior of a fresh head with nc classes: log(0.6 / (nc - 0.99)), the original's."""
     return math.log(0.6 / (nc - 0.99))
 
 
@@ -421,7 +421,7 @@ def scale_img(img: torch.Tensor, ratio: float, gs: int = 32) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # a model ready to use: built from its cfg, weights loaded (utils/transfer.py's rules)
 
-DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # as the original's --cfg default
+DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # the original's --cfg default
 
 
 def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int | tuple[int, int] = 416,
