@@ -37,7 +37,7 @@ from utils.darknet_weights import WeightsError  # noqa: E402
 from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
-from utils.logs import setup_logging  # noqa: E402
+from utils.logs import LOGGER, setup_logging  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, inference_dtype, select_device, set_cuda_device,  # noqa: E402
@@ -263,7 +263,7 @@ def open_view(opt: argparse.Namespace, stream: bool, out: Path) -> bool:
     view_img = opt.view_img or stream
     why = window_unavailable() if view_img else None
     if why:
-        print(f'WARNING: --view-img: cannot show a window: {why}; results are saved to {out} instead')
+        LOGGER.warning(f'--view-img: cannot show a window: {why}; results are saved to {out} instead')
     return view_img and not why
 
 
@@ -330,7 +330,7 @@ def check_options(opt: argparse.Namespace, source: str, stream: bool) -> None:
     if opt.max_det < 1:
         raise DetectError(f'--max-det must be at least 1, got {opt.max_det}')
     if opt.save_conf and not opt.save_txt:
-        print('WARNING: --save-conf adds the confidence to --save-txt rows; without --save-txt it does nothing')
+        LOGGER.warning('--save-conf adds the confidence to --save-txt rows; without --save-txt it does nothing')
 
 
 def detect(opt: argparse.Namespace) -> Path:

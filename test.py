@@ -35,7 +35,7 @@ from utils.data_config import DatasetError, check_dataset, class_names, load_dat
 from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
-from utils.logs import setup_logging  # noqa: E402
+from utils.logs import LOGGER, setup_logging  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
                                pin_memory_for, select_device, set_cuda_device, time_synchronized)
@@ -279,7 +279,7 @@ def confusion_for(model: nn.Module, nc: int, single_cls: bool) -> ConfusionMatri
     number of classes, so its rows would not be the dataset's."""
     model_nc = getattr(de_parallel(model), 'nc', nc)
     if model_nc != nc and not single_cls:
-        print(f'WARNING: no confusion matrix: the model has {model_nc} classes, the dataset {nc}')
+        LOGGER.warning(f'no confusion matrix: the model has {model_nc} classes, the dataset {nc}')
         return None
     return ConfusionMatrix(nc)
 

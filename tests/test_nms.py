@@ -1,11 +1,14 @@
 """non_max_suppression: filters, multi-label, class handling, merge-NMS, limits; against a plain greedy reference."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from torchvision.ops import box_iou, nms
 
+from utils.logs import LOGGER
 from utils.nms import non_max_suppression
 
 
@@ -93,7 +96,7 @@ def test_matches_greedy_reference_and_max_det():
     assert torch.equal(capped, out[:7])
 
 
-def test_time_limit_and_bad_thresholds(capsys, monkeypatch):
+def test_time_limit_and_bad_thresholds(caplog, monkeypatch):
     p = pred_rows([(50, 50, 20, 20, 0.9, {0: 1.0})]).repeat(3, 1, 1)
     threads = torch.get_num_threads()
 
@@ -101,10 +104,12 @@ def test_time_limit_and_bad_thresholds(capsys, monkeypatch):
         raise AssertionError(f'NMS changed the process-wide torch thread count to {n}')
 
     monkeypatch.setattr(torch, 'set_num_threads', no_thread_change)
-    out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
+    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after a script in this session set up logging
+    with caplog.at_level(logging.WARNING, logger='yolov3'):
+        out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
     assert [len(o) for o in out] == [1, 0, 0]
     assert torch.get_num_threads() == threads  # NMS leaves the process-wide thread count alone
-    assert 'time limit' in capsys.readouterr().out
+    assert [r.levelname for r in caplog.records] == ['WARNING'] and 'time limit' in caplog.text
     with pytest.raises(ValueError, match='conf_thres'):
         non_max_suppression(p, 1.5, 0.6)
 

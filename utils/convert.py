@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.data_config import DatasetError, check_unique_names, load_names
 from utils.datasets import IMG_FORMATS, exif_size, img2label_paths
+from utils.logs import LOGGER, setup_logging
 from utils.parse_config import ConfigError, cfg_with_classes
 
 
@@ -443,8 +444,8 @@ def write_dataset(res: Converted, out: Path, val_fraction: float = 0.0, seed: in
         raise
     missing = classes_missing(res.names, lists['train.txt'], lists.get('val.txt', []))
     if val_i and missing:
-        print(f"WARNING: no boxes of {', '.join(missing)} in val.txt (only in train.txt): their mAP will not be "
-              f"measured; try another --seed or a larger --val-fraction")
+        LOGGER.warning(f"no boxes of {', '.join(missing)} in val.txt (only in train.txt): their mAP will not be "
+                       f"measured; try another --seed or a larger --val-fraction")
     return out / f'{out.name}.data', summary(res, modes, len(train_i), len(val_i))
 
 
@@ -512,6 +513,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Convert as the command line says; print the class order and a summary line. Errors raise ConvertError."""
     opt = get_args_parser().parse_args(argv)
+    setup_logging()
     check_out(opt.out)  # before the reading, which can take a while on a large set
     split(2, opt.val_fraction, opt.seed)  # checks the fraction's range before the reading
     if not opt.images.is_dir():

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from utils.logs import LOGGER
+
 ROOT = Path(__file__).resolve().parents[1]  # repository root, a fallback base for relative paths
 
 DARKNET_KEYS = {'classes', 'train', 'valid', 'test', 'names', 'backup', 'eval', 'download'}
@@ -126,7 +128,7 @@ def _parse_darknet(path: Path) -> dict[str, str]:
             raise DatasetError(f"{path}:{i}: expected 'key=value', got {line!r}")
         key, value = (s.strip() for s in line.split('=', 1))
         if key not in DARKNET_KEYS:  # Darknet itself ignores keys it does not use; say so once
-            print(f"WARNING: {path}:{i}: ignoring unknown key {key!r} (used: {', '.join(sorted(DARKNET_KEYS))})")
+            LOGGER.warning(f"{path}:{i}: ignoring unknown key {key!r} (used: {', '.join(sorted(DARKNET_KEYS))})")
         out[key] = value
     return out
 
@@ -141,7 +143,7 @@ def _parse_yaml(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: dataset YAML must be a mapping of keys (train, val, nc, names)")
     unknown = set(d) - YAML_KEYS
     if unknown:
-        print(f"WARNING: {path}: ignoring unknown keys {sorted(unknown)} (used: {', '.join(sorted(YAML_KEYS))})")
+        LOGGER.warning(f"{path}: ignoring unknown keys {sorted(unknown)} (used: {', '.join(sorted(YAML_KEYS))})")
     return d
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from utils.boxes import bbox_iou, xywh2xyxy
+from utils.logs import LOGGER
 
 MIN_WH, MAX_WH = 2, 4096  # (pixels) boxes with a side outside (MIN_WH, MAX_WH) are dropped
 MERGE_MAX = 3000  # merge-NMS only below this many candidates per image
@@ -178,7 +179,7 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.1, iou_t
                 det[keep, :4] = merge_boxes(det, keep, group, iou_thres)
             output[xi] = det.index_select(0, keep)
         if time.time() - t > time_limit:
-            print(f"WARNING: NMS time limit {time_limit:.1f}s exceeded after {xi + 1}/{len(output)} images; "
-                  f"the rest get no detections")
+            LOGGER.warning(f"NMS time limit {time_limit:.1f}s exceeded after {xi + 1}/{len(output)} images; "
+                           f"the rest get no detections")
             break
     return output
