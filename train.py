@@ -33,13 +33,15 @@ import torch.nn as nn
 import yaml
 
 import test as val  # test.py: evaluate() is called in-process after each epoch
-from models import Darknet, WeightsError, YOLOLayer, attempt_download, load_weights
+from models import Darknet, YOLOLayer
 from utils import distributed as du
 from utils.anchors import check_anchors
 from utils.checkpoint import (CheckpointError, Progress, RunCheckpointer, load_checkpoint, plain, read_run,
                               strip_optimizer, training_weights)
+from utils.darknet_weights import WeightsError
 from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import create_dataloader
+from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
+from utils.downloads import attempt_download
 from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError,
                           RunControl, build_optimizer, memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
@@ -49,9 +51,9 @@ from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
-from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, de_parallel,
-                               init_seeds, pin_memory_for, resolve_device, set_cuda_device,
-                               use_channels_last)
+from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, init_seeds,
+                               pin_memory_for, resolve_device, set_cuda_device, use_channels_last)
+from utils.transfer import load_weights
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_HEADER = ('Epoch', 'mem', 'GIoU', 'obj', 'cls', 'total', 'targets', 'img_size')
@@ -348,17 +350,17 @@ def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistI
     batch as the original (rank 0 tests alone, so the global batch would be world times larger there); pin_memory
     for loaders feeding a CUDA device (pin_memory_for)."""
     batch = opt.batch_size // info.world_size
-    loader, dataset = create_dataloader(data['train'], imgsz, batch, GS, hyp=hyp, augment=True,
-                                        cache=opt.cache_images, rect=opt.rect, rank=info.rank,
-                                        world_size=info.world_size, workers=opt.workers, single_cls=opt.single_cls,
-                                        image_weights=opt.image_weights, seed=opt.seed, nc=data['nc'],
-                                        prefix='train: ', pin_memory=pin_memory)
+    train = DatasetOptions(img_size=imgsz, batch_size=batch, augment=True, hyp=hyp, rect=opt.rect,
+                           image_weights=opt.image_weights, cache_images=opt.cache_images, single_cls=opt.single_cls,
+                           stride=GS, nc=data['nc'], prefix='train: ', seed=opt.seed)
+    loader, dataset = create_dataloader(data['train'], train, LoaderOptions(info.rank, info.world_size, opt.workers,
+                                                                            pin_memory=pin_memory))
     testloader = None
     if info.main:
-        testloader = create_dataloader(data['valid'], imgsz_test, batch, GS, hyp=hyp, augment=False,
-                                       cache=opt.cache_images, rect=True, rank=-1, workers=opt.workers,
-                                       single_cls=opt.single_cls, shuffle=False, nc=data['nc'], prefix='val: ',
-                                       pin_memory=pin_memory)[0]
+        test = DatasetOptions(img_size=imgsz_test, batch_size=batch, hyp=hyp, rect=True, cache_images=opt.cache_images,
+                              single_cls=opt.single_cls, stride=GS, nc=data['nc'], prefix='val: ')
+        testloader = create_dataloader(data['valid'], test, LoaderOptions(workers=opt.workers, shuffle=False,
+                                                                          pin_memory=pin_memory))[0]
     return loader, dataset, testloader
 
 
@@ -385,7 +387,7 @@ def validate(ctx: EpochEnd, epoch: int, progress: Progress, after_burn_in: bool)
     final = epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience)
     cfg = val.EvalConfig(multi_label=after_burn_in, single_cls=opt.single_cls, plots=final and not opt.evolve,
                          save_dir=Path(opt.save_dir))
-    names = val.class_names(ctx.data, model, opt.single_cls)
+    names = val.eval_names(ctx.data, model, opt.single_cls)
     return val.evaluate(model, ctx.testloader, names, cfg, ctx.parts.compute_loss)
 
 

@@ -30,9 +30,14 @@ def _measure_here(data: str, img_size: int, batch_size: int, workers: int, epoch
     import torch
     from torch.utils.data import DataLoader
 
-    from utils.datasets import LoadImagesAndLabels  # resolved against the checkout put first on sys.path
+    import utils.datasets as d  # resolved against the checkout put first on sys.path
+    from utils.datasets import LoadImagesAndLabels
 
-    dataset = LoadImagesAndLabels(data, img_size, batch_size, augment=True, hyp=hyp, rect=False)
+    if hasattr(d, 'DatasetOptions'):  # this checkout groups the dataset's options
+        opts = d.DatasetOptions(img_size=img_size, batch_size=batch_size, augment=True, hyp=hyp)
+        dataset = LoadImagesAndLabels(data, opts)
+    else:  # the original's signature
+        dataset = LoadImagesAndLabels(data, img_size, batch_size, augment=True, hyp=hyp, rect=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=LoadImagesAndLabels.collate_fn, persistent_workers=workers > 0)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchor
                            fix_command, label_wh, main, parse_opt)
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss
-from utils.datasets import LoadImagesAndLabels
+from utils.datasets import DatasetOptions, LoadImagesAndLabels
 from utils.logs import LOGGER
 from utils.parse_config import parse_model_cfg
 
@@ -96,7 +96,7 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
     assert anchors.max() < 23  # sized for the small boxes
 
     # the check train.py runs: the default anchors warn with the command to run; the new ones pass
-    ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), 320)
+    ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), DatasetOptions(img_size=320))
     with caplog.at_level(logging.INFO, logger='yolov3'):
         bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, data=str(data), cfg=str(TINY))
     logs = caplog.messages
@@ -167,7 +167,7 @@ def test_darknet_rule_and_advice_when_fine_tuning(tmp_path, caplog, monkeypatch)
     assert darknet_fit(wh, loose)[1] > aat
 
     data = small_box_data(tmp_path / 'dots', n_images=2, boxes=5)
-    ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), 320)
+    ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), DatasetOptions(img_size=320))
     with caplog.at_level(logging.INFO, logger='yolov3'):
         bpr = check_anchors(ds, Darknet(str(TINY)), 320, 0.2, data=str(data), cfg=str(TINY), loss='darknet',
                             pretrained=True)

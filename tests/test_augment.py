@@ -9,7 +9,7 @@ import torch
 
 from utils.augmentations import PAD_COLOR, augment_hsv, box_candidates, combine_mosaic, letterbox, random_affine
 from utils.boxes import xywh2xyxy
-from utils.datasets import LoadImagesAndLabels, SampleKey
+from utils.datasets import DatasetOptions, LoadImagesAndLabels, SampleKey
 from tests.conftest import COCO128_IMAGES
 
 # BGR colours far from each other and from the grey padding (114) even after bilinear blending at the edges
@@ -160,7 +160,7 @@ def item_boxes(ds: LoadImagesAndLabels, i: int) -> tuple[np.ndarray, np.ndarray]
 def test_mosaic_affine_flip_dataset(tmp_path):
     images = make_synthetic(tmp_path)
     hyp = {**NO_HSV, 'degrees': 10, 'translate': 0.1, 'scale': 0.2, 'shear': 5}
-    ds = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12)
+    ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=128, batch_size=4, augment=True, hyp=hyp, nc=12))
     assert ds.mosaic
     loaded: list[int] = []
     real_load = ds.load_image
@@ -179,12 +179,13 @@ def test_mosaic_affine_flip_dataset(tmp_path):
 
 def test_flip_and_letterbox_dataset(tmp_path):
     images = make_synthetic(tmp_path)
-    plain = LoadImagesAndLabels(str(images), 128, 2, rect=True)  # test mode: letterbox to rectangular batches
+    plain = LoadImagesAndLabels(str(images), DatasetOptions(img_size=128, batch_size=2, rect=True))  # test mode
     for i in range(len(plain)):
         img, boxes = item_boxes(plain, i)
         assert len(boxes) == 2 and check_boxes(img, boxes, tol=1.5) == 2
     hyp = {**NO_HSV, 'degrees': 0, 'translate': 0, 'scale': 0, 'shear': 0}
-    aug = LoadImagesAndLabels(str(images), 128, 2, augment=True, hyp=hyp, rect=True)  # rect: no mosaic
+    aug = LoadImagesAndLabels(str(images), DatasetOptions(img_size=128, batch_size=2, augment=True, hyp=hyp,
+                                                          rect=True))  # rect: no mosaic
     assert not aug.mosaic
     flips = 0
     for epoch in range(3):
@@ -207,7 +208,8 @@ def test_reduced_decode_matches_full():
     files = [str(f) for f in sorted(COCO128_IMAGES.glob('*.jpg'))[:6]]
     hyp = {**NO_HSV, 'degrees': 0, 'translate': 0, 'scale': 0, 'shear': 0}
     for size in (160, 320):
-        train, test = LoadImagesAndLabels(files, size, augment=True, hyp=hyp), LoadImagesAndLabels(files, size)
+        train = LoadImagesAndLabels(files, DatasetOptions(img_size=size, augment=True, hyp=hyp))
+        test = LoadImagesAndLabels(files, DatasetOptions(img_size=size))
         for i in range(len(files)):
             a, hw0, hw = train.load_image(i)
             b, hw0b, hwb = test.load_image(i)
@@ -273,7 +275,8 @@ def test_dataset_sample_augmentation_from_seed_epoch_k(tmp_path):
     after other draws; another k, epoch or seed gives another augmentation of the same image."""
     images = make_synthetic(tmp_path)
     hyp = {'hsv_h': 0.014, 'hsv_s': 0.7, 'hsv_v': 0.4, 'degrees': 5, 'translate': 0.1, 'scale': 0.2, 'shear': 2}
-    ds = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12, seed=5)
+    ds = LoadImagesAndLabels(str(images),
+                             DatasetOptions(img_size=128, batch_size=4, augment=True, hyp=hyp, nc=12, seed=5))
     keys = [SampleKey(0, 0, 3), SampleKey(0, 1, 3), SampleKey(1, 0, 3), SampleKey(2, 7, 1)]
     first = [ds[k] for k in keys]
     np.random.seed(99)
@@ -281,14 +284,15 @@ def test_dataset_sample_augmentation_from_seed_epoch_k(tmp_path):
     for x, y in zip(first, again):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     assert not torch.equal(first[0][0], first[1][0]) and not torch.equal(first[0][0], first[2][0])
-    other_seed = LoadImagesAndLabels(str(images), 128, 4, augment=True, hyp=hyp, nc=12, seed=6)
+    other_seed = LoadImagesAndLabels(str(images),
+                                     DatasetOptions(img_size=128, batch_size=4, augment=True, hyp=hyp, nc=12, seed=6))
     assert not torch.equal(other_seed[keys[0]][0], first[0][0])
     assert torch.equal(ds[3][0], ds[SampleKey(0, 3, 3)][0]) and torch.equal(ds[3][0], ds[3][0])  # plain index
 
 
 def test_collate_uint8_rgb(tmp_path):
     images = make_synthetic(tmp_path, sizes=((256, 256), (256, 256)))
-    ds = LoadImagesAndLabels(str(images), 128, 2)
+    ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=128, batch_size=2))
     imgs, targets, _, _ = LoadImagesAndLabels.collate_fn([ds[0], ds[1]])
     assert imgs.dtype == torch.uint8 and imgs.shape == (2, 3, 128, 128)
     c = int(targets[0, 1])

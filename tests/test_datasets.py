@@ -18,8 +18,9 @@ from PIL import Image
 from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset
 from utils import datasets as ds_mod
 from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import (LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam, RectDistributedSampler,
-                            create_dataloader, img2label_paths, list_image_files, verify_image_label)
+from utils.datasets import (DatasetOptions, LoaderOptions, LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam,
+                            RectDistributedSampler, create_dataloader, img2label_paths, list_image_files,
+                            verify_image_label)
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 
@@ -229,7 +230,7 @@ def test_exif_rotated_image_in_training(tmp_path):
     exif[0x0112] = 6  # stored 400 wide x 200 high, shown 200 x 400
     Image.new('RGB', (400, 200), (0, 0, 255)).save(tmp_path / 'images' / 'a.jpg', exif=exif)
     (tmp_path / 'labels' / 'a.txt').write_text('0 0.5 0.5 0.5 0.5\n')
-    ds = LoadImagesAndLabels(str(tmp_path / 'images'), 128, augment=True, hyp=HYP)
+    ds = LoadImagesAndLabels(str(tmp_path / 'images'), DatasetOptions(img_size=128, augment=True, hyp=HYP))
     assert tuple(ds.shapes[0]) == (200, 400)
     img, (h0, w0), (h, w) = ds.load_image(0)  # decoded at 1/2 scale, orientation applied
     assert (h0, w0) == (400, 200) and img.shape[:2] == (h, w) == (128, 64)
@@ -245,7 +246,8 @@ def test_planted_faults_read_only(tmp_path, capsys):
     try:
         d = load_data_config(data)
         check_dataset(d)
-        ds = LoadImagesAndLabels(d['train'], 160, 8, augment=True, hyp=HYP, nc=d['nc'])
+        ds = LoadImagesAndLabels(d['train'],
+                                 DatasetOptions(img_size=160, batch_size=8, augment=True, hyp=HYP, nc=d['nc']))
         out = capsys.readouterr().out
         for i in range(len(ds)):  # every kept image loads and gives valid targets
             img, lb, path, _ = ds[i]
@@ -263,17 +265,18 @@ def test_planted_faults_read_only(tmp_path, capsys):
 def test_planted_faults_cached_second_start(tmp_path, capsys):
     data, faulty = make_faulty(tmp_path / 'faulty')
     before = snapshot(tmp_path / 'faulty')
-    LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)
+    LoadImagesAndLabels(load_data_config(data)['train'], DatasetOptions(img_size=160, nc=80))
     first = capsys.readouterr().out
     check_fault_report(first, faulty)
     after = snapshot(tmp_path / 'faulty')
     cache = tmp_path / 'faulty' / 'labels.cache'
     assert set(after) - set(before) == {str(cache)}  # the cache beside the labels, as the original
     assert {k: v for k, v in after.items() if k != str(cache)} == before  # every dataset file unchanged
-    LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)  # the val set of the same run: not again
+    LoadImagesAndLabels(load_data_config(data)['train'],
+                        DatasetOptions(img_size=160, nc=80))  # the val set of the same run: not again
     assert not [f for f in faulty if f in capsys.readouterr().out]
     ds_mod._REPORTED.clear()  # a new process
-    ds = LoadImagesAndLabels(load_data_config(data)['train'], 160, nc=80)
+    ds = LoadImagesAndLabels(load_data_config(data)['train'], DatasetOptions(img_size=160, nc=80))
     second = capsys.readouterr().out
     assert '(cached)' in second and len(ds) == 11
     check_fault_report(second, faulty)  # the faults are reported again from the cache, once each
@@ -285,13 +288,14 @@ def test_no_good_image(tmp_path):
     for i in range(3):
         (tmp_path / 'images' / f'{i}.jpg').write_text('not a jpeg')
     with pytest.raises(DatasetError, match=r'no usable images \(3 corrupt of 3\)'):
-        LoadImagesAndLabels(str(tmp_path / 'images'), 160)
+        LoadImagesAndLabels(str(tmp_path / 'images'), DatasetOptions(img_size=160))
     make_subset(tmp_path / 'bg', 2)
     for f in (tmp_path / 'bg' / 'labels').glob('*.txt'):
         f.unlink()
     with pytest.raises(DatasetError, match='cannot train without labels'):
-        LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'), 160, augment=True, hyp=HYP)
-    assert len(LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'), 160)) == 2  # testing on backgrounds is fine
+        LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'), DatasetOptions(img_size=160, augment=True, hyp=HYP))
+    assert len(LoadImagesAndLabels(str(tmp_path / 'bg' / 'images'),
+                                   DatasetOptions(img_size=160))) == 2  # testing on backgrounds is fine
 
 
 # --- cache ---------------------------------------------------------------------------------------------------------
@@ -300,23 +304,23 @@ def test_no_good_image(tmp_path):
 def test_cache_invalidation(tmp_path, capsys):
     make_subset(tmp_path, 6)
     images = tmp_path / 'images'
-    LoadImagesAndLabels(str(images), 160, nc=80)
+    LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
     assert 'New cache created' in capsys.readouterr().out
-    LoadImagesAndLabels(str(images), 160, nc=80)
+    LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
     assert '(cached)' in capsys.readouterr().out
     lb = sorted((tmp_path / 'labels').glob('*.txt'))[0]
     lb.write_text('7 0.5 0.5 0.25 0.25\n')  # edited label: size and mtime change
-    ds = LoadImagesAndLabels(str(images), 160, nc=80)
+    ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
     assert 'New cache created' in capsys.readouterr().out
     np.testing.assert_allclose(ds.labels[0], [[7, .5, .5, .25, .25]])
-    LoadImagesAndLabels(str(images), 160, nc=10)  # a different nc checks the classes again
+    LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=10))  # a different nc checks the classes again
     out = capsys.readouterr().out
     assert 'New cache created' in out and 'not in [0, 10)' in out
     (images / sorted(images.glob('*.jpg'))[1].name).unlink()  # one image fewer
-    ds = LoadImagesAndLabels(str(images), 160, nc=80)
+    ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
     assert 'New cache created' in capsys.readouterr().out and len(ds) == 5
     (tmp_path / 'labels.cache').write_bytes(b'garbage')  # a damaged cache is rebuilt, not a crash
-    assert len(LoadImagesAndLabels(str(images), 160, nc=80)) == 5
+    assert len(LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))) == 5
     assert 'New cache created' in capsys.readouterr().out
 
 
@@ -324,15 +328,15 @@ def test_cache_invalidation(tmp_path, capsys):
 def test_cache_images_ram(tmp_path, capsys, monkeypatch):
     make_subset(tmp_path, 4)
     images = str(tmp_path / 'images')
-    ds = LoadImagesAndLabels(images, 160, cache_images=True)
+    ds = LoadImagesAndLabels(images, DatasetOptions(img_size=160, cache_images=True))
     out = capsys.readouterr().out
     assert re.search(r'Caching images needs 0\.\d\d GB of RAM', out)
     assert all(im is not None and max(im.shape[:2]) == 160 for im in ds.imgs)
-    fresh = LoadImagesAndLabels(images, 160)
+    fresh = LoadImagesAndLabels(images, DatasetOptions(img_size=160))
     for i in range(len(ds)):
         assert torch.equal(ds[i][0], fresh[i][0])  # cached and uncached give the same images
     monkeypatch.setattr(ds_mod, '_available_memory', lambda: 100_000)  # 0.0001 GB free
-    ds = LoadImagesAndLabels(images, 160, cache_images=True)
+    ds = LoadImagesAndLabels(images, DatasetOptions(img_size=160, cache_images=True))
     out = capsys.readouterr().out
     assert 'not caching images' in out and 'would not fit' in out
     assert all(im is None for im in ds.imgs) and ds[0][0].shape == (3, 160, 160)
@@ -343,18 +347,20 @@ def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
     """Training (augment) loaders keep small sets decoded in RAM; evaluation and large sets read from disk."""
     make_subset(tmp_path, 4)
     images = str(tmp_path / 'images')
-    train = LoadImagesAndLabels(images, 160, augment=True, hyp=HYP)
+    train = LoadImagesAndLabels(images, DatasetOptions(img_size=160, augment=True, hyp=HYP))
     assert all(im is not None and max(im.shape[:2]) == 160 for im in train.imgs)
-    assert all(im is None for im in LoadImagesAndLabels(images, 160).imgs)  # a test pass reads each image once
+    # a test pass reads each image once
+    assert all(im is None for im in LoadImagesAndLabels(images, DatasetOptions(img_size=160)).imgs)
     monkeypatch.setattr(ds_mod, 'AUTO_CACHE_BYTES', 1000)  # "large" set
-    assert all(im is None for im in LoadImagesAndLabels(images, 160, augment=True, hyp=HYP).imgs)
+    assert all(im is None for im in LoadImagesAndLabels(images, DatasetOptions(img_size=160, augment=True,
+                                                                               hyp=HYP)).imgs)
 
 
 # --- items, batches, loaders ---------------------------------------------------------------------------------------
 
 def test_items_rect_and_collate(synthetic16_data):
     path = load_data_config(synthetic16_data)['train']
-    ds = LoadImagesAndLabels(path, 160, 4, rect=True)
+    ds = LoadImagesAndLabels(path, DatasetOptions(img_size=160, batch_size=4, rect=True))
     assert not ds.mosaic and (ds.batch_shapes % 32 == 0).all()
     ar = ds.shapes[:, 1] / ds.shapes[:, 0]
     assert (np.diff(ar) >= 0).all()  # sorted by aspect ratio
@@ -376,7 +382,9 @@ def test_create_dataloader_workers_and_seed(coco16_data):
     path = load_data_config(coco16_data)['train']
 
     def epoch(seed):
-        loader, dataset = create_dataloader(path, 160, 8, hyp=HYP, augment=True, workers=2, seed=seed, nc=80)
+        loader, dataset = create_dataloader(path, DatasetOptions(img_size=160, batch_size=8, hyp=HYP, augment=True,
+                                                                 seed=seed, nc=80),
+                                            LoaderOptions(workers=2))
         assert loader.num_workers == 2 and len(loader) == 2
         return [(imgs, targets) for imgs, targets, _, _ in loader]
 
@@ -391,7 +399,8 @@ def test_create_dataloader_distributed_split(synthetic16_data):
     path = load_data_config(synthetic16_data)['train']
     seen = []
     for rank in (0, 1):
-        loader, _ = create_dataloader(path, 160, 4, rank=rank, world_size=2, workers=0, seed=3)
+        loader, _ = create_dataloader(path, DatasetOptions(img_size=160, batch_size=4, seed=3),
+                                      LoaderOptions(rank=rank, world_size=2, workers=0))
         loader.sampler.set_epoch(1)
         seen.append([p for _, _, paths, _ in loader for p in paths])
     assert len(seen[0]) == len(seen[1]) == 8 and not set(seen[0]) & set(seen[1])  # each rank its own half
@@ -409,7 +418,8 @@ def rank_batches(ds: LoadImagesAndLabels, bs: int, world: int, **kw) -> list[lis
 
 @pytest.mark.parametrize('world, bs', [(2, 4), (4, 3)])
 def test_rect_distributed_sampler_whole_batches(synthetic16_data, world, bs):
-    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'], 160, bs, rect=True)
+    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'],
+                             DatasetOptions(img_size=160, batch_size=bs, rect=True))
     nb = int(ds.batch.max()) + 1  # 4 batches of 4, or 6 of 3 with a last one of 1
     assert len({tuple(x) for x in ds.batch_shapes}) > 1  # several planned shapes, so mixing them would show
     plain = list(torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=0, shuffle=False))
@@ -426,7 +436,8 @@ def test_rect_distributed_sampler_whole_batches(synthetic16_data, world, bs):
 
 
 def test_rect_distributed_sampler_epochs(synthetic16_data):
-    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'], 160, 2, rect=True)  # 8 planned batches
+    ds = LoadImagesAndLabels(load_data_config(synthetic16_data)['train'],
+                             DatasetOptions(img_size=160, batch_size=2, rect=True))  # 8 planned batches
     s = RectDistributedSampler(ds, 2, 2, 1, shuffle=True, seed=7)
     a = [key.index for key in s]
     s.set_epoch(1)
@@ -441,7 +452,8 @@ def test_create_dataloader_distributed_rect(synthetic16_data):
     path = load_data_config(synthetic16_data)['train']
     seen = []
     for rank in (0, 1):
-        loader, ds = create_dataloader(path, 160, 3, rect=True, rank=rank, world_size=2, workers=0, pad=0.5)
+        loader, ds = create_dataloader(path, DatasetOptions(img_size=160, batch_size=3, rect=True, pad=0.5),
+                                       LoaderOptions(rank=rank, world_size=2, workers=0))
         assert isinstance(loader.sampler, RectDistributedSampler) and len(loader) == 3  # 6 planned batches / 2
         loader.sampler.set_epoch(1)
         for imgs, _, paths, _ in loader:  # collate works: one shape per batch, the planned one
@@ -523,8 +535,10 @@ def same_batches(a: list[tuple], b: list[tuple]) -> bool:
 @pytest.mark.slow
 def test_worker_count_does_not_change_batches(coco16_data):
     path = load_data_config(coco16_data)['train']
-    l0, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
-    l2, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=2, seed=3, nc=80)
+    l0, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, seed=3, nc=80),
+                              LoaderOptions(workers=0))
+    l2, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, seed=3, nc=80),
+                              LoaderOptions(workers=2))
     assert l0.num_workers == 0 and l2.num_workers == 2 and len(l0) == len(l2) == 4
     epochs = []
     for epoch in (0, 1):  # l2's workers persist: the second epoch reaches them through the sampler's keys
@@ -534,14 +548,17 @@ def test_worker_count_does_not_change_batches(coco16_data):
     assert [p for x in epochs[0] for p in x[3]] != [p for x in epochs[1] for p in x[3]]  # another order
     assert sorted(p for x in epochs[0] for p in x[3]) == sorted(p for x in epochs[1] for p in x[3])  # same images
     assert same_batches(epoch_batches(l2, 0), epochs[0])  # an epoch again: the same batches
-    other, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=4, nc=80)
+    other, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, seed=4, nc=80),
+                                 LoaderOptions(workers=0))
     assert not torch.equal(epoch_batches(other, 0)[0][1], epochs[0][0][1])  # the seed decides
 
 
 @pytest.mark.slow
 def test_set_start_skips_batches_without_loading_them(coco16_data, monkeypatch):
     path = load_data_config(coco16_data)['train']
-    loader, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
+    loader, ds = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, seed=3,
+                                                        nc=80),
+                                   LoaderOptions(workers=0))
     full = epoch_batches(loader, 1)
     keys, loaded = [], []
     get_item, load_image = LoadImagesAndLabels.__getitem__, ds.load_image
@@ -553,7 +570,8 @@ def test_set_start_skips_batches_without_loading_them(coco16_data, monkeypatch):
     assert len(loaded) == 4 * 8 and loaded[::4] == [k.index for k in keys]  # each: its image and 3 mosaic partners
     monkeypatch.undo()
     assert len(list(loader)) == 4  # set_start holds for one iteration only
-    l2, _ = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=2, seed=3, nc=80)
+    l2, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, seed=3, nc=80),
+                              LoaderOptions(workers=2))
     assert same_batches(epoch_batches(l2, 1, start=3), full[3:])  # with workers too
     assert epoch_batches(l2, 1, start=4) == []  # the epoch was complete
     with pytest.raises(ValueError, match=r'start batch 5 is not in \[0, 4\]'):
@@ -582,13 +600,15 @@ def same_samples(a: dict[int, tuple], b: dict[int, tuple]) -> bool:
 @pytest.mark.slow
 def test_ddp_shards_partition_the_epoch_and_resume(coco16_data):
     path = load_data_config(coco16_data)['train']
-    single, _ = create_dataloader(path, 128, 2, hyp=AUG, augment=True, workers=0, seed=3, nc=80)
+    single, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=2, hyp=AUG, augment=True, seed=3,
+                                                       nc=80), LoaderOptions(workers=0))
     whole = samples_by_k(single, 2)
     assert sorted(whole) == list(range(16))
     ranks = []
     for rank in (0, 1):
-        loader, _ = create_dataloader(path, 128, 2, hyp=AUG, augment=True, rank=rank, world_size=2, workers=1,
-                                      seed=3, nc=80)
+        loader, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=2, hyp=AUG, augment=True, seed=3,
+                                                           nc=80),
+                                      LoaderOptions(rank=rank, world_size=2, workers=1))
         assert len(loader) == 4
         ranks.append(samples_by_k(loader, 2))
         part = samples_by_k(loader, 2, start=3)  # resume a rank at its batch 3: its last 2 samples
@@ -605,8 +625,9 @@ def test_image_weights_loader_resumes_and_augments_repeats_apart(coco16_data):
     weights[[2, 5]] = 1.0  # only two images are drawn: each about 8 times
     loaders = []
     for workers in (0, 2):
-        loader, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=workers, image_weights=True,
-                                       seed=3, nc=80)
+        loader, ds = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True,
+                                                            image_weights=True, seed=3, nc=80),
+                                       LoaderOptions(workers=workers))
         loader.sampler.set_weights(weights)
         loaders.append(loader)
     full = epoch_batches(loaders[0], 1)
@@ -622,15 +643,18 @@ def test_image_weights_loader_resumes_and_augments_repeats_apart(coco16_data):
 @pytest.mark.slow
 def test_rect_loaders_resume(coco16_data):
     path = load_data_config(coco16_data)['train']
-    single, ds = create_dataloader(path, 128, 4, hyp=AUG, augment=True, rect=True, workers=0, seed=3, nc=80)
+    single, ds = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True, rect=True,
+                                                        seed=3, nc=80),
+                                   LoaderOptions(workers=0))
     full = epoch_batches(single, 0)
     # as the original: no shuffle, the planned batches in order, each with its planned shape
     assert [list(x[3]) for x in full] == [ds.img_files[i:i + 4] for i in range(0, 16, 4)]
     assert all(tuple(imgs.shape[2:]) == tuple(ds.batch_shapes[i]) for i, imgs, _, _ in full)
     assert same_batches(epoch_batches(single, 0, start=2), full[2:])
     for rank in (0, 1):
-        loader, _ = create_dataloader(path, 128, 3, hyp=AUG, augment=True, rect=True, rank=rank, world_size=2,
-                                      workers=1, seed=3, nc=80)
+        loader, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=3, hyp=AUG, augment=True,
+                                                           rect=True, seed=3, nc=80),
+                                      LoaderOptions(rank=rank, world_size=2, workers=1))
         assert isinstance(loader.sampler, RectDistributedSampler) and len(loader) == 3
         whole = epoch_batches(loader, 1)
         assert same_batches(epoch_batches(loader, 1, start=1), whole[1:])
@@ -640,8 +664,10 @@ def test_rect_loaders_resume(coco16_data):
 def test_create_dataloader_needs_nc_to_train(coco16_data):
     path = load_data_config(coco16_data)['train']
     with pytest.raises(ValueError, match='needs nc'):
-        create_dataloader(path, 128, 4, hyp=AUG, augment=True, workers=0)
-    loader, _ = create_dataloader(path, 128, 4, rect=True, shuffle=False, workers=0)
+        create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, hyp=AUG, augment=True),
+                          LoaderOptions(workers=0))
+    loader, _ = create_dataloader(path, DatasetOptions(img_size=128, batch_size=4, rect=True),
+                                  LoaderOptions(shuffle=False, workers=0))
     assert not loader.pin_memory  # pinned only when asked (a loader feeding a CUDA device)
 
 
@@ -650,7 +676,8 @@ import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import utils.datasets as d
 hyp = {'hsv_h': 0.0, 'hsv_s': 0.0, 'hsv_v': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
-loader, _ = d.create_dataloader(sys.argv[2], 128, 2, hyp=hyp, augment=True, workers=2, nc=80)
+loader, _ = d.create_dataloader(sys.argv[2], d.DatasetOptions(img_size=128, batch_size=2, hyp=hyp, augment=True, nc=80),
+                                d.LoaderOptions(workers=2))
 real = d._ignore_preemption_signals
 d._ignore_preemption_signals = lambda pid: (time.sleep(1.5), real(pid))  # slow workers: signalled while starting
 it = iter(loader)

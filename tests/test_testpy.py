@@ -82,17 +82,18 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     import torch
 
     from models import load_model
-    from test import EvalConfig, class_names, evaluate
+    from test import EvalConfig, eval_names, evaluate
     from utils.data_config import load_data_config
-    from utils.datasets import create_dataloader
+    from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
     from utils.loss import ComputeLoss
 
     data = load_data_config(coco16_data)
     model = load_model(TINY_WEIGHTS, CFG, 256)
     compute_loss = ComputeLoss(model, yaml.safe_load((ROOT / 'data' / 'hyp.scratch.yaml').read_text()))
     model.train()
-    loader, dataset = create_dataloader(data['valid'], 256, 8, pad=0.5, rect=True, shuffle=False, workers=0)
-    names = class_names(data, model, single_cls=False)
+    loader, dataset = create_dataloader(data['valid'], DatasetOptions(img_size=256, batch_size=8, pad=0.5, rect=True),
+                                        LoaderOptions(shuffle=False, workers=0))
+    names = eval_names(data, model, single_cls=False)
     r = evaluate(model, loader, names, EvalConfig(save_json=True, save_dir=tmp_path), compute_loss)
     assert model.training
     assert len(r.results) == 8 and r.maps.shape == (80,) and len(r.times) == 3 and r.seen == 16
@@ -143,15 +144,15 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_row_labels_from_data_else_checkpoint():
     import torch.nn as nn
 
-    from test import class_names
+    from test import eval_names
 
     model = nn.Linear(1, 1)
     model.names = ['person', 'car']  # as models.load_model sets it from a checkpoint
     unnamed = {'nc': 2, 'names': ['class0', 'class1']}  # load_data_config's placeholders for a .data without names
-    assert class_names(unnamed, model, single_cls=False) == ['person', 'car']
-    assert class_names({'nc': 2, 'names': ['cat', 'dog']}, model, single_cls=False) == ['cat', 'dog']  # data wins
-    assert class_names(unnamed, nn.Linear(1, 1), single_cls=False) == ['class0', 'class1']  # nothing carried
-    assert class_names(unnamed, model, single_cls=True) == ['object']
+    assert eval_names(unnamed, model, single_cls=False) == ['person', 'car']
+    assert eval_names({'nc': 2, 'names': ['cat', 'dog']}, model, single_cls=False) == ['cat', 'dog']  # data wins
+    assert eval_names(unnamed, nn.Linear(1, 1), single_cls=False) == ['class0', 'class1']  # nothing carried
+    assert eval_names(unnamed, model, single_cls=True) == ['object']
 
 
 def test_class_names_one_rule():

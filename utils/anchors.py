@@ -30,7 +30,7 @@ from utils.augmentations import BOX_MAX_ASPECT, BOX_MIN_WH
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss, YoloLossConfig, darknet_iou
 from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import LoadImagesAndLabels
+from utils.datasets import DatasetOptions, LoadImagesAndLabels
 from utils.logs import LOGGER, setup_logging
 from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg, with_values
 from utils.torch_utils import de_parallel
@@ -304,7 +304,7 @@ def main(opt: argparse.Namespace) -> int:
 
     d = load_data_config(data)
     check_dataset(d, ('train',))
-    ds = LoadImagesAndLabels(d['train'], opt.img_size, nc=d['nc'], prefix='anchors: ')
+    ds = LoadImagesAndLabels(d['train'], DatasetOptions(img_size=opt.img_size, nc=d['nc'], prefix='anchors: '))
     wh = label_wh(ds.labels, ds.shapes, opt.img_size)
     if not len(wh):
         raise AnchorError(f'{data}: no labels in the training images {d["train"]}; anchors need labelled boxes '

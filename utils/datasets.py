@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -192,30 +193,57 @@ def _available_memory() -> int:
     return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
+@dataclass(frozen=True)
+class DatasetOptions:
+    """What LoadImagesAndLabels makes of a folder or list of images: size, batching, training augmentation, labels."""
+    img_size: int = 416  # long side of each image (training: the square mosaic's side)
+    batch_size: int = 16  # rect: one planned shape per batch of this many images
+    augment: bool = False  # training augmentation (mosaic unless rect, affine, HSV, flips); needs hyp
+    hyp: dict | None = None  # augmentation hyperparameters (AUG_KEYS)
+    rect: bool = False  # rectangular batches (images sorted by aspect ratio), no mosaic
+    image_weights: bool = False  # images drawn by class weights (WeightedImageSampler); rect off
+    cache_images: bool = False  # decode every image into RAM once
+    single_cls: bool = False  # every label's class becomes 0
+    pad: float = 0.0  # rect: padding around each batch shape, in strides
+    stride: int = 32  # rect shapes are multiples of it
+    nc: int | None = None  # label classes are checked against it once (required for training)
+    prefix: str = ''  # start of the dataset's messages ('train: ', 'val: ')
+    seed: int = 0  # with (epoch, k): each sample's augmentation; and the samplers' order
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How create_dataloader deals a dataset's batches: processes, workers, order."""
+    rank: int = -1  # this process's rank (-1: a single process)
+    world_size: int = 1  # processes sharing each epoch's order
+    workers: int = 8  # DataLoader workers, at most
+    shuffle: bool = True  # a new order every epoch (off with rect)
+    pin_memory: bool = False  # only for loaders that feed a CUDA device
+
+
 class LoadImagesAndLabels(Dataset):
     """Images with YOLO labels for training and testing, checked once and cached (see README: data pipeline)."""
 
-    def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 416, batch_size: int = 16,
-                 augment: bool = False, hyp: dict | None = None, rect: bool = False, image_weights: bool = False,
-                 cache_images: bool = False, single_cls: bool = False, pad: float = 0.0, stride: int = 32,
-                 rank: int = -1, nc: int | None = None, prefix: str = '', seed: int = 0):
+    def __init__(self, path: str | Path | Sequence[str | Path], opts: DatasetOptions = DatasetOptions(),
+                 rank: int = -1):
+        img_size, batch_size, augment = opts.img_size, opts.batch_size, opts.augment
         self.img_size = img_size
-        self.seed = seed  # with (epoch, k) of each SampleKey, seeds that sample's augmentation
+        self.seed = opts.seed  # with (epoch, k) of each SampleKey, seeds that sample's augmentation
         self.augment = augment
-        self.hyp = hyp or {}
-        self.image_weights = image_weights  # drawn by the loader's WeightedImageSampler, see create_dataloader
-        self.rect = False if image_weights else rect
+        self.hyp = opts.hyp or {}
+        self.image_weights = opts.image_weights  # drawn by the loader's WeightedImageSampler, see create_dataloader
+        self.rect = False if opts.image_weights else opts.rect
         self.mosaic = self.augment and not self.rect  # four images at a time, training only
-        self.stride = stride
+        self.stride = opts.stride
         self.path = path
         self.verbose = rank in (-1, 0)
-        self.prefix = prefix
+        self.prefix = opts.prefix
         missing = [k for k in AUG_KEYS if k not in self.hyp] if augment else []
         if missing:
             raise ValueError(f"augment=True needs hyp values for {', '.join(missing)}")
 
         img_files = list_image_files(path)
-        cache = self._load_or_scan(path, img_files, img2label_paths(img_files), nc)
+        cache = self._load_or_scan(path, img_files, img2label_paths(img_files), opts.nc)
         nf, nm, ne, ncor = (cache['counts'][k] for k in ('found', 'missing', 'empty', 'corrupt'))
         if not cache['files']:
             raise DatasetError(f"{path}: no usable images ({ncor} corrupt of {len(img_files)})")
@@ -226,7 +254,7 @@ class LoadImagesAndLabels(Dataset):
         self.img_files = list(cache['files'])
         self.label_files = img2label_paths(self.img_files)
         self.labels = [lb.numpy() for lb in cache['labels']]  # (n, 5) float32 [class, x, y, w, h] each
-        if single_cls:
+        if opts.single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
         self.shapes = cache['shapes'].numpy().astype(np.float64)  # (n, 2) original (w, h), EXIF-corrected
@@ -234,12 +262,12 @@ class LoadImagesAndLabels(Dataset):
         self.n = n
         self.batch = np.floor(np.arange(n) / batch_size).astype(int)  # batch index of each image
         if self.rect:
-            self._set_rect_batches(batch_size, pad)
+            self._set_rect_batches(batch_size, opts.pad)
 
         self.imgs: list[np.ndarray | None] = [None] * n
         self.img_hw0: list[tuple[int, int] | None] = [None] * n
         self.img_hw: list[tuple[int, int] | None] = [None] * n
-        if cache_images:
+        if opts.cache_images:
             self._cache_images()
         elif augment and self._cache_bytes() <= min(AUTO_CACHE_BYTES, 0.3 * _available_memory()):
             # a small training set (coco128 at 320: 30 MB) is decoded once instead of 4 times per mosaic every
@@ -522,11 +550,8 @@ def _worker_init(worker_id: int, main_pid: int) -> None:
     _ignore_preemption_signals(main_pid)
 
 
-def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, hyp: dict | None = None,
-                      augment: bool = False, cache: bool = False, pad: float = 0.0, rect: bool = False,
-                      rank: int = -1, world_size: int = 1, workers: int = 8, image_weights: bool = False,
-                      single_cls: bool = False, shuffle: bool = True, seed: int = 0, nc: int | None = None,
-                      prefix: str = '', pin_memory: bool = False) -> tuple[DataLoader, LoadImagesAndLabels]:
+def create_dataloader(path: Any, opts: DatasetOptions, loading: LoaderOptions = LoaderOptions()
+                      ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """(DataLoader, dataset) for training or testing. A training loader (augment or shuffle) has one of our
     samplers (utils/samplers.py): call loader.sampler.set_epoch(epoch) before each epoch, set_start(batch) to resume
     inside one.
@@ -535,25 +560,23 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
     not change a batch. With world_size > 1 each rank gets its share of one global order; with rect the sampler deals
     whole planned batches (one shape per batch); with image_weights a WeightedImageSampler draws images with
     replacement (call its set_weights too). nc (required for training) checks every label's class once, here.
-    pin_memory: only for loaders that feed a CUDA device.
     """
-    if augment and nc is None:
+    if opts.augment and opts.nc is None:
         raise ValueError('create_dataloader(augment=True) needs nc: label classes are checked against it once, in '
                          'the dataset, not in every training step')
+    rank, seed, shuffle = loading.rank, opts.seed, loading.shuffle
     with _rank_zero_first(rank):
-        dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
-                                      image_weights=image_weights, cache_images=cache, single_cls=single_cls,
-                                      pad=pad, stride=int(stride), rank=rank, nc=nc, prefix=prefix, seed=seed)
-    train = augment or shuffle
-    if rect and shuffle:
+        dataset = LoadImagesAndLabels(path, replace(opts, stride=int(opts.stride)), rank=rank)
+    train = opts.augment or shuffle
+    if opts.rect and shuffle:
         if rank in (-1, 0):
-            print(f'{prefix}Rectangular batches: shuffle and mosaic off')
+            print(f'{opts.prefix}Rectangular batches: shuffle and mosaic off')
         shuffle = False
-    batch_size = min(batch_size, len(dataset))
-    world, r = max(world_size, 1), max(rank, 0)
-    nw = min((os.cpu_count() or 1) // world, batch_size if batch_size > 1 else 0, workers)
+    batch_size = min(opts.batch_size, len(dataset))
+    world, r = max(loading.world_size, 1), max(rank, 0)
+    nw = min((os.cpu_count() or 1) // world, batch_size if batch_size > 1 else 0, loading.workers)
     sampler: EpochSampler | None = None
-    if image_weights:  # the same weighted draw on every rank, sharded; train.py sets its weights each epoch
+    if opts.image_weights:  # the same weighted draw on every rank, sharded; train.py sets its weights each epoch
         sampler = WeightedImageSampler(len(dataset), world, r, seed=seed, batch_size=batch_size)
     elif world > 1 and dataset.rect:  # whole planned batches per rank: one shape per batch
         sampler = RectDistributedSampler(dataset, batch_size, world, r, shuffle=shuffle, seed=seed)
@@ -562,7 +585,7 @@ def create_dataloader(path: Any, imgsz: int, batch_size: int, stride: int = 32, 
     generator = torch.Generator()  # seeds only the workers' torch RNG, which the dataset does not draw from
     generator.manual_seed(seed + r * 1000)
     loader = PreemptionSafeLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=nw,
-                                  pin_memory=pin_memory, collate_fn=LoadImagesAndLabels.collate_fn,
+                                  pin_memory=loading.pin_memory, collate_fn=LoadImagesAndLabels.collate_fn,
                                   worker_init_fn=partial(_worker_init, main_pid=os.getpid()), generator=generator,
                                   persistent_workers=nw > 0)
     return loader, dataset
