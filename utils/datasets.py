@@ -29,6 +29,7 @@ from tqdm import tqdm
 from utils.augmentations import augment_hsv, combine_mosaic, letterbox, random_affine
 from utils.boxes import xyxy2xywh
 from utils.data_config import DatasetError
+from utils.files import atomic_write
 from utils.image_weights import WeightedImageSampler
 from utils.samplers import EpochSampler, RectDistributedSampler, SampleKey, ShuffleSampler, sample_rng
 
@@ -231,7 +232,7 @@ class LoadImagesAndLabels(Dataset):
         self.seed = opts.seed  # with (epoch, k) of each SampleKey, seeds that sample's augmentation
         self.augment = augment
         self.hyp = opts.hyp or {}
-        self.image_weights = opts.image_weights  # drawn by the loader's WeightedImageSampler, see create_dataloader
+        # with image weights the loader's WeightedImageSampler draws the images (see create_dataloader): no rect batches
         self.rect = False if opts.image_weights else opts.rect
         self.mosaic = self.augment and not self.rect  # four images at a time, training only
         self.stride = opts.stride
@@ -310,13 +311,10 @@ class LoadImagesAndLabels(Dataset):
         cache.update(version=CACHE_VERSION, hash=key)
         if self.verbose:
             if _dir_writable(cache_path.parent):
-                tmp = cache_path.with_name(f'.{cache_path.name}.{os.getpid()}.tmp')
                 try:
-                    torch.save(cache, tmp)
-                    os.replace(tmp, cache_path)  # atomic: a reader never sees half a cache
+                    atomic_write(cache_path, lambda f: torch.save(cache, f))  # a reader never sees half a cache
                     self._log(f'New cache created: {cache_path}')
                 except OSError as e:
-                    tmp.unlink(missing_ok=True)
                     self._log(f'Label cache not saved ({cache_path}: {e.strerror or e})')
             else:
                 self._log(f'Label cache not saved: {cache_path.parent} is read-only')
