@@ -10,7 +10,7 @@
 
 The batch loop is utils/engine.py train_one_epoch; this file sets up, tests, saves and launches.
 
-Outputs, as the original: results.txt and weights/last.pt, weights/best.pt in the working directory (--save-dir to
+Outputs: results.txt and weights/last.pt, weights/best.pt in the working directory (--save-dir to
 put them elsewhere); --name X renames them results_X.txt, weights/last_X.pt, weights/best_X.pt at the end.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def check_img_sizes(img_size: list[int], multi_scale: bool) -> tuple[int, int, i
     if imgsz_min > imgsz_max:
         raise ValueError(f'--img-size: train min {imgsz_min} is larger than train max {imgsz_max}')
     multi = multi_scale or imgsz_min != imgsz_max
-    if multi and imgsz_min == imgsz_max:  # as the original: 320 -> 192..448
+    if multi and imgsz_min == imgsz_max:  # 320 -> 192..448
         imgsz_min, imgsz_max = imgsz_min // 1.5, imgsz_max // 0.667
     grid_min, grid_max = int(imgsz_min // GS), int(imgsz_max // GS)
     return grid_max * GS, imgsz_test, grid_min, grid_max, multi
@@ -174,7 +174,7 @@ def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0)
     """Freeze (requires_grad False) all but the convolutions feeding [yolo] layers, and/or the first `freeze`
     modules; returns (frozen, trainable) parameter counts."""
     keep_only = None
-    if freeze_layers:  # as the original: the module before each [yolo] layer (and the [yolo] layers) stay trainable
+    if freeze_layers:  # the module before each [yolo] layer (and the [yolo] layers) stay trainable
         heads = [i - 1 for i, m in enumerate(model.module_list) if isinstance(m, YOLOLayer)]
         keep_only = {i for i in range(len(model.module_list)) if i in heads or i - 1 in heads}
     for i, m in enumerate(model.module_list):
@@ -347,7 +347,7 @@ def resume_command(last: Path, info: du.DistInfo) -> str:
 def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
                   imgsz_test: int, pin_memory: bool = False) -> tuple[Any, Any, Any]:
     """(train loader, train dataset, test loader or None): the test loader on rank 0 only, with the per-process
-    batch as the original (rank 0 tests alone, so the global batch would be world times larger there); pin_memory
+    batch (rank 0 tests alone, so the global batch would be world times larger there); pin_memory
     for loaders feeding a CUDA device (pin_memory_for)."""
     batch = opt.batch_size // info.world_size
     train = DatasetOptions(img_size=imgsz, batch_size=batch, augment=True, hyp=hyp, rect=opt.rect,
@@ -454,7 +454,7 @@ def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistI
     if not opt.resume:
         for f in save_dir.glob('train_batch*.jpg'):
             f.unlink()
-        run_paths(save_dir)['results'].unlink(missing_ok=True)  # as the original: a new run starts a new results.txt
+        run_paths(save_dir)['results'].unlink(missing_ok=True)  # a new run starts a new results.txt
     return _tensorboard(save_dir, opt.name)
 
 
@@ -486,7 +486,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) 
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
         check_anchors(dataset, model, imgsz, hyp['iou_t'], data=opt.data, cfg=opt.cfg, loss=opt.loss,
                       pretrained=bool(opt.weights or opt.resume))
-    batch_size = loader.batch_size * info.world_size  # as the original: at most the number of training images
+    batch_size = loader.batch_size * info.world_size  # at most the number of training images
     state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
     paths = run_paths(Path(opt.save_dir))
     saver = RunCheckpointer(model, parts, hyp, opt, loader.generator, agents, paths['last'], paths['results'])
@@ -561,7 +561,7 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) 
 
 
 def set_epoch_draw(sampler: Any, epoch: int, image_weights: np.ndarray | None = None) -> None:
-    """Prepare the sampler's draw of this epoch: --image-weights' weights (as the original: class weights times
+    """Prepare the sampler's draw of this epoch: --image-weights' weights (class weights times
     (1 - class mAP) ** 2 from the last test), then the epoch that seeds shuffles and weighted draws."""
     if image_weights is not None:
         sampler.set_weights(image_weights)

@@ -101,8 +101,8 @@ def darknet_fit(wh: torch.Tensor, configs: list[YoloLossConfig]) -> tuple[float,
     return float(matched.float().mean()), float(count.mean())
 
 
-def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, data: str | None = None, cfg: str | None = None, loss: str = 'original',
-                  pretrained: bool = False) -> float:
+def check_anchors(dataset, model: nn.Module, img_size: int, thr: float, data: str | None = None,
+                  cfg: str | None = None, loss: str = 'original', pretrained: bool = False) -> float:
     """Log how well the model's anchors fit the dataset's labels at img_size, under the assignment rule of the loss
     ('original': IoU above thr; 'darknet': Darknet's best anchor), and return the BPR.
 
