@@ -306,6 +306,21 @@ def test_progress_best_epoch_and_patience():
     assert p.stale(3, 2)
 
 
+def test_epoch_checkpoint_targets(tmp_path):
+    # which files an epoch's checkpoint is written to: last.pt when kept, best.pt when this epoch is the best so far
+    # (or there is no best.pt yet), epoch_K.pt every --save-period epochs
+    opt = train.parse_opt(['--save-dir', str(tmp_path), '--save-period', '2'])
+    w = tmp_path / 'weights'
+    best_at_1 = train.Progress(0.3, 1)
+    assert train.checkpoint_targets(opt, 1, best_at_1, keep=True) == [w / 'last.pt', w / 'best.pt']
+    w.mkdir()
+    (w / 'best.pt').write_bytes(b'')
+    assert train.checkpoint_targets(opt, 2, best_at_1, keep=True) == [w / 'last.pt', w / 'epoch_2.pt']
+    assert train.checkpoint_targets(opt, 3, best_at_1, keep=True) == [w / 'last.pt']
+    assert train.checkpoint_targets(opt, 3, best_at_1, keep=False) == []  # --nosave before the end
+    assert train.checkpoint_targets(opt, 4, best_at_1, keep=False) == [w / 'epoch_4.pt']
+
+
 def test_progress_survives_a_checkpoint_and_old_checkpoints_still_resume(tmp_path):
     p = train.Progress(0.25, 3, np.array([0.5, 0.125]))
     torch.save({'epoch': 5, **p.state()}, tmp_path / 'c.pt')
