@@ -58,9 +58,8 @@ def _device(device: str, batch_size: int) -> torch.device:
     return dev
 
 
-def _half_dtype(half: str | bool, device: torch.device) -> torch.dtype:
-    """inference_dtype of --half (True/False as 'on'/'off'), its refusals as EvalError."""
-    half = ('on' if half else 'off') if isinstance(half, bool) else half
+def _half_dtype(half: str, device: torch.device) -> torch.dtype:
+    """inference_dtype of --half, its refusals as EvalError."""
     try:
         return inference_dtype(half, device)
     except ValueError as e:
