@@ -9,6 +9,7 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
+import torch.nn as nn
 import yaml
 
 from tests.conftest import ROOT, TINY_WEIGHTS
@@ -142,8 +143,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_row_labels_from_data_else_checkpoint():
-    import torch.nn as nn
-
     from test import eval_names
 
     model = nn.Linear(1, 1)
