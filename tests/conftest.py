@@ -1,15 +1,16 @@
 """Shared paths and small datasets for the tests; ../shared is read-only and never written.
 
 Two tiers (pytest.ini): the fast one (`-m "not slow"`) runs on tests/fixtures/toy.cfg and synthetic data, needs no
-../shared and starts no process, which fast_tier_starts_no_process enforces; tests marked slow run command lines, DDP
-groups and benchmarks, and read ../shared (YOLO_SHARED moves it; point it at an empty folder to check that the fast
-tier does not need it).
+../shared and starts no process (no command line, DDP rank or DataLoader worker: fast_tier_starts_no_process); tests
+marked slow run command lines, DDP groups and benchmarks, and read ../shared (YOLO_SHARED moves it; point it at an
+empty folder to check that the fast tier does not need it).
 """
 from __future__ import annotations
 
 import multiprocessing.process
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ TOY_CFG = ROOT / 'tests' / 'fixtures' / 'toy.cfg'  # 41k parameters, 3 classes, 
 
 @pytest.fixture(autouse=True)
 def fast_tier_starts_no_process(request, monkeypatch) -> None:
-    """A test not marked slow that starts a subprocess or a multiprocessing child fails, naming the marker."""
+    """A test not marked slow that runs Python or torchrun in a subprocess, or starts a multiprocessing child (DDP
+    ranks, DataLoader workers), fails, naming the marker. Other programs pass: libraries run some on first use
+    (ctypes' ldconfig when torch loads, matplotlib's fc-list on an empty font cache)."""
     if request.node.get_closest_marker('slow') is not None:
         return
 
@@ -37,7 +40,16 @@ def fast_tier_starts_no_process(request, monkeypatch) -> None:
         raise RuntimeError(f'{request.node.nodeid} starts a process: mark it @pytest.mark.slow (the fast tier '
                            f'starts none)')
 
-    monkeypatch.setattr(subprocess.Popen, '__init__', refuse)
+    real_init = subprocess.Popen.__init__
+
+    def popen_init(self, args, *rest, **kwargs):
+        prog = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+        name = Path(os.fsdecode(prog).split()[0] if prog else '').name
+        if name.startswith('python') or name in (Path(sys.executable).name, 'torchrun'):
+            refuse()
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, '__init__', popen_init)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, 'start', refuse)
 
 
