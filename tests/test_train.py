@@ -303,9 +303,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco8, tmp_path, monkey
     calls = {'n': 0}
 
     class NanInSecondEpoch(ComputeLoss):
-        def __call__(self, p, targets):
+        def __call__(self, p, targets, gr=1.0):
             calls['n'] += 1
-            loss, items = super().__call__(p, targets)
+            loss, items = super().__call__(p, targets, gr)
             return (loss * float('nan'), items) if calls['n'] > 1 else (loss, items)
 
     monkeypatch.setattr(train, 'ComputeLoss', NanInSecondEpoch)
