@@ -344,7 +344,9 @@ def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
     # the sync probe's wiring ran on the CPU: 4 batches of 2 of the 8 images, an optimizer step each (burn-in)
     assert 'wiring ran on the CPU: 4 micro-steps, 4 optimizer steps seen' in by['sync_debug']['reason']
     assert by['train_bf16']['checkpoint_epochs'] == {'last.pt': 1, 'best.pt': 1}
-    assert by['kill9_resume']['killed_after_epoch'] == 0 and by['kill9_resume']['rows_at_kill'] < 3
+    # killed before the run ended, inside epoch 1 or 2 (the step waits 0.2 s after epoch 0's save, in which a fast
+    # machine may finish epoch 1); the step itself checked that the resume gave every epoch once
+    assert by['kill9_resume']['killed_after_epoch'] in (0, 1) and by['kill9_resume']['rows_at_kill'] < 3
     assert by['torchrun']['processes'] == 2 and by['torchrun']['backend'] == 'gloo'
     assert by['elastic']['killed_local_rank'] == 1 and by['elastic']['rows_at_kill'] < 2
     assert by['sigterm_resume']['saved_at']['epoch'] == 1 and by['sigterm_resume']['exit_s'] < 60
