@@ -214,6 +214,9 @@ def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm
     # a fresh folder starts a new run (the decision alone: the training is the one above)
     import train
 
+    from utils.logs import setup_logging
+
+    setup_logging()  # as train.main() does: the decision's line on stdout, whichever test ran before
     opt = train.parse_opt(run_args(data32, '--resume', 'auto', '--save-dir', str(tmp_path / 'fresh')))
     decided = train.auto_resume(opt)
     assert decided.resume is False and decided.epochs == EPOCHS
