@@ -47,13 +47,14 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a .pt checkpoint with weights_only=True; anything else (code, pickled objects) is refused."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load a .pt checkpoint with weights_only=True; anything else (code, pickled objects) is refused. mmap: map the
+    tensors instead of reading them (for a look at the plain values: the options, the epoch)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [s.strip() for s in str(e).splitlines() if s.strip()]
         if any(s.startswith('Unsupported operand') for s in lines):  # not a pickle stream at all
@@ -379,7 +380,9 @@ def read_run(path: str | Path, require_options: bool = True) -> SavedRun:
     """The run a train.py checkpoint saved; CheckpointError naming the file for an unreadable one, or (unless
     require_options is False) for one without the options and hyp of a train.py run."""
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    # the resume decisions read a few plain values, and train() loads the tensors afterwards: a requeued yolov3-spp
+    # run would otherwise read its 757 MB last.pt up to three times (--resume auto, --resume, train)
+    ckpt = load_checkpoint(path, mmap=True)
     opt = ckpt.get('opt')
     if require_options and (not isinstance(opt, dict) or 'hyp' not in ckpt):
         raise CheckpointError(f'{path}: not a train.py checkpoint (no saved options): a model to start from with '
