@@ -19,6 +19,7 @@ import torch
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from utils import checkpoint
 from utils.engine import FiniteGuard, RunControl
+from utils.logs import setup_logging
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 TRAIN = ROOT / 'train.py'
@@ -214,8 +215,6 @@ def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm
     # a fresh folder starts a new run (the decision alone: the training is the one above)
     import train
 
-    from utils.logs import setup_logging
-
     setup_logging()  # as train.main() does: the decision's line on stdout, whichever test ran before
     opt = train.parse_opt(run_args(data32, '--resume', 'auto', '--save-dir', str(tmp_path / 'fresh')))
     decided = train.auto_resume(opt)
@@ -375,6 +374,7 @@ def test_resume_auto_knows_a_finished_run_renamed_by_name(tmp_path, capsys):
 
     (tmp_path / 'weights').mkdir()
     (tmp_path / 'weights' / 'last_x.pt').write_bytes(b'')
+    setup_logging()  # as train.main() does
     opt = train.parse_opt(['--resume', 'auto', '--name', 'x', '--save-dir', str(tmp_path)])
     assert train.auto_resume(opt) is None
     assert f"{tmp_path / 'weights' / 'last_x.pt'} is a finished run (--name x)" in capsys.readouterr().out
