@@ -213,17 +213,23 @@ def get_network_boxes(io: torch.Tensor | np.ndarray, layout: Sequence[tuple[int,
     return Detections(boxes.astype(np.float32), obj.copy(), prob, image_wh)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """box.c's box_iou of one box a (4,) against boxes b (n, 4), relative xywh, float32; 0 where they do not meet."""
+def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """box.c's box_iou of boxes a (..., 4) and b (..., 4) (broadcast), relative xywh, in float32; 0 where they do
+    not meet (a negative overlap width or height) or where the union is 0."""
     half = np.float32(2)
-    w = np.minimum(a[0] + a[2] / half, b[:, 0] + b[:, 2] / half) - np.maximum(a[0] - a[2] / half,
-                                                                            b[:, 0] - b[:, 2] / half)
-    h = np.minimum(a[1] + a[3] / half, b[:, 1] + b[:, 3] / half) - np.maximum(a[1] - a[3] / half,
-                                                                            b[:, 1] - b[:, 3] / half)
+    w = np.minimum(a[..., 0] + a[..., 2] / half, b[..., 0] + b[..., 2] / half) - \
+        np.maximum(a[..., 0] - a[..., 2] / half, b[..., 0] - b[..., 2] / half)
+    h = np.minimum(a[..., 1] + a[..., 3] / half, b[..., 1] + b[..., 3] / half) - \
+        np.maximum(a[..., 1] - a[..., 3] / half, b[..., 1] - b[..., 3] / half)
     inter = np.where((w < 0) | (h < 0), np.float32(0), w * h)
-    union = a[2] * a[3] + b[:, 2] * b[:, 3] - inter
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
     with np.errstate(divide='ignore', invalid='ignore'):
         return np.where((inter == 0) | (union == 0), np.float32(0), inter / union).astype(np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """box_iou of one box a (4,) against boxes b (n, 4): (n,)."""
+    return box_iou_pairs(a[None, :], b)
 
 
 def box_diou(a: np.ndarray, b: np.ndarray, beta: float) -> np.ndarray:
@@ -320,14 +326,54 @@ def ext_output(dets: Detections, thresh: float = TEST_THRESH) -> list[PrintedBox
     return out
 
 
+def ext_output_text(lines: Sequence[PrintedBox], names: Sequence[str]) -> str:
+    """The lines as Darknet prints them: `name: 99%\t(left_x:   41   top_y:  384   width:  184   height:  532)`;
+    the percentage is printf's %.0f of the float32 product prob * 100, as image.c computes it."""
+    return ''.join(f"{names[b.cls]}: {float(np.float32(b.prob) * np.float32(100)):.0f}%\t(left_x: {b.left:4d}   "
+                   f"top_y: {b.top:4d}   width: {b.width:4d}   height: {b.height:4d})\n" for b in lines)
+
+
+def detection_rows(dets: Detections, thresh: float = TEST_THRESH) -> np.ndarray:
+    """The (box, class) pairs Darknet prints, in its printed order, as the port's detections: (n, 6) float32
+    [x1, y1, x2, y2 in image pixels (unrounded), confidence, class]."""
+    xyxy = dets.xyxy_pixels()
+    half = np.float32(2)
+    order = sorted((r for r in range(len(dets.boxes)) if (dets.prob[r] > thresh).any()),
+                   key=lambda r: dets.boxes[r, 0] - dets.boxes[r, 2] / half)
+    rows = []
+    for r in order:
+        over = np.nonzero(dets.prob[r] > thresh)[0].tolist()
+        best = max(over, key=lambda c: (dets.prob[r, c], -c))  # the first of equal maxima, as get_actual_detections
+        rows += [[*xyxy[r], dets.prob[r, c], c] for c in [best] + [c for c in over if c != best]]
+    return np.array(rows, dtype=np.float32).reshape(-1, 6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # detector map
 
 def box_iou_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """box_iou of every box a (n, 4) against every box b (m, 4), relative xywh: (n, m) float32."""
     if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), dtype=np.float32)
-    return np.stack([box_iou(x, b) for x in a])
+        return np.zeros((len(a), len(b)), np.float32)
+    return box_iou_pairs(a[:, None, :], b[None, :, :])
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """A YOLO label file as read_boxes reads it: `id x y w h` rows as float32 (n, 5), nothing filtered or merged; a
+    missing file is no labels (Darknet says so and goes on); a malformed row is a ValueError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return np.zeros((0, 5), np.float32)
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append([float(v) for v in line.split()[:5]])
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a label row `class x y w h`: {line!r}") from None
+            if len(rows[-1]) != 5:
+                raise ValueError(f"{path}:{n}: not a label row `class x y w h`: {line!r}")
+    return np.array(rows, dtype=np.float32).reshape(-1, 5)
 
 
 @dataclass
@@ -349,59 +395,62 @@ def darknet_map(images: Sequence[tuple[Detections, np.ndarray]], classes: int, i
                 points: int = 0, thresh: float = TEST_THRESH) -> MapResult:
     """validate_detector_map from each image's detections (after NMS, found at MAP_THRESH) and YOLO labels (m, 5)
     [class, x, y, w, h] relative: each (row, class) with prob > 0 is matched to the same-class label of highest IoU
-    over iou_thresh (TP the first time that label is matched, FP after), all sorted by prob (stable); AP per class is
-    the area under its precision envelope (points=0) or the mean of `points` interpolated precisions; mAP is the mean
-    over all `classes`, those without labels counting 0."""
-    probs, flags, truth_idx, cls_ids = [], [], [], []
+    over iou_thresh (TP the first time that label is matched in prob order, FP after), all sorted by prob (stable);
+    AP per class is the area under its precision envelope (points=0) or the mean of `points` interpolated
+    precisions; mAP is the mean over all `classes`, those without labels counting 0."""
+    f32 = np.float32
+    probs, truth_idx, cls_ids = [], [], []
     truth_count = np.zeros(classes, np.int64)
     tp_c, fp_c = np.zeros(classes, np.int64), np.zeros(classes, np.int64)
     iou_sum, offset = 0.0, 0
     for dets, labels in images:
-        labels = np.asarray(labels, dtype=np.float32).reshape(-1, 5)
+        labels = np.asarray(labels, dtype=f32).reshape(-1, 5)
         lab_cls = labels[:, 0].astype(np.int64)
         if len(lab_cls) and (lab_cls.min() < 0 or lab_cls.max() >= classes):
             raise ValueError(f"label classes {sorted(set(lab_cls.tolist()))} outside 0..{classes - 1}")
         np.add.at(truth_count, lab_cls, 1)
-        ious = box_iou_many(dets.boxes, labels[:, 1:])
-        first = len(probs)  # this image's first detection (checkpoint_detections_count)
-        for r, c, p in dets.pairs(0.0):
-            best, best_iou = -1, 0.0
-            for j in range(len(labels)):
-                if ious[r, j] > iou_thresh and c == lab_cls[j] and ious[r, j] > best_iou:
-                    best, best_iou = offset + j, float(ious[r, j])
-            if p > thresh:  # the TP/FP count at -thresh: a label counts once per image
-                if best > -1 and best not in truth_idx[first:]:
-                    iou_sum += best_iou
-                    tp_c[c] += 1
-                else:
-                    fp_c[c] += 1
-            probs.append(p)
-            flags.append(best > -1)
-            truth_idx.append(best)
-            cls_ids.append(c)
+        rows, cls = np.nonzero(dets.prob > 0)  # Darknet's loop order: rows, then classes
+        p = dets.prob[rows, cls]
+        # (pairs, labels) IoU where the class matches and IoU > iou_thresh, else -1; the first maximum wins
+        iou = box_iou_many(dets.boxes, labels[:, 1:])[rows] if len(labels) else np.zeros((len(rows), 0), f32)
+        iou = np.where((cls[:, None] == lab_cls[None, :]) & (iou > f32(iou_thresh)), iou, f32(-1))
+        j = iou.argmax(1) if len(labels) else np.zeros(len(rows), np.int64)
+        best_iou = iou[np.arange(len(rows)), j] if len(labels) else np.full(len(rows), -1, f32)
+        best = np.where(best_iou > 0, offset + j, -1)
+        # the TP/FP count at `thresh`: a TP when the label is matched by no earlier pair of this image (any prob)
+        _, first = np.unique(best, return_index=True)
+        earlier = np.ones(len(best), bool)
+        earlier[first] = False
+        counted = p > f32(thresh)
+        tp = counted & (best > -1) & ~earlier
+        np.add.at(tp_c, cls[tp], 1)
+        np.add.at(fp_c, cls[counted & ~tp], 1)
+        iou_sum += float(best_iou[tp].astype(np.float64).sum())
+        probs.append(p)
+        truth_idx.append(best)
+        cls_ids.append(cls)
         offset += len(labels)
-    order = np.argsort(-np.asarray(probs, np.float32), kind='stable')  # glibc qsort is a stable merge sort
-    n = len(order)
+    p = np.concatenate(probs) if probs else np.zeros(0, f32)
+    order = np.argsort(-p, kind='stable')  # glibc's qsort is a stable merge sort
+    truth = np.concatenate(truth_idx)[order] if probs else np.zeros(0, np.int64)
+    cls = np.concatenate(cls_ids)[order] if probs else np.zeros(0, np.int64)
+    # in prob order, a detection is a TP the first time its label is matched
+    is_tp = np.zeros(len(order), bool)
+    matched = np.nonzero(truth > -1)[0]
+    _, first = np.unique(truth[matched], return_index=True)
+    is_tp[matched[first]] = True
     ap = np.zeros(classes, np.float64)
-    if n:
-        taken = np.zeros(offset, bool)
-        is_tp = np.zeros(n, bool)
-        cls_sorted = np.asarray(cls_ids)[order]
-        for rank, d in enumerate(order):
-            if flags[d] and not taken[truth_idx[d]]:
-                taken[truth_idx[d]] = True
-                is_tp[rank] = True
-        for c in range(classes):
-            mine = cls_sorted == c
-            tp = np.cumsum(mine & is_tp).astype(np.float64)  # (n,) at every rank, as pr[c][rank]
-            fp = np.cumsum(mine & ~is_tp).astype(np.float64)
-            with np.errstate(divide='ignore', invalid='ignore'):
-                precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-                recall = np.where(truth_count[c] > 0, tp / truth_count[c], 0.0)
-            ap[c] = _average_precision(precision, recall, points)
+    for c in range(classes):
+        mine = is_tp[cls == c]  # this class's detections in rank order (other ranks repeat its values)
+        if len(mine) == 0 or truth_count[c] == 0:
+            continue  # recall 0 at every rank: AP 0
+        tp = np.cumsum(mine).astype(np.float64)
+        precision = tp / np.arange(1, len(mine) + 1)
+        ap[c] = _average_precision(precision, tp / truth_count[c], points)
     tp_all, fp_all = int(tp_c.sum()), int(fp_c.sum())
     return MapResult(float(ap.sum() / classes), ap, tp_all, fp_all, int(truth_count.sum()) - tp_all,
-                     iou_sum / (tp_all + fp_all) if tp_all + fp_all else 0.0, n, int(truth_count.sum()), tp_c, fp_c)
+                     iou_sum / (tp_all + fp_all) if tp_all + fp_all else 0.0, len(order), int(truth_count.sum()),
+                     tp_c, fp_c)
 
 
 def _average_precision(precision: np.ndarray, recall: np.ndarray, points: int) -> float:

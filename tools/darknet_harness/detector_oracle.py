@@ -135,14 +135,6 @@ def label_path(image: Path) -> Path:
     return Path(str(image).replace('/images/', '/labels/')).with_suffix('.txt')
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """read_boxes: `id x y w h` rows as float32 (n, 5); a missing file is no labels, as Darknet."""
-    if not path.is_file():
-        return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    return np.array([[float(v) for v in r[:5]] for r in rows], dtype=np.float32).reshape(-1, 5)
-
-
 def write_fixture(opt: argparse.Namespace, theirs: list[dict], work: Path) -> None:
     """FIXTURE/CASE.jsonl: Darknet's printed lines and JSON objects per image (paths relative to ../shared);
     FIXTURE/CASE.json: how they were made (cfg, --set, threshold, weights)."""
@@ -190,8 +182,16 @@ def build_model(cfg: Path, weights: Path) -> Darknet:
     return dp.use_darknet_bn_eps(model).fuse().eval()
 
 
+# target mean and std of a random model's raw head outputs (x, y, w, h; objectness; classes) on bus.jpg, so that it
+# finds some boxes per image at 0.25 with spread-out confidences and not too many at 0.005 (a fresh model's are all
+# ~0.26 or all ~0.01); `detector map` keeps classes x candidates x 40 bytes: use --map 32 or fewer with these
+HEAD_TARGETS = ((0.0, 0.5), (-7.0, 2.5), (-5.0, 3.0))
+CALIBRATION_IMAGE = SHARED / 'samples' / 'bus.jpg'
+
+
 def random_weights(cfg: Path, seed: int, path: Path) -> None:
-    """Seeded weights of the project's model (its own init, BatchNorm statistics drawn too) as a .weights file."""
+    """Seeded weights of the project's model as a .weights file: its own init, BatchNorm statistics drawn too, and
+    each head convolution's rows rescaled to HEAD_TARGETS on CALIBRATION_IMAGE."""
     torch.manual_seed(seed)
     model = Darknet(str(cfg))
     with torch.no_grad():
@@ -199,6 +199,16 @@ def random_weights(cfg: Path, seed: int, path: Path) -> None:
             if isinstance(m, torch.nn.BatchNorm2d):  # a fresh BN (mean 0, var 1) would pass activations unscaled
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
+        _, maps = model.eval()(dp.network_input(dp.load_image(CALIBRATION_IMAGE), dp.settings_from_model(model)))
+        for i, p in zip(model.head_convs(), maps):  # p: (1, na, ny, nx, no) raw
+            conv = model.module_list[i].Conv2d
+            na, no = p.shape[1], p.shape[-1]
+            for (lo, hi), (mean, std) in zip(((0, 4), (4, 5), (5, no)), HEAD_TARGETS):
+                v = p[..., lo:hi]
+                scale = std / float(v.std().clamp(min=1e-6))
+                rows = [a * no + k for a in range(na) for k in range(lo, hi)]
+                conv.weight[rows] *= scale
+                conv.bias[rows] = (conv.bias[rows] - float(v.mean())) * scale + mean
     save_weights(model, path)
 
 
@@ -268,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             write_fixture(opt, theirs, work)
     if map_images:
         dn = darknet_map(opt.darknet, data, cfg, weights, work, opt.points)
-        per_image = [(dp.detect(model, load(i), settings, dp.MAP_THRESH), read_labels(label_path(i)))
+        per_image = [(dp.detect(model, load(i), settings, dp.MAP_THRESH), dp.read_labels(label_path(i)))
                      for i in map_images]
         ours = dp.darknet_map(per_image, model.nc, 0.5, opt.points, opt.thresh)
         ap_diff = float(np.abs(np.array(dn['ap']) - ours.ap).max())
