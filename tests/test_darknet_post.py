@@ -209,6 +209,41 @@ def test_read_labels_as_read_boxes(tmp_path):
         dp.read_labels(f)
 
 
+def _toy_model():
+    from models import Darknet
+    torch.manual_seed(0)
+    model = Darknet(str(Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg'))
+    with torch.no_grad():
+        for i in model.head_convs():  # no bias prior: objectness ~0.5, so there are candidates at 0.005
+            model.module_list[i].Conv2d.bias.zero_()
+    return dp.darknet_model(model)
+
+
+def test_detector_and_evaluate_map_run_a_model(tmp_path):
+    import cv2
+    model = _toy_model()
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    rows, dets = dp.DarknetDetector(model, thresh=0.005)(bgr)
+    assert rows.shape[1] == 6 and len(rows) == len(dets.pairs(0.005)) > 0
+    np.testing.assert_allclose(np.sort(rows[:, 4]), np.sort([p for _, _, p in dets.pairs(0.005)]))
+    img = tmp_path / 'a.png'
+    cv2.imwrite(str(img), bgr)
+    (tmp_path / 'a.txt').write_text('0 0.5 0.5 0.5 0.5\n')
+    r = dp.evaluate_map(model, [img], [tmp_path / 'a.txt'])
+    assert r.truths == 1 and r.detections > 0 and 0 <= r.map <= 1
+    text = dp.map_report(r, ['a', 'b', 'c'])
+    assert 'class_id = 2, name = c, ap = ' in text and f'mean average precision (mAP@0.50) = {r.map:.6f}' in text
+
+
+def test_darknet_model_refuses_new_coords():
+    from models import Darknet
+    text = (Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg').read_text().replace('[yolo]\n',
+                                                                                         '[yolo]\nnew_coords=1\n')
+    with pytest.raises(ConfigError, match=r'new_coords=1: the model does not decode'):
+        dp.darknet_model(Darknet(text))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # against Darknet (slow: ../shared images, the official yolov3-tiny)
 

@@ -464,3 +464,46 @@ def _average_precision(precision: np.ndarray, recall: np.ndarray, points: int) -
         reached = recall >= point / (points - 1)
         total += float(precision[reached].max()) if reached.any() else 0.0
     return total / points
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a model run as `detector test` / `detector map` (what detect.py and test.py --darknet call)
+
+def darknet_model(model: nn.Module) -> nn.Module:
+    """A models.Darknet as Darknet's detector commands run it: BatchNorm fused with Darknet's eps, fp32, eval mode;
+    refused (ConfigError) where the cfg asks for what the model cannot reproduce."""
+    settings_from_model(model)
+    return use_darknet_bn_eps(model).fuse().float().eval()
+
+
+class DarknetDetector:
+    """`detector test` on images: detector(bgr) -> (rows (n, 6) [x1, y1, x2, y2 image pixels, conf, class] in
+    Darknet's printed order, Detections after NMS)."""
+
+    def __init__(self, model: nn.Module, thresh: float = TEST_THRESH, nms_thresh: float = NMS_THRESH):
+        self.model, self.thresh, self.nms_thresh = model, thresh, nms_thresh
+        self.settings = settings_from_model(model)
+
+    def __call__(self, bgr: np.ndarray) -> tuple[np.ndarray, Detections]:
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1], dtype=np.float32) / np.float32(255.0)
+        dets = detect(self.model, rgb, self.settings, self.thresh, self.nms_thresh)
+        return detection_rows(dets, self.thresh), dets
+
+
+def evaluate_map(model: nn.Module, img_files: Sequence[str | Path], label_files: Sequence[str | Path],
+                 iou_thresh: float = 0.5, points: int = 0, thresh: float = TEST_THRESH) -> MapResult:
+    """`detector map` of a model over images and their YOLO label files (read as Darknet reads them)."""
+    settings = settings_from_model(model)
+    per_image = [(detect(model, load_image(i), settings, MAP_THRESH), read_labels(lab))
+                 for i, lab in zip(img_files, label_files)]
+    return darknet_map(per_image, model.nc, iou_thresh, points, thresh)
+
+
+def map_report(r: MapResult, names: Sequence[str], iou_thresh: float = 0.5, thresh: float = TEST_THRESH) -> str:
+    """What `detector map` prints of a MapResult: a line per class, the TP/FP/FN line and the mAP line."""
+    lines = [f"class_id = {c}, name = {names[c]}, ap = {100 * r.ap[c]:.2f}%   \t (TP = {r.tp_per_class[c]}, "
+             f"FP = {r.fp_per_class[c]}) " for c in range(len(r.ap))]
+    lines.append(f" for conf_thresh = {thresh:.2f}, TP = {r.tp}, FP = {r.fp}, FN = {r.fn}, average IoU = "
+                 f"{100 * r.avg_iou:.2f} % ")
+    lines.append(f" mean average precision (mAP@{iou_thresh:.2f}) = {r.map:.6f}, or {100 * r.map:.2f} % ")
+    return '\n'.join(lines) + '\n'

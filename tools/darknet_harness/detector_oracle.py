@@ -185,21 +185,23 @@ def build_model(cfg: Path, weights: Path) -> Darknet:
 # target mean and std of a random model's raw head outputs (x, y, w, h; objectness; classes) on bus.jpg, so that it
 # finds some boxes per image at 0.25 with spread-out confidences and not too many at 0.005 (a fresh model's are all
 # ~0.26 or all ~0.01); `detector map` keeps classes x candidates x 40 bytes: use --map 32 or fewer with these
-HEAD_TARGETS = ((0.0, 0.5), (-7.0, 2.5), (-5.0, 3.0))
+HEAD_TARGETS = ((0.0, 0.5), (-9.0, 2.5), (-5.0, 3.0))
 CALIBRATION_IMAGE = SHARED / 'samples' / 'bus.jpg'
 
 
 def random_weights(cfg: Path, seed: int, path: Path) -> None:
-    """Seeded weights of the project's model as a .weights file: its own init, BatchNorm statistics drawn too, and
-    each head convolution's rows rescaled to HEAD_TARGETS on CALIBRATION_IMAGE."""
+    """Seeded weights of the project's model as a .weights file: its own init, each BatchNorm's statistics set to
+    those of its input on CALIBRATION_IMAGE (so activations neither vanish nor blow up and the boxes depend on the
+    image), then each head convolution's rows rescaled to HEAD_TARGETS on the same image."""
     torch.manual_seed(seed)
     model = Darknet(str(cfg))
+    x = dp.network_input(dp.load_image(CALIBRATION_IMAGE), dp.settings_from_model(model))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):  # a fresh BN (mean 0, var 1) would pass activations unscaled
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-        _, maps = model.eval()(dp.network_input(dp.load_image(CALIBRATION_IMAGE), dp.settings_from_model(model)))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 1.0  # one training-mode pass leaves exactly this image's statistics
+        model.train()(x)
+        _, maps = model.eval()(x)
         for i, p in zip(model.head_convs(), maps):  # p: (1, na, ny, nx, no) raw
             conv = model.module_list[i].Conv2d
             na, no = p.shape[1], p.shape[-1]
