@@ -59,6 +59,19 @@ def test_unknown_nms_kind_is_refused_with_its_line():
 # ---------------------------------------------------------------------------------------------------------------
 # the image
 
+def test_load_image_ignores_exif_orientation_as_stb(tmp_path):
+    from PIL import Image
+    f = tmp_path / 'rotated.jpg'
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": cv2.imread would turn the 40 x 20 image into 20 x 40
+    Image.fromarray(np.full((20, 40, 3), (255, 0, 0), np.uint8)).save(f, exif=exif)
+    im = dp.load_image(f)
+    assert im.shape == (20, 40, 3) and im.dtype == np.float32
+    assert im[10, 20, 0] > 0.9 and im[10, 20, 2] < 0.1  # RGB order, / 255
+    with pytest.raises(FileNotFoundError, match='nothing.jpg: cannot read the image'):
+        dp.load_image(tmp_path / 'nothing.jpg')
+
+
 def test_resize_image_steps_over_in_minus_one_by_out_minus_one():
     im = np.arange(4, dtype=np.float32).reshape(1, 4, 1)  # one row 0 1 2 3
     out = dp.resize_image(im, 3, 1)

@@ -81,13 +81,19 @@ def use_darknet_bn_eps(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # the image: load_image (RGB, / 255), resize_image / letterbox_image
 
+def read_bgr(path: str | Path) -> np.ndarray:
+    """An image file as Darknet's stb_image sees it, in OpenCV's BGR uint8 (h, w, 3): 3 channels, and the EXIF
+    orientation ignored (stb does not apply it; cv2.imread would)."""
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if im is None:
+        raise FileNotFoundError(f"{path}: cannot read the image")
+    return im
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as RGB float32 (h, w, 3) in [0, 1], as Darknet's load_image_color (decoded by OpenCV, not stb:
     JPEG decoders differ by a few levels on ~1-5% of the pixels)."""
-    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if im is None:
-        raise FileNotFoundError(f"{path}: cannot read the image")
-    return np.ascontiguousarray(im[:, :, ::-1], dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(read_bgr(path)[:, :, ::-1], dtype=np.float32) / np.float32(255.0)
 
 
 def resize_image(im: np.ndarray, w: int, h: int) -> np.ndarray:
