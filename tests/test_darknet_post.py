@@ -52,7 +52,7 @@ def test_settings_read_net_and_last_yolo():
 
 def test_unknown_nms_kind_is_refused_with_its_line():
     defs = parse_cfg_text(CFG.format(net='', yolo='nms_kind=cornersnms'), 'x.cfg')
-    with pytest.raises(ConfigError, match=r'x.cfg:\d+: \[yolo\] nms_kind=cornersnms is not one of default, greedynms, diounms'):
+    with pytest.raises(ConfigError, match=r'x.cfg:\d+: \[yolo\] nms_kind=cornersnms is not one of default, greedynms'):
         dp.darknet_settings(defs[0], defs[1:], 'x.cfg')
 
 

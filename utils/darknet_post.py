@@ -196,7 +196,7 @@ def correct_boxes(boxes: np.ndarray, image_wh: tuple[int, int], net_wh: tuple[in
     new_w, new_h = letterbox_size(image_wh[0], image_wh[1], netw, neth) if letter else (netw, neth)
     ratiow, ratioh = np.float32(new_w) / np.float32(netw), np.float32(new_h) / np.float32(neth)
     out = boxes.copy()
-    # x, y in double as image.c's `deltaw / 2. / netw`; w, h times the float 1 / ratio
+    # x, y in double as yolo_layer.c's `deltaw / 2. / netw`; w, h times the float 1 / ratio
     out[:, 0] = (boxes[:, 0].astype(np.float64) - (netw - new_w) / 2. / netw) / np.float64(ratiow)
     out[:, 1] = (boxes[:, 1].astype(np.float64) - (neth - new_h) / 2. / neth) / np.float64(ratioh)
     out[:, 2] = boxes[:, 2] * (np.float32(1) / ratiow)

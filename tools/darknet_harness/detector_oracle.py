@@ -150,6 +150,12 @@ def write_fixture(opt: argparse.Namespace, theirs: list[dict], work: Path) -> No
     print(f'fixture: {opt.fixture}/{opt.case}.jsonl')
 
 
+def corners_px(box: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
+    """Relative xywh -> (x1, y1, x2, y2) in pixels of an image wh, in float64."""
+    b = box.astype(np.float64)
+    return np.array([b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]) * np.array([*wh, *wh])
+
+
 def compare_image(ours: dp.Detections, theirs: dict, thresh: float) -> dict:
     """Pair Darknet's JSON objects with ours (same class, best IoU) and measure the differences."""
     w, h = ours.image_wh
@@ -166,9 +172,8 @@ def compare_image(ours: dp.Detections, theirs: dict, thresh: float) -> dict:
         k = max(cands)[1]
         used.add(k)
         conf_d = max(conf_d, abs(mine[k][2] - o['confidence']))
-        scale = np.array([w, h, w, h])
-        corners = lambda b: np.array([b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]) * scale
-        px_d = max(px_d, float(np.abs(corners(mine[k][1].astype(np.float64)) - corners(box.astype(np.float64))).max()))
+        d = corners_px(mine[k][1], (w, h)) - corners_px(box, (w, h))
+        px_d = max(px_d, float(np.abs(d).max()))
     printed = [(b.cls, round(b.prob * 100), b.left, b.top, b.width, b.height) for b in dp.ext_output(ours, thresh)]
     return {'image': theirs['image'], 'darknet': len(theirs['objects']), 'ours': len(mine),
             'unmatched': unmatched + len(mine) - len(used), 'conf_diff': conf_d, 'px_diff': px_d,
