@@ -250,3 +250,53 @@ def test_stopbackward_n_freezes_for_the_first_n_iterations():
     assert grads_of(m, x) == [False, False, True, True]  # iteration 0 (seen 0 -> 2)
     assert grads_of(m, x) == [False, False, True, True]  # iteration 1 (seen 2 -> 4)
     assert grads_of(m, x) == [True, True, True, True]  # iteration 2: Darknet's `stopbackward > iteration` is over
+
+
+ALL_NEW = (NET.replace('width=32\nheight=32', 'width=64\nheight=64') + conv(8, 'mish', 3, 1) +
+           "[maxpool]\nsize=2\nstride=2\n" + conv(8, 'swish', 3, 1) + conv(8, 'hard_mish', 3, 1) +
+           "[shortcut]\nfrom=-2,-3\nweights_type=per_channel\nweights_normalization=softmax\n" +
+           "[avgpool]\n" + conv(8, 'logistic') + "[scale_channels]\nfrom=-3\n" + conv(8, 'logistic') +
+           "[sam]\nfrom=-2\n" + "[maxpool]\nmaxpool_depth=1\nout_channels=4\n" + "[reorg]\nstride=2\n" +
+           conv(4 * 2, 'gelu', 3, 1, 'dilation=2\n') + "[route]\nlayers=-1\ngroups=2\ngroup_id=1\n" +
+           conv(2 * 7, 'logistic') + "[yolo]\nmask=0,1\nanchors=8,8, 16,16\nclasses=2\nnum=2\nnew_coords=1\n"
+           "scale_x_y=2\n" + "[route]\nlayers=-3\n" + conv(1 * 11, 'linear') +
+           "[Gaussian_yolo]\nmask=0\nanchors=8,9\nclasses=2\nnum=1\n" + "[route]\nlayers=-6\n" +
+           conv(2 * 7, 'linear') + "[region]\nanchors=1,1, 2,2\nclasses=2\nnum=2\nsoftmax=1\n")
+
+
+def test_all_new_layers_build_round_trip_and_run(tmp_path):
+    m = randomise(Darknet(ALL_NEW), 3).eval()
+    assert [m.module_list[i].kind for i in m.yolo_layers] == ['yolo', 'gaussian_yolo', 'region']
+    io, ps = m(torch.rand(2, 3, 64, 64))
+    assert io.shape == (2, 2 * 16 * 16 + 16 * 16 + 2 * 16 * 16, 7) and torch.isfinite(io).all()
+    assert [tuple(p.shape) for p in ps] == [(2, 2, 16, 16, 7), (2, 1, 16, 16, 11), (2, 2, 16, 16, 7)]
+    save_weights(m, tmp_path / 'a.weights')
+    m2 = Darknet(ALL_NEW)
+    load_darknet_weights(m2, tmp_path / 'a.weights')
+    save_weights(m2, tmp_path / 'b.weights')
+    assert (tmp_path / 'a.weights').read_bytes() == (tmp_path / 'b.weights').read_bytes()
+
+
+@pytest.mark.slow
+def test_all_new_layers_export_to_onnx(tmp_path):
+    from utils.export import check_onnx, export_onnx
+    m = randomise(Darknet(ALL_NEW), 3).eval()
+    export_onnx(m, tmp_path / 'm.onnx', (64, 64), dynamic=True)
+    assert check_onnx(m, tmp_path / 'm.onnx', [(1, 64, 64), (2, 96, 64)]) < 1e-4
+
+
+@pytest.mark.parametrize('head', ["[Gaussian_yolo]\nmask=0,1\nanchors=8,9, 10,12\nclasses={nc}\nnum=2\n",
+                                  "[region]\nanchors=1,1, 2,2\nclasses={nc}\nnum=2\nsoftmax=1\n"])
+def test_weights_of_other_classes_load_into_gaussian_and_region_heads(tmp_path, head):
+    from utils.transfer import load_weights
+    extra = 9 if 'Gaussian' in head else 5
+
+    def cfg(nc: int) -> str:
+        return NET + conv(4, 'leaky', 3, 1) + conv(2 * (nc + extra)) + head.format(nc=nc)
+    src = randomise(Darknet(cfg(3)), 5)
+    save_weights(src, tmp_path / 's.weights')
+    dst = Darknet(cfg(1))
+    load_weights(dst, tmp_path / 's.weights', verbose=False)
+    # same class names unknown -> heads of another class count stay fresh; the body loads
+    assert torch.equal(dst.module_list[0].Conv2d.weight, src.module_list[0].Conv2d.weight)
+    assert dst.module_list[1].Conv2d.weight.shape[0] == 2 * (1 + extra)
