@@ -423,7 +423,7 @@ def _masked_anchors(b: _Builder, i: int, mdef: dict) -> list[tuple[float, float]
 
 
 def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
-    _require(b, i, mdef, 'mask', 'anchors', 'classes')
+    _require(b, i, mdef, 'anchors', 'classes')  # no mask: every one of the num anchors, as Darknet
     anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
     asff = b.absolute(i, mdef['from'], 'from') if 'from' in mdef else []
     yi = len(b.yolo_layers)
@@ -444,7 +444,7 @@ def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
 
 
 def _build_gaussian_yolo(b: _Builder, i: int, mdef: dict) -> Built:
-    _require(b, i, mdef, 'mask', 'anchors', 'classes')
+    _require(b, i, mdef, 'anchors', 'classes')
     anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
     _head_input(b, i, i - 1, (nc + 9) * len(anchors), f"(classes + 9) * len(mask) = ({nc} + 9) * {len(anchors)}")
     stride = b.strides[i - 1]

@@ -300,3 +300,28 @@ def test_weights_of_other_classes_load_into_gaussian_and_region_heads(tmp_path, 
     # same class names unknown -> heads of another class count stay fresh; the body loads
     assert torch.equal(dst.module_list[0].Conv2d.weight, src.module_list[0].Conv2d.weight)
     assert dst.module_list[1].Conv2d.weight.shape[0] == 2 * (1 + extra)
+
+
+ZOO_REFUSED = {'tiny-yolo_xnor.cfg': 'xnor', 'yolov3-tiny_xnor.cfg': 'xnor', 'yolo9000.cfg': 'tree',
+               'yolov3-tiny_occlusion_track.cfg': '[crnn]', 'yolov4-tiny_contrastive.cfg': '[local_avgpool]',
+               'cspx-p7-mish.cfg': 'num=16'}
+
+
+@pytest.mark.slow
+def test_darknet_zoo_builds_and_runs_or_stops_in_one_line():
+    from tests.conftest import SHARED
+    zoo = sorted((SHARED / 'darknet-zoo').glob('*.cfg'))
+    assert len(zoo) == 54
+    for f in zoo:
+        if f.name in ZOO_REFUSED:
+            with pytest.raises(ConfigError) as e:
+                Darknet(f, log_cfg=False)
+            msg = str(e.value)
+            assert msg.startswith(str(f)) and '\n' not in msg and ZOO_REFUSED[f.name] in msg, msg
+            continue
+        # built and run on the meta device: every shape is checked, no arithmetic (the layers' values are tested
+        # above and against Darknet by tools/darknet_harness); 128: the smallest size all take (cspx-p7: stride 128)
+        with torch.device('meta'), torch.no_grad():
+            m = Darknet(f, log_cfg=False).eval()
+            io, maps = m(torch.zeros(1, 3, 128, 128))
+        assert io.shape[0] == 1 and io.shape[2] == 5 + m.nc and len(maps) == len(m.yolo_layers) > 0, f.name
