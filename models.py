@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils.boxes import decode_yolo_box
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import WeightsError
 from utils.downloads import attempt_download

@@ -103,7 +103,7 @@ def test_with_values_changes_only_the_values_asked_for():
 
 def test_repeated_key_first_wins_with_a_warning():
     warnings: list[str] = []
-    net, conv = parse_cfg_text(NET + "[convolutional]\nfilters=3\nfilters=4\n", 'my.cfg', warnings)
+    conv = parse_cfg_text(NET + "[convolutional]\nfilters=3\nfilters=4\n", 'my.cfg', warnings)[1]
     assert conv['filters'] == 3  # Darknet's option_find returns the first
     assert len(warnings) == 1 and warnings[0].startswith('my.cfg:10:') and 'filters' in warnings[0]
 

@@ -15,6 +15,10 @@ from utils.parse_config import ConfigError
 NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"
 
 
+def sig(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
 def conv(filters: int, act: str = 'linear', size: int = 1, bn: int = 0, extra: str = '') -> str:
     return (f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\nstride=1\npad=1\n"
             f"activation={act}\n{extra}")
@@ -63,7 +67,6 @@ def test_region_decode():
         for row in range(2):
             for col in range(2):
                 t = raw[a * 8:(a + 1) * 8, row, col].tolist()
-                sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
                 e = [math.exp(v) for v in t[5:]]
                 want = [(col + sig(t[0])) / 2 * 32, (row + sig(t[1])) / 2 * 32, math.exp(t[2]) * aw / 2 * 32,
                         math.exp(t[3]) * ah / 2 * 32, sig(t[4])] + [v / sum(e) for v in e]
@@ -77,7 +80,6 @@ def test_gaussian_yolo_decode_and_score():
     x = torch.rand(1, 3, 32, 32)
     io, _ = m(x)
     raw = m.module_list[0](x)[0]
-    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     for row, col in ((0, 0), (3, 30)):
         t = raw[:, row, col].tolist()
         uc = sum(sig(t[k]) for k in (1, 3, 5, 7)) / 4

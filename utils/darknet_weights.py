@@ -3,7 +3,8 @@
 A .weights file is a header (version major, minor, revision as int32; images seen as int64, int32 in old files) then
 every convolution's float32 values in Darknet's order: BN bias, BN weight, running mean, running var, conv weight
 (or conv bias, conv weight without BN), and the weights of weighted [shortcut] layers where they come. Convolutions
-sharing another's weights (share_index) have none of their own in the file. Partial files (darknet53.conv.74) hold the first N layers only.
+sharing another's weights (share_index) have none of their own in the file. Partial files (darknet53.conv.74) hold
+the first N layers only.
 The model is used by duck typing (module_list of nn.Sequential with Conv2d [+ BatchNorm2d], cfg_text, cfg_path, nc,
 yolo_layers, version, seen, fused): nothing here needs the top-level models.py.
 """
