@@ -14,8 +14,8 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
-from utils.darknet_loss import (DEFAULTS, DarknetLoss, class_multipliers, darknet_truths, dx_box_iou, layer_cost,
-                                layer_deltas, yolo_loss_config)
+from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, assign, class_multipliers, darknet_truths, dx_box_iou,
+                                layer_cost, layer_deltas, yolo_loss_config)
 from utils.parse_config import ConfigError
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
@@ -42,7 +42,7 @@ def to_maps(a: np.ndarray) -> torch.Tensor:
 
 def test_fixture_covers_the_done_criteria():
     assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
-            'v4tiny_label_smooth', 'v4tiny_thresholds'} <= set(CASES)
+            'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line'} <= set(CASES)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -95,6 +95,16 @@ def test_cfg_error_names_file_and_layer(tmp_path):
     cfg.write_text(text.replace('[yolo]\n', '[yolo]\nnew_coords=1\n', 1))
     with pytest.raises(ConfigError, match=r'bad.cfg:\d+: layer 16: \[yolo\] key new_coords=1 .*--loss darknet'):
         DarknetLoss(Darknet(cfg, img_size=128))
+
+
+@pytest.mark.parametrize('px, size, n, cell', [(200, 416, 52, 25), (240, 416, 26, 15), (112, 160, 10, 7),
+                                               (201, 416, 52, 25), (199, 416, 52, 24)])
+def test_centre_on_a_grid_line_takes_darknets_float32_cell(px, size, n, cell):
+    # Darknet: (int)(truth.x * l.w) with a float32 truth and a float32 product; 200/416 * 52 is 25 there, 24 in float64
+    cfg = yolo_loss_config(yolo_def(), 'a.cfg')
+    truths = torch.tensor([[[px / size, px / size, 23 / size, 27 / size, 1]]]).double()  # float32 labels, as given
+    a = assign(cfg, truths, torch.ones(1, 1, dtype=torch.bool), Grid(n, n, float(size), float(size)))
+    assert a.cell[3].tolist() == [cell] and a.cell[2].tolist() == [cell]
 
 
 def test_truths_in_label_order_and_x_zero_ends_the_list():

@@ -286,6 +286,11 @@ def _mask_positions(cfg: YoloLossConfig, device: torch.device) -> torch.Tensor:
     return pos
 
 
+def _f32(value: float, device: torch.device) -> torch.Tensor:
+    """A float cfg threshold as Darknet holds it (a C float), to compare float32 quantities with."""
+    return _constant((value,), device, torch.float32)[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small read-only tensor of Python numbers on device, made once: from a list each batch it would be a
@@ -301,10 +306,14 @@ def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Gr
     b, t = valid.nonzero(as_tuple=True)  # in (image, truth) order
     tr = truths[b, t]  # (m0, 5)
     anchors = _constant(tuple(map(tuple, cfg.anchors)), device, truths.dtype)  # (total, 2) pixels
-    zero = torch.zeros(len(anchors), 2, dtype=truths.dtype, device=device)
-    net_wh = _constant((g.net_w, g.net_h), device, truths.dtype)
-    anchor_boxes = torch.cat((zero, anchors / net_wh), 1)[None]  # (1, total, 4)
-    shifted = torch.cat((torch.zeros_like(tr[:, :2]), tr[:, 2:4]), 1)[:, None]  # (m0, 1, 4) centred truths
+    # the best anchor, the iou_thresh matches and the cell are decided in float32 as Darknet does (its truths are
+    # float32, so tr.float() is exact): in float64 an IoU tie or a centre on a grid line can go the other way
+    tr32 = tr.float()
+    anchors32 = _constant(tuple(map(tuple, cfg.anchors)), device, torch.float32)
+    zero = torch.zeros(len(anchors), 2, dtype=torch.float32, device=device)
+    net_wh = _constant((g.net_w, g.net_h), device, torch.float32)
+    anchor_boxes = torch.cat((zero, anchors32 / net_wh), 1)[None]  # (1, total, 4), as l.biases / net.w
+    shifted = torch.cat((torch.zeros_like(tr32[:, :2]), tr32[:, 2:4]), 1)[:, None]  # (m0, 1, 4) centred truths
     best_n = darknet_iou(anchor_boxes, shifted).argmax(1)  # (m0,) first best on ties, as Darknet's strict '>'
     pos = _mask_positions(cfg, device)
     n_idx = torch.arange(len(anchors), device=device)
@@ -312,15 +321,16 @@ def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Gr
     sub = torch.zeros(take.shape, dtype=torch.long, device=device)
     if cfg.iou_thresh < 1.0:
         extra = (pos[None] >= 0) & (n_idx[None] != best_n[:, None]) & \
-            (darknet_iou(anchor_boxes, shifted, cfg.iou_thresh_kind) > cfg.iou_thresh)
+            (darknet_iou(anchor_boxes, shifted, cfg.iou_thresh_kind) > _f32(cfg.iou_thresh, device))
         take |= extra
         sub = torch.where(extra, n_idx[None] + 1, sub)
     r, n = take.nonzero(as_tuple=True)
     order = torch.argsort(r * (len(anchors) + 1) + sub[r, n], stable=True)
     r, n = r[order], n[order]
-    # int() of x * l.w as Darknet; a centre on the right or bottom edge stays in the last cell
-    gi = (tr[r, 0] * g.nx).long().clamp(0, g.nx - 1)
-    gj = (tr[r, 1] * g.ny).long().clamp(0, g.ny - 1)
+    # (int)(truth.x * l.w) in float32 as Darknet: 200/416 on a 52 grid is cell 25 there, 24 in float64; a centre
+    # on the right or bottom edge stays in the last cell
+    gi = (tr32[r, 0] * g.nx).long().clamp(0, g.nx - 1)
+    gj = (tr32[r, 1] * g.ny).long().clamp(0, g.ny - 1)
     return Assigned((b[r], pos[n], gj, gi), tr[r, :4], tr[r, 4].long(), anchors[n])
 
 
@@ -353,19 +363,24 @@ def layer_outputs(cfg: YoloLossConfig, x: torch.Tensor, g: Grid) -> tuple[torch.
     return out, pred
 
 
-def objectness_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, truths: torch.Tensor,
+def objectness_step(cfg: YoloLossConfig, out: torch.Tensor, pred32: torch.Tensor, truths: torch.Tensor,
                     valid: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """process_batch's loop over predictions: objectness delta to 0, except where the prediction overlaps a truth
     by more than ignore_thresh (and some class probability exceeds 0.25). Writes delta; returns each prediction's
-    best IoU and truth index (B, na, ny, nx) for truth_thresh."""
-    iou = darknet_iou(pred[:, :, :, :, None], truths[:, None, None, None, :, :4])  # (B, na, ny, nx, T)
+    best IoU (float32) and truth index (B, na, ny, nx) for truth_thresh.
+
+    The IoUs are Darknet's float32 ones (pred32: the float32 decode; truths float32), so that the threshold
+    comparisons and the best truth are decided as Darknet decides them."""
+    truths = truths.float()
+    iou = darknet_iou(pred32[:, :, :, :, None], truths[:, None, None, None, :, :4])  # (B, na, ny, nx, T)
     iou = torch.where(valid[:, None, None, None], iou, torch.zeros_like(iou))
     best_t = iou.argmax(-1) if iou.shape[-1] else torch.zeros(iou.shape[:-1], dtype=torch.long, device=iou.device)
-    best_iou = iou.gather(-1, best_t[..., None])[..., 0] if iou.shape[-1] else torch.zeros_like(out[..., 4])
+    best_iou = iou.gather(-1, best_t[..., None])[..., 0] if iou.shape[-1] else torch.zeros_like(pred32[..., 0])
     match = (out[..., 5:] > CLASS_MATCH).any(-1)
     best_match = torch.where(match, best_iou, torch.zeros_like(best_iou))
     d_obj = cfg.obj_normalizer * (0 - out[..., 4])
-    ignore = best_match > cfg.ignore_thresh
+    ignore = best_match > _f32(cfg.ignore_thresh, out.device)
+    best_match = best_match.to(out.dtype)
     if cfg.objectness_smooth:
         d_obj = torch.where(ignore, torch.maximum(d_obj, cfg.obj_normalizer * (best_match - out[..., 4])), d_obj)
     else:
@@ -380,13 +395,13 @@ def truth_thresh_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor
     """Predictions whose best IoU with a truth exceeds truth_thresh train as if assigned to it (objectness, class
     and box deltas), as process_batch's first loop does; not counted in the IoU statistics."""
     best_iou, best_t = best
-    cell = (best_iou > cfg.truth_thresh).nonzero(as_tuple=True)
+    cell = (best_iou > _f32(cfg.truth_thresh, out.device)).nonzero(as_tuple=True)
     if not len(cell[0]):
         return
     tr = truths[cell[0], best_t[cell]]  # (m, 5)
     cls = tr[:, 4].long()
     anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), out.device, out.dtype)
-    iou_mult = best_iou[cell] ** 2
+    iou_mult = best_iou[cell].to(out.dtype) ** 2
     o = out[cell]
     delta[cell + (4,)] = cfg.obj_normalizer * ((iou_mult if cfg.objectness_smooth else 1.0) - o[:, 4])
     d_cls = class_delta_new(cfg, o[:, 5:], delta[cell][:, 5:], cls, mult)
@@ -446,9 +461,12 @@ def layer_deltas(cfg: YoloLossConfig, x: torch.Tensor, truths: torch.Tensor, val
     g = Grid(x.shape[3], x.shape[2], float(net_wh[0]), float(net_wh[1]))
     mult = (_constant(tuple(cfg.class_multipliers), x.device, x.dtype) if cfg.class_multipliers is not None
             else x.new_ones(cfg.nc))
-    out, pred = layer_outputs(cfg, x, g)
+    # Darknet's l.output and decoded boxes are float32: decode in float32 (its comparisons are made on these), then
+    # compute the deltas from those very values in x's precision
+    out32, pred32 = layer_outputs(cfg, x.float(), g)
+    out, pred = out32.to(x.dtype), pred32.to(x.dtype)
     delta = torch.zeros_like(x)
-    best = objectness_step(cfg, out, pred, truths, valid, delta)
+    best = objectness_step(cfg, out, pred32, truths, valid, delta)
     truth_thresh_step(cfg, out, pred, truths, best, delta, g, mult)
     stats = truth_step(cfg, out, pred, assign(cfg, truths, valid, g), delta, g, mult)
     if cfg.iou_thresh < 1.0:

@@ -48,6 +48,12 @@ TRUTHS_PX = (
         (130, 42, 40, 30, 0, None),  # wide box: best anchor 1, anchor 2 over iou_thresh
     ),
 )
+# The same boxes with two centres moved onto vertical grid lines of the 10x8 head (x = 112 and 144 px of 160):
+# Darknet's cell (int)(x * l.w) in float32 is 7 and 9 there, in float64 6 and 8 (0.7f * 10 rounds up to 7)
+TRUTHS_GRID = (
+    ((85, 60, 96, 115, 0, 0.93), (112, 38, 30, 40, 1, 0.86)) + TRUTHS_PX[0][2:],
+    TRUTHS_PX[1][:3] + ((144, 68, 24, 28, 1, 0.62), TRUTHS_PX[1][4]),
+)
 # IoU a planted prediction should have with its truth (every value keeps 0.03 from the thresholds the cases use;
 # 0 is a box clear of the truth, for dx_box_iou's no-overlap branches; None leaves the slot random)
 PLANT_IOUS = (0.93, None, 0.62, 0.86, 0.0, 0.42, None)
@@ -65,6 +71,7 @@ class Case:
     base: str
     yolo: tuple = ()
     about: str = ''
+    truths: tuple = TRUTHS_PX
 
 
 V4 = (('iou_thresh', '0.213'),)
@@ -91,6 +98,9 @@ CASES = (
          'iou_normalizer 0.5, obj_normalizer 0.5, max_delta 0.3 (clips iou-loss box deltas)'),
     Case('v4tiny_show_details0', 'yolov4-tiny.cfg', V4 + (('show_details', '0'),),
          'show_details 0: cost is the squared delta norm for ciou too'),
+    Case('v4tiny_grid_line', 'yolov4-tiny.cfg', V4,
+         'as v4tiny with two truth centres on grid lines (x = 112/160, 144/160: cell 7 and 9 in float32, as Darknet)',
+         truths=TRUTHS_GRID),
 )
 
 
@@ -182,10 +192,10 @@ def yolo_float(sec_text: str, key: str, default: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def truth_array(max_boxes: int, truth_size: int) -> np.ndarray:
+def truth_array(truths_px: tuple, max_boxes: int, truth_size: int) -> np.ndarray:
     """(batch, max_boxes, truth_size) float32 as Darknet's loader fills it: x y w h normalised, class, track id 0."""
     truth = np.zeros((BATCH, max_boxes, truth_size), np.float32)
-    for b, boxes in enumerate(TRUTHS_PX):
+    for b, boxes in enumerate(truths_px):
         for t, (cx, cy, w, h, c, _) in enumerate(boxes):
             truth[b, t, :5] = cx / NET_W, cy / NET_H, w / NET_W, h / NET_H, c
     return truth
@@ -214,7 +224,7 @@ def box_near(rng: np.random.Generator, truth: np.ndarray, target: float, cell: t
     i, j = cell
     n = 20000
     spread = 1.6 * (1 - target) + 0.05
-    if (int(truth[0] * head.w), int(truth[1] * head.h)) == (i, j):
+    if truth_cell(truth, head) == (i, j):
         cx = truth[0] + rng.uniform(-spread, spread, n) * truth[2]
         cy = truth[1] + rng.uniform(-spread, spread, n) * truth[3]
     else:
@@ -245,10 +255,16 @@ def plant(raw: np.ndarray, head: Head, b: int, a: int, box: np.ndarray, sxy: flo
     return b, a, j, i
 
 
+def truth_cell(truth: np.ndarray, head: Head) -> tuple:
+    """The cell (i, j) Darknet gives a truth: (int)(x * l.w) with x a float32 and the product rounded to float32."""
+    x, y = np.float32(truth[0]) * np.float32(head.w), np.float32(truth[1]) * np.float32(head.h)
+    return int(x), int(y)
+
+
 def neighbour(truth: np.ndarray, head: Head) -> tuple:
     """The cell next to the truth's own, across the nearer cell edge (x or y, whichever is closer)."""
     fx, fy = truth[0] * head.w, truth[1] * head.h
-    i, j = int(fx), int(fy)
+    i, j = truth_cell(truth, head)
     dx = -1 if fx - i < 0.5 else 1
     dy = -1 if fy - j < 0.5 else 1
     if min(fx - i, 1 - fx + i) <= min(fy - j, 1 - fy + j) and 0 <= i + dx < head.w:
@@ -263,15 +279,18 @@ def best_anchor(truth: np.ndarray, anchors: np.ndarray) -> int:
     return int(np.argmax(inter / (wh[:, 0] * wh[:, 1] + truth[2] * truth[3] - inter)))
 
 
-def plant_truth(rng: np.random.Generator, raws: list, heads: list, b: int, t: int, g: int, sxy: float, planted: set) -> None:
-    """Plant predictions around truth t of image b (g-th overall) on every head; adds their slots (k, b, a, j, i)."""
-    truth = np.array(TRUTHS_PX[b][t][:4], np.float64) / [NET_W, NET_H, NET_W, NET_H]
-    cls = TRUTHS_PX[b][t][4]
+def plant_truth(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, bt: tuple, g: int, sxy: float,
+                planted: set) -> None:
+    """Plant predictions around truth bt = (b, t) of image b (g-th overall) on every head; adds their slots
+    (k, b, a, j, i)."""
+    b, t = bt
+    truth = np.array(truths_px[b][t][:4], np.float64) / [NET_W, NET_H, NET_W, NET_H]
+    cls = truths_px[b][t][4]
     for k, head in enumerate(heads):
-        own = (int(truth[0] * head.w), int(truth[1] * head.h))
+        own = truth_cell(truth, head)
         for a in range(head.n):
             best = head.mask[a] == best_anchor(truth, head.anchors)
-            target = TRUTHS_PX[b][t][5] if best else PLANT_IOUS[(g + a + k) % len(PLANT_IOUS)]
+            target = truths_px[b][t][5] if best else PLANT_IOUS[(g + a + k) % len(PLANT_IOUS)]
             box = None if target is None else box_near(rng, truth, target, own, head)
             if box is None or (k, b, a, own[1], own[0]) in planted:
                 continue
@@ -297,10 +316,11 @@ def near_thresholds(raw: np.ndarray, head: Head, sxy: float, truths: np.ndarray)
     return box_bad, cls_bad
 
 
-def clear_margins(rng: np.random.Generator, raws: list, heads: list, sxy: float, planted: set) -> None:
+def clear_margins(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, sxy: float,
+                  planted: set) -> None:
     """Redraw random slots whose IoU or class probability sits within MARGIN of a threshold Darknet compares with."""
     truths = [np.array([r[:4] for r in img], np.float32).astype(np.float64) / [NET_W, NET_H, NET_W, NET_H]
-              for img in TRUTHS_PX]
+              for img in truths_px]
     for _ in range(100):
         redrawn = 0
         for k, head in enumerate(heads):
@@ -319,17 +339,17 @@ def clear_margins(rng: np.random.Generator, raws: list, heads: list, sxy: float,
     sys.exit('could not clear the threshold margins in 100 rounds')
 
 
-def design_inputs(heads: list, sxy: float) -> list:
+def design_inputs(heads: list, truths_px: tuple, sxy: float) -> list:
     """Seeded raw inputs, one (batch, n*(5+classes), h, w) float32 array per head, with predictions planted."""
     rng = np.random.default_rng(SEED)
     raws = [rng.normal(0, 1.5, (BATCH, h.n * (CLASSES + 5), h.h, h.w)) for h in heads]
     planted: set = set()
     g = 0
-    for b, boxes in enumerate(TRUTHS_PX):
+    for b, boxes in enumerate(truths_px):
         for t in range(len(boxes)):
-            plant_truth(rng, raws, heads, b, t, g, sxy, planted)
+            plant_truth(rng, raws, heads, truths_px, (b, t), g, sxy, planted)
             g += 1
-    clear_margins(rng, raws, heads, sxy, planted)
+    clear_margins(rng, raws, heads, truths_px, sxy, planted)
     return [r.astype(np.float32) for r in raws]
 
 
@@ -377,8 +397,8 @@ def run_case(case: Case, harness: Path, work: Path, commit: str) -> dict:
     if (net_w, net_h, batch) != (NET_W, NET_H, BATCH):
         sys.exit(f'{cfg}: Darknet built {net_w}x{net_h} batch {batch}, expected {NET_W}x{NET_H} batch {BATCH}')
     sxy = yolo_float(cfg_text, 'scale_x_y', 1.0)
-    raws = design_inputs(heads, sxy)
-    truth = truth_array(max_boxes, truth_size)
+    raws = design_inputs(heads, case.truths, sxy)
+    truth = truth_array(case.truths, max_boxes, truth_size)
     truth.tofile(d / 'truth.bin')
     for head, raw in zip(heads, raws):
         raw.tofile(d / f'input_{head.index}.bin')
