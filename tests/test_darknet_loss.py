@@ -42,7 +42,8 @@ def to_maps(a: np.ndarray) -> torch.Tensor:
 
 def test_fixture_covers_the_done_criteria():
     assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
-            'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line'} <= set(CASES)
+            'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line', 'v4tiny_new_coords',
+            'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse'} <= set(CASES)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -80,7 +81,7 @@ def test_omitted_keys_take_darknets_defaults():
     assert cfg.iou_loss == 'giou' and cfg.class_multipliers == (1.0, 4.0, 2.0)  # 100/20 = 5, capped at max_delta
 
 
-@pytest.mark.parametrize('keys, message', [({'new_coords': 1}, 'new_coords'), ({'iou_loss': 'cious'}, 'iou_loss'),
+@pytest.mark.parametrize('keys, message', [({'iou_loss': 'cious'}, 'iou_loss'),
                                            ({'iou_thresh_kind': 'mse'}, 'iou_thresh_kind'),
                                            ({'map': 'x.map'}, 'map'), ({'counters_per_class': '1,2'}, '2 values'),
                                            ({'num': 9}, 'num=9 differs from the 3 anchors')])
@@ -92,8 +93,8 @@ def test_key_it_cannot_honour_is_an_error(keys, message):
 def test_cfg_error_names_file_and_layer(tmp_path):
     text = (ROOT / 'cfg' / 'yolov3-tiny.cfg').read_text()
     cfg = tmp_path / 'bad.cfg'
-    cfg.write_text(text.replace('[yolo]\n', '[yolo]\nnew_coords=1\n', 1))
-    with pytest.raises(ConfigError, match=r'bad.cfg:\d+: layer 16: \[yolo\] key new_coords=1 .*--loss darknet'):
+    cfg.write_text(text.replace('[yolo]\n', '[yolo]\niou_thresh_kind=mse\n', 1))
+    with pytest.raises(ConfigError, match=r"bad.cfg:\d+: layer 16: \[yolo\] key iou_thresh_kind='mse' .*--loss darknet"):
         DarknetLoss(Darknet(cfg, img_size=128))
 
 
@@ -159,12 +160,12 @@ def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_train_refuses_a_key_it_cannot_honour(tmp_path, capsys):
     cfg = tmp_path / 'v4.cfg'
-    cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\nnew_coords=1\n'))
+    cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\niou_thresh_kind=mse\n'))
     data = make_subset(tmp_path / 'data', 2)
     r = train.main(train.parse_opt(['--cfg', str(cfg), '--data', str(data), '--weights', '', '--img-size', '128',
                                     '--epochs', '1', '--device', 'cpu', '--loss', 'darknet',
                                     '--save-dir', str(tmp_path / 'run')]))
     err = capsys.readouterr().err.strip().splitlines()
     assert r == 2 and len(err) == 1
-    assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key new_coords', err[0])
+    assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key iou_thresh_kind', err[0])
     assert not (tmp_path / 'run').exists()  # nothing written

@@ -4,6 +4,7 @@ channels_last, EMA, optimizer state in checkpoints)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ class FakeModel(nn.Module):
         super().__init__()
         self.module_list = nn.ModuleList(layers)
         self.yolo_layers = list(range(len(layers)))
+        self.module_defs = [{'type': 'yolo', 'line': 1} for _ in layers]
+        self.cfg_path = 'fake.cfg'
         self.nc = nc
 
 
@@ -197,19 +200,35 @@ def raw_on_labels(model, targets: torch.Tensor, img: int) -> tuple[list[torch.Te
     p = [torch.zeros(2, m.na, img // int(m.stride), img // int(m.stride), m.no) for m in layers]
     _, tbox, indices, anch = build_targets(p, targets, loss_fn.anchor_vecs, model.nc, HYP['iou_t'])
     placed = []
-    for m, pi, box, idx, an in zip(layers, p, tbox, indices, anch):
+    for m, pi, box, idx, an, new in zip(layers, p, tbox, indices, anch, loss_fn.new_coords):
         s = m.scale_x_y
-        pi[idx + (slice(0, 2),)] = torch.logit((box[:, :2] + 0.5 * (s - 1)) / s)  # inverse of the xy decode
-        pi[idx + (slice(2, 4),)] = torch.log(box[:, 2:4] / an)
+        xy = (box[:, :2] + 0.5 * (s - 1)) / s  # inverse of the xy decode
+        # new_coords: the map is the head convolution's logistic output, w = 4 t^2 anchor
+        pi[idx + (slice(0, 2),)] = xy if new else torch.logit(xy)
+        pi[idx + (slice(2, 4),)] = torch.sqrt(box[:, 2:4] / an / 4) if new else torch.log(box[:, 2:4] / an)
         cell = torch.stack((idx[3], idx[2]), 1).float()
         placed.append((idx, torch.cat(((box[:, :2] + cell) * m.stride, box[:, 2:4] * m.stride), 1)))
     return p, placed
 
 
-@pytest.mark.parametrize('cfg', ['yolov4-tiny.cfg', 'yolov4.cfg'])
+def new_coords_cfg(path) -> str:
+    """A cfg's text with yolov7's head: new_coords=1, scale_x_y 2 and a logistic on each head convolution."""
+    sections = path.read_text().split('\n[')
+    for k, sec in enumerate(sections):
+        if sec.startswith('yolo]'):
+            sec = re.sub(r'^scale_x_y\s*=.*$', '', sec, flags=re.M)
+            sections[k] = sec.replace('yolo]\n', 'yolo]\nnew_coords=1\nscale_x_y=2.0\n', 1)
+            sections[k - 1] = sections[k - 1].replace('activation=linear', 'activation=logistic')
+    return '\n['.join(sections)
+
+
+@pytest.mark.parametrize('cfg', ['yolov4-tiny.cfg', 'yolov4.cfg', 'yolov4-tiny.cfg new_coords'])
 def test_box_loss_zero_where_inference_decodes_onto_the_label(cfg):
-    # the yolov4 heads have scale_x_y 1.05-1.2: the loss must decode as YOLOLayer does at inference
-    model = Darknet(ROOT / 'cfg' / cfg, img_size=256)
+    # the yolov4 heads have scale_x_y 1.05-1.2, yolov7's new_coords heads 2 and w = 4 t^2 anchor: the loss must
+    # decode as YOLOLayer does at inference
+    name, *new = cfg.split()
+    model = Darknet(new_coords_cfg(ROOT / 'cfg' / name) if new else ROOT / 'cfg' / name, img_size=256)
+    assert ComputeLoss(model, HYP).new_coords == [bool(new)] * len(model.yolo_layers)
     layers = [model.module_list[j] for j in model.yolo_layers]
     assert {m.scale_x_y for m in layers} - {1.0}, 'the cfg should exercise scale_x_y'
     # boxes of many sizes, centres away from each other so no two labels share an anchor and cell

@@ -34,7 +34,8 @@ THRESH_KINDS = ('iou', 'giou', 'diou', 'ciou')  # iou_thresh_kind values
 # Darknet's defaults (parse_yolo in src/parser.c) for the keys a cfg omits
 DEFAULTS = {'iou_loss': 'mse', 'iou_normalizer': 0.75, 'obj_normalizer': 1.0, 'cls_normalizer': 1.0,
             'ignore_thresh': 0.5, 'truth_thresh': 1.0, 'iou_thresh': 1.0, 'iou_thresh_kind': 'iou', 'scale_x_y': 1.0,
-            'label_smooth_eps': 0.0, 'max_delta': math.inf, 'objectness_smooth': 0, 'focal_loss': 0, 'show_details': 1}
+            'label_smooth_eps': 0.0, 'max_delta': math.inf, 'objectness_smooth': 0, 'focal_loss': 0, 'show_details': 1,
+            'new_coords': 0}
 MAX_BOXES = 200  # Darknet's [yolo] max: truths per image beyond it never reach the loss
 DARKNET_LR = 0.001  # Darknet's default [net] learning_rate
 REFERENCE_LR0 = 0.01  # hyp lr0 at which one optimizer step equals Darknet's step at the cfg's learning_rate
@@ -63,6 +64,7 @@ class YoloLossConfig:
     focal_loss: int = 0
     class_multipliers: tuple[float, ...] | None = None  # from counters_per_class
     show_details: int = 1  # Darknet's cost formula (1, its default: IoU term + squared non-box deltas)
+    new_coords: int = 0  # Scaled-YOLOv4/YOLOv7 head: its input is already logistic; w, h = 4 t^2 anchor
 
 
 def class_multipliers(counters: str, nc: int, max_delta: float) -> tuple[float, ...]:
@@ -85,8 +87,6 @@ def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{where}: [yolo] key {key}={mdef.get(key)!r} {why} under --loss darknet")
 
-    if mdef.get('new_coords', 0):
-        raise bad('new_coords', "(scaled-yolov4's decode) is not implemented, neither by the model nor the loss")
     if 'map' in mdef:
         raise bad('map', '(a class map file) is not supported')
     for key, allowed in (('iou_loss', BOX_LOSSES), ('iou_thresh_kind', THRESH_KINDS)):
@@ -95,7 +95,7 @@ def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
     if 'num' in mdef and mdef['num'] != len(mdef['anchors']):  # Darknet searches the first num anchors only
         raise bad('num', f"differs from the {len(mdef['anchors'])} anchors listed (Darknet's best-anchor search "
                          f"would use {mdef['num']})")
-    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class', 'new_coords'}
+    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class'}
     if unknown:
         key = sorted(unknown)[0]
         raise bad(key, 'is not a key this loss knows')
@@ -239,13 +239,15 @@ def box_delta(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, a: Ass
     iou, giou = darknet_iou(pred, a.truth), darknet_iou(pred, a.truth, 'giou')
     pred = torch.cat((pred[:, :2], torch.where(pred[:, 2:] == 0, torch.ones_like(pred[:, 2:]), pred[:, 2:])), 1)
     if cfg.iou_loss == 'mse':
-        t = torch.stack((a.truth[:, 0] * g.nx - a.cell[3], a.truth[:, 1] * g.ny - a.cell[2],
-                         torch.log(a.truth[:, 2] * g.net_w / a.anchor[:, 0]),
-                         torch.log(a.truth[:, 3] * g.net_h / a.anchor[:, 1])), 1)
+        wh = torch.stack((a.truth[:, 2] * g.net_w / a.anchor[:, 0], a.truth[:, 3] * g.net_h / a.anchor[:, 1]), 1)
+        twh = torch.sqrt(wh / 4) if cfg.new_coords else torch.log(wh)  # the inverse of the head's w, h decode
+        t = torch.cat((torch.stack((a.truth[:, 0] * g.nx - a.cell[3], a.truth[:, 1] * g.ny - a.cell[2]), 1), twh), 1)
         scale = 2 - a.truth[:, 2] * a.truth[:, 3]  # Darknet weighs small boxes up, in the mse loss only
         return (t - out[:, :4]) * (scale * norm)[:, None], iou, giou
     d = dx_box_iou(pred, a.truth, cfg.iou_loss)
-    d = torch.cat((d[:, :2], d[:, 2:] * torch.exp(out[:, 2:4])), 1) * norm[:, None]  # w, h: times exp(t) only
+    if not cfg.new_coords:  # w, h: times exp(t) only; with new_coords Darknet applies no factor at all
+        d = torch.cat((d[:, :2], d[:, 2:] * torch.exp(out[:, 2:4])), 1)
+    d = d * norm[:, None]
     d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
     if math.isfinite(cfg.max_delta):
         d = d.clamp(-cfg.max_delta, cfg.max_delta)
@@ -350,16 +352,19 @@ def cell_ranks(cell: tuple[torch.Tensor, ...], shape: tuple[int, ...]) -> torch.
 
 def layer_outputs(cfg: YoloLossConfig, x: torch.Tensor, g: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Darknet's layer output (x, y after sigmoid and scale_x_y; w, h raw; objectness and classes after sigmoid)
-    and the predicted boxes (normalised xywh) of raw x (B, na, ny, nx, no), through the model's own decode."""
+    and the predicted boxes (normalised xywh) of raw x (B, na, ny, nx, no), through the model's own decode.
+
+    With new_coords the head's convolution already applied the logistic: Darknet's [yolo] applies none (only
+    scale_x_y to x, y), and the deltas are taken with respect to that input, as here."""
     na = x.shape[1]
     anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), x.device, x.dtype)
     anchors = (anchors / _constant((g.net_w, g.net_h), x.device, x.dtype)).view(1, na, 1, 1, 2)
-    xy, wh = decode_yolo_box(x, anchors, cfg.scale_x_y)
+    xy, wh = decode_yolo_box(x, anchors, cfg.scale_x_y, new_coords=bool(cfg.new_coords))
     yv, xv = torch.meshgrid(torch.arange(g.ny, device=x.device, dtype=x.dtype),
                             torch.arange(g.nx, device=x.device, dtype=x.dtype), indexing='ij')
     grid = torch.stack((xv, yv), 2).view(1, 1, g.ny, g.nx, 2)
     pred = torch.cat(((xy + grid) / _constant((g.nx, g.ny), x.device, x.dtype), wh), -1)  # (B, na, ny, nx, 4)
-    out = torch.cat((xy, x[..., 2:4], torch.sigmoid(x[..., 4:])), -1)
+    out = torch.cat((xy, x[..., 2:4], x[..., 4:] if cfg.new_coords else torch.sigmoid(x[..., 4:])), -1)
     return out, pred
 
 

@@ -34,11 +34,12 @@ def yolo_sections(cfg: str) -> list:
     return sections
 
 
-def darknet_activation(raw: np.ndarray, n: int, scale_x_y: float) -> np.ndarray:
-    """forward_yolo_layer's output for a raw (batch, n*(5+classes), h, w) input, float64."""
+def darknet_activation(raw: np.ndarray, n: int, scale_x_y: float, new_coords: bool = False) -> np.ndarray:
+    """forward_yolo_layer's output for a raw (batch, n*(5+classes), h, w) input, float64 (new_coords: no logistic,
+    the head's convolution applied it)."""
     p = raw.astype(np.float64).reshape(raw.shape[0], n, -1, *raw.shape[2:])
-    out = 1.0 / (1.0 + np.exp(-p))
-    out[:, :, 2:4] = p[:, :, 2:4]  # w, h stay raw (no new_coords)
+    out = p.copy() if new_coords else 1.0 / (1.0 + np.exp(-p))
+    out[:, :, 2:4] = p[:, :, 2:4]  # w, h stay raw
     out[:, :, :2] = out[:, :, :2] * scale_x_y - 0.5 * (scale_x_y - 1)
     return out.reshape(raw.shape)
 
@@ -84,21 +85,23 @@ def entry_counts(delta: np.ndarray, n: int) -> dict:
     return counts
 
 
-def pred_boxes(output: np.ndarray, n: int, anchors: np.ndarray, net_wh: np.ndarray) -> np.ndarray:
+def pred_boxes(output: np.ndarray, n: int, anchors: np.ndarray, net_wh: np.ndarray,
+               new_coords: bool = False) -> np.ndarray:
     """Darknet's get_yolo_box for every slot of an output: (batch, n, h, w, 4), anchors (n, 2) pixels."""
     o = output.astype(np.float64).reshape(output.shape[0], n, -1, *output.shape[2:])
     h, w = output.shape[2:]
     x = (np.arange(w) + o[:, :, 0]) / w
     y = (np.arange(h)[:, None] + o[:, :, 1]) / h
-    bw = np.exp(o[:, :, 2]) * anchors[None, :, 0, None, None] / net_wh[0]
-    bh = np.exp(o[:, :, 3]) * anchors[None, :, 1, None, None] / net_wh[1]
+    scale = 4 * o[:, :, 2:4] ** 2 if new_coords else np.exp(o[:, :, 2:4])
+    bw = scale[:, :, 0] * anchors[None, :, 0, None, None] / net_wh[0]
+    bh = scale[:, :, 1] * anchors[None, :, 1, None, None] / net_wh[1]
     return np.stack([x, y, bw, bh], -1)
 
 
 def margins(z: np.lib.npyio.NpzFile, k: int, n: int, opts: dict) -> dict:
     """Smallest distance of a compared quantity from the threshold Darknet compares it with, for head k."""
     anchors = z['anchors'][z[f'mask_{k}']].astype(np.float64)
-    boxes = pred_boxes(z[f'output_{k}'], n, anchors, z['net_wh'])
+    boxes = pred_boxes(z[f'output_{k}'], n, anchors, z['net_wh'], bool(int(opts.get('new_coords', 0))))
     truths = valid_truths(z['truth'])
     best = np.concatenate([iou_xywh(boxes[b][..., None, :], t[None, None, None, :, :4]).max(-1).ravel()
                            for b, t in enumerate(truths) if len(t)])
@@ -146,7 +149,8 @@ def check_case(path: Path) -> list:
         if problems:
             break
         sxy = float(opts.get('scale_x_y', 1))
-        err = np.abs(darknet_activation(z[f'input_{k}'], n, sxy) - z[f'output_{k}']).max()
+        err = np.abs(darknet_activation(z[f'input_{k}'], n, sxy, bool(int(opts.get('new_coords', 0))))
+                     - z[f'output_{k}']).max()
         if err > 2e-6:
             problems.append(f'output_{k} differs from the activation of input_{k} by {err:.3g}')
         costs.append(float(z[f'cost_{k}']))

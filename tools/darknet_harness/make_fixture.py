@@ -72,9 +72,15 @@ class Case:
     yolo: tuple = ()
     about: str = ''
     truths: tuple = TRUTHS_PX
+    conv: tuple = ()  # keys of the [convolutional] before each [yolo]
 
 
 V4 = (('iou_thresh', '0.213'),)
+# the [yolo] settings of yolov7-tiny.cfg (Darknet's cfg/), and the logistic its head convolutions have
+V7 = (('new_coords', '1'), ('scale_x_y', '2.0'), ('iou_thresh', '0.2'), ('iou_normalizer', '0.05'),
+      ('cls_normalizer', '0.5'), ('objectness_smooth', '1'), ('max_delta', '2'), ('ignore_thresh', '0.7'),
+      ('truth_thresh', '1'), ('iou_loss', 'ciou'))
+LOGISTIC = (('activation', 'logistic'),)
 CASES = (
     Case('v3tiny_mse', 'yolov3-tiny.cfg', (), 'mse (the cfg default), iou_normalizer 0.75 default'),
     Case('v3tiny_mse_iou_thresh', 'yolov3-tiny.cfg', V4, 'mse with iou_thresh 0.213: averaged box deltas'),
@@ -101,6 +107,14 @@ CASES = (
     Case('v4tiny_grid_line', 'yolov4-tiny.cfg', V4,
          'as v4tiny with two truth centres on grid lines (x = 112/160, 144/160: cell 7 and 9 in float32, as Darknet)',
          truths=TRUTHS_GRID),
+    Case('v4tiny_new_coords', 'yolov4-tiny.cfg', V7, 'new_coords 1 with yolov7-tiny\'s [yolo] keys (ciou, scale_x_y 2, '
+         'iou_thresh 0.2, iou_normalizer 0.05, objectness_smooth 1, max_delta 2); inputs in (0, 1)', conv=LOGISTIC),
+    Case('v4tiny_new_coords_csp', 'yolov4-tiny.cfg',
+         V7 + (('objectness_smooth', '0'), ('obj_normalizer', '4.0'), ('max_delta', '5')),
+         'new_coords 1 with yolov4-csp\'s last-head keys (objectness_smooth 0, obj_normalizer 4, max_delta 5)',
+         conv=LOGISTIC),
+    Case('v3tiny_new_coords_mse', 'yolov3-tiny.cfg', (('new_coords', '1'), ('scale_x_y', '2.0')),
+         'new_coords 1 with mse (targets sqrt(w / 4 anchor)), scale_x_y 2', conv=LOGISTIC),
 )
 
 
@@ -146,6 +160,8 @@ def case_cfg(case: Case, cfg_dir: Path) -> str:
                 sys.exit(f'{path}: [yolo] section {k} has no convolution before it or no single mask= line')
             n = len(mask[0].split('=', 1)[1].split('#')[0].split(','))
             sections[last_conv][:] = set_key(sections[last_conv], 'filters', n * (CLASSES + 5))
+            for key, value in case.conv:
+                sections[last_conv][:] = set_key(sections[last_conv], key, value)
             sec[:] = set_key(sec, 'classes', CLASSES)
             for key, value in case.yolo:
                 sec[:] = set_key(sec, key, value)
@@ -206,15 +222,25 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
-def pred_boxes(raw: np.ndarray, head: Head, sxy: float) -> np.ndarray:
-    """Boxes (batch, n, h, w, 4) normalised that Darknet's get_yolo_box makes of a raw head input."""
+@dataclass(frozen=True)
+class Decode:
+    """How a case's [yolo] heads decode: scale_x_y, and new_coords (the head's input is then the logistic of the
+    designed values: Darknet's yolov4-csp/yolov7 convolution before [yolo] has activation=logistic)."""
+
+    sxy: float = 1.0
+    new_coords: bool = False
+
+
+def pred_boxes(raw: np.ndarray, head: Head, dec: Decode) -> np.ndarray:
+    """Boxes (batch, n, h, w, 4) normalised that Darknet's get_yolo_box makes of a designed raw head input."""
     p = raw.astype(np.float64).reshape(BATCH, head.n, CLASSES + 5, head.h, head.w)
-    xy = sigmoid(p[:, :, :2]) * sxy - 0.5 * (sxy - 1)
+    xy = sigmoid(p[:, :, :2]) * dec.sxy - 0.5 * (dec.sxy - 1)
     gx = (np.arange(head.w)[None, None] + xy[:, :, 0]) / head.w
     gy = (np.arange(head.h)[None, None, :, None] + xy[:, :, 1]) / head.h
     anchors = head.anchors[list(head.mask)].astype(np.float64)
-    bw = np.exp(p[:, :, 2]) * anchors[None, :, 0, None, None] / NET_W
-    bh = np.exp(p[:, :, 3]) * anchors[None, :, 1, None, None] / NET_H
+    scale = 4 * sigmoid(p[:, :, 2:4]) ** 2 if dec.new_coords else np.exp(p[:, :, 2:4])
+    bw = scale[:, :, 0] * anchors[None, :, 0, None, None] / NET_W
+    bh = scale[:, :, 1] * anchors[None, :, 1, None, None] / NET_H
     return np.stack([gx, gy, bw, bh], -1)
 
 
@@ -243,15 +269,22 @@ def box_near(rng: np.random.Generator, truth: np.ndarray, target: float, cell: t
     return cand[np.argmax(ok)] if ok.any() else None
 
 
-def plant(raw: np.ndarray, head: Head, b: int, a: int, box: np.ndarray, sxy: float) -> tuple:
-    """Set the x, y, w, h inputs of anchor slot a so that Darknet decodes box; returns the slot (b, a, j, i)."""
+def plant(raw: np.ndarray, head: Head, b: int, a: int, box: np.ndarray, dec: Decode):
+    """Set the x, y, w, h inputs of anchor slot a so that Darknet decodes box; returns the slot (b, a, j, i), or
+    None where new_coords cannot reach the box (w or h over 4 x 0.95 the anchor's)."""
     i, j = int(box[0] * head.w), int(box[1] * head.h)
-    s = (np.array([box[0] * head.w - i, box[1] * head.h - j]) + 0.5 * (sxy - 1)) / sxy
+    s = (np.array([box[0] * head.w - i, box[1] * head.h - j]) + 0.5 * (dec.sxy - 1)) / dec.sxy
     aw, ah = head.anchors[head.mask[a]]
     c0 = a * (CLASSES + 5)
+    if dec.new_coords:  # w = 4 t^2 anchor with t the logistic of the designed value
+        t = np.sqrt(np.array([box[2] * NET_W / aw, box[3] * NET_H / ah]) / 4)
+        if (t > 0.95).any():
+            return None
+        wh = np.log(t / (1 - t))
+    else:
+        wh = np.log([box[2] * NET_W / aw, box[3] * NET_H / ah])
     raw[b, c0:c0 + 2, j, i] = np.log(s / (1 - s))
-    raw[b, c0 + 2, j, i] = np.log(box[2] * NET_W / aw)
-    raw[b, c0 + 3, j, i] = np.log(box[3] * NET_H / ah)
+    raw[b, c0 + 2:c0 + 4, j, i] = wh
     return b, a, j, i
 
 
@@ -279,7 +312,7 @@ def best_anchor(truth: np.ndarray, anchors: np.ndarray) -> int:
     return int(np.argmax(inter / (wh[:, 0] * wh[:, 1] + truth[2] * truth[3] - inter)))
 
 
-def plant_truth(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, bt: tuple, g: int, sxy: float,
+def plant_truth(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, bt: tuple, g: int, dec: Decode,
                 planted: set) -> None:
     """Plant predictions around truth bt = (b, t) of image b (g-th overall) on every head; adds their slots
     (k, b, a, j, i)."""
@@ -294,21 +327,27 @@ def plant_truth(rng: np.random.Generator, raws: list, heads: list, truths_px: tu
             box = None if target is None else box_near(rng, truth, target, own, head)
             if box is None or (k, b, a, own[1], own[0]) in planted:
                 continue
-            planted.add((k,) + plant(raws[k], head, b, a, box, sxy))
+            slot = plant(raws[k], head, b, a, box, dec)
+            if slot is None:
+                continue
+            planted.add((k,) + slot)
             if g % 2 == 0:  # a non-target class below 0.05: counted by averages_yolo_deltas under label smoothing
                 raws[k][b, a * (CLASSES + 5) + 5 + (cls + 1) % CLASSES, own[1], own[0]] = -3.5
         box = box_near(rng, truth, 0.86 if t == 0 or (g + k) % 2 == 0 else 0.62, neighbour(truth, head), head)
         a = (g + k) % head.n
+        slot = None
         if box is not None and (k, b, a, int(box[1] * head.h), int(box[0] * head.w)) not in planted:
-            planted.add((k,) + plant(raws[k], head, b, a, box, sxy))
+            slot = plant(raws[k], head, b, a, box, dec)
+        if slot is not None:
+            planted.add((k,) + slot)
             if t == 0:  # no class over 0.25: compare_yolo_class fails, so a high IoU does not ignore this slot
                 raws[k][b, a * (CLASSES + 5) + 5:(a + 1) * (CLASSES + 5), int(box[1] * head.h),
                         int(box[0] * head.w)] = -4.0
 
 
-def near_thresholds(raw: np.ndarray, head: Head, sxy: float, truths: np.ndarray) -> tuple:
+def near_thresholds(raw: np.ndarray, head: Head, dec: Decode, truths: np.ndarray) -> tuple:
     """Masks (batch, n, h, w): best IoU with a truth near an ignore/truth threshold; a class prob near 0.25 or 0.05."""
-    boxes = pred_boxes(raw, head, sxy)  # (batch, n, h, w, 4)
+    boxes = pred_boxes(raw, head, dec)  # (batch, n, h, w, 4)
     best = np.stack([iou_xywh(boxes[b][..., None, :], truths[b][None, None, None]).max(-1) for b in range(BATCH)])
     box_bad = np.min([np.abs(best - thr) for thr in THRESHOLDS], 0) < MARGIN
     p = sigmoid(raw.reshape(BATCH, head.n, CLASSES + 5, head.h, head.w)[:, :, 5:])
@@ -316,7 +355,7 @@ def near_thresholds(raw: np.ndarray, head: Head, sxy: float, truths: np.ndarray)
     return box_bad, cls_bad
 
 
-def clear_margins(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, sxy: float,
+def clear_margins(rng: np.random.Generator, raws: list, heads: list, truths_px: tuple, dec: Decode,
                   planted: set) -> None:
     """Redraw random slots whose IoU or class probability sits within MARGIN of a threshold Darknet compares with."""
     truths = [np.array([r[:4] for r in img], np.float32).astype(np.float64) / [NET_W, NET_H, NET_W, NET_H]
@@ -324,7 +363,7 @@ def clear_margins(rng: np.random.Generator, raws: list, heads: list, truths_px: 
     for _ in range(100):
         redrawn = 0
         for k, head in enumerate(heads):
-            box_bad, cls_bad = near_thresholds(raws[k], head, sxy, truths)
+            box_bad, cls_bad = near_thresholds(raws[k], head, dec, truths)
             for b, a, j, i in zip(*np.nonzero(box_bad | cls_bad)):
                 c0 = a * (CLASSES + 5)
                 if box_bad[b, a, j, i]:
@@ -339,7 +378,7 @@ def clear_margins(rng: np.random.Generator, raws: list, heads: list, truths_px: 
     sys.exit('could not clear the threshold margins in 100 rounds')
 
 
-def design_inputs(heads: list, truths_px: tuple, sxy: float) -> list:
+def design_inputs(heads: list, truths_px: tuple, dec: Decode) -> list:
     """Seeded raw inputs, one (batch, n*(5+classes), h, w) float32 array per head, with predictions planted."""
     rng = np.random.default_rng(SEED)
     raws = [rng.normal(0, 1.5, (BATCH, h.n * (CLASSES + 5), h.h, h.w)) for h in heads]
@@ -347,10 +386,11 @@ def design_inputs(heads: list, truths_px: tuple, sxy: float) -> list:
     g = 0
     for b, boxes in enumerate(truths_px):
         for t in range(len(boxes)):
-            plant_truth(rng, raws, heads, truths_px, (b, t), g, sxy, planted)
+            plant_truth(rng, raws, heads, truths_px, (b, t), g, dec, planted)
             g += 1
-    clear_margins(rng, raws, heads, truths_px, sxy, planted)
-    return [r.astype(np.float32) for r in raws]
+    clear_margins(rng, raws, heads, truths_px, dec, planted)
+    # new_coords: the head's input is the convolution's logistic output, so every entry lies in (0, 1)
+    return [(sigmoid(r) if dec.new_coords else r).astype(np.float32) for r in raws]
 
 
 # ---------------------------------------------------------------------------------------------------- dumps
@@ -396,8 +436,8 @@ def run_case(case: Case, harness: Path, work: Path, commit: str) -> dict:
     (net_w, net_h, batch, max_boxes, truth_size), heads = harness_info(harness, cfg)
     if (net_w, net_h, batch) != (NET_W, NET_H, BATCH):
         sys.exit(f'{cfg}: Darknet built {net_w}x{net_h} batch {batch}, expected {NET_W}x{NET_H} batch {BATCH}')
-    sxy = yolo_float(cfg_text, 'scale_x_y', 1.0)
-    raws = design_inputs(heads, case.truths, sxy)
+    dec = Decode(yolo_float(cfg_text, 'scale_x_y', 1.0), bool(yolo_float(cfg_text, 'new_coords', 0)))
+    raws = design_inputs(heads, case.truths, dec)
     truth = truth_array(case.truths, max_boxes, truth_size)
     truth.tofile(d / 'truth.bin')
     for head, raw in zip(heads, raws):
