@@ -40,6 +40,15 @@ def test_negative_objectness_delta_is_minus_normalized_output(name):
     # Darknet's delta points from output to target: a slot with no truth has obj delta obj_normalizer * (0 - p)
     z = np.load(FIXTURES / f'{name}.npz')
     # (with objectness_smooth, slots over ignore_thresh are pushed towards their IoU instead: above -p)
+    region = check_fixture.yolo_sections(str(z['cfg']), 'region')
+    if region:  # [region]: the delta holds the logistic's derivative, noobject_scale * (0 - p) * p * (1 - p)
+        d, o = (z[key].reshape(2, 5, -1, *z[key].shape[2:]) for key in ('delta_0', 'output_0'))
+        negative = (d[:, :, 5:] == 0).all(2) & (d[:, :, 4] != 0)
+        assert negative.sum() > 0.8 * negative.size
+        p = o[:, :, 4][negative].astype(np.float64)
+        scale = float(region[0].get('noobject_scale', 1))
+        np.testing.assert_allclose(d[:, :, 4][negative], -scale * p * p * (1 - p), rtol=1e-5)
+        return
     opts = check_fixture.yolo_sections(str(z['cfg']))[0]
     obj_norm = float(opts.get('obj_normalizer', 1))
     for k in range(len(z['layer_index'])):

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
 from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, assign, class_multipliers, darknet_truths, dx_box_iou,
                                 layer_cost, layer_deltas, yolo_loss_config)
+from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
 from utils.parse_config import ConfigError
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
@@ -30,20 +31,22 @@ def load_case(name: str):
     truth = torch.from_numpy(d['truth'])  # (B, 200, 5) x, y, w, h, class; zero rows unused
     b, t = (truth.abs().sum(-1) > 0).nonzero(as_tuple=True)
     targets = torch.cat((b[:, None].float(), truth[b, t][:, 4:5], truth[b, t][:, :4]), 1)
-    p = [to_maps(d[f'input_{k}']).requires_grad_(True) for k in range(len(d['layer_index']))]
+    p = [to_maps(d[f'input_{k}'], len(d[f'mask_{k}'])).requires_grad_(True) for k in range(len(d['layer_index']))]
+    loss_fn.seen = int(d['seen']) - len(d['truth'])  # Darknet's net.seen before this batch ([region]'s prior pull)
     return d, loss_fn, p, targets
 
 
-def to_maps(a: np.ndarray) -> torch.Tensor:
+def to_maps(a: np.ndarray, na: int) -> torch.Tensor:
     """Darknet's (B, anchors * (5 + nc), h, w) layer memory as our raw map (B, anchors, h, w, 5 + nc)."""
     x = torch.from_numpy(np.ascontiguousarray(a))
-    return x.reshape(x.shape[0], 3, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
+    return x.reshape(x.shape[0], na, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
 
 
 def test_fixture_covers_the_done_criteria():
     assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
             'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line', 'v4tiny_new_coords',
-            'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse'} <= set(CASES)
+            'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse', 'v2tiny_region', 'v2tiny_region_seen',
+            'v2tiny_region_variants'} <= set(CASES)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -53,14 +56,19 @@ def test_gradients_are_darknets_deltas_and_loss_is_darknets(case):
     loss, items = loss_fn(p, targets)
     loss.backward()
     for k, pk in enumerate(p):
-        ref = to_maps(d[f'delta_{k}'])
+        ref = to_maps(d[f'delta_{k}'], pk.shape[1])
         ours = -pk.grad * bs / loss_fn.grad_scale  # the documented scale: -delta / batch * lr / 0.01
         # 1e-4 relative on every element; 1e-6 absolute where Darknet's float32 cancels to near zero
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6), (case, k, (ours - ref).abs().max())
         assert (ours[ref == 0] == 0).all(), 'untouched or ignored slots have exactly no gradient'
-        delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *darknet_truths(targets.double(), bs, 3),
-                                    (int(d['net_wh'][0]), int(d['net_wh'][1])))
-        assert layer_cost(loss_fn.configs[k], delta, stats)[3].item() == pytest.approx(float(d[f'cost_{k}']), rel=1e-5)
+        truths = darknet_truths(targets.double(), bs, 3)
+        if isinstance(loss_fn.configs[k], RegionLossConfig):
+            cost = region_cost(region_deltas(loss_fn.configs[k], pk.detach().double(), *truths, int(d['seen'])))
+        else:
+            delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *truths,
+                                        (int(d['net_wh'][0]), int(d['net_wh'][1])))
+            cost = layer_cost(loss_fn.configs[k], delta, stats)
+        assert cost[3].item() == pytest.approx(float(d[f'cost_{k}']), rel=1e-5)
     assert items[3].item() == pytest.approx(float(d['loss']), rel=1e-5)  # what `darknet detector train` prints
     assert loss.item() == pytest.approx(float(d['loss']), rel=1e-5)
     assert items[:3].sum().item() == pytest.approx(items[3].item(), rel=1e-6)

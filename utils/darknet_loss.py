@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import decode_yolo_box
+from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas, region_loss_config
+from utils.loss import refuse_heads
 from utils.parse_config import ConfigError
 from utils.torch_utils import de_parallel
 
@@ -530,18 +532,27 @@ class DarknetLoss:
 
     def __init__(self, model: nn.Module, hyp: dict[str, float] | None = None):
         bare = de_parallel(model)
-        defs = [bare.module_defs[j] for j in bare.yolo_layers]
-        self.configs = [yolo_loss_config(d, f"{bare.cfg_path}:{d['line']}: layer {j}")
-                        for d, j in zip(defs, bare.yolo_layers)]
+        refuse_heads(bare, 'darknet', ('region',))
+        self.configs: list[YoloLossConfig | RegionLossConfig] = []
+        for j in bare.yolo_layers:
+            d, where = bare.module_defs[j], f"{bare.cfg_path}:{bare.module_defs[j]['line']}: layer {j}"
+            if d['type'] == 'region':
+                self.configs.append(region_loss_config(d, bare.module_list[j].anchors_grid.tolist(), where))
+            else:
+                self.configs.append(yolo_loss_config(d, where))
         self.strides = [float(bare.module_list[j].stride) for j in bare.yolo_layers]
         self.nc = int(bare.nc)
         self.grad_scale = float(bare.hyperparams.get('learning_rate', DARKNET_LR)) / REFERENCE_LR0
         self.hyp = dict(hyp or {})
+        # Darknet's net.seen: images trained on so far, this batch included ([region] pulls boxes towards their
+        # anchor priors while it is below 12800). Counted from 0 by this object: a resumed run starts it again.
+        self.seen = 0
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6); gr is ignored."""
         bs = p[0].shape[0]
+        self.seen += bs  # as train_network_datum, before the forward
         items = torch.zeros(4, device=p[0].device)
         surrogate = torch.zeros((), device=p[0].device)
         with torch.no_grad():
@@ -550,8 +561,13 @@ class DarknetLoss:
             with torch.no_grad():
                 # float64: Darknet's IoU gradients cancel terms, float32 here would add its own rounding to Darknet's
                 x = pi.detach().double()
-                delta, stats = layer_deltas(cfg, x, truths.double(), valid, (x.shape[3] * stride, x.shape[2] * stride))
-                items += layer_cost(cfg, delta, stats).float()
+                if isinstance(cfg, RegionLossConfig):
+                    delta = region_deltas(cfg, x, truths.double(), valid, self.seen)
+                    items += region_cost(delta).float()
+                else:
+                    delta, stats = layer_deltas(cfg, x, truths.double(), valid,
+                                                (x.shape[3] * stride, x.shape[2] * stride))
+                    items += layer_cost(cfg, delta, stats).float()
             surrogate = surrogate - (delta.float() * pi.float()).sum()  # d/d(pi) = -delta exactly
         items /= len(p) * bs
         loss = self.grad_scale * (surrogate - surrogate.detach()) / bs + items[3]

@@ -13,7 +13,7 @@ from utils.torch_utils import de_parallel
 PROB_EPS = 1e-7
 # heads whose outputs the losses do not decode: training with them stops before anything is written
 UNTRAINABLE_HEADS = {'region': "YOLOv2's [region] (softmax classes, boxes on anchors in grid units)",
-                     'Gaussian_yolo': "[Gaussian_yolo] (boxes with uncertainties)"}
+                     'gaussian_yolo': "[Gaussian_yolo] (boxes with uncertainties)"}
 
 # build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
 Targets = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]
@@ -191,8 +191,8 @@ def refuse_heads(model: nn.Module, loss: str, trains: tuple[str, ...]) -> None:
         if kind in UNTRAINABLE_HEADS and kind not in trains:
             raise ConfigError(f"{model.cfg_path}:{mdef.get('line', '?')}: layer {j}: {UNTRAINABLE_HEADS[kind]} heads "
                               f"cannot be trained with --loss {loss}; "
-                              + ("use --loss darknet (Darknet's own loss for this head)" if loss == 'original'
-                                 else 'no loss here trains them')
+                              + ("use --loss darknet (Darknet's own loss for this head)" if kind == 'region'
+                                 else 'no loss here trains them yet')
                               + ' (detect.py, test.py and export run them)')
 
 

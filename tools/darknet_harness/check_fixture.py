@@ -19,11 +19,11 @@ ENTRY_NAMES = ('x', 'y', 'w', 'h', 'obj', 'cls')
 REQUIRED = ('cfg', 'net_wh', 'truth', 'anchors', 'layer_index', 'loss', 'seen', 'iteration')
 
 
-def yolo_sections(cfg: str) -> list:
-    """The [yolo] sections of a cfg text as {key: value string} dicts, in cfg order."""
+def yolo_sections(cfg: str, kind: str = 'yolo') -> list:
+    """The [yolo] (or [kind]) sections of a cfg text as {key: value string} dicts, in cfg order."""
     sections = []
     for block in re.split(r'^\s*(?=\[)', cfg, flags=re.M):
-        if block.startswith('[yolo]'):
+        if block.startswith(f'[{kind}]'):
             opts = {}
             for line in block.splitlines()[1:]:
                 line = line.split('#')[0]
@@ -42,6 +42,36 @@ def darknet_activation(raw: np.ndarray, n: int, scale_x_y: float, new_coords: bo
     out[:, :, 2:4] = p[:, :, 2:4]  # w, h stay raw
     out[:, :, :2] = out[:, :, :2] * scale_x_y - 0.5 * (scale_x_y - 1)
     return out.reshape(raw.shape)
+
+
+def region_activation(raw: np.ndarray, n: int, softmax: bool) -> np.ndarray:
+    """forward_region_layer's output (in the input's layout) for a raw input, float64: logistic objectness,
+    softmax classes (softmax=1), everything else raw (get_region_box applies the logistic to x, y itself)."""
+    p = raw.astype(np.float64).reshape(raw.shape[0], n, -1, *raw.shape[2:])
+    out = p.copy()
+    out[:, :, 4] = 1.0 / (1.0 + np.exp(-p[:, :, 4]))
+    if softmax:
+        e = np.exp(p[:, :, 5:] - p[:, :, 5:].max(2, keepdims=True))
+        out[:, :, 5:] = e / e.sum(2, keepdims=True)
+    return out.reshape(raw.shape)
+
+
+def check_region(z: np.lib.npyio.NpzFile, opts: dict, problems: list) -> float:
+    """Check a [region] case's single head (shapes, activation, cost = squared delta norm); returns its cost."""
+    n, _ = check_shapes(z, 0, opts, problems)
+    if problems:
+        return float('nan')
+    err = np.abs(region_activation(z['input_0'], n, bool(int(opts.get('softmax', 0)))) - z['output_0']).max()
+    if err > 2e-6:
+        problems.append(f'output_0 differs from the [region] activation of input_0 by {err:.3g}')
+    cost = float(z['cost_0'])
+    sq = float((z['delta_0'].astype(np.float64) ** 2).sum())
+    if abs(cost - sq) > 1e-5 * sq:
+        problems.append(f'cost_0 {cost} is not the squared delta norm {sq}')
+    counts = ', '.join(f'{key} {v}' for key, v in entry_counts(z['delta_0'], n).items())
+    print(f'  [region] (layer {int(z["layer_index"][0])}, {z["input_0"].shape[3]}x{z["input_0"].shape[2]}, '
+          f'{n} anchors, seen {int(z["seen"])}): cost {cost:.6g}; nonzero deltas: {counts}')
+    return cost
 
 
 def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -144,6 +174,9 @@ def check_case(path: Path) -> list:
     heads = yolo_sections(str(z['cfg']))
     costs = []
     print(f'{path.name}: {z["about"] if "about" in z.files else ""}')
+    region = yolo_sections(str(z['cfg']), 'region')
+    if region:
+        costs.append(check_region(z, region[0], problems))
     for k, opts in enumerate(heads):
         n, _ = check_shapes(z, k, opts, problems)
         if problems:
@@ -163,7 +196,8 @@ def check_case(path: Path) -> list:
         expect = np.mean(costs) / z['truth'].shape[0]
         if abs(float(z['loss']) - expect) > 1e-6 * abs(expect):
             problems.append(f'loss {float(z["loss"])} is not mean(cost)/batch = {expect}')
-        print(f'  loss {float(z["loss"]):.6g} (mean cost / batch), iou_thresh margin {anchor_margin(z, heads[0]):.3g}')
+        margin = f', iou_thresh margin {anchor_margin(z, heads[0]):.3g}' if heads else ''
+        print(f'  loss {float(z["loss"]):.6g} (mean cost / batch){margin}')
     return [f'{path}: {p}' for p in problems]
 
 

@@ -25,6 +25,7 @@ from check_fixture import iou_xywh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_CFG = ROOT.parent / 'shared' / 'darknet-cfg'
+SHARED_ZOO = ROOT.parent / 'shared' / 'darknet-zoo'  # AlexeyAB/darknet's cfg/ (the YOLOv2 [region] cfgs)
 NET_W, NET_H, BATCH, CLASSES = 160, 128, 2, 3
 SEED = 15
 
@@ -57,7 +58,8 @@ TRUTHS_GRID = (
 # IoU a planted prediction should have with its truth (every value keeps 0.03 from the thresholds the cases use;
 # 0 is a box clear of the truth, for dx_box_iou's no-overlap branches; None leaves the slot random)
 PLANT_IOUS = (0.93, None, 0.62, 0.86, 0.0, 0.42, None)
-THRESHOLDS = (0.5, 0.7, 0.8)  # ignore_thresh / truth_thresh values of the cases
+THRESHOLDS = (0.5, 0.7, 0.8)  # ignore_thresh / truth_thresh values of the [yolo] cases
+REGION_THRESHOLDS = (0.5, 0.6)  # [region] thresh (yolov2's .6) and the 0.5 of its recall count
 CLASS_THRESH = 0.25  # compare_yolo_class
 SMOOTH_PROB = 0.05  # label_smooth_eps 0.1: non-target y_true, compared with p in averages_yolo_deltas
 MARGIN = 0.01
@@ -73,6 +75,7 @@ class Case:
     about: str = ''
     truths: tuple = TRUTHS_PX
     conv: tuple = ()  # keys of the [convolutional] before each [yolo]
+    iteration: int = 0  # updates done before this batch: Darknet's net.seen is (iteration + 1) * batch
 
 
 V4 = (('iou_thresh', '0.213'),)
@@ -115,6 +118,17 @@ CASES = (
          conv=LOGISTIC),
     Case('v3tiny_new_coords_mse', 'yolov3-tiny.cfg', (('new_coords', '1'), ('scale_x_y', '2.0')),
          'new_coords 1 with mse (targets sqrt(w / 4 anchor)), scale_x_y 2', conv=LOGISTIC),
+    # [region] (YOLOv2): the yolo keys apply to the [region] section
+    Case('v2tiny_region', 'yolov2-tiny-voc.cfg', (),
+         'yolov2-tiny-voc [region] as in the cfg (bias_match, rescore, softmax, object_scale 5, thresh .6); the '
+         'first batch (seen 2 < 12800: every slot also pulled towards its anchor prior at scale .01)'),
+    Case('v2tiny_region_seen', 'yolov2-tiny-voc.cfg', (),
+         'as v2tiny_region after 6400 updates (seen 12802: no prior pull)', iteration=6400),
+    Case('v2tiny_region_variants', 'yolov2-tiny-voc.cfg',
+         (('bias_match', '0'), ('rescore', '0'), ('softmax', '0'), ('noobject_scale', '0.5'), ('coord_scale', '2'),
+          ('class_scale', '1.5')),
+         'bias_match 0 (best anchor by the predicted w, h), rescore 0, softmax 0, noobject_scale 0.5, coord_scale 2, '
+         'class_scale 1.5', iteration=6400),
 )
 
 
@@ -144,7 +158,7 @@ def set_key(lines: list, key: str, value: object) -> list:
 
 def case_cfg(case: Case, cfg_dir: Path) -> str:
     """The cfg text of a case: the base cfg at 160x128, batch 2, 3 classes, with the case's [yolo] keys."""
-    path = cfg_dir / case.base
+    path = cfg_dir / case.base if (cfg_dir / case.base).is_file() else SHARED_ZOO / case.base
     sections = split_sections(path.read_text())
     last_conv = None
     for k, sec in enumerate(sections):
@@ -165,13 +179,22 @@ def case_cfg(case: Case, cfg_dir: Path) -> str:
             sec[:] = set_key(sec, 'classes', CLASSES)
             for key, value in case.yolo:
                 sec[:] = set_key(sec, key, value)
+        elif head == '[region]':
+            num = [ln for ln in sec if re.match(r'^\s*num\s*=', ln)]
+            if last_conv is None or len(num) != 1:
+                sys.exit(f'{path}: [region] section {k} has no convolution before it or no single num= line')
+            n = int(num[0].split('=', 1)[1].split('#')[0])
+            sections[last_conv][:] = set_key(sections[last_conv], 'filters', n * (CLASSES + 5))
+            sec[:] = set_key(sec, 'classes', CLASSES)
+            for key, value in case.yolo:
+                sec[:] = set_key(sec, key, value)
     return '\n'.join('\n'.join(sec) for sec in sections) + '\n'
 
 
 # ---------------------------------------------------------------------------------------------------- harness I/O
 @dataclass(frozen=True)
 class Head:
-    """Geometry of one [yolo] layer as Darknet built it."""
+    """Geometry of one [yolo] (or [region]) layer as Darknet built it."""
 
     index: int
     w: int
@@ -180,6 +203,8 @@ class Head:
     classes: int
     mask: tuple
     anchors: np.ndarray  # (total, 2) pixels
+    kind: str = 'yolo'
+    biases: np.ndarray | None = None  # (total, 2) l.biases as Darknet holds them (grid cells for [region])
 
 
 def harness_info(harness: Path, cfg: Path) -> tuple:
@@ -190,18 +215,23 @@ def harness_info(harness: Path, cfg: Path) -> tuple:
         f = line.split()
         if f and f[0] == 'net':
             net = tuple(int(v) for v in f[1:])
-        elif f and f[0] == 'yolo':
+        elif f and f[0] in ('yolo', 'region'):
             index, w, h, n, total, classes = (int(v) for v in f[1:7])
             mask = tuple(int(v) for v in f[8:8 + n])
-            anchors = np.array([float(v) for v in f[9 + n:]], dtype=np.float32).reshape(total, 2)
-            heads.append(Head(index, w, h, n, classes, mask, anchors))
+            biases = np.array([float(v) for v in f[9 + n:]], dtype=np.float32).reshape(total, 2)
+            # a [region]'s anchors are in grid cells (absolute=1): its boxes decode as a [yolo]'s with these pixels
+            anchors = biases * np.float32([NET_W / w, NET_H / h]) if f[0] == 'region' else biases
+            heads.append(Head(index, w, h, n, classes, mask, anchors, f[0], biases))
     if net is None or not heads:
         sys.exit(f'{cfg}: yolo_harness info printed no net/yolo lines:\n{out}')
     return net, heads
 
 
 def yolo_float(sec_text: str, key: str, default: float) -> float:
-    """A float [yolo] key of the first [yolo] section of a cfg text (all heads of a case share them)."""
+    """A float [yolo] key of the first [yolo] section of a cfg text (all heads of a case share them); the default
+    for a cfg without [yolo]."""
+    if '[yolo]' not in sec_text:
+        return default
     yolo = sec_text.split('[yolo]', 1)[1].split('\n[', 1)[0]
     m = re.search(rf'^\s*{key}\s*=\s*([-+.\deE]+)', yolo, re.M)
     return float(m.group(1)) if m else default
@@ -229,6 +259,7 @@ class Decode:
 
     sxy: float = 1.0
     new_coords: bool = False
+    thresholds: tuple = THRESHOLDS  # IoU thresholds the case compares with (random slots are kept 0.01 away)
 
 
 def pred_boxes(raw: np.ndarray, head: Head, dec: Decode) -> np.ndarray:
@@ -349,7 +380,7 @@ def near_thresholds(raw: np.ndarray, head: Head, dec: Decode, truths: np.ndarray
     """Masks (batch, n, h, w): best IoU with a truth near an ignore/truth threshold; a class prob near 0.25 or 0.05."""
     boxes = pred_boxes(raw, head, dec)  # (batch, n, h, w, 4)
     best = np.stack([iou_xywh(boxes[b][..., None, :], truths[b][None, None, None]).max(-1) for b in range(BATCH)])
-    box_bad = np.min([np.abs(best - thr) for thr in THRESHOLDS], 0) < MARGIN
+    box_bad = np.min([np.abs(best - thr) for thr in dec.thresholds], 0) < MARGIN
     p = sigmoid(raw.reshape(BATCH, head.n, CLASSES + 5, head.h, head.w)[:, :, 5:])
     cls_bad = ((np.abs(p - CLASS_THRESH) < MARGIN) | (np.abs(p - SMOOTH_PROB) < MARGIN)).any(2)
     return box_bad, cls_bad
@@ -416,6 +447,18 @@ def parse_log(stderr: str, heads: list) -> dict:
     return out
 
 
+REGION_RE = re.compile(r'Region Avg IOU: (\S+), Class: (\S+), Obj: (\S+), No Obj: (\S+), Avg Recall: (\S+), +'
+                       r'count: (\d+)')
+
+
+def parse_region_log(stdout: str) -> dict:
+    """forward_region_layer's "Region Avg IOU: ..." line: the line, its avg IoU and count (one [region] head)."""
+    m = REGION_RE.search(stdout)
+    if m is None:
+        sys.exit(f'no "Region Avg IOU" line in Darknet output:\n{stdout[-2000:]}')
+    return {'darknet_log': np.array(m.group(0)), 'avg_iou_0': np.float32(m.group(1)), 'count_0': np.int64(m.group(6))}
+
+
 def read_result(path: Path) -> dict:
     """result.txt -> {'cost_<layer index>': float, 'loss': float, 'seen': int, ...}."""
     out = {}
@@ -436,20 +479,23 @@ def run_case(case: Case, harness: Path, work: Path, commit: str) -> dict:
     (net_w, net_h, batch, max_boxes, truth_size), heads = harness_info(harness, cfg)
     if (net_w, net_h, batch) != (NET_W, NET_H, BATCH):
         sys.exit(f'{cfg}: Darknet built {net_w}x{net_h} batch {batch}, expected {NET_W}x{NET_H} batch {BATCH}')
-    dec = Decode(yolo_float(cfg_text, 'scale_x_y', 1.0), bool(yolo_float(cfg_text, 'new_coords', 0)))
+    region = heads[0].kind == 'region'
+    dec = Decode(yolo_float(cfg_text, 'scale_x_y', 1.0), bool(yolo_float(cfg_text, 'new_coords', 0)),
+                 REGION_THRESHOLDS if region else THRESHOLDS)
     raws = design_inputs(heads, case.truths, dec)
     truth = truth_array(case.truths, max_boxes, truth_size)
     truth.tofile(d / 'truth.bin')
     for head, raw in zip(heads, raws):
         raw.tofile(d / f'input_{head.index}.bin')
-    proc = subprocess.run([str(harness), 'run', str(cfg), str(d)], capture_output=True, text=True)
+    proc = subprocess.run([str(harness), 'run', str(cfg), str(d), str(case.iteration)], capture_output=True,
+                          text=True)
     (d / 'darknet.log').write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         sys.exit(f'{cfg}: yolo_harness run failed ({proc.returncode}):\n{proc.stderr[-2000:]}')
     res = read_result(d / 'result.txt')
     arrays = {'cfg': np.array(cfg_text), 'case': np.array(case.name), 'about': np.array(case.about),
               'darknet_commit': np.array(commit), 'net_wh': np.array([NET_W, NET_H], np.int64),
-              'truth': truth[..., :5], 'anchors': heads[0].anchors,
+              'truth': truth[..., :5], 'anchors': heads[0].biases,
               'layer_index': np.array([h.index for h in heads], np.int64),
               'loss': np.float32(res['loss']), 'network_cost': np.float32(res['network_cost']),
               'seen': np.int64(res['seen']), 'iteration': np.int64(res['iteration']),
@@ -458,10 +504,13 @@ def run_case(case: Case, harness: Path, work: Path, commit: str) -> dict:
         shape = raw.shape
         arrays[f'mask_{k}'] = np.array(head.mask, np.int64)
         arrays[f'input_{k}'] = raw
-        arrays[f'output_{k}'] = np.fromfile(d / f'output_{head.index}.bin', np.float32).reshape(shape)
+        out = np.fromfile(d / f'output_{head.index}.bin', np.float32)
+        if head.kind == 'region':  # Darknet's flattened layout (per image h*w rows of n*(5+classes)) to the input's
+            out = out.reshape(BATCH, head.h * head.w, shape[1]).transpose(0, 2, 1)
+        arrays[f'output_{k}'] = np.ascontiguousarray(out).reshape(shape)
         arrays[f'delta_{k}'] = np.fromfile(d / f'delta_{head.index}.bin', np.float32).reshape(shape)
         arrays[f'cost_{k}'] = np.float32(res[f'cost_{head.index}'])
-    arrays.update(parse_log(proc.stderr, heads))
+    arrays.update(parse_region_log(proc.stdout) if region else parse_log(proc.stderr, heads))
     return arrays
 
 
