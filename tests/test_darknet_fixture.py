@@ -49,6 +49,15 @@ def test_negative_objectness_delta_is_minus_normalized_output(name):
         scale = float(region[0].get('noobject_scale', 1))
         np.testing.assert_allclose(d[:, :, 4][negative], -scale * p * p * (1 - p), rtol=1e-5)
         return
+    gaussian = check_fixture.yolo_sections(str(z['cfg']), 'Gaussian_yolo')
+    if gaussian:  # [Gaussian_yolo]: objectness at entry 8 of 9 + classes, obj_normalizer * (0 - p)
+        obj_norm = float(gaussian[0].get('obj_normalizer', 1))
+        for k in range(len(z['layer_index'])):
+            d, o = (z[f'{key}_{k}'].reshape(2, 3, -1, *z[f'{key}_{k}'].shape[2:]) for key in ('delta', 'output'))
+            negative = (d[:, :, :8] == 0).all(2) & (d[:, :, 9:] == 0).all(2) & (d[:, :, 8] != 0)
+            assert negative.sum() > 0.8 * negative.size
+            np.testing.assert_allclose(d[:, :, 8][negative], -obj_norm * o[:, :, 8][negative], rtol=1e-6)
+        return
     opts = check_fixture.yolo_sections(str(z['cfg']))[0]
     obj_norm = float(opts.get('obj_normalizer', 1))
     for k in range(len(z['layer_index'])):

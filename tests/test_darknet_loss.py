@@ -16,6 +16,7 @@ from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
 from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, assign, class_multipliers, darknet_truths, dx_box_iou,
                                 layer_cost, layer_deltas, yolo_loss_config)
+from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
 from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
 from utils.parse_config import ConfigError
 
@@ -46,7 +47,7 @@ def test_fixture_covers_the_done_criteria():
     assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
             'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line', 'v4tiny_new_coords',
             'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse', 'v2tiny_region', 'v2tiny_region_seen',
-            'v2tiny_region_variants'} <= set(CASES)
+            'v2tiny_region_variants', 'v3tiny_gaussian', 'v3tiny_gaussian_giou'} <= set(CASES)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -62,8 +63,11 @@ def test_gradients_are_darknets_deltas_and_loss_is_darknets(case):
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6), (case, k, (ours - ref).abs().max())
         assert (ours[ref == 0] == 0).all(), 'untouched or ignored slots have exactly no gradient'
         truths = darknet_truths(targets.double(), bs, 3)
+        net_wh = (int(d['net_wh'][0]), int(d['net_wh'][1]))
         if isinstance(loss_fn.configs[k], RegionLossConfig):
             cost = region_cost(region_deltas(loss_fn.configs[k], pk.detach().double(), *truths, int(d['seen'])))
+        elif isinstance(loss_fn.configs[k], GaussianLossConfig):
+            cost = gaussian_cost(gaussian_deltas(loss_fn.configs[k], pk.detach().double(), *truths, net_wh))
         else:
             delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *truths,
                                         (int(d['net_wh'][0]), int(d['net_wh'][1])))

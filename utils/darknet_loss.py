@@ -80,7 +80,8 @@ def class_multipliers(counters: str, nc: int, max_delta: float) -> tuple[float, 
 
 # keys a [yolo] section may have that are not the loss's business (data augmentation, NMS, ultralytics' ASFF)
 NOT_LOSS_KEYS = {'type', 'line', 'mask', 'anchors', 'classes', 'num', 'jitter', 'random', 'resize', 'nms_kind',
-                 'beta_nms', 'from'}
+                 'beta_nms', 'from', 'track_history_size', 'sim_thresh', 'dets_for_track', 'dets_for_show',
+                 'track_ciou_norm'}
 
 
 def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
@@ -91,13 +92,19 @@ def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
 
     if 'map' in mdef:
         raise bad('map', '(a class map file) is not supported')
+    if mdef.get('max', MAX_BOXES) != MAX_BOXES:
+        raise bad('max', f'(truths per image) other than {MAX_BOXES} is not supported')
+    if mdef.get('delta_normalizer', 1.0) != 1.0:  # Darknet's GPU backward scales the delta by it, its CPU one not
+        raise bad('delta_normalizer', 'other than 1 is not supported')
+    if mdef.get('embedding_layer') is not None:
+        raise bad('embedding_layer', "(Darknet's contrastive tracking loss) is not supported")
     for key, allowed in (('iou_loss', BOX_LOSSES), ('iou_thresh_kind', THRESH_KINDS)):
         if key in mdef and mdef[key] not in allowed:  # Darknet would quietly fall back to plain IoU
             raise bad(key, f"is not one of {', '.join(allowed)}")
     if 'num' in mdef and mdef['num'] != len(mdef['anchors']):  # Darknet searches the first num anchors only
         raise bad('num', f"differs from the {len(mdef['anchors'])} anchors listed (Darknet's best-anchor search "
                          f"would use {mdef['num']})")
-    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class'}
+    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class', 'max', 'delta_normalizer'}
     if unknown:
         key = sorted(unknown)[0]
         raise bad(key, 'is not a key this loss knows')
@@ -532,12 +539,16 @@ class DarknetLoss:
 
     def __init__(self, model: nn.Module, hyp: dict[str, float] | None = None):
         bare = de_parallel(model)
-        refuse_heads(bare, 'darknet', ('region',))
+        refuse_heads(bare, 'darknet', ('region', 'gaussian_yolo'))
+        # imported here: those modules build on this one's [yolo] functions
+        from utils.darknet_gaussian_loss import gaussian_loss_config
         self.configs: list[YoloLossConfig | RegionLossConfig] = []
         for j in bare.yolo_layers:
             d, where = bare.module_defs[j], f"{bare.cfg_path}:{bare.module_defs[j]['line']}: layer {j}"
             if d['type'] == 'region':
                 self.configs.append(region_loss_config(d, bare.module_list[j].anchors_grid.tolist(), where))
+            elif d['type'] == 'gaussian_yolo':
+                self.configs.append(gaussian_loss_config(d, where))
             else:
                 self.configs.append(yolo_loss_config(d, where))
         self.strides = [float(bare.module_list[j].stride) for j in bare.yolo_layers]
@@ -551,6 +562,7 @@ class DarknetLoss:
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6); gr is ignored."""
+        from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
         bs = p[0].shape[0]
         self.seen += bs  # as train_network_datum, before the forward
         items = torch.zeros(4, device=p[0].device)
@@ -564,6 +576,9 @@ class DarknetLoss:
                 if isinstance(cfg, RegionLossConfig):
                     delta = region_deltas(cfg, x, truths.double(), valid, self.seen)
                     items += region_cost(delta).float()
+                elif isinstance(cfg, GaussianLossConfig):
+                    delta = gaussian_deltas(cfg, x, truths.double(), valid, (x.shape[3] * stride, x.shape[2] * stride))
+                    items += gaussian_cost(delta).float()
                 else:
                     delta, stats = layer_deltas(cfg, x, truths.double(), valid,
                                                 (x.shape[3] * stride, x.shape[2] * stride))

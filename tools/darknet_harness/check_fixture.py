@@ -74,6 +74,37 @@ def check_region(z: np.lib.npyio.NpzFile, opts: dict, problems: list) -> float:
     return cost
 
 
+def gaussian_activation(raw: np.ndarray, n: int, scale_x_y: float) -> np.ndarray:
+    """forward_gaussian_yolo_layer's output for a raw input, float64: logistic on everything but w, h (entries 4,
+    6), scale_x_y on x, y (0, 2)."""
+    p = raw.astype(np.float64).reshape(raw.shape[0], n, -1, *raw.shape[2:])
+    out = 1.0 / (1.0 + np.exp(-p))
+    out[:, :, [4, 6]] = p[:, :, [4, 6]]
+    out[:, :, [0, 2]] = out[:, :, [0, 2]] * scale_x_y - 0.5 * (scale_x_y - 1)
+    return out.reshape(raw.shape)
+
+
+def check_gaussian(z: np.lib.npyio.NpzFile, sections: list, problems: list) -> list:
+    """Check a [Gaussian_yolo] case's heads (shapes, activation, cost = squared delta norm); returns the costs."""
+    costs = []
+    for k, opts in enumerate(sections):
+        n, _ = check_shapes(z, k, opts, problems, extra=9)
+        if problems:
+            return costs
+        err = np.abs(gaussian_activation(z[f'input_{k}'], n, float(opts.get('scale_x_y', 1))) - z[f'output_{k}']).max()
+        if err > 2e-6:
+            problems.append(f'output_{k} differs from the [Gaussian_yolo] activation of input_{k} by {err:.3g}')
+        cost, sq = float(z[f'cost_{k}']), float((z[f'delta_{k}'].astype(np.float64) ** 2).sum())
+        if abs(cost - sq) > 1e-5 * sq:
+            problems.append(f'cost_{k} {cost} is not the squared delta norm {sq}')
+        d = z[f'delta_{k}'].reshape(z['truth'].shape[0], n, -1, *z[f'delta_{k}'].shape[2:])
+        print(f'  [Gaussian_yolo] head {k} (layer {int(z["layer_index"][k])}): cost {cost:.6g}; nonzero deltas: box '
+              f'{np.count_nonzero(d[:, :, 0:8:2])}, sigma {np.count_nonzero(d[:, :, 1:8:2])}, obj '
+              f'{np.count_nonzero(d[:, :, 8])}, cls {np.count_nonzero(d[:, :, 9:])}')
+        costs.append(cost)
+    return costs
+
+
 def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of centre-format boxes, broadcast over leading dims; float64."""
     iw = np.minimum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2) - np.maximum(
@@ -93,12 +124,12 @@ def valid_truths(truth: np.ndarray) -> list:
     return out
 
 
-def check_shapes(z: np.lib.npyio.NpzFile, k: int, opts: dict, problems: list) -> tuple:
-    """(n, classes) of head k after checking its arrays' shapes against the cfg."""
+def check_shapes(z: np.lib.npyio.NpzFile, k: int, opts: dict, problems: list, extra: int = 5) -> tuple:
+    """(n, classes) of head k after checking its arrays' shapes against the cfg (extra + classes per anchor)."""
     n, classes = len(z[f'mask_{k}']), int(opts['classes'])
     shape = z[f'input_{k}'].shape
-    if len(shape) != 4 or shape[:2] != (z['truth'].shape[0], n * (5 + classes)):
-        problems.append(f'input_{k} has shape {shape}, expected (batch, {n * (5 + classes)}, h, w)')
+    if len(shape) != 4 or shape[:2] != (z['truth'].shape[0], n * (extra + classes)):
+        problems.append(f'input_{k} has shape {shape}, expected (batch, {n * (extra + classes)}, h, w)')
     for key in ('output', 'delta'):
         if z[f'{key}_{k}'].shape != shape or z[f'{key}_{k}'].dtype != np.float32:
             problems.append(f'{key}_{k} is {z[f"{key}_{k}"].dtype} {z[f"{key}_{k}"].shape}, expected float32 {shape}')
@@ -177,6 +208,9 @@ def check_case(path: Path) -> list:
     region = yolo_sections(str(z['cfg']), 'region')
     if region:
         costs.append(check_region(z, region[0], problems))
+    gaussian = yolo_sections(str(z['cfg']), 'Gaussian_yolo')
+    if gaussian:
+        costs += check_gaussian(z, gaussian, problems)
     for k, opts in enumerate(heads):
         n, _ = check_shapes(z, k, opts, problems)
         if problems:

@@ -76,6 +76,7 @@ class Case:
     truths: tuple = TRUTHS_PX
     conv: tuple = ()  # keys of the [convolutional] before each [yolo]
     iteration: int = 0  # updates done before this batch: Darknet's net.seen is (iteration + 1) * batch
+    gaussian: bool = False  # the base cfg's [yolo] sections become [Gaussian_yolo] (x, σx, y, σy, w, σw, h, σh)
 
 
 V4 = (('iou_thresh', '0.213'),)
@@ -119,6 +120,14 @@ CASES = (
     Case('v3tiny_new_coords_mse', 'yolov3-tiny.cfg', (('new_coords', '1'), ('scale_x_y', '2.0')),
          'new_coords 1 with mse (targets sqrt(w / 4 anchor)), scale_x_y 2', conv=LOGISTIC),
     # [region] (YOLOv2): the yolo keys apply to the [region] section
+    # [Gaussian_yolo]: yolov3-tiny's heads made Gaussian (Gaussian_yolov3_BDD.cfg's keys in the second case)
+    Case('v3tiny_gaussian', 'yolov3-tiny.cfg', (),
+         '[Gaussian_yolo] heads, Darknet defaults (mse: Gaussian likelihood deltas of means and sigmas)', gaussian=True),
+    Case('v3tiny_gaussian_giou', 'yolov3-tiny.cfg',
+         (('iou_loss', 'giou'), ('iou_thresh', '0.213'), ('iou_normalizer', '0.5'), ('uc_normalizer', '0.7'),
+          ('ignore_thresh', '0.5'), ('truth_thresh', '0.8'), ('objectness_smooth', '1'), ('max_delta', '5')),
+         "[Gaussian_yolo] with Gaussian_yolov3_BDD's giou, iou_thresh 0.213, iou_normalizer 0.5, and uc_normalizer "
+         '0.7, truth_thresh 0.8, objectness_smooth 1, max_delta 5', gaussian=True),
     Case('v2tiny_region', 'yolov2-tiny-voc.cfg', (),
          'yolov2-tiny-voc [region] as in the cfg (bias_match, rescore, softmax, object_scale 5, thresh .6); the '
          'first batch (seen 2 < 12800: every slot also pulled towards its anchor prior at scale .01)'),
@@ -169,11 +178,14 @@ def case_cfg(case: Case, cfg_dir: Path) -> str:
         elif head == '[convolutional]':
             last_conv = k
         elif head == '[yolo]':
+            if case.gaussian:
+                sec[0] = '[Gaussian_yolo]'
             mask = [ln for ln in sec if re.match(r'^\s*mask\s*=', ln)]
             if last_conv is None or len(mask) != 1:
                 sys.exit(f'{path}: [yolo] section {k} has no convolution before it or no single mask= line')
             n = len(mask[0].split('=', 1)[1].split('#')[0].split(','))
-            sections[last_conv][:] = set_key(sections[last_conv], 'filters', n * (CLASSES + 5))
+            sections[last_conv][:] = set_key(sections[last_conv], 'filters',
+                                             n * (CLASSES + (9 if case.gaussian else 5)))
             for key, value in case.conv:
                 sections[last_conv][:] = set_key(sections[last_conv], key, value)
             sec[:] = set_key(sec, 'classes', CLASSES)
@@ -215,7 +227,7 @@ def harness_info(harness: Path, cfg: Path) -> tuple:
         f = line.split()
         if f and f[0] == 'net':
             net = tuple(int(v) for v in f[1:])
-        elif f and f[0] in ('yolo', 'region'):
+        elif f and f[0] in ('yolo', 'region', 'gaussian'):
             index, w, h, n, total, classes = (int(v) for v in f[1:7])
             mask = tuple(int(v) for v in f[8:8 + n])
             biases = np.array([float(v) for v in f[9 + n:]], dtype=np.float32).reshape(total, 2)
@@ -421,7 +433,19 @@ def design_inputs(heads: list, truths_px: tuple, dec: Decode) -> list:
             g += 1
     clear_margins(rng, raws, heads, truths_px, dec, planted)
     # new_coords: the head's input is the convolution's logistic output, so every entry lies in (0, 1)
-    return [(sigmoid(r) if dec.new_coords else r).astype(np.float32) for r in raws]
+    raws = [sigmoid(r) if dec.new_coords else r for r in raws]
+    return [(gaussian_layout(rng, r, h) if h.kind == 'gaussian' else r).astype(np.float32) for r, h in zip(raws, heads)]
+
+
+def gaussian_layout(rng: np.random.Generator, raw: np.ndarray, head: Head) -> np.ndarray:
+    """A designed [yolo]-layout input (x, y, w, h, obj, classes per anchor) as a [Gaussian_yolo] one: the box
+    entries at 0, 2, 4, 6, each followed by a random σ input, objectness at 8, classes from 9."""
+    p = raw.reshape(BATCH, head.n, CLASSES + 5, head.h, head.w)
+    out = np.empty((BATCH, head.n, CLASSES + 9, head.h, head.w))
+    out[:, :, 0:8:2] = p[:, :, :4]
+    out[:, :, 1:8:2] = rng.normal(0, 1.5, (BATCH, head.n, 4, head.h, head.w))
+    out[:, :, 8:] = p[:, :, 4:]
+    return out.reshape(BATCH, -1, head.h, head.w)
 
 
 # ---------------------------------------------------------------------------------------------------- dumps
@@ -457,6 +481,25 @@ def parse_region_log(stdout: str) -> dict:
     if m is None:
         sys.exit(f'no "Region Avg IOU" line in Darknet output:\n{stdout[-2000:]}')
     return {'darknet_log': np.array(m.group(0)), 'avg_iou_0': np.float32(m.group(1)), 'count_0': np.int64(m.group(6))}
+
+
+GAUSSIAN_RE = re.compile(r'Region (\d+) Avg IOU: (\S+),.* count: (\d+), class_loss = (\S+), iou_loss = (\S+), '
+                         r'uc_loss = (\S+), total_loss = (\S+)')
+
+
+def parse_gaussian_log(stderr: str, heads: list) -> dict:
+    """forward_gaussian_yolo_layer's "Region N Avg IOU: ..." lines: the lines, avg IoU, count and the losses per head
+    (printed with %.2f)."""
+    found = {int(m.group(1)): m for m in map(GAUSSIAN_RE.search, stderr.splitlines()) if m}
+    out = {'darknet_log': np.array('\n'.join(m.group(0) for m in found.values()))}
+    for k, head in enumerate(heads):
+        m = found.get(head.index)
+        if m is None:
+            sys.exit(f'no "Region {head.index} Avg IOU" line in Darknet output:\n{stderr[-2000:]}')
+        out[f'avg_iou_{k}'], out[f'count_{k}'] = np.float32(m.group(2)), np.int64(m.group(3))
+        for key, grp in (('class_loss', 4), ('iou_loss', 5), ('uc_loss', 6), ('total_loss', 7)):
+            out[f'{key}_{k}'] = np.float32(m.group(grp))
+    return out
 
 
 def read_result(path: Path) -> dict:
@@ -510,7 +553,12 @@ def run_case(case: Case, harness: Path, work: Path, commit: str) -> dict:
         arrays[f'output_{k}'] = np.ascontiguousarray(out).reshape(shape)
         arrays[f'delta_{k}'] = np.fromfile(d / f'delta_{head.index}.bin', np.float32).reshape(shape)
         arrays[f'cost_{k}'] = np.float32(res[f'cost_{head.index}'])
-    arrays.update(parse_region_log(proc.stdout) if region else parse_log(proc.stderr, heads))
+    if region:
+        arrays.update(parse_region_log(proc.stdout))
+    elif heads[0].kind == 'gaussian':
+        arrays.update(parse_gaussian_log(proc.stderr, heads))
+    else:
+        arrays.update(parse_log(proc.stderr, heads))
     return arrays
 
 
