@@ -181,3 +181,32 @@ def test_train_refuses_a_key_it_cannot_honour(tmp_path, capsys):
     assert r == 2 and len(err) == 1
     assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key iou_thresh_kind', err[0])
     assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def head_cfg(kind: str) -> str:
+    """A small cfg text ending in one detection head of kind ('region' or 'Gaussian_yolo'), 3 classes."""
+    net = '[net]\nwidth=64\nheight=64\nchannels=3\n\n[convolutional]\nfilters=8\nsize=3\nstride=2\npad=1\n' \
+          'activation=leaky\n\n[maxpool]\nsize=2\nstride=2\n\n'
+    if kind == 'region':
+        return net + '[convolutional]\nfilters=40\nsize=1\nstride=1\nactivation=linear\n\n[region]\n' \
+                     'anchors=1.08,1.19, 3.42,4.41, 6.63,11.38, 9.42,5.11, 16.62,10.52\nclasses=3\nnum=5\n' \
+                     'softmax=1\nbias_match=1\nrescore=1\nthresh=.6\nobject_scale=5\n'
+    return net + '[convolutional]\nfilters=36\nsize=1\nstride=1\nactivation=linear\n\n[Gaussian_yolo]\nmask=0,1,2\n' \
+                 'anchors=10,14, 23,27, 37,58\nclasses=3\nnum=3\niou_loss=giou\nuc_normalizer=0.7\n'
+
+
+@pytest.mark.parametrize('kind', ['region', 'Gaussian_yolo'])
+def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_cannot(kind):
+    from utils.loss import ComputeLoss
+    model = Darknet(head_cfg(kind), img_size=64)
+    loss_fn = DarknetLoss(model)
+    model.train()
+    p = model(torch.rand(2, 3, 64, 64))  # train mode: the raw maps
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2], [1, 2, 0.7, 0.3, 0.1, 0.4]])
+    loss, items = loss_fn(p, targets)
+    loss.backward()
+    grads = [q.grad for q in model.parameters()]
+    assert torch.isfinite(loss).all() and items[3] > 0 and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ConfigError, match=rf"<cfg text>:\d+: layer 3: .*\[{kind.split('_')[0]}.* cannot be trained "
+                                          r"with --loss original"):
+        ComputeLoss(model, {'giou': 1, 'obj': 1, 'cls': 1, 'cls_pw': 1, 'obj_pw': 1, 'iou_t': 0.2})
