@@ -161,6 +161,27 @@ def test_loss_without_targets_is_objectness_only():
     assert p[0].grad[..., 4].abs().sum() > 0 and p[0].grad[..., :4].abs().sum() == 0
 
 
+def test_new_coords_head_trains_its_logits_as_a_logits_head_does():
+    # a new_coords head's map is its convolution's logistic output: the loss (and the gradient reaching the
+    # convolution, through the logistic) must be the one a head with raw logits gets, when both decode to the same
+    # boxes (xy: t * s - (s - 1) / 2 of the probability; wh: 4 t^2 instead of exp(t))
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2], [1, 0, 0.7, 0.3, 0.15, 0.25]])
+    z = torch.randn(2, 3, 8, 8, 7, generator=torch.Generator().manual_seed(0)) * 2
+    wh = torch.rand(2, 3, 8, 8, 2, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2  # probabilities
+    logits, new = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    raw = torch.cat((logits[..., :2], torch.log(4 * wh ** 2), logits[..., 4:]), -1)  # exp(raw_wh) = 4 wh^2
+    probs = torch.cat((torch.sigmoid(new[..., :2]), wh, torch.sigmoid(new[..., 4:])), -1)
+    yolo = [FakeYOLO([(40, 40), (80, 60), (120, 150)], 32, scale_x_y=2.0)]
+    model, model_new = FakeModel(yolo, nc=2), FakeModel(yolo, nc=2)
+    model_new.module_defs[0]['new_coords'] = 1
+    loss, items = ComputeLoss(model, HYP)([raw], targets)
+    loss_new, items_new = ComputeLoss(model_new, HYP)([probs], targets)
+    assert torch.allclose(items_new, items, rtol=1e-4) and items[0] > 0 and items[2] > 0
+    loss.backward()
+    loss_new.backward()
+    assert torch.allclose(new.grad, logits.grad, rtol=1e-3, atol=1e-7)
+
+
 def test_loss_perfect_prediction_and_objectness_ratio():
     # a prediction exactly on the target: GIoU 1 -> no box loss; obj target 1 whatever gr is
     model = FakeModel([FakeYOLO([(64, 64)], 32)], nc=2)
