@@ -207,6 +207,9 @@ def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_canno
     loss.backward()
     grads = [q.grad for q in model.parameters()]
     assert torch.isfinite(loss).all() and items[3] > 0 and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # train.py's anchor check reads the same configs: every label has an anchor here (all anchors are the head's)
+    from utils.anchors import darknet_fit
+    assert darknet_fit(torch.tensor([[10.0, 12.0], [40.0, 30.0], [60.0, 20.0]]), loss_fn.configs) == (1.0, 1.0)
     with pytest.raises(ConfigError, match=rf"<cfg text>:\d+: layer 3: .*\[{kind.split('_')[0]}.* cannot be trained "
                                           r"with --loss original"):
         ComputeLoss(model, {'giou': 1, 'obj': 1, 'cls': 1, 'cls_pw': 1, 'obj_pw': 1, 'iou_t': 0.2})

@@ -546,7 +546,8 @@ class DarknetLoss:
         for j in bare.yolo_layers:
             d, where = bare.module_defs[j], f"{bare.cfg_path}:{bare.module_defs[j]['line']}: layer {j}"
             if d['type'] == 'region':
-                self.configs.append(region_loss_config(d, bare.module_list[j].anchors_grid.tolist(), where))
+                head = bare.module_list[j]
+                self.configs.append(region_loss_config(d, head.anchors_grid.tolist(), float(head.stride), where))
             elif d['type'] == 'gaussian_yolo':
                 self.configs.append(gaussian_loss_config(d, where))
             else:

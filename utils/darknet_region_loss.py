@@ -25,9 +25,16 @@ FOCAL_ALPHA = 0.5
 
 @dataclass(frozen=True)
 class RegionLossConfig:
-    """The Darknet training keys of one [region] layer, with Darknet's defaults (parse_region) filled in."""
-    anchors: tuple[tuple[float, float], ...]  # grid cells, every anchor of the layer
+    """The Darknet training keys of one [region] layer, with Darknet's defaults (parse_region) filled in.
+
+    anchors, mask and iou_thresh describe its assignment as a [yolo] config does (for utils.anchors' fit check):
+    every anchor is the layer's, and each label goes to its best anchor only."""
+    anchors_grid: tuple[tuple[float, float], ...]  # grid cells, every anchor of the layer (the loss uses these)
+    anchors: tuple[tuple[float, float], ...]  # the same in input pixels
+    mask: tuple[int, ...]
     nc: int
+    iou_thresh: float = 1.0
+    iou_thresh_kind: str = 'iou'
     softmax: int = 0
     rescore: int = 0
     bias_match: int = 0
@@ -43,14 +50,16 @@ REGION_KEYS = ('softmax', 'rescore', 'bias_match', 'focal_loss', 'thresh', 'coor
                'noobject_scale', 'class_scale')
 
 
-def region_loss_config(mdef: dict, anchors: list[tuple[float, float]], where: str) -> RegionLossConfig:
-    """The loss settings of one parsed [region] section (anchors in grid cells, as the model built them); a key
-    this loss cannot honour is a ConfigError naming where (file, line, layer) and the key."""
+def region_loss_config(mdef: dict, anchors: list[tuple[float, float]], stride: float,
+                       where: str) -> RegionLossConfig:
+    """The loss settings of one parsed [region] section (anchors in grid cells, as the model built them; stride in
+    input pixels); a key this loss cannot honour is a ConfigError naming where (file, line, layer) and the key."""
     if mdef.get('classfix', 0):
         raise ConfigError(f"{where}: [region] key classfix={mdef['classfix']!r} is not supported under --loss darknet")
     values = {k: mdef[k] for k in REGION_KEYS if k in mdef}
-    return RegionLossConfig(anchors=tuple((float(w), float(h)) for w, h in anchors), nc=int(mdef['classes']),
-                            **values)
+    grid = tuple((float(w), float(h)) for w, h in anchors)
+    return RegionLossConfig(anchors_grid=grid, anchors=tuple((w * stride, h * stride) for w, h in grid),
+                            mask=tuple(range(len(grid))), nc=int(mdef['classes']), **values)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -91,7 +100,7 @@ def region_deltas(cfg: RegionLossConfig, x: torch.Tensor, truths: torch.Tensor, 
     sig = torch.sigmoid(x32[..., :2]).to(dt)  # get_region_box's logistic of x, y
     obj = torch.sigmoid(x32[..., 4]).to(dt)
     cls_out = (torch.softmax(x32[..., 5:], -1) if cfg.softmax else x32[..., 5:]).to(dt)
-    anchors = torch.tensor(cfg.anchors, dtype=torch.float32, device=dev)  # (na, 2) cells, float as l.biases
+    anchors = torch.tensor(cfg.anchors_grid, dtype=torch.float32, device=dev)  # (na, 2) cells, float as l.biases
     yv, xv = torch.meshgrid(torch.arange(ny, device=dev, dtype=torch.float32),
                             torch.arange(nx, device=dev, dtype=torch.float32), indexing='ij')
     # get_region_box: float32 centre, w and h from exp() in double rounded to float
