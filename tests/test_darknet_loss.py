@@ -213,3 +213,20 @@ def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_canno
     with pytest.raises(ConfigError, match=rf"<cfg text>:\d+: layer 3: .*\[{kind.split('_')[0]}.* cannot be trained "
                                           r"with --loss original"):
         ComputeLoss(model, {'giou': 1, 'obj': 1, 'cls': 1, 'cls_pw': 1, 'obj_pw': 1, 'iou_t': 0.2})
+
+
+def test_region_prior_pull_stops_after_12800_images_counted_by_the_loss():
+    # Darknet's [region] pulls every box towards its anchor while net.seen (images, this batch included) < 12800
+    model = Darknet(head_cfg('region'), img_size=64)
+    loss_fn = DarknetLoss(model)
+    p = [torch.randn(2, 5, 4, 4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)]
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2]])
+    box_grads = []
+    for seen_before in (0, 12798 - 2, 12798):
+        loss_fn.seen = seen_before
+        p[0].grad = None
+        loss_fn(p, targets)[0].backward()
+        box_grads.append(int((p[0].grad[..., :4] != 0).any(-1).sum()))
+        assert loss_fn.seen == seen_before + 2
+    assert box_grads[0] == box_grads[1] == 2 * 5 * 4 * 4  # seen 2 and 12798: every slot
+    assert box_grads[2] == 1  # seen 12800: only the label's slot
