@@ -33,7 +33,7 @@ def load_case(name: str):
     b, t = (truth.abs().sum(-1) > 0).nonzero(as_tuple=True)
     targets = torch.cat((b[:, None].float(), truth[b, t][:, 4:5], truth[b, t][:, :4]), 1)
     p = [to_maps(d[f'input_{k}'], len(d[f'mask_{k}'])).requires_grad_(True) for k in range(len(d['layer_index']))]
-    loss_fn.seen = int(d['seen']) - len(d['truth'])  # Darknet's net.seen before this batch ([region]'s prior pull)
+    loss_fn.model.seen = int(d['seen'])  # Darknet's net.seen, this batch counted ([region]'s prior pull)
     return d, loss_fn, p, targets
 
 
@@ -215,18 +215,19 @@ def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_canno
         ComputeLoss(model, {'giou': 1, 'obj': 1, 'cls': 1, 'cls_pw': 1, 'obj_pw': 1, 'iou_t': 0.2})
 
 
-def test_region_prior_pull_stops_after_12800_images_counted_by_the_loss():
-    # Darknet's [region] pulls every box towards its anchor while net.seen (images, this batch included) < 12800
+def test_region_prior_pull_stops_after_12800_images_the_model_has_seen():
+    # Darknet's [region] pulls every box towards its anchor while net.seen (images, this batch included) < 12800;
+    # the model's training forward counts them (and .weights headers and checkpoints keep the count)
     model = Darknet(head_cfg('region'), img_size=64)
     loss_fn = DarknetLoss(model)
-    p = [torch.randn(2, 5, 4, 4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)]
     targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2]])
     box_grads = []
     for seen_before in (0, 12798 - 2, 12798):
-        loss_fn.seen = seen_before
-        p[0].grad = None
+        model.seen = seen_before
+        p = model(torch.rand(2, 3, 64, 64))
+        assert model.seen == seen_before + 2
+        p[0].retain_grad()
         loss_fn(p, targets)[0].backward()
         box_grads.append(int((p[0].grad[..., :4] != 0).any(-1).sum()))
-        assert loss_fn.seen == seen_before + 2
-    assert box_grads[0] == box_grads[1] == 2 * 5 * 4 * 4  # seen 2 and 12798: every slot
+    assert box_grads[0] == box_grads[1] == p[0][..., 0].numel()  # seen 2 and 12798: every slot
     assert box_grads[2] == 1  # seen 12800: only the label's slot

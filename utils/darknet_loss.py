@@ -556,16 +556,17 @@ class DarknetLoss:
         self.nc = int(bare.nc)
         self.grad_scale = float(bare.hyperparams.get('learning_rate', DARKNET_LR)) / REFERENCE_LR0
         self.hyp = dict(hyp or {})
-        # Darknet's net.seen: images trained on so far, this batch included ([region] pulls boxes towards their
-        # anchor priors while it is below 12800). Counted from 0 by this object: a resumed run starts it again.
-        self.seen = 0
+        # Darknet's net.seen ([region] pulls boxes towards their anchor priors while it is below 12800) is the
+        # model's own count: images its training forward has seen, this batch included, kept in .weights headers and
+        # checkpoints (so fine-tuning Darknet weights or resuming continues it)
+        self.model = bare
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6); gr is ignored."""
         from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
         bs = p[0].shape[0]
-        self.seen += bs  # as train_network_datum, before the forward
+        seen = int(getattr(self.model, 'seen', 0))
         items = torch.zeros(4, device=p[0].device)
         surrogate = torch.zeros((), device=p[0].device)
         with torch.no_grad():
@@ -575,7 +576,7 @@ class DarknetLoss:
                 # float64: Darknet's IoU gradients cancel terms, float32 here would add its own rounding to Darknet's
                 x = pi.detach().double()
                 if isinstance(cfg, RegionLossConfig):
-                    delta = region_deltas(cfg, x, truths.double(), valid, self.seen)
+                    delta = region_deltas(cfg, x, truths.double(), valid, seen)
                     items += region_cost(delta).float()
                 elif isinstance(cfg, GaussianLossConfig):
                     delta = gaussian_deltas(cfg, x, truths.double(), valid, (x.shape[3] * stride, x.shape[2] * stride))
