@@ -13,8 +13,13 @@ takes it only when that anchor is in its mask), and with iou_thresh < 1 also to 
 (iou_thresh_kind) IoU with it exceeds iou_thresh; box deltas by iou_loss (mse with the (2 - w*h) weight, or the
 analytic iou/giou/diou/ciou gradient, times exp(t) for w and h), iou_normalizer, max_delta; objectness by
 obj_normalizer and objectness_smooth; classes by label_smooth_eps, focal_loss, counters_per_class (with
-cls_normalizer, which Darknet applies only together with counters_per_class); truth_thresh; and scale_x_y in the
-decode. Several truths on one anchor are applied in truth order, as Darknet's loop does.
+cls_normalizer, which Darknet applies only together with counters_per_class); truth_thresh; scale_x_y and
+new_coords (Scaled-YOLOv4/YOLOv7 heads: input already logistic, w, h = 4 t^2 anchor, IoU w/h deltas unscaled) in the
+decode. Several truths on one anchor are applied in truth order, as Darknet's loop does. What Darknet decides in
+float32 (a truth's cell, its best anchor, the threshold comparisons) is decided in float32 here too.
+
+[region] heads (YOLOv2) are trained by utils/darknet_region_loss.py, [Gaussian_yolo] heads by
+utils/darknet_gaussian_loss.py; DarknetLoss picks each head's.
 """
 from __future__ import annotations
 
