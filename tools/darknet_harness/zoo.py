@@ -96,24 +96,27 @@ def harness_binary(darknet: Path, work: Path) -> Path:
     return exe
 
 
-def seeded_input(h: int, w: int, seed: int) -> np.ndarray:
-    """(3, h, w) float32 in [0, 1]: noise on smooth colour gradients, so every channel and position differs."""
+def seeded_image(h: int, w: int, seed: int) -> np.ndarray:
+    """(3, h, w) uint8 RGB: noise on smooth colour gradients, so every channel and position differs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.stack([xx / w, yy / h, 1 - (xx + yy) / (w + h)])
-    return np.clip(0.6 * base + 0.4 * rng.random((3, h, w), dtype=np.float32), 0, 1).astype(np.float32)
+    return np.clip(255 * (0.6 * base + 0.4 * rng.random((3, h, w))), 0, 255).astype(np.uint8)
 
 
-def run_darknet(exe: Path, cfg_text: str, out: Path, seed: int, all_layers: bool, timeout: float) -> DarknetRun:
-    """Run net_harness on cfg_text in out/ (net.cfg, input.bin, darknet.log and the dumps); RuntimeError if Darknet
-    fails (its last log line)."""
+def as_input(image: np.ndarray) -> np.ndarray:
+    """The network input of a (3, h, w) uint8 image: float32 / 255, as Darknet's loaders scale pixels."""
+    return image.astype(np.float32) / np.float32(255)
+
+
+def run_darknet(exe: Path, cfg_text: str, out: Path, image: np.ndarray, seed: int, all_layers: bool,
+                timeout: float) -> DarknetRun:
+    """Run net_harness on cfg_text and a (3, h, w) uint8 image with weights from seed, in out/ (net.cfg, input.bin,
+    darknet.log and the dumps); RuntimeError if Darknet fails (its last log line)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / 'net.cfg').write_text(cfg_text)
-    from zoo_cfg import sections, value
-    lines = cfg_text.splitlines()
-    net = sections(lines)[0]
-    h, w = int(value(lines, net, 'height')), int(value(lines, net, 'width'))
-    seeded_input(h, w, seed).tofile(out / 'input.bin')
+    h, w = image.shape[1:]
+    as_input(image).tofile(out / 'input.bin')
     cmd = [str(exe), str(out / 'net.cfg'), str(out), str(seed)] + (['all'] if all_layers else [])
     with open(out / 'darknet.log', 'w') as log:
         try:
@@ -209,15 +212,15 @@ def compare_boxes(dn: DarknetRun, rows: np.ndarray) -> tuple[float, float, float
         got += len(ours)
         nc = hd.classes
         box = max(box, box_err(ours[:, :4] / [w, h, w, h], ref[:, :4]))
-        score = ours[:, 4:5] * ours[:, 5:5 + nc]
-        if hd.type == 'gaussian_yolo' and ours.shape[1] >= 9 + nc:  # uncertainties after the classes
-            uc = ours[:, 5 + nc:9 + nc]
-            score = score * (1 - uc.mean(1, keepdims=True))
-        if hd.type != 'region':  # Darknet's region detections carry objectness 1, the score is in the classes
-            obj = max(obj, float(np.abs(ours[:, 4] - ref[:, 4]).max()))
-        kept = ref[:, 5:5 + nc] > 0
-        if kept.any():
-            cls = max(cls, float(np.abs(score - ref[:, 5:5 + nc])[kept].max()))
+        score = ours[:, 4:5] * ours[:, 5:5 + nc]  # what NMS ranks: Darknet's prob
+        ref_obj = ref[:, 4]
+        if hd.type == 'gaussian_yolo':  # our objectness column carries Darknet's (1 - mean uncertainty) factor
+            ref_obj = ref_obj * (1 - ref[:, 5 + nc:9 + nc].mean(1))
+        if hd.type != 'region' and len(ref):  # Darknet's region detections carry objectness 1, the score is in prob
+            obj = max(obj, float(np.abs(ours[:, 4] - ref_obj).max()))
+        score = np.where(score > 0, score, 0)  # Darknet keeps prob > thresh (0), else 0
+        if len(ref):
+            cls = max(cls, float(np.abs(score - ref[:, 5:5 + nc]).max()))
     if start != rows.shape[0] or got != dn.boxes.shape[0]:
         raise ValueError(f"{rows.shape[0]} rows here, {start} in Darknet's heads; {dn.boxes.shape[0]} Darknet "
                          f"boxes, {got} matched")
@@ -275,14 +278,15 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
     res = Result(cfg.stem, f"{w}x{h}")
     out = work / cfg.stem
     t0 = time.time()
+    image = seeded_image(h, w, seed)
     try:
-        dn = run_darknet(exe, text, out, seed, False, timeout)
+        dn = run_darknet(exe, text, out, image, seed, False, timeout)
     except RuntimeError as e:
         res.status, res.detail = 'darknet fails', str(e)[:120]
         return res
     res.seconds['darknet'] = round(time.time() - t0, 1)
     t0 = time.time()
-    x = np.fromfile(out / 'input.bin', dtype=np.float32).reshape(3, h, w)
+    x = as_input(image)
     if use_opencv:
         res.opencv = compare_opencv(dn, x)
     try:
@@ -304,7 +308,7 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
     res.weights = compare_weights(model, out / 'darknet.weights', out / 'project.weights')
     if not res.net_err <= NET_TOL:
         res.status = 'mismatch'
-        res.detail = first_bad_layer(model, exe, text, out, seed, timeout, x)
+        res.detail = first_bad_layer(model, exe, text, out, image, seed, timeout)
         return res
     try:
         res.box_err, res.obj_err, res.cls_err = compare_boxes(dn, rows)
@@ -317,10 +321,10 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
     return res
 
 
-def first_bad_layer(model, exe: Path, text: str, out: Path, seed: int, timeout: float, x: np.ndarray) -> str:
+def first_bad_layer(model, exe: Path, text: str, out: Path, image: np.ndarray, seed: int, timeout: float) -> str:
     """Rerun Darknet dumping every layer (same seed, same weights) and name the first layer that differs."""
-    dn = run_darknet(exe, text, out.with_name(out.name + '-all'), seed, True, timeout)
-    kept, _ = project_forward(model, x, set(range(len(dn.layers))))
+    dn = run_darknet(exe, text, out.with_name(out.name + '-all'), image, seed, True, timeout)
+    kept, _ = project_forward(model, as_input(image), set(range(len(dn.layers))))
     for i, t, _ in dn.layers:
         if i in kept and not rel_err(kept[i], dn.output(i)) <= NET_TOL:
             return f"first bad layer {i} [{t}] (err {rel_err(kept[i], dn.output(i)):.1e})"

@@ -125,6 +125,9 @@ def thinned(text: str, divisor: int, classes: int) -> str:
                 f = head_filters(lines, nxt, classes)
             else:
                 f = max(1, round(int(v('filters', '1')) / divisor))
+                if nxt is not None and nxt.type in ('reorg', 'reorg3d'):  # Darknet's reorg needs c % stride^2 == 0
+                    s2 = int(value(lines, nxt, 'stride', '2')) ** 2
+                    f = -(-f // s2) * s2
             _set(lines, sec, 'filters', f)
             g = int(v('groups', '1'))
             if g > 1:  # depthwise stays depthwise; other groups shrink to a common divisor of the new channels
