@@ -121,7 +121,8 @@ def darknet_source_classes(model: nn.Module, n_values: int, cutoff: int = -1) ->
     """
     def count(nc: int) -> int:
         with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
-            return darknet_value_count(type(model)(cfg_with_classes(model.cfg_text, nc, model.cfg_path)), cutoff)
+            return darknet_value_count(type(model)(cfg_with_classes(model.cfg_text, nc, model.cfg_path), log_cfg=False),
+                                      cutoff)
 
     if not model.yolo_layers:
         return None
