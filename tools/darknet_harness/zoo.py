@@ -34,7 +34,8 @@ ZOO = ROOT.parent / 'shared' / 'darknet-zoo'
 SEED = 23
 # a layer matches when max |ours - Darknet| <= NET_TOL * max |Darknet| (float32, -Ofast, other summation orders)
 NET_TOL = 1e-3
-BOX_TOL = 1e-4  # boxes (box_err), objectness and class scores (max absolute difference)
+BOX_TOL = 5e-3  # boxes (box_err): new_coords' w = (2 sigmoid)^2 anchor doubles the head input's relative error
+SCORE_TOL = 1e-3  # objectness and class scores: max absolute difference
 HEAD_TYPES = {'yolo': 5, 'gaussian_yolo': 9, 'region': 5, 'detection': 5}  # Darknet's layer names -> entries before
 # the classes in a head's output
 
@@ -315,9 +316,8 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
     except ValueError as e:
         res.status, res.detail = 'wrong boxes', str(e)[:160]
         return res
-    worst = max(res.box_err, res.obj_err, res.cls_err)
-    ok = worst <= BOX_TOL and res.weights == 'identical'
-    res.status = 'match' if ok else ('wrong boxes' if worst > BOX_TOL else 'weights differ')
+    boxes_ok = res.box_err <= BOX_TOL and max(res.obj_err, res.cls_err) <= SCORE_TOL
+    res.status = 'wrong boxes' if not boxes_ok else ('match' if res.weights == 'identical' else 'weights differ')
     return res
 
 
