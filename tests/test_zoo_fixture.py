@@ -61,6 +61,70 @@ def test_fixture_is_complete_and_small():
     assert kinds == {'yolo', 'gaussian_yolo', 'region'}
 
 
+INLINE_CFG = """[net]
+width=416
+height=416
+width=320
+channels=3
+
+[convolutional]
+filters=64
+size=3
+stride=2
+activation=leaky
+
+[convolutional]
+filters=64
+groups=64
+size=3
+stride=2
+
+[convolutional]
+filters=32
+size=1
+
+[reorg]
+stride=2
+
+[route]
+layers=-1,-3
+
+[convolutional]
+filters=64
+groups=8
+size=3
+
+[upsample]
+stride=2
+
+[convolutional]
+filters=255
+size=1
+
+[yolo]
+mask=0,1,2
+anchors=10,13, 16,30, 33,23
+classes=80
+num=3
+"""
+
+
+def test_zoo_cfg_edits():
+    zoo_cfg = load_zoo_cfg()
+    sized = zoo_cfg.with_size(INLINE_CFG, 96, 64)
+    assert 'width=96' in sized and 'height=64' in sized and '320' not in sized and '416' not in sized
+    assert zoo_cfg.max_stride(INLINE_CFG) == 8  # conv /2, conv /2, reorg /2; the upsample comes back to 4
+    thin = zoo_cfg.thinned(INLINE_CFG, 16, 3)
+    lines = thin.splitlines()
+    secs = zoo_cfg.sections(lines)[1:]
+    get = lambda i, k: zoo_cfg.value(lines, secs[i], k)  # noqa: E731
+    assert (get(0, 'filters'), get(1, 'filters'), get(1, 'groups')) == ('4', '4', '4')  # depthwise stays depthwise
+    assert get(2, 'filters') == '4'  # 32 / 16 = 2, rounded up to a multiple of stride^2 for the [reorg]
+    # the route joins 4 * 4 reorg channels and 4: 20 in, 64 / 16 = 4 out, groups 8 -> gcd(20, 4, 8) = 4
+    assert (get(5, 'filters'), get(5, 'groups')) == ('4', '4')
+    assert (get(7, 'filters'), get(8, 'classes')) == ('24', '3')  # the head convolution: (3 + 5) * 3
+
+
 def darknet_order(rows: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
     """Our (n*h*w, no) rows of one head, anchor-major, in get_network_boxes' order: cell-major, anchor-minor."""
     return rows.reshape(n, h, w, -1).transpose(1, 2, 0, 3).reshape(n * h * w, -1)
