@@ -23,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_zoo'
 ZOO = SHARED / 'darknet-zoo'
 CASES = sorted(p.stem for p in FIXTURES.glob('*.npz'))
-NET_TOL = 1e-3  # head inputs: max |ours - Darknet| relative to max |Darknet| (float32 rounding grows through
-# ~150 thin layers to ~3e-4: Darknet is built with -Ofast, sums in another order, has its own mish/softplus)
-BOX_TOL = 5e-3  # boxes: |ours - Darknet| / max(1, |Darknet|) in fractions of the input (new_coords' w = (2 sigmoid)^2
+# Tolerances: 2-3x the float32 noise measured on these cases (Darknet is built with -Ofast, sums in other orders and
+# has its own mish/softplus): head inputs up to 8.8e-5, boxes 2.0e-4, scores 5.9e-5 (yolov4-csp, 145 layers). A
+# batch-norm eps of 1e-6 instead of Darknet's 1e-5 alone moves the head inputs by 3.5e-4 to 1.7e-2.
+NET_TOL = 2e-4  # head inputs: max |ours - Darknet| relative to max |Darknet|
+BOX_TOL = 5e-4  # boxes: |ours - Darknet| / max(1, |Darknet|) in fractions of the input (new_coords' w = (2 sigmoid)^2
 # anchor doubles the head input's relative error, exp() carries its absolute error)
-SCORE_TOL = 1e-3  # objectness and class scores: max absolute difference
+SCORE_TOL = 2e-4  # objectness and class scores: max absolute difference
 # Temporary (strict, so a fix shows): models.BN_EPS is 1e-6, Darknet normalises by sqrt(var + 1e-5) (src/blas.c
 # normalize_cpu); with 1e-5 every case passes. yolov4-tiny stays within the tolerance either way.
 EPS_XFAIL = pytest.mark.xfail(strict=True, reason="models.BN_EPS 1e-6, Darknet's batch norm eps is 1e-5")

@@ -15,10 +15,11 @@
  *        DIR/boxes.txt          count, classes, floats per row
  *
  * The weights: every convolution gets uniform weights of variance 1/fan_in; a batch-normalised convolution's
- * rolling variance is the per-channel mean square of its own output on DIR/input.bin (times a random factor in
- * [0.8, 1.25]), its rolling mean a random fraction (-0.5 to 0.5) of the root mean square, its scale and bias random (so every layer's output stays in a
- * useful range however deep the network); a convolution without batch norm is rescaled to unit output spread and
- * gets a random bias. Shortcut, implicit and batchnorm-layer weights are random near their neutral values. The
+ * rolling variance is the per-channel mean square of its own output on DIR/input.bin (at least half the layer's
+ * or its input's mean square, times a random factor in [0.8, 1.25]), its rolling mean a random fraction (-0.5 to
+ * 0.5) of the root mean square, its scale and bias random (so every layer's output stays in a useful range
+ * however deep the network); a convolution without batch norm is rescaled to an output spread of 1.5 and gets a
+ * random bias. Shortcut, implicit and batchnorm-layer weights are random near their neutral values. The
  * statistics come from Darknet's own layer forward functions; the dumped outputs come from network_predict.
  */
 #include <math.h>
@@ -89,20 +90,13 @@ static int is_head(LAYER_TYPE t)
     return t == YOLO || t == GAUSSIAN_YOLO || t == REGION || t == DETECTION;
 }
 
-/* Per-channel mean and variance of a (c, h*w) output. */
-static void channel_stats(const float *x, int c, int hw, float *mean, float *var)
+/* Per-channel mean square of a (c, h*w) output. */
+static void channel_mean_square(const float *x, int c, int hw, float *ms)
 {
     for (int k = 0; k < c; ++k) {
-        double s = 0, s2 = 0;
-        for (int j = 0; j < hw; ++j) {
-            double v = x[(size_t)k * hw + j];
-            s += v;
-            s2 += v * v;
-        }
-        double m = s / hw;
-        double v = s2 / hw - m * m;
-        mean[k] = (float)m;
-        var[k] = (float)(v > 1e-4 ? v : 1e-4);  /* a constant channel (e.g. after a 1x1 map) still gets a scale */
+        double s2 = 0;
+        for (int j = 0; j < hw; ++j) s2 += (double)x[(size_t)k * hw + j] * x[(size_t)k * hw + j];
+        ms[k] = (float)(s2 / hw);
     }
 }
 
@@ -123,11 +117,18 @@ static void init_convolutional(layer *l, network_state state)
             l->rolling_variance[k] = 1;
         }
         l->forward(*l, state);
-        /* normalised by the channel's root mean square (not its spread around the mean: a channel whose values
-         * are nearly equal would then amplify every rounding difference of the convolution) */
-        channel_stats(l->output, l->n, hw, l->rolling_mean, l->rolling_variance);
+        /* Normalised by the channel's root mean square, not by its spread around the mean, and by no less than
+         * 0.7 of the layer's or of its input's (what a random convolution gives on average): a channel whose
+         * values are nearly equal, or whose sum nearly cancels on a small map (a 1x1 squeeze-excitation output),
+         * would otherwise amplify the rounding differences of its convolution, and deep nets compound them. */
+        channel_mean_square(l->output, l->n, hw, l->rolling_variance);
+        double layer_ms = 0, input_ms = 0;
+        for (int k = 0; k < l->n; ++k) layer_ms += l->rolling_variance[k] / l->n;
+        for (int j = 0; j < l->inputs; ++j) input_ms += (double)state.input[j] * state.input[j] / l->inputs;
+        double floor_d = 0.5 * (layer_ms > input_ms ? layer_ms : input_ms);
+        float floor_ms = floor_d > 1e-8 ? (float)floor_d : 1e-8f;
         for (int k = 0; k < l->n; ++k) {
-            float ms = l->rolling_mean[k] * l->rolling_mean[k] + l->rolling_variance[k];
+            float ms = l->rolling_variance[k] > floor_ms ? l->rolling_variance[k] : floor_ms;
             l->rolling_variance[k] = ms * uniform(0.8f, 1.25f);
             l->rolling_mean[k] = uniform(-0.5f, 0.5f) * sqrtf(ms);
             l->scales[k] = uniform(0.5f, 1.5f);
