@@ -369,6 +369,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='divide every convolution\'s filters and set the classes (zoo_cfg.thinned)')
     p.add_argument('--timeout', type=float, default=600, help='seconds per Darknet run')
     p.add_argument('--threads', type=int, default=1, help='torch threads')
+    p.add_argument('--keep', action='store_true', help='keep the weights and layer dumps of every cfg in --work '
+                   '(tens of GB for the whole zoo); by default only logs, cfgs, inputs and boxes stay')
     p.add_argument('--no-opencv', action='store_true')
     p.add_argument('--markdown', action='store_true', help='print the table as markdown (for a README)')
     return p
@@ -387,6 +389,10 @@ def main(opt: argparse.Namespace) -> int:
             sys.exit(f"zoo.py: {cfg}: cfg not found")
         r = check_cfg(cfg, exe, opt.work, opt.seed, opt.timeout, tuple(opt.size) if opt.size else None, opt.thin,
                       not opt.no_opencv)
+        if not opt.keep:  # full-size weights and every-layer dumps reach 0.5 GB per cfg, 40 GB for the zoo
+            for d in (opt.work / cfg.stem, opt.work / f'{cfg.stem}-all'):
+                for f in [*d.glob('*.weights'), *d.glob('out_*.bin')]:
+                    f.unlink()
         print(f"{r.cfg}: {r.status} {r.detail}".rstrip(), file=sys.stderr, flush=True)
         results.append(r)
     (opt.work / 'results.json').write_text(json.dumps([asdict(r) for r in results], indent=1))
