@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils.boxes import decode_yolo_box
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import WeightsError
 from utils.downloads import attempt_download
@@ -38,9 +37,10 @@ from utils.parse_config import ConfigError, parse_cfg_text, unused_keys
 from utils.torch_utils import count_parameters
 from utils.transfer import load_checkpoint_weights, load_weights
 
-# BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6, and the
-# original's eps=1e-4 moves the official yolov3-tiny outputs visibly away from Darknet/OpenCV (tests/test_models.py).
-BN_MOMENTUM, BN_EPS = 0.03, 1e-6
+# BN momentum as the original (0.03). eps differs on purpose: AlexeyAB's Darknet normalises by sqrt(var + 1e-5)
+# (normalize_cpu, fuse_conv_batchnorm); the original's eps=1e-4 moves outputs visibly away from Darknet/OpenCV, and
+# 1e-6 (pjreddie's sqrt(var) + 1e-6) is 1e-4 away from AlexeyAB's on Darknet-saved weights with small variances.
+BN_MOMENTUM, BN_EPS = 0.03, 1e-5
 
 
 class Darknet(nn.Module):
@@ -294,8 +294,9 @@ def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
         if isinstance(src, nn.Sequential) and hasattr(src, 'Conv2d') and \
                 src.Conv2d.weight.shape == (filters, c_in, k, k) and hasattr(src, 'BatchNorm2d') == bool(bn):
             return SharedConv(src, j, stride, pad, act, dilation), filters, s_out
-        raise b.error(i, f"share_index={mdef['share_index']}: layer {j} is not a convolution of the same shape "
-                         f"(Darknet stops on this cfg too)")
+        # Darknet stops here ("... don't match for the share_layer"); we build a layer of its own
+        print(f"WARNING: {b.cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: layer {j} "
+              f"is not a convolution of the same shape (Darknet rejects this cfg); layer {i} gets weights of its own")
     groups = mdef.get('groups', 1)
     if c_in % groups or filters % groups:
         raise b.error(i, f"groups={groups} does not divide {c_in} input / {filters} output channels")
@@ -421,7 +422,7 @@ def _masked_anchors(b: _Builder, i: int, mdef: dict) -> list[tuple[float, float]
 
 
 def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
-    _require(b, i, mdef, 'mask', 'anchors', 'classes')
+    _require(b, i, mdef, 'anchors', 'classes')  # no mask: every one of the num anchors, as Darknet
     anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
     asff = b.absolute(i, mdef['from'], 'from') if 'from' in mdef else []
     yi = len(b.yolo_layers)
@@ -442,7 +443,7 @@ def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
 
 
 def _build_gaussian_yolo(b: _Builder, i: int, mdef: dict) -> Built:
-    _require(b, i, mdef, 'mask', 'anchors', 'classes')
+    _require(b, i, mdef, 'anchors', 'classes')
     anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
     _head_input(b, i, i - 1, (nc + 9) * len(anchors), f"(classes + 9) * len(mask) = ({nc} + 9) * {len(anchors)}")
     stride = b.strides[i - 1]

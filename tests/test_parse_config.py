@@ -103,7 +103,7 @@ def test_with_values_changes_only_the_values_asked_for():
 
 def test_repeated_key_first_wins_with_a_warning():
     warnings: list[str] = []
-    net, conv = parse_cfg_text(NET + "[convolutional]\nfilters=3\nfilters=4\n", 'my.cfg', warnings)
+    conv = parse_cfg_text(NET + "[convolutional]\nfilters=3\nfilters=4\n", 'my.cfg', warnings)[1]
     assert conv['filters'] == 3  # Darknet's option_find returns the first
     assert len(warnings) == 1 and warnings[0].startswith('my.cfg:10:') and 'filters' in warnings[0]
 
@@ -111,10 +111,10 @@ def test_repeated_key_first_wins_with_a_warning():
 def test_darknet_anchor_reading():
     warnings: list[str] = []
     yolo = parse_cfg_text(NET + "[yolo]\nanchors=1,2, 3,4  5,6, 7\n", 'a.cfg', warnings)[1]
-    # atof per comma-separated item: '4  5' reads 4; 7 numbers: the last height is Darknet's default 0.5
-    assert yolo['anchors'] == [(1, 2), (3, 4), (6, 7)]
+    # blanks deleted, then atof per comma-separated item: '4  5' reads 45; 6 numbers left
+    assert yolo['anchors'] == [(1, 2), (3, 45), (6, 7)]
     assert len(warnings) == 1 and 'two numbers' in warnings[0]
-    yolo = parse_cfg_text(NET + "[yolo]\nanchors=1,2,3\n", 'a.cfg', warnings)[1]
+    yolo = parse_cfg_text(NET + "[yolo]\nanchors=1,2, 3\n", 'a.cfg', warnings)[1]
     assert yolo['anchors'] == [(1, 2), (3, 0.5)] and 'odd' in warnings[-1]
 
 

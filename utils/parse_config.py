@@ -52,8 +52,9 @@ def _atof(token: str) -> float:
 
 
 def _anchor_values(v: str) -> list[float]:
-    """Darknet's anchor list: one number per comma-separated item, read by atof (so '45   61' gives 45)."""
-    items = v.split(',')
+    """Darknet's anchor list: its cfg reader deletes every blank of a line (strip() in utils.c), then reads one
+    number per comma-separated item by atof: '61,45    61,45' reads 61, 4561, 45."""
+    items = ''.join(v.split()).split(',')
     if items and not items[-1].strip():
         items = items[:-1]  # a trailing comma
     for t in items:
@@ -119,6 +120,7 @@ _REGION_USED = {'classes': _int, 'num': _int, 'anchors': _anchor_values, 'softma
 _REGION_REFUSED = {'coords': (_int, 4, "other than 4 (box coordinates) is not supported"),
                    'tree': (_str, None, "(yolo9000's hierarchical softmax tree) is out of scope"), **_MAP}
 
+# Values are read as Darknet reads them: its cfg reader deletes every blank in a line ('filters = 2 55' is 255).
 # Every section this port builds: (keys it acts on, training-loop keys it accepts and lists as not used,
 # keys accepted only at Darknet's default: key -> (type, default, why another value is refused)).
 SCHEMA: dict[str, tuple[dict[str, Convert], dict[str, Convert], dict[str, tuple[Convert, Any, str]]]] = {
@@ -213,7 +215,7 @@ def parse_cfg_text(text: str, path: str = '<cfg>', warnings: list[str] | None = 
         where = f"{path}:{lineno}: [{sec['type']}] (section at line {sec['line']})"
         if '=' not in line:
             raise ConfigError(f"{where}: expected key=value, got {raw.strip()!r}")
-        key, value = (s.strip() for s in line.split('=', 1))
+        key, value = (''.join(s.split()) for s in line.split('=', 1))  # Darknet's strip(): no blanks anywhere
         used, train, refused = SCHEMA[sec['type']]
         if key in DARKNET_IGNORES.get(sec['type'], ()):
             if warnings is not None:
@@ -234,9 +236,9 @@ def parse_cfg_text(text: str, path: str = '<cfg>', warnings: list[str] | None = 
         except ValueError as e:
             raise ConfigError(f"{where}: bad value for {key!r}: {value!r} ({e})") from None
         if key == 'anchors' and warnings is not None:
-            if any(len(_NUMBER.findall(t)) > 1 for t in value.split(',')):
-                warnings.append(f"{path}:{lineno}: anchors has items with two numbers and no comma between them: "
-                                f"Darknet reads only the first number of each item (as here), so later anchors shift")
+            if any(len(_NUMBER.findall(t)) > 1 for t in line.split('=', 1)[1].split(',')):
+                warnings.append(f"{path}:{lineno}: anchors has two numbers with no comma between them: Darknet "
+                                f"deletes the blanks and reads them as one number (as here), so later anchors shift")
             if len(_anchor_values(value)) % 2:
                 warnings.append(f"{path}:{lineno}: anchors has an odd count of numbers: the last anchor's height is "
                                 f"Darknet's default 0.5")
@@ -289,13 +291,20 @@ def with_values(text: str, changes: dict[int, dict[str, Any]], path: str = '<cfg
 
 
 def cfg_with_classes(text: str, nc: int, path: str = '<cfg>') -> str:
-    """The cfg text with classes=nc in every [yolo] section and the matching filters= in the convolution before it
-    ((nc + 5) * len(mask), plus len(from) for ASFF heads); every other line as it was."""
+    """The cfg text with classes=nc in every detection head ([yolo], [Gaussian_yolo], [region]) and the matching
+    filters= in the convolution before it ((nc + 5) * len(mask), plus len(from) for ASFF heads; (nc + 9) * len(mask)
+    for [Gaussian_yolo]; (nc + 5) * num for [region]); every other line as it was."""
     changes: dict[int, dict[str, int]] = {}
     defs = parse_cfg_text(text, path)[1:]
-    for k, i in enumerate(j for j, d in enumerate(defs) if d['type'] == 'yolo'):
+    heads = [j for j, d in enumerate(defs) if d['type'] in ('yolo', 'gaussian_yolo', 'region')]
+    for k, i in enumerate(heads):
         d = defs[i]
         frm = [r + i if r < 0 else r for r in d.get('from', [])]
         changes.setdefault(i, {})['classes'] = nc
-        changes.setdefault(frm[k] if frm else i - 1, {})['filters'] = (nc + 5) * len(d['mask']) + len(frm)
+        if d['type'] == 'region':
+            filters = (nc + 5) * d['num']
+        else:
+            n = len(d['mask']) if 'mask' in d else d.get('num', 1)
+            filters = (nc + (9 if d['type'] == 'gaussian_yolo' else 5)) * n + len(frm)
+        changes.setdefault(frm[k] if frm else i - 1, {})['filters'] = filters
     return with_values(text, changes, path)
