@@ -30,10 +30,6 @@ NET_TOL = 2e-4  # head inputs: max |ours - Darknet| relative to max |Darknet|
 BOX_TOL = 5e-4  # boxes: |ours - Darknet| / max(1, |Darknet|) in fractions of the input (new_coords' w = (2 sigmoid)^2
 # anchor doubles the head input's relative error, exp() carries its absolute error)
 SCORE_TOL = 2e-4  # objectness and class scores: max absolute difference
-# Temporary (strict, so a fix shows): models.BN_EPS is 1e-6, Darknet normalises by sqrt(var + 1e-5) (src/blas.c
-# normalize_cpu); with 1e-5 every case passes. yolov4-tiny stays within the tolerance either way.
-EPS_XFAIL = pytest.mark.xfail(strict=True, reason="models.BN_EPS 1e-6, Darknet's batch norm eps is 1e-5")
-XFAIL = {name: EPS_XFAIL for name in CASES if name != 'yolov4-tiny'}
 PRE = {'yolo': 5, 'gaussian_yolo': 9, 'region': 5}  # entries before the classes in a head's output
 
 
@@ -141,7 +137,7 @@ def kept_slots(kind: str, out: np.ndarray, n: int, nc: int, h: int, w: int) -> n
 
 
 @pytest.mark.slow  # reads ../shared/darknet-zoo
-@pytest.mark.parametrize('name', [pytest.param(c, marks=XFAIL.get(c, ())) for c in CASES])
+@pytest.mark.parametrize('name', CASES)
 def test_matches_darknet(name, tmp_path):
     import models
     f = np.load(FIXTURES / f'{name}.npz')
