@@ -115,7 +115,7 @@ def test_zoo_cfg_edits():
     thin = zoo_cfg.thinned(INLINE_CFG, 16, 3)
     lines = thin.splitlines()
     secs = zoo_cfg.sections(lines)[1:]
-    get = lambda i, k: zoo_cfg.value(lines, secs[i], k)  # noqa: E731
+    get = lambda i, k: zoo_cfg.value(lines, secs[i], k)
     assert (get(0, 'filters'), get(1, 'filters'), get(1, 'groups')) == ('4', '4', '4')  # depthwise stays depthwise
     assert get(2, 'filters') == '4'  # 32 / 16 = 2, rounded up to a multiple of stride^2 for the [reorg]
     # the route joins 4 * 4 reorg channels and 4: 20 in, 64 / 16 = 4 out, groups 8 -> gcd(20, 4, 8) = 4

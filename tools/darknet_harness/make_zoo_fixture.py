@@ -1,4 +1,4 @@
-"""Write tests/fixtures/darknet_zoo/<case>.npz: Darknet's own results on thinned zoo cfgs, for tests/test_zoo_fixture.py.
+"""Write tests/fixtures/darknet_zoo/<case>.npz: Darknet's results on thinned zoo cfgs, for tests/test_zoo_fixture.py.
 
 Each case is a cfg of ../shared/darknet-zoo made small (zoo_cfg.with_size, zoo_cfg.thinned: every convolution's
 filters divided, few classes; the same layers, kinds and heads), a seeded uint8 image and Darknet's seeded weights
@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from zoo import ROOT, SEED, ZOO, harness_binary, run_darknet, seeded_image
 from zoo_cfg import max_stride, thinned, with_size
 

@@ -9,6 +9,7 @@ network), the decoded boxes, objectness and class scores, and the .weights it wr
 
     python tools/darknet_harness/zoo.py --darknet /tmp/darknet                 # the whole zoo, text table
     python tools/darknet_harness/zoo.py --darknet /tmp/darknet --cfgs yolov4-tiny yolov7-tiny --markdown
+    python tools/darknet_harness/zoo.py --from-json /tmp/darknet-zoo-work/results.json --markdown   # table again
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from zoo_cfg import small_size, thinned, with_size  # noqa: E402 (after the path set-up)
+from zoo_cfg import small_size, thinned, with_size  # after the path set-up
 
 ZOO = ROOT.parent / 'shared' / 'darknet-zoo'
 SEED = 23
@@ -122,7 +123,7 @@ def run_darknet(exe: Path, cfg_text: str, out: Path, image: np.ndarray, seed: in
     cmd = [str(exe), str(out / 'net.cfg'), str(out), str(seed)] + (['all'] if all_layers else [])
     with open(out / 'darknet.log', 'w') as log:
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"timed out after {timeout:.0f} s") from None
     if rc:
@@ -298,7 +299,7 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
         res.opencv = compare_opencv(dn, x)
     try:
         model = load_project(out / 'net.cfg', out / 'darknet.weights', (h, w), out / 'project.log')
-    except Exception as e:  # the project's refusal is a result, whatever its type
+    except Exception as e:  # noqa: BLE001 (the project's refusal is a result, whatever its type)
         res.status, res.detail = 'refused', f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return res
     if len(model.module_list) != len(dn.layers):
@@ -307,7 +308,7 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
     inputs = {hd.index - 1 for hd in dn.heads}
     try:
         kept, rows = project_forward(model, x, inputs)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a crash is a result too)
         res.status, res.detail = 'crash', f"forward: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return res
     res.seconds['project'] = round(time.time() - t0, 1)
@@ -352,13 +353,14 @@ def table(results: list[Result], markdown: bool) -> str:
         lines += ['| ' + ' | '.join(c.replace('|', '/') for c in row) + ' |' for row in rows]
         return '\n'.join(lines)
     widths = [max(len(c), *(len(row[k]) for row in rows)) if rows else len(c) for k, c in enumerate(cols)]
-    fmt_row = lambda row: '  '.join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip()  # noqa: E731
+    fmt_row = lambda row: '  '.join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip()
     return '\n'.join([fmt_row(cols)] + [fmt_row(r) for r in rows])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--darknet', type=Path, required=True, help='AlexeyAB/darknet checkout built by build.sh')
+    p.add_argument('--darknet', type=Path, help='AlexeyAB/darknet checkout built by build.sh')
+    p.add_argument('--from-json', type=Path, help="print the table of an earlier run's results.json, run nothing")
     p.add_argument('--zoo', type=Path, default=ZOO, help='folder of Darknet cfgs')
     p.add_argument('--cfgs', nargs='*', default=None, help='cfg names (stems) to run; default: every cfg in --zoo')
     p.add_argument('--work', type=Path, default=Path('/tmp/darknet-zoo-work'), help='dumps, logs, results.json')
@@ -378,6 +380,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(opt: argparse.Namespace) -> int:
     """Run the cfgs, print the table, write work/results.json; exit 1 when any cfg Darknet runs does not match."""
+    if opt.from_json:
+        print(table([Result(**r) for r in json.loads(opt.from_json.read_text())], opt.markdown))
+        return 0
+    if not opt.darknet:
+        sys.exit("zoo.py: --darknet DARKNET_CHECKOUT is required (or --from-json results.json)")
     import torch
     torch.set_num_threads(opt.threads)
     opt.work.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def max_stride(text: str) -> int:
     strides: list[float] = []
     for i, sec in enumerate(secs):
         prev = strides[i - 1] if i else 1.0
-        v = lambda k, d: value(lines, sec, k, d)  # noqa: E731 (a local shorthand)
+        v = lambda k, d, sec=sec: value(lines, sec, k, d)
         if sec.type in ('convolutional', 'maxpool', 'local_avgpool'):
             s = int(v('stride', '1'))
             s = max(int(v('stride_x', s)), int(v('stride_y', s)))
@@ -98,7 +98,7 @@ def small_size(text: str) -> tuple[int, int]:
 
 def head_filters(lines: list[str], head: Section, classes: int) -> int:
     """The filters the convolution before a head needs with `classes` classes."""
-    v = lambda k, d: value(lines, head, k, d)  # noqa: E731
+    v = lambda k, d: value(lines, head, k, d)
     if head.type == 'region':
         return int(v('num', '1')) * (classes + int(v('coords', '4')) + 1)
     n = len(v('mask', '').split(',')) if v('mask', '') else int(v('num', '1'))
@@ -117,7 +117,7 @@ def thinned(text: str, divisor: int, classes: int) -> str:
     c0 = int(value(lines, net, 'channels', '3'))
     for i, sec in enumerate(secs):
         prev = channels[i - 1] if i else c0
-        v = lambda k, d: value(lines, sec, k, d)  # noqa: E731
+        v = lambda k, d, sec=sec: value(lines, sec, k, d)
         original.append(_channels(lines, sec, i, original, c0))
         if sec.type == 'convolutional':
             nxt = secs[i + 1] if i + 1 < len(secs) else None
@@ -144,7 +144,7 @@ def thinned(text: str, divisor: int, classes: int) -> str:
 def _channels(lines: list[str], sec: Section, i: int, channels: list[int], c0: int) -> int:
     """Output channels of layer i given the earlier layers' channels."""
     prev = channels[i - 1] if i else c0
-    v = lambda k, d: value(lines, sec, k, d)  # noqa: E731
+    v = lambda k, d, sec=sec: value(lines, sec, k, d)
     if sec.type == 'convolutional':
         return int(v('filters', '1'))
     if sec.type == 'route':
