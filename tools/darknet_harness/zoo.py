@@ -157,6 +157,17 @@ def load_project(cfg: Path, weights: Path, size: tuple[int, int], log: Path):
         log.write_text(buf.getvalue())
 
 
+def project_build(cfg: Path) -> str:
+    """What the project says when it builds the cfg alone (for cfgs Darknet cannot run here): 'builds' or its error."""
+    import models
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            models.Darknet(str(cfg))
+    except Exception as e:  # noqa: BLE001 (any refusal is the answer)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return 'builds'
+
+
 def project_forward(model, x: np.ndarray, keep: set[int]):
     """(outputs of the layers in keep, decoded inference rows (N, no)) for one (3, h, w) input."""
     import torch
@@ -290,7 +301,7 @@ def check_cfg(cfg: Path, exe: Path, work: Path, seed: int, timeout: float, size:
         dn = run_darknet(exe, text, out, image, seed, False, timeout)
     except RuntimeError as e:
         res.status = 'not run' if str(e).startswith('net_harness:') else 'darknet fails'
-        res.detail = str(e)[:160]
+        res.detail = f"{str(e)[:120]}; project: {project_build(out / 'net.cfg')}"
         return res
     res.seconds['darknet'] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -400,6 +411,7 @@ def main(opt: argparse.Namespace) -> int:
             for d in (opt.work / cfg.stem, opt.work / f'{cfg.stem}-all'):
                 for f in [*d.glob('*.weights'), *d.glob('out_*.bin')]:
                     f.unlink()
+        r.detail = r.detail.replace(str(opt.work / cfg.stem / 'net.cfg'), cfg.name)  # not the scratch copy's path
         print(f"{r.cfg}: {r.status} {r.detail}".rstrip(), file=sys.stderr, flush=True)
         results.append(r)
     (opt.work / 'results.json').write_text(json.dumps([asdict(r) for r in results], indent=1))
