@@ -176,7 +176,7 @@ SECTION_ALIASES = {'network': 'net', 'conv': 'convolutional', 'max': 'maxpool', 
 OUT_OF_SCOPE = {**{s: 'recurrent layers are out of scope' for s in ('crnn', 'rnn', 'gru', 'lstm', 'conv_lstm',
                                                                      'history')},
                 'contrastive': 'the contrastive (self-supervised) layer is out of scope',
-                **{s: 'is not supported (no detector in Darknet\'s cfg/ uses it)' for s in (
+                **{s: 'is not supported' for s in (
                     'local', 'connected', 'conn', 'crop', 'cost', 'detection', 'softmax', 'soft', 'normalization',
                     'lrn', 'batchnorm', 'activation', 'implicit', 'empty', 'silence', 'local_avgpool',
                     'local_avg')}}
