@@ -33,7 +33,7 @@ import torch.nn as nn  # noqa: E402
 from models import load_eval_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, load_runtime  # noqa: E402
-from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
+from utils.boxes import scale_coords  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.darknet_weights import WeightsError  # noqa: E402
 from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
@@ -87,9 +87,11 @@ def safe_name(s: str) -> str:
 def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...], save_conf: bool = False) -> None:
     """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape,
     with the confidence as a sixth column when save_conf (as YOLOv5)."""
-    gn = torch.tensor(shape[:2], dtype=torch.float32)[[1, 0, 1, 0]]  # (w, h, w, h)
-    xywh = (xyxy2xywh(det[:, :4].cpu().float()) / gn).tolist()  # (n, 4)
-    rows = [(c, *b, conf) if save_conf else (c, *b) for c, b, conf in zip(det[:, 5].tolist(), xywh, det[:, 4].tolist())]
+    d = det.detach().cpu().float().numpy()  # numpy: a handful of rows, where each torch op costs more than its work
+    h, w = shape[:2]
+    xywh = np.stack(((d[:, 0] + d[:, 2]) / 2 / w, (d[:, 1] + d[:, 3]) / 2 / h, (d[:, 2] - d[:, 0]) / w,
+                     (d[:, 3] - d[:, 1]) / h), 1).tolist()  # (n, 4) normalised
+    rows = [(c, *b, conf) if save_conf else (c, *b) for c, b, conf in zip(d[:, 5].tolist(), xywh, d[:, 4].tolist())]
     path.write_text(''.join(' '.join('%g' % v for v in row) + '\n' for row in rows))
 
 
