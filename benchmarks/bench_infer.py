@@ -326,6 +326,48 @@ def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path,
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------- test.py
+TEST_RUNS = {'test.py (--backend auto)': [], 'test.py --backend torch': ['--backend', 'torch'],
+             'test.py --backend torch --half off': ['--backend', 'torch', '--half', 'off']}
+
+
+def bench_testpy(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+    """test.py on coco128 (batch 16, rect, conf 0.001) per backend, run in turn (the order rotates every round):
+    median wall time, the batch loop's inference ms per image (its Speed line) and the mAP@0.5 of its `all` row."""
+    import re
+    data = tmp / 'coco128.data'
+    data.write_text(f"classes=80\nvalid={COCO128}\nnames={NAMES}\n")
+    cache = tmp / 'onnx-cache-test'
+    common = [sys.executable, str(ROOT / 'test.py'), '--cfg', str(cfg), '--weights', str(weights), '--data', str(data),
+              '--img-size', str(size), '--batch-size', '16', '--device', 'cpu']
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in TEST_RUNS}
+    env = {**JOB_ENV, 'YOLOV3_CACHE': str(cache)}
+    subprocess.run([*common, '--save-dir', str(tmp / 'tw')], env=env, capture_output=True, check=True)  # export
+    names = list(TEST_RUNS)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            p = subprocess.run([*common, *TEST_RUNS[name], '--save-dir', str(tmp / f't{r}')], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if p.returncode:
+                raise RuntimeError(f'{name} failed (exit {p.returncode}):\n{p.stdout[-1500:]}{p.stderr[-1500:]}')
+            inf = float(re.search(r'Speed: ([\d.]+)/', p.stdout).group(1))
+            map50 = float(re.search(r'^\s+all\s+\S+\s+\S+\s+\S+\s+\S+\s+(\S+)', p.stdout, re.M).group(1))
+            runs[name].append((wall, inf, map50))
+    return [{'run': k, 'wall_s': statistics.median(x[0] for x in v), 'inference_ms': statistics.median(x[1] for x in v),
+             'map50': v[-1][2], 'walls': [x[0] for x in v]} for k, v in runs.items()]
+
+
+def testpy_table(rows: list[dict], size: int, repeats: int) -> str:
+    """The test.py rows as text."""
+    lines = [f'test.py: coco128 at {size}, batch 16, rect; median of {repeats} runs in turn',
+             f"{'run':<38}{'wall s':>8}{'inference ms/image':>20}{'mAP@0.5':>9}  runs (s)"]
+    lines += [f"{r['run']:<38}{r['wall_s']:>8.2f}{r['inference_ms']:>20.1f}{r['map50']:>9.3f}  "
+              + ' '.join(f'{w:.2f}' for w in r['walls']) for r in rows]
+    return '\n'.join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------- report
 def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
     """The per-image rows as text."""
@@ -357,11 +399,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=416, help='inference size (multiple of 32)')
     p.add_argument('--images', type=int, default=64, help='coco128 images per job')
     p.add_argument('--repeats', type=int, default=40, help='interleaved rounds of the per-image measurement')
-    p.add_argument('--job-repeats', type=int, default=3, help='runs of each job (alternating)')
+    p.add_argument('--job-repeats', type=int, default=3, help='runs of each job and of each test.py run (in turn)')
     p.add_argument('--cfg', type=Path, default=CFG)
     p.add_argument('--weights', type=Path, default=WEIGHTS, help='Darknet .weights (OpenCV reads them too)')
     p.add_argument('--detect-args', default='', help="more detect.py options for its job, e.g. '--half off'")
-    p.add_argument('--only', choices=('per-image', 'jobs'), help='one part only')
+    p.add_argument('--only', choices=('per-image', 'jobs', 'testpy'), help='one part only')
     p.add_argument('--skip', nargs='+', default=[], choices=('compile', 'jit'),
                    help='per-image paths to leave out (torch.compile takes 30-60 s to compile on 2 cores)')
     p.add_argument('--json', type=Path, help='also write the results here')
@@ -376,12 +418,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f'machine: {machine_line()}')
     res: dict = {'machine': machine_line(), 'img_size': opt.img_size}
     with tempfile.TemporaryDirectory(prefix='bench_infer_') as tmp:
-        if opt.only != 'jobs':
+        if opt.only in (None, 'per-image'):
             l0 = load1()
-            res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp), set(opt.skip))
+            res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp),
+                                               set(opt.skip))
             print(per_image_table(res['per_image'], opt.img_size, opt.repeats))
             print(f'load {l0:.2f} -> {load1():.2f}')
-        if opt.only != 'per-image':
+        if opt.only in (None, 'testpy'):
+            l0 = load1()
+            res['testpy'] = bench_testpy(opt.img_size, opt.job_repeats, opt.cfg, opt.weights, Path(tmp))
+            print(testpy_table(res['testpy'], opt.img_size, opt.job_repeats))
+            print(f'load {l0:.2f} -> {load1():.2f}')
+        if opt.only in (None, 'jobs'):
             l0 = load1()
             res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp),
                                      shlex.split(opt.detect_args))

@@ -238,8 +238,10 @@ def runtime_for(model: nn.Module, backend: str, img_size: int | tuple[int, int],
 
 
 def _log_ort(path: Path, fresh: bool, log: Callable[[str], None]) -> None:
+    """The one line saying onnxruntime runs, on which export."""
     import onnxruntime
-    log(f"Runtime: onnxruntime {onnxruntime.__version__} CPU, fp32, {'new export' if fresh else 'cached export'} {path}")
+    what = 'new export' if fresh else 'cached export'
+    log(f'Runtime: onnxruntime {onnxruntime.__version__} CPU, fp32, {what} {path}')
 
 
 class Loaded(NamedTuple):
