@@ -393,6 +393,9 @@ def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_
     return '\n'.join(lines)
 
 
+PARTS = ('per-image', 'jobs', 'testpy')
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Arguments of `python benchmarks/bench_infer.py`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -403,7 +406,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--cfg', type=Path, default=CFG)
     p.add_argument('--weights', type=Path, default=WEIGHTS, help='Darknet .weights (OpenCV reads them too)')
     p.add_argument('--detect-args', default='', help="more detect.py options for its job, e.g. '--half off'")
-    p.add_argument('--only', choices=('per-image', 'jobs', 'testpy'), help='one part only')
+    p.add_argument('--only', nargs='+', choices=PARTS, default=list(PARTS), help='the parts to run (default: all)')
     p.add_argument('--skip', nargs='+', default=[], choices=('compile', 'jit'),
                    help='per-image paths to leave out (torch.compile takes 30-60 s to compile on 2 cores)')
     p.add_argument('--json', type=Path, help='also write the results here')
@@ -418,18 +421,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f'machine: {machine_line()}')
     res: dict = {'machine': machine_line(), 'img_size': opt.img_size}
     with tempfile.TemporaryDirectory(prefix='bench_infer_') as tmp:
-        if opt.only in (None, 'per-image'):
+        if 'per-image' in opt.only:
             l0 = load1()
             res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp),
                                                set(opt.skip))
             print(per_image_table(res['per_image'], opt.img_size, opt.repeats))
             print(f'load {l0:.2f} -> {load1():.2f}')
-        if opt.only in (None, 'testpy'):
+        if 'testpy' in opt.only:
             l0 = load1()
             res['testpy'] = bench_testpy(opt.img_size, opt.job_repeats, opt.cfg, opt.weights, Path(tmp))
             print(testpy_table(res['testpy'], opt.img_size, opt.job_repeats))
             print(f'load {l0:.2f} -> {load1():.2f}')
-        if opt.only in (None, 'jobs'):
+        if 'jobs' in opt.only:
             l0 = load1()
             res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp),
                                      shlex.split(opt.detect_args))
