@@ -12,6 +12,7 @@ import gc
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -419,8 +420,8 @@ def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
 def run(opt: argparse.Namespace) -> EvalResult:
     """`test.py --task test`: the model and validation loader built from the options, evaluated."""
     data, model = load(opt)
-    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
-    return evaluate(model, loader, eval_names(data, model, opt.single_cls), eval_config(opt, data))
+    with closing(val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+        return evaluate(model, loader, eval_names(data, model, opt.single_cls), eval_config(opt, data))
 
 
 def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.ndarray | None = None) -> Path:
@@ -429,15 +430,15 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
 
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)
-    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
     names = eval_names(data, model, opt.single_cls)
     cfg = EvalConfig(conf_thres=opt.conf_thres, augment=opt.augment, single_cls=opt.single_cls, plots=False,
                      save_dir=save_dir, backend=opt.backend)
     y = []
-    for iou in x:
-        t = time.time()
-        r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
-        y.append(r + (time.time() - t,))
+    with closing(val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+        for iou in x:
+            t = time.time()
+            r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
+            y.append(r + (time.time() - t,))
     y = np.array(y)
     np.savetxt(save_dir / 'study.txt', np.column_stack((x, y)), fmt='%10.4g',
                header='iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
@@ -463,11 +464,11 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
                      backend=opt.backend)
     y = []
     for s in sizes:
-        loader = val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)
-        for iou in ious:
-            t = time.time()
-            r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
-            y.append((s, iou) + r + (time.time() - t,))
+        with closing(val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+            for iou in ious:
+                t = time.time()
+                r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
+                y.append((s, iou) + r + (time.time() - t,))
     out = Path(opt.save_dir) / 'benchmark.txt'
     np.savetxt(out, y, fmt='%10.4g', header='img_size iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
     print(f'Benchmark written to {out}')

@@ -20,7 +20,6 @@ from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchor
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss
 from utils.datasets import DatasetOptions, LoadImagesAndLabels
-from utils.logs import LOGGER
 from utils.parse_config import parse_model_cfg
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -73,7 +72,6 @@ def test_cfg_rewrite_keeps_everything_else():
 
 @pytest.mark.slow
 def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after a script in this session set up logging
     data = small_box_data(tmp_path / 'dots')
     out = tmp_path / 'tiny-dots.cfg'
     before = TINY.read_bytes()
@@ -156,7 +154,6 @@ def test_anchor_tool_errors(tmp_path, capsys):
 
 
 def test_darknet_rule_and_advice_when_fine_tuning(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(LOGGER, 'propagate', True)
     # yolov3-tiny: anchor 0 (10x14) is in no mask, anchor 3 (81x82) in both; Darknet assigns the best of all six
     configs = DarknetLoss(Darknet(str(TINY))).configs
     wh = torch.tensor([[10.0, 14.0], [80.0, 80.0], [300.0, 300.0], [12.0, 30.0]])
