@@ -107,15 +107,20 @@ def _versions() -> dict[str, str]:
     return {'torch': torch.__version__, 'onnx': v('onnx'), 'onnxruntime': v('onnxruntime')}
 
 
+def _key(parts: dict, dynamic: bool) -> str:
+    """A cache file name: the hash of parts plus the export options, the graph's source files and the versions."""
+    from utils.export import ONNX_OPSET
+    common = {'dynamic': dynamic, 'fused': True, 'opset': ONNX_OPSET,
+              'code': {f: _sha((ROOT / f).read_bytes()) for f in GRAPH_SOURCES if (ROOT / f).exists()},
+              **_versions()}
+    return _sha(json.dumps({**parts, **common}, sort_keys=True).encode())[:32]
+
+
 def export_key(model: nn.Module, img_size: tuple[int, int], dynamic: bool = True) -> str:
     """The cache key of model's export: a hash of its tensors, cfg text, trace size, export options, the graph's
     source files and the library versions (see the module's docstring)."""
-    from utils.export import ONNX_OPSET
-    parts = {'tensors': model_digest(model), 'cfg': _sha(str(getattr(model, 'cfg_text', '')).encode()),
-             'img_size': list(img_size), 'dynamic': dynamic, 'fused': True, 'opset': ONNX_OPSET,
-             'code': {f: _sha((ROOT / f).read_bytes()) for f in GRAPH_SOURCES if (ROOT / f).exists()},
-             **_versions()}
-    return _sha(json.dumps(parts, sort_keys=True).encode())[:32]
+    return _key({'by': 'tensors', 'tensors': model_digest(model), 'img_size': list(img_size),
+                 'cfg': _sha(str(getattr(model, 'cfg_text', '')).encode())}, dynamic)
 
 
 def _check_shapes(img_size: tuple[int, int], dynamic: bool) -> list[tuple[int, int, int]]:
@@ -129,7 +134,6 @@ def files_key(weights: str | Path, cfg: str | Path | None, img_size: int | None,
     hash of the weights file's bytes, the cfg text (--cfg; the default cfg for Darknet weights; a .pt without --cfg
     carries its own), the size asked for, the export options, the graph's source files and the library versions.
     None where a file cannot be read (loading the model then says why)."""
-    from utils.export import ONNX_OPSET
     weights = Path(weights)
     try:
         if cfg:
@@ -143,11 +147,8 @@ def files_key(weights: str | Path, cfg: str | Path | None, img_size: int | None,
             weights_sha = hashlib.file_digest(f, 'sha256').hexdigest()
     except OSError:
         return None
-    parts = {'weights': weights_sha, 'weights_suffix': weights.suffix, 'cfg': _sha(cfg_text), 'img_size': img_size,
-             'dynamic': dynamic, 'fused': True, 'opset': ONNX_OPSET, 'by': 'files',
-             'code': {f: _sha((ROOT / f).read_bytes()) for f in GRAPH_SOURCES if (ROOT / f).exists()},
-             **_versions()}
-    return _sha(json.dumps(parts, sort_keys=True).encode())[:32]
+    return _key({'by': 'files', 'weights': weights_sha, 'weights_suffix': weights.suffix, 'cfg': _sha(cfg_text),
+                 'img_size': img_size}, dynamic)
 
 
 def cached_export(model: nn.Module, img_size: tuple[int, int], dynamic: bool = True,
