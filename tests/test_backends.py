@@ -169,3 +169,16 @@ def test_detections_equal_on_real_images():
         got = non_max_suppression(run(x), 0.3, 0.6, multi_label=False)[0]
         assert len(got) == len(ref) >= 4
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-3)  # boxes within 1e-3 px, same classes and order
+
+
+def test_session_options_follow_openmp_settings(monkeypatch):
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'PASSIVE')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    so = backends.session_options()
+    assert so.intra_op_num_threads == 1 and so.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+    monkeypatch.delenv('OMP_WAIT_POLICY')
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    so = backends.session_options()
+    assert so.intra_op_num_threads == 0  # onnxruntime's default: one thread per core
+    with pytest.raises(Exception, match='allow_spinning'):  # not set: spinning stays onnxruntime's default
+        so.get_session_config_entry('session.intra_op.allow_spinning')

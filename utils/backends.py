@@ -176,13 +176,17 @@ def cached_export(model: nn.Module, img_size: tuple[int, int], dynamic: bool = T
 
 
 def session_options():
-    """onnxruntime session options: its worker threads sleep when idle under OMP_WAIT_POLICY=PASSIVE (what
-    detect.py and test.py set), as PyTorch's OpenMP threads do, so a busy machine does not stall every op."""
+    """onnxruntime session options that follow PyTorch's OpenMP settings: its worker threads sleep when idle under
+    OMP_WAIT_POLICY=PASSIVE (what detect.py and test.py set), so a busy machine does not stall every op, and
+    OMP_NUM_THREADS, when set, is its thread count too (onnxruntime reads neither variable itself)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if os.environ.get('OMP_WAIT_POLICY', '').upper() == 'PASSIVE':
         so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    threads = os.environ.get('OMP_NUM_THREADS', '')
+    if threads.isdigit() and int(threads) > 0:
+        so.intra_op_num_threads = int(threads)
     return so
 
 
