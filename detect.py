@@ -205,6 +205,7 @@ def load_detector(opt: argparse.Namespace) -> Detector:
             model = OrtModel(opt.weights)
         except ValueError as e:
             raise DetectError(str(e)) from None
+        LOGGER.info(f'Runtime: onnxruntime CPU, fp32, {opt.weights}')
         opt.img_size = model.img_hw[0] if model.img_hw else opt.img_size or 416
         return Detector(model, model.nc, None, torch.device('cpu'), torch.float32)
     try:
