@@ -4,7 +4,8 @@
         --source data/samples --output output --save-txt
 
 Weights may be Darknet .weights, .pt checkpoints (loaded with weights_only=True: a checkpoint that would run code
-is refused) or .onnx files exported by `python models.py --onnx` (run with onnxruntime).
+is refused) or .onnx files exported by `python models.py --onnx` (run with onnxruntime). On the CPU the network runs
+in onnxruntime by default, on an export cached outside the weights' folder (--backend; utils/backends.py).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch.nn as nn  # noqa: E402
 
 from models import load_eval_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
-from utils.boxes import scale_coords, xyxy2xywh  # noqa: E402
+from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, load_runtime  # noqa: E402
+from utils.boxes import scale_coords  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.darknet_weights import WeightsError  # noqa: E402
 from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
@@ -49,31 +51,6 @@ JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --o
 
 class DetectError(Exception):
     """A detect.py option or output that cannot work; the message says which and why."""
-
-
-class OnnxModel:
-    """An exported model run by onnxruntime: (B, 3, h, w) float in [0, 1] -> (B, N, 5 + nc)."""
-
-    def __init__(self, path: str | Path):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name = inp.name
-        h, w = inp.shape[2:4]
-        # a fixed export takes exactly its size; a --dynamic one any multiple of 32, letterboxed as for PyTorch
-        self.img_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
-        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # None: any batch size
-        if not isinstance(out.shape[-1], int):
-            raise DetectError(f"{path}: the output's last dimension (5 + classes) is not fixed ({out.shape}); "
-                              f"export the model with `python models.py --onnx`")
-        self.nc = out.shape[-1] - 5
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        x = img.cpu().numpy().astype(np.float32)
-        if self.batch is None:
-            return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
-        return torch.from_numpy(np.concatenate([self.session.run(None, {self.input_name: xi[None]})[0] for xi in x]))
 
 
 def window_unavailable() -> str | None:
@@ -110,9 +87,11 @@ def safe_name(s: str) -> str:
 def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...], save_conf: bool = False) -> None:
     """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape,
     with the confidence as a sixth column when save_conf (as YOLOv5)."""
-    gn = torch.tensor(shape[:2], dtype=torch.float32)[[1, 0, 1, 0]]  # (w, h, w, h)
-    xywh = (xyxy2xywh(det[:, :4].cpu().float()) / gn).tolist()  # (n, 4)
-    rows = [(c, *b, conf) if save_conf else (c, *b) for c, b, conf in zip(det[:, 5].tolist(), xywh, det[:, 4].tolist())]
+    d = det.detach().cpu().float().numpy()  # numpy: a handful of rows, where each torch op costs more than its work
+    h, w = shape[:2]
+    xywh = np.stack(((d[:, 0] + d[:, 2]) / 2 / w, (d[:, 1] + d[:, 3]) / 2 / h, (d[:, 2] - d[:, 0]) / w,
+                     (d[:, 3] - d[:, 1]) / h), 1).tolist()  # (n, 4) normalised
+    rows = [(c, *b, conf) if save_conf else (c, *b) for c, b, conf in zip(d[:, 5].tolist(), xywh, d[:, 4].tolist())]
     path.write_text(''.join(' '.join('%g' % v for v in row) + '\n' for row in rows))
 
 
@@ -199,45 +178,78 @@ class VideoWriters:
         self.open.clear()
 
 
-def load_detector(opt: argparse.Namespace) -> tuple[nn.Module | OnnxModel, torch.device, torch.dtype]:
-    """The model of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
-    fused, in eval mode, its layers in the --half dtype; returns (model, device, input dtype). Sets opt.img_size to
-    the cfg's width (an .onnx export's size, else 416) when not given."""
+class Detector(NamedTuple):
+    """The network detect.py runs and what the rest of the job needs to know about it."""
+    run: nn.Module | OrtModel  # the PyTorch model or an onnxruntime session of its export
+    nc: int  # classes
+    names: list[str] | None  # class names the weights carry, if any
+    device: torch.device
+    dtype: torch.dtype  # input dtype
+
+
+def load_detector(opt: argparse.Namespace) -> Detector:
+    """The network of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
+    fused, in eval mode, run by the --backend runtime (utils/backends.py: auto is onnxruntime on the CPU, on a cached
+    export) with its layers in the --half dtype. Sets opt.img_size to the cfg's width (an .onnx export's size, else
+    416) when not given."""
     if str(opt.weights).lower().endswith('.onnx'):
         if opt.augment:
             raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
         if opt.half not in ('auto', 'off'):
             raise DetectError(f'--half {opt.half} needs the PyTorch model (.weights or .pt): an .onnx export runs '
                               f'in fp32 in onnxruntime')
-        model = OnnxModel(opt.weights)
+        if opt.backend == 'torch':
+            raise DetectError('--backend torch needs the PyTorch model (.weights or .pt): an .onnx file runs in '
+                              'onnxruntime')
+        try:
+            model = OrtModel(opt.weights)
+        except ValueError as e:
+            raise DetectError(str(e)) from None
+        LOGGER.info(f'Runtime: onnxruntime CPU, fp32, {opt.weights}')
         opt.img_size = model.img_hw[0] if model.img_hw else opt.img_size or 416
-        return model, torch.device('cpu'), torch.float32
+        return Detector(model, model.nc, None, torch.device('cpu'), torch.float32)
     try:
         device = select_device(opt.device)
-        dtype = inference_dtype(opt.half, device)
+        backend = choose_backend(opt.backend, device, opt.half, opt.augment)
+        dtype = torch.float32 if backend == 'onnxruntime' else inference_dtype(opt.half, device)
     except (RuntimeError, ValueError) as e:  # e.g. a CUDA --device where there is no CUDA, --half fp16 on the CPU
         raise DetectError(str(e)) from None
     set_cuda_device(device)  # before the model opens a CUDA context: --device 1 must not open one on GPU 0 too
-    model = load_eval_model(opt.weights, opt.cfg or None, opt.img_size or 416, device, dtype)
-    if opt.img_size is None:  # Darknet detects at the network size its cfg gives
-        opt.img_size = int(model.hyperparams.get('width', 416))
-    return model, device, dtype
+    try:
+        net = load_runtime(opt.weights, opt.cfg or None, opt.img_size, backend,
+                           lambda size: load_eval_model(opt.weights, opt.cfg or None, size, device, dtype),
+                           strict=opt.backend == 'onnxruntime')
+    except BackendError as e:
+        raise DetectError(str(e)) from None
+    opt.img_size = net.img_size  # Darknet detects at the network size its cfg gives, unless --img-size says
+    return Detector(net.run, net.nc, net.names, device, torch.float32 if isinstance(net.run, OrtModel) else dtype)
 
 
-def model_input(img: np.ndarray, imgs0: list[np.ndarray], model: nn.Module | OnnxModel, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor:
-    """The loader's letterboxed uint8 image(s) (3, h, w) or (B, 3, h, w) -> dtype (B, 3, h, w) in [0, 1]."""
-    onnx = isinstance(model, OnnxModel)
-    if onnx and model.img_hw:  # a fixed export: letterbox to exactly its size, not a minimum rectangle
-        img = np.stack([np.ascontiguousarray(letterbox(x, model.img_hw, auto=False)[0][:, :, ::-1].transpose(2, 0, 1))
-                        for x in imgs0])
-    x = torch.from_numpy(img).to(device)
-    x = x.to(dtype) / 255.0
+def model_input(img: np.ndarray, imgs0: list[np.ndarray], det: Detector) -> np.ndarray | torch.Tensor:
+    """Pre-processing: the loader's letterboxed uint8 RGB image(s) (3, h, w) or (B, 3, h, w) -> the network's input
+    (B, 3, h, w) in [0, 1]: float32 numpy for onnxruntime, else a tensor of det.dtype on det.device (NHWC on the
+    CPU)."""
+    if isinstance(det.run, OrtModel):
+        if det.run.img_hw:  # a fixed export: letterbox to exactly its size, not a minimum rectangle
+            img = np.stack([np.ascontiguousarray(letterbox(x, det.run.img_hw, auto=False)[0][:, :, ::-1]
+                                                 .transpose(2, 0, 1)) for x in imgs0])
+        x = img.astype(np.float32) / np.float32(255.0)  # the same IEEE division as PyTorch's below
+        return x[None] if x.ndim == 3 else x
+    x = torch.from_numpy(img).to(det.device)
+    x = x.to(det.dtype) / 255.0
     if x.ndim == 3:
         x = x[None]  # (1, 3, h, w)
-    if device.type == 'cpu' and not onnx:  # NHWC input: oneDNN convolutions skip layout conversions
+    if det.device.type == 'cpu':  # NHWC input: oneDNN convolutions skip layout conversions
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def forward(det: Detector, x: np.ndarray | torch.Tensor, augment: bool) -> torch.Tensor:
+    """The network's output (B, N, 5 + nc): boxes xywh in input pixels, objectness, class probabilities."""
+    if isinstance(det.run, OrtModel):
+        return det.run(x)
+    with torch.no_grad():
+        return det.run(x, augment=augment)[0]
 
 
 def frame_info(dataset: LoadImages | LoadStreams, path: str | list[str], i: int,
@@ -338,10 +350,8 @@ def detect(opt: argparse.Namespace) -> Path:
     source, out = str(opt.source), Path(opt.output)
     stream = is_stream(source)
     check_options(opt, source, stream)
-    model, device, dtype = load_detector(opt)
-    onnx = isinstance(model, OnnxModel)
-    names = class_names(model.nc, load_names(opt.names) if opt.names else None, getattr(model, 'names', None),
-                        source=opt.names)
+    det = load_detector(opt)
+    names = class_names(det.nc, load_names(opt.names) if opt.names else None, det.names, source=opt.names)
 
     out.mkdir(parents=True, exist_ok=True)  # never emptied: results of earlier runs stay unless overwritten
     view_img = open_view(opt, stream, out)
@@ -352,11 +362,10 @@ def detect(opt: argparse.Namespace) -> Path:
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
-            x = model_input(img, imgs0, model, device, dtype)
-            t1 = time_synchronized(device)
-            with torch.no_grad():
-                pred = model(x) if onnx else model(x, augment=opt.augment)[0]
-            t2 = time_synchronized(device)
+            x = model_input(img, imgs0, det)
+            t1 = time_synchronized(det.device)
+            pred = forward(det, x, opt.augment)
+            t2 = time_synchronized(det.device)
             fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
             frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
             finish(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
@@ -389,6 +398,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
                         'bare --half or on (fp16 on CUDA, bf16 on such a CPU), off (fp32), fp16, bf16')
     p.add_argument('--device', default='', help="cuda device, i.e. 0 or 0,1, or 'cpu'")
+    p.add_argument('--backend', default='auto', choices=BACKENDS,
+                   help='runtime of the network: auto (default: onnxruntime on the CPU, on an ONNX export cached in '
+                        '$YOLOV3_CACHE or ~/.cache/yolov3/onnx; PyTorch on CUDA), torch, onnxruntime')
     p.add_argument('--view-img', action='store_true', help='show results in a window')
     p.add_argument('--save-txt', action='store_true', help='save results to *.txt (class x y w h, normalised)')
     p.add_argument('--save-conf', action='store_true', help='with --save-txt: the confidence as a sixth column')

@@ -12,6 +12,7 @@ import gc
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -27,6 +28,7 @@ import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models import load_eval_model  # noqa: E402
+from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, runtime_for  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
@@ -87,6 +89,10 @@ class EvalConfig:
     save_dir: Path = Path('.')
     save_json: bool = False  # COCO-format predictions.json, scored by pycocotools
     coco_gt: Path | None = None  # COCO ground truth for save_json (None: written from the labels)
+    # runtime of the network (utils/backends.py): 'torch' runs the model as given; 'auto' runs an fp32 model on the
+    # CPU in onnxruntime, on a cached export keyed by its tensors (test.py's default; train.py keeps 'torch': its
+    # weights change every epoch); 'onnxruntime' insists
+    backend: str = 'torch'
 
 
 @dataclass(frozen=True)
@@ -171,13 +177,30 @@ def image_stats(pred: torch.Tensor, labels: torch.Tensor, tbox: torch.Tensor, io
     return correct.cpu(), pred[:, 4].cpu(), pred[:, 5].cpu(), labels[:, 0].cpu()
 
 
+def eval_runtime(model: nn.Module, cfg: EvalConfig, compute_loss: Callable | None,
+                 img_size: int) -> nn.Module | OrtModel:
+    """The runner of cfg.backend for the model: the model itself, or onnxruntime on its cached export (an fp32 model
+    on the CPU, without augmentation or validation losses; see utils.backends)."""
+    if cfg.backend == 'torch':
+        return model
+    p = next(model.parameters())
+    try:
+        backend = choose_backend(cfg.backend, p.device, 'off' if p.dtype == torch.float32 else 'on', cfg.augment,
+                                 compute_loss is not None)
+        return runtime_for(de_parallel(model), backend, img_size, strict=cfg.backend == 'onnxruntime')
+    except BackendError as e:
+        raise EvalError(str(e)) from None
+
+
 def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg: EvalConfig,
                  compute_loss: Callable | None = None, coco: CocoJson | None = None,
                  plot: Callable | None = None) -> EvalRun:
-    """Run the model and NMS (cfg's thresholds) over the loader; match detections to labels (and add them to coco);
-    plot(batch_i, imgs, targets, paths, output) is called for each batch when given."""
+    """Run the model (by cfg.backend's runtime) and NMS (cfg's thresholds) over the loader; match detections to
+    labels (and add them to coco); plot(batch_i, imgs, targets, paths, output) is called for each batch when given."""
     import_in_background()  # torchvision, for NMS: its import runs beside the first batch's forward pass
 
+    net = eval_runtime(model, cfg, compute_loss, int(getattr(getattr(dataloader, 'dataset', None), 'img_size', 416)))
+    ort = isinstance(net, OrtModel)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype  # dtype: fp16/bf16 with --half
     # rectangular batches change shape nearly every batch: cuDNN would autotune again for most of them
     benchmark = torch.backends.cudnn.benchmark and not getattr(getattr(dataloader, 'dataset', None), 'rect', False)
@@ -187,15 +210,18 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg:
     header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
     for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
         imgs = imgs.to(device, non_blocking=True).to(dtype) / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
-        if device.type == 'cpu':  # NHWC input: oneDNN convolutions then skip layout conversions
+        if device.type == 'cpu' and not ort:  # NHWC input: oneDNN convolutions then skip layout conversions
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)  # (n, 6) [image, class, x, y, w, h] normalised
         height, width = imgs.shape[2:]  # rectangular batch: H, W multiples of 32
         whwh = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
 
         t = time_synchronized(device)
-        with cudnn_benchmark(benchmark):
-            inf_out, train_out = model(imgs, augment=cfg.augment)  # (B, N, 5 + nc) in input pixels; raw maps
+        if ort:
+            inf_out, train_out = net(imgs), None  # (B, N, 5 + nc) in input pixels
+        else:
+            with cudnn_benchmark(benchmark):
+                inf_out, train_out = model(imgs, augment=cfg.augment)  # (B, N, 5 + nc) in input pixels; raw maps
         t_inf += time_synchronized(device) - t
         if compute_loss is not None and train_out is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
@@ -350,6 +376,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--half', nargs='?', const='on', default='auto', choices=HALF_CHOICES,
                    help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
                         'bare --half or on (fp16 on CUDA, bf16 on such a CPU), off (fp32), fp16, bf16')
+    p.add_argument('--backend', default='auto', choices=BACKENDS,
+                   help='runtime of the network: auto (default: onnxruntime on the CPU, on an ONNX export cached in '
+                        '$YOLOV3_CACHE or ~/.cache/yolov3/onnx; PyTorch on CUDA), torch, onnxruntime')
     p.add_argument('--save-dir', type=str, default='.', help='folder for plots and JSON files')
     p.add_argument('--coco-gt', type=str, default='', help='COCO ground-truth JSON (default: found or written)')
     p.add_argument('--workers', type=int, default=8, help='dataloader workers (at most)')
@@ -367,6 +396,7 @@ def eval_config(opt: argparse.Namespace, data: dict) -> EvalConfig:
     """The EvalConfig of test.py's options (per-class rows on; the COCO ground truth resolved when --save-json)."""
     return EvalConfig(conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, augment=opt.augment,
                       single_cls=opt.single_cls, verbose=True, save_dir=Path(opt.save_dir), save_json=opt.save_json,
+                      backend=opt.backend,
                       coco_gt=coco_gt_file(data, opt.single_cls, opt.coco_gt) if opt.save_json else None)
 
 
@@ -374,7 +404,13 @@ def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
     """(data config, model) of the options: --device and --half are checked before anything is written, the
     dataset before the model loads (a wrong path fails at once)."""
     device = _device(opt.device, opt.batch_size)
-    dtype = _half_dtype(opt.half, device)
+    try:  # onnxruntime runs the fp32 export: the PyTorch model is then built in fp32 whatever --half auto would pick
+        ort = choose_backend(opt.backend, device, opt.half, opt.augment) == 'onnxruntime'
+    except BackendError as e:
+        raise EvalError(str(e)) from None
+    dtype = torch.float32 if ort else _half_dtype(opt.half, device)
+    if opt.backend == 'torch':  # otherwise evaluate() says which runtime it chose
+        LOGGER.info(f"Runtime: PyTorch {torch.__version__} {device.type}")
     Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
     data = load_data_config(opt.data)
     check_dataset(data, splits=('valid',))
@@ -384,8 +420,8 @@ def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
 def run(opt: argparse.Namespace) -> EvalResult:
     """`test.py --task test`: the model and validation loader built from the options, evaluated."""
     data, model = load(opt)
-    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
-    return evaluate(model, loader, eval_names(data, model, opt.single_cls), eval_config(opt, data))
+    with closing(val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+        return evaluate(model, loader, eval_names(data, model, opt.single_cls), eval_config(opt, data))
 
 
 def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.ndarray | None = None) -> Path:
@@ -394,15 +430,15 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
 
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)
-    loader = val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)
     names = eval_names(data, model, opt.single_cls)
     cfg = EvalConfig(conf_thres=opt.conf_thres, augment=opt.augment, single_cls=opt.single_cls, plots=False,
-                     save_dir=save_dir)
+                     save_dir=save_dir, backend=opt.backend)
     y = []
-    for iou in x:
-        t = time.time()
-        r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
-        y.append(r + (time.time() - t,))
+    with closing(val_loader(data, opt.img_size, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+        for iou in x:
+            t = time.time()
+            r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
+            y.append(r + (time.time() - t,))
     y = np.array(y)
     np.savetxt(save_dir / 'study.txt', np.column_stack((x, y)), fmt='%10.4g',
                header='iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
@@ -424,14 +460,15 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
     """mAP and time at image sizes 256-640 and two NMS IoU thresholds -> benchmark.txt."""
     sizes = list(range(256, 640, 128)) if sizes is None else sizes
     names = eval_names(data, model, opt.single_cls)
-    cfg = EvalConfig(conf_thres=opt.conf_thres, single_cls=opt.single_cls, plots=False, save_dir=Path(opt.save_dir))
+    cfg = EvalConfig(conf_thres=opt.conf_thres, single_cls=opt.single_cls, plots=False, save_dir=Path(opt.save_dir),
+                     backend=opt.backend)
     y = []
     for s in sizes:
-        loader = val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)
-        for iou in ious:
-            t = time.time()
-            r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
-            y.append((s, iou) + r + (time.time() - t,))
+        with closing(val_loader(data, s, opt.batch_size, model, opt.single_cls, opt.workers)) as loader:
+            for iou in ious:
+                t = time.time()
+                r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
+                y.append((s, iou) + r + (time.time() - t,))
     out = Path(opt.save_dir) / 'benchmark.txt'
     np.savetxt(out, y, fmt='%10.4g', header='img_size iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
     print(f'Benchmark written to {out}')

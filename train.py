@@ -542,9 +542,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) 
                 progress = du.all_gather_object(progress)[0]
             if stopped or stop_early(progress, epoch, opt.patience):
                 break
-    finally:  # an exception (Ctrl-C, a non-finite loss) leaves the handlers as they were
+    finally:  # an exception (Ctrl-C, a non-finite loss) leaves the handlers as they were; the workers end here
         if control is not None:
             control.uninstall()
+        for ld in (loader, testloader):
+            if ld is not None:
+                ld.close()
     if stopped:
         last = run_paths(Path(opt.save_dir))['last']
         why = signal.Signals(control.signum).name if control.signum else 'a stop request on another rank'

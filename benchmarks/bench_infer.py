@@ -6,15 +6,24 @@ DNN reading the same Darknet .weights; per image, and as whole detect jobs over 
     python benchmarks/bench_infer.py --only jobs --detect-args '--half off' --json out.json
 
 Per image: bus.jpg letterboxed to img-size x img-size, the same input for every path, in interleaved rounds (each
-round runs every path once) after two warm-up runs; the figure is the median ms of a forward pass (ONNX and OpenCV
-include their input and output copies). Our paths: fp32 NCHW, fp32 channels-last (detect.py --half off), bf16
-weights channels-last (detect.py's default where the CPU has native bf16), bf16 autocast. The detections of each
-path (its raw output through our NMS at conf 0.3, IoU 0.6) are matched to those of fp32 channels-last.
+round runs every path once) after two warm-up runs; the figure is the median ms of a forward pass (ONNX, OpenVINO
+and OpenCV include their input and output copies). Paths: PyTorch fp32 NCHW, fp32 channels-last (detect.py
+--backend torch --half off), bf16 weights channels-last (--backend torch's default where the CPU has native bf16),
+bf16 autocast, torch.compile (inductor; its first call's compile time is printed), TorchScript freeze +
+optimize_for_inference; our dynamic-shape ONNX export in onnxruntime as detect.py's --backend auto runs it
+(utils/backends.py), OpenVINO on the same export when `openvino` is installed, OpenCV DNN's Darknet importer. The
+detections of each path (its raw output through our NMS at conf 0.3, IoU 0.6) are matched to fp32 channels-last's.
 
-Jobs: `detect.py` (its defaults, --device cpu) and benchmarks/opencv_detect.py (the same steps with OpenCV DNN
-only: read, letterbox, forward, NMS, draw, write) over the first --images coco128 images, as subprocesses, run
-alternately (the order swaps every round); wall time of the command and time to its first image line. Both run with
---save-txt, so their detections can be matched (same class, IoU >= 0.5).
+Jobs: `detect.py` (its defaults: --backend auto, --device cpu), `detect.py --backend torch` (the path before
+--backend existed) and benchmarks/opencv_detect.py (the same steps with OpenCV DNN only: read, letterbox, forward,
+NMS, draw, write) over the first --images coco128 images, as subprocesses, run in turn (the order rotates every
+round); wall time of the command and time to its first image line. They run with --save-txt, so their detections
+can be matched (same class, IoU >= 0.5). detect.py's ONNX export is cached in a temporary YOLOV3_CACHE filled by one
+untimed run first (a user's first run pays the export once: a few seconds).
+
+Instruction sets: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OPENCV_CPU_DISABLE=AVX512-SKX` make PyTorch and
+OpenCV run their AVX2 kernels on an AVX-512 CPU (the machine line says which are set); onnxruntime and OpenVINO have
+no such switch and always use the CPU's widest instructions, so their figures are the AVX-512 ones.
 
 The machine is shared: the 1-minute load average is printed before and after each part; compare figures only
 within one run. As detect.py, this script sets OMP_WAIT_POLICY=PASSIVE for itself unless it is set (the jobs get the
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -68,15 +78,38 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+ISA_ENV = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'OPENCV_CPU_DISABLE')  # instruction-set limits honoured
+
+
+def cpu_flags() -> str:
+    """The CPU's vector-instruction flags that matter here (AVX2, FMA, AVX-512 F, VNNI, BF16, AMX)."""
+    with open('/proc/cpuinfo') as f:
+        flags = next((x.split(':', 1)[1].split() for x in f if x.startswith('flags')), [])
+    keep = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+    return ' '.join(x for x in keep if x in flags)
+
+
 def machine_line() -> str:
-    """CPU model, cores, library versions, torch threads and the OpenMP wait policy in the environment."""
+    """CPU model and flags, cores, library versions, torch threads, the OpenMP wait policy and ISA limits."""
     cpu = platform.processor() or platform.machine()
     with open('/proc/cpuinfo') as f:
         cpu = next((x.split(':', 1)[1].strip() for x in f if x.startswith('model name')), cpu)
     import onnxruntime
     wait = os.environ.get('OMP_WAIT_POLICY', 'unset')
-    return (f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-            f'onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}; OMP_WAIT_POLICY {wait}')
+    isa = ', '.join(f'{k}={os.environ[k]}' for k in ISA_ENV if k in os.environ) or 'none'
+    return (f'{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} '
+            f'threads), onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}{openvino_version()}; '
+            f'OMP_WAIT_POLICY {wait}; ISA limits: {isa}')
+
+
+def openvino_version() -> str:
+    """', OpenVINO <version>' when it is installed, else ''."""
+    try:
+        import openvino
+    except ImportError:
+        return ''
+    return f', OpenVINO {openvino.__version__.split("-")[0]}'
+
 
 
 # ------------------------------------------------------------------------------------------------------- per image
@@ -94,9 +127,10 @@ def opencv_to_ours(outs: list[np.ndarray], size: int) -> torch.Tensor:
     return x[None]
 
 
-def torch_paths(model: torch.nn.Module, x: np.ndarray) -> dict[str, Callable[[], torch.Tensor]]:
-    """Our model: fp32 NCHW; fp32 channels-last (detect.py --half off on the CPU); bf16 weights channels-last
-    (detect.py's default on a CPU with native bf16); bf16 autocast channels-last."""
+def torch_paths(model: torch.nn.Module, x: np.ndarray, skip: set[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """Our model: fp32 NCHW; fp32 channels-last (detect.py --backend torch --half off on the CPU); bf16 weights
+    channels-last (--backend torch's default on a CPU with native bf16); bf16 autocast channels-last; torch.compile
+    and TorchScript freeze (fp32 channels-last) unless skipped."""
     nchw = torch.from_numpy(x)
     nhwc = nchw.contiguous(memory_format=torch.channels_last)
     bf16_model = copy.deepcopy(model).to_dtype(torch.bfloat16)
@@ -106,27 +140,56 @@ def torch_paths(model: torch.nn.Module, x: np.ndarray) -> dict[str, Callable[[],
         with torch.autocast('cpu', dtype=torch.bfloat16):
             return model(nhwc)[0].float()
 
-    return {'torch fp32 NCHW': lambda: model(nchw)[0],
-            'torch fp32 channels-last': lambda: model(nhwc)[0],
-            'torch bf16 weights channels-last': lambda: bf16_model(nhwc_bf16)[0].float(),
-            'torch bf16 autocast channels-last': autocast}
+    paths = {'torch fp32 NCHW': lambda: model(nchw)[0],
+             'torch fp32 channels-last': lambda: model(nhwc)[0],
+             'torch bf16 weights channels-last': lambda: bf16_model(nhwc_bf16)[0].float(),
+             'torch bf16 autocast channels-last': autocast}
+    from utils.export import InferenceOnly
+    net = InferenceOnly(model).eval()
+    with torch.no_grad():
+        if 'compile' not in skip:
+            compiled = torch.compile(net)
+            t = time.perf_counter()
+            compiled(nhwc)
+            print(f'torch.compile: first call (compile) {time.perf_counter() - t:.1f} s')
+            paths['torch.compile (inductor) channels-last'] = lambda: compiled(nhwc)
+        if 'jit' not in skip:
+            with warnings.catch_warnings():  # tracer and deprecation notes: the path is measured, not kept
+                warnings.simplefilter('ignore')
+                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, nhwc)))
+            paths['jit freeze + optimize_for_inference'] = lambda: frozen(nhwc)
+    return paths
 
 
-def detect_path() -> str:
-    """The path above that detect.py takes here by default (--half auto)."""
+ORT_PATH = 'onnxruntime fp32 (our export)'
+
+
+def detect_path(backend: str = 'auto') -> str:
+    """The path above that detect.py takes here with --backend (and --half auto)."""
+    if backend == 'auto':
+        return ORT_PATH
     bf16 = inference_dtype('auto', torch.device('cpu')) == torch.bfloat16
     return 'torch bf16 weights channels-last' if bf16 else 'torch fp32 channels-last'
 
 
 def other_paths(model: torch.nn.Module, x: np.ndarray, tmp: Path, cfg: Path,
                 weights: Path) -> dict[str, Callable[[], torch.Tensor]]:
-    """Our ONNX export in onnxruntime (fp32) and OpenCV DNN's Darknet importer on the same .weights."""
-    import onnxruntime as ort
+    """Our dynamic-shape ONNX export in onnxruntime (fp32) as detect.py runs it, OpenVINO on it when installed, and
+    OpenCV DNN's Darknet importer on the same .weights."""
+    from utils.backends import OrtModel
     from utils.export import export_onnx
 
-    onnx_file = export_onnx(model, tmp / 'model.onnx', x.shape[2:])
-    session = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
-    name = session.get_inputs()[0].name
+    onnx_file = export_onnx(model, tmp / 'model.onnx', x.shape[2:], dynamic=True)
+    session = OrtModel(onnx_file)
+    paths = {ORT_PATH: lambda: session(x)}
+    try:
+        import openvino
+    except ImportError:
+        pass
+    else:
+        compiled = openvino.Core().compile_model(str(onnx_file), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+        request = compiled.create_infer_request()
+        paths['OpenVINO fp32 (our export)'] = lambda: torch.from_numpy(request.infer([x])[0].copy())
     net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
     layers = net.getUnconnectedOutLayersNames()
 
@@ -134,8 +197,8 @@ def other_paths(model: torch.nn.Module, x: np.ndarray, tmp: Path, cfg: Path,
         net.setInput(x)
         return opencv_to_ours(net.forward(layers), x.shape[2])
 
-    return {'onnxruntime fp32 (our export)': lambda: torch.from_numpy(session.run(None, {name: x})[0]),
-            'OpenCV DNN (Darknet importer)': opencv}
+    paths['OpenCV DNN (Darknet importer)'] = opencv
+    return paths
 
 
 def match_share(a: torch.Tensor, b: torch.Tensor, iou: float) -> float:
@@ -169,36 +232,39 @@ def time_paths(paths: dict[str, Callable[[], torch.Tensor]], repeats: int) -> di
     return times
 
 
-def bench_per_image(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+def bench_per_image(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path, skip: set[str]) -> list[dict]:
     """Median ms per path on one size x size image, and how its detections match those of fp32 channels-last."""
     model = load_model(str(weights), str(cfg), size, torch.device('cpu')).fuse().eval()
     x = sample_input(size)
-    paths = {**torch_paths(model, x), **other_paths(model, x, tmp, cfg, weights)}
+    paths = {**torch_paths(model, x, skip), **other_paths(model, x, tmp, cfg, weights)}
     times = time_paths(paths, repeats)
     with torch.no_grad():
         dets = {k: non_max_suppression(f().float(), CONF, IOU, multi_label=False)[0] for k, f in paths.items()}
-    ref_key, default = 'torch fp32 channels-last', detect_path()
+    ref_key, default, old = 'torch fp32 channels-last', detect_path(), detect_path('torch')
     opencv_ms = statistics.median(times['OpenCV DNN (Darknet importer)'])
     return [{'path': k, 'ms': statistics.median(v), 'vs_opencv': opencv_ms / statistics.median(v),
-             'detections': len(dets[k]), 'agree': match_share(dets[k], dets[ref_key], 0.9), 'detect_default': k == default}
+             'detections': len(dets[k]), 'agree': match_share(dets[k], dets[ref_key], 0.9),
+             'detect_default': k == default, 'torch_default': k == old}
             for k, v in times.items()]
 
 
 # ------------------------------------------------------------------------------------------------------------ jobs
 def job_commands(src: Path, out: Path, size: int, cfg: Path, weights: Path,
                  detect_args: list[str]) -> dict[str, list[str]]:
-    """The two jobs over the images in src, writing into out/<job>; detect_args are added to detect.py's."""
+    """The three jobs over the images in src, writing into out/<job>; detect_args are added to detect.py's."""
     common = ['--cfg', str(cfg), '--weights', str(weights), '--source', str(src), '--img-size', str(size),
               '--save-txt']
-    return {'detect.py': [sys.executable, str(ROOT / 'detect.py'), *common, '--output', str(out / 'ours'),
-                          '--device', 'cpu', *detect_args],
+    detect = [sys.executable, str(ROOT / 'detect.py'), *common, '--device', 'cpu']
+    return {'detect.py': [*detect, '--output', str(out / 'ours'), *detect_args],
+            'detect.py --backend torch': [*detect, '--output', str(out / 'torch'), *detect_args, '--backend', 'torch'],
             'OpenCV DNN script': [sys.executable, str(BENCH_DIR / 'opencv_detect.py'), *common,
                                   '--output', str(out / 'opencv'), '--names', str(NAMES)]}
 
 
-def time_job(cmd: list[str]) -> tuple[float, float]:
-    """Run cmd from the repository root; (wall seconds, seconds until it printed its first image line)."""
-    env = {**JOB_ENV, 'PYTHONUNBUFFERED': '1'}
+def time_job(cmd: list[str], cache: Path) -> tuple[float, float]:
+    """Run cmd from the repository root with its ONNX exports cached in cache; (wall seconds, seconds until it
+    printed its first image line)."""
+    env = {**JOB_ENV, 'PYTHONUNBUFFERED': '1', 'YOLOV3_CACHE': str(cache)}
     t0 = time.perf_counter()
     first = float('nan')
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
@@ -241,29 +307,76 @@ def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path,
     src.mkdir()
     for im in sorted(COCO128.glob('*.jpg'))[:n_images]:
         (src / im.name).symlink_to(im)
+    cache = tmp / 'onnx-cache'
+    time_job(job_commands(src, tmp / 'warm-up', size, cfg, weights, detect_args)['detect.py'], cache)  # the export
     times: dict[str, list[tuple[float, float]]] = {}
     for r in range(repeats):
         cmds = list(job_commands(src, tmp / f'run{r}', size, cfg, weights, detect_args).items())
-        for name, cmd in cmds[::-1] if r % 2 else cmds:
-            times.setdefault(name, []).append(time_job(cmd))
+        for name, cmd in cmds[r % len(cmds):] + cmds[:r % len(cmds)]:  # each job first in turn
+            times.setdefault(name, []).append(time_job(cmd, cache))
     last = tmp / f'run{repeats - 1}'
-    na, nb, share = job_agreement(last / 'ours', last / 'opencv', [p.stem for p in src.iterdir()])
+    stems = [p.stem for p in src.iterdir()]
     rows = []
     for name, runs in times.items():
+        folder = {'detect.py': 'ours', 'detect.py --backend torch': 'torch'}.get(name, 'opencv')
+        n, _, share = job_agreement(last / folder, last / 'ours', stems)
         wall, first = statistics.median(w for w, _ in runs), statistics.median(f for _, f in runs)
         rows.append({'job': name, 'wall_s': wall, 'first_image_s': first, 'runs': [w for w, _ in runs],
-                     'detections': na if name == 'detect.py' else nb, 'agree': share})
+                     'detections': n, 'agree': share})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------------- test.py
+TEST_RUNS = {'test.py (--backend auto)': [], 'test.py --backend torch': ['--backend', 'torch'],
+             'test.py --backend torch --half off': ['--backend', 'torch', '--half', 'off']}
+
+
+def bench_testpy(size: int, repeats: int, cfg: Path, weights: Path, tmp: Path) -> list[dict]:
+    """test.py on coco128 (batch 16, rect, conf 0.001) per backend, run in turn (the order rotates every round):
+    median wall time, the batch loop's inference ms per image (its Speed line) and the mAP@0.5 of its `all` row."""
+    import re
+    data = tmp / 'coco128.data'
+    data.write_text(f"classes=80\nvalid={COCO128}\nnames={NAMES}\n")
+    cache = tmp / 'onnx-cache-test'
+    common = [sys.executable, str(ROOT / 'test.py'), '--cfg', str(cfg), '--weights', str(weights), '--data', str(data),
+              '--img-size', str(size), '--batch-size', '16', '--device', 'cpu']
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in TEST_RUNS}
+    env = {**JOB_ENV, 'YOLOV3_CACHE': str(cache)}
+    subprocess.run([*common, '--save-dir', str(tmp / 'tw')], env=env, capture_output=True, check=True)  # export
+    names = list(TEST_RUNS)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            p = subprocess.run([*common, *TEST_RUNS[name], '--save-dir', str(tmp / f't{r}')], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if p.returncode:
+                raise RuntimeError(f'{name} failed (exit {p.returncode}):\n{p.stdout[-1500:]}{p.stderr[-1500:]}')
+            inf = float(re.search(r'Speed: ([\d.]+)/', p.stdout).group(1))
+            map50 = float(re.search(r'^\s+all\s+\S+\s+\S+\s+\S+\s+\S+\s+(\S+)', p.stdout, re.M).group(1))
+            runs[name].append((wall, inf, map50))
+    return [{'run': k, 'wall_s': statistics.median(x[0] for x in v), 'inference_ms': statistics.median(x[1] for x in v),
+             'map50': v[-1][2], 'walls': [x[0] for x in v]} for k, v in runs.items()]
+
+
+def testpy_table(rows: list[dict], size: int, repeats: int) -> str:
+    """The test.py rows as text."""
+    lines = [f'test.py: coco128 at {size}, batch 16, rect; median of {repeats} runs in turn',
+             f"{'run':<38}{'wall s':>8}{'inference ms/image':>20}{'mAP@0.5':>9}  runs (s)"]
+    lines += [f"{r['run']:<38}{r['wall_s']:>8.2f}{r['inference_ms']:>20.1f}{r['map50']:>9.3f}  "
+              + ' '.join(f'{w:.2f}' for w in r['walls']) for r in rows]
+    return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------- report
 def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
     """The per-image rows as text."""
     lines = [f'per image: bus.jpg at {size}x{size}, median of {repeats} interleaved rounds',
-             f"{'path':<40}{'ms':>8}{'OpenCV/this':>13}{'detections':>12}{'match fp32 CL':>15}"]
-    lines += [f"{r['path'] + ' *' * r['detect_default']:<40}{r['ms']:>8.1f}{r['vs_opencv']:>12.2f}x"
+             f"{'path':<52}{'ms':>8}{'OpenCV/this':>13}{'detections':>12}{'match fp32 CL':>15}"]
+    lines += [f"{r['path'] + ' *' * r['detect_default'] + ' +' * r.get('torch_default', False):<52}{r['ms']:>8.1f}"
+              f"{r['vs_opencv']:>12.2f}x"
               f"{r['detections']:>12}{r['agree']:>15.2f}" for r in rows]
-    lines.append('* what detect.py runs here by default (--half auto)')
+    lines.append('* what detect.py and test.py run here by default (--backend auto); + with --backend torch')
     return '\n'.join(lines)
 
 
@@ -271,13 +384,16 @@ def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_
     """The job rows as text."""
     extra = f' (detect.py {detect_args})' if detect_args else ''
     lines = [f'jobs: {n_images} coco128 images at {size}, median of {repeats} alternating runs{extra}',
-             f"{'job':<22}{'wall s':>8}{'first image s':>15}{'after first, ms/image':>23}{'detections':>12}"
-             f"{'matched':>9}  runs (s)"]
+             f"{'job':<28}{'wall s':>8}{'first image s':>15}{'after first, ms/image':>23}{'detections':>12}"
+             f"{'vs auto':>9}  runs (s)"]
     for r in rows:
         per = (r['wall_s'] - r['first_image_s']) / max(n_images - 1, 1) * 1e3
-        lines.append(f"{r['job']:<22}{r['wall_s']:>8.2f}{r['first_image_s']:>15.2f}{per:>23.1f}{r['detections']:>12}"
+        lines.append(f"{r['job']:<28}{r['wall_s']:>8.2f}{r['first_image_s']:>15.2f}{per:>23.1f}{r['detections']:>12}"
                      f"{r['agree']:>9.2f}  " + ' '.join(f'{w:.2f}' for w in r['runs']))
     return '\n'.join(lines)
+
+
+PARTS = ('per-image', 'jobs', 'testpy')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -286,11 +402,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=416, help='inference size (multiple of 32)')
     p.add_argument('--images', type=int, default=64, help='coco128 images per job')
     p.add_argument('--repeats', type=int, default=40, help='interleaved rounds of the per-image measurement')
-    p.add_argument('--job-repeats', type=int, default=3, help='runs of each job (alternating)')
+    p.add_argument('--job-repeats', type=int, default=3, help='runs of each job and of each test.py run (in turn)')
     p.add_argument('--cfg', type=Path, default=CFG)
     p.add_argument('--weights', type=Path, default=WEIGHTS, help='Darknet .weights (OpenCV reads them too)')
     p.add_argument('--detect-args', default='', help="more detect.py options for its job, e.g. '--half off'")
-    p.add_argument('--only', choices=('per-image', 'jobs'), help='one part only')
+    p.add_argument('--only', nargs='+', choices=PARTS, default=list(PARTS), help='the parts to run (default: all)')
+    p.add_argument('--skip', nargs='+', default=[], choices=('compile', 'jit'),
+                   help='per-image paths to leave out (torch.compile takes 30-60 s to compile on 2 cores)')
     p.add_argument('--json', type=Path, help='also write the results here')
     return p
 
@@ -303,12 +421,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f'machine: {machine_line()}')
     res: dict = {'machine': machine_line(), 'img_size': opt.img_size}
     with tempfile.TemporaryDirectory(prefix='bench_infer_') as tmp:
-        if opt.only != 'jobs':
+        if 'per-image' in opt.only:
             l0 = load1()
-            res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp))
+            res['per_image'] = bench_per_image(opt.img_size, opt.repeats, opt.cfg, opt.weights, Path(tmp),
+                                               set(opt.skip))
             print(per_image_table(res['per_image'], opt.img_size, opt.repeats))
             print(f'load {l0:.2f} -> {load1():.2f}')
-        if opt.only != 'per-image':
+        if 'testpy' in opt.only:
+            l0 = load1()
+            res['testpy'] = bench_testpy(opt.img_size, opt.job_repeats, opt.cfg, opt.weights, Path(tmp))
+            print(testpy_table(res['testpy'], opt.img_size, opt.job_repeats))
+            print(f'load {l0:.2f} -> {load1():.2f}')
+        if 'jobs' in opt.only:
             l0 = load1()
             res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp),
                                      shlex.split(opt.detect_args))

@@ -7,15 +7,18 @@ empty folder to check that the fast tier does not need it).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing.process
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from benchmarks import subset
+from utils.logs import reset_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
@@ -26,6 +29,33 @@ TINY_WEIGHTS = SHARED / 'weights' / 'yolov3-tiny.weights'
 REF_CFG = SHARED / 'darknet-cfg'
 SAMPLES = SHARED / 'samples'
 TOY_CFG = ROOT / 'tests' / 'fixtures' / 'toy.cfg'  # 41k parameters, 3 classes, heads at strides 32 and 16
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption('--test-order', default='file', choices=('file', 'reverse'),
+                     help="'reverse': run the collected tests last to first (.ci/run does, on the fast tier: a test "
+                          "that passes only after another one has run fails there)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption('--test-order') == 'reverse':
+        items.reverse()
+
+
+@pytest.fixture(autouse=True)
+def library_logger() -> Iterator[None]:
+    """Every test starts and ends with the project logger as a library leaves it (utils.logs.reset_logging): a
+    command line run in-process by an earlier test (setup_logging: handlers, no propagation) changes nothing here."""
+    reset_logging()
+    yield
+    reset_logging()
+
+
+@pytest.fixture
+def logged(caplog) -> Callable[[], list[str]]:
+    """A function returning what the project logger said so far in this test (the lines rank 0 prints)."""
+    caplog.set_level(logging.INFO, logger='yolov3')
+    return lambda: [r.getMessage() for r in caplog.records if r.name == 'yolov3']
 
 
 @pytest.fixture(autouse=True)

@@ -254,3 +254,56 @@ def test_crops_are_clipped_to_the_image(tmp_path):
     saved = save_crops(det, im, tmp_path, ['a/b', 'car'], 'img')
     assert saved == [tmp_path / 'car' / 'img_0.jpg', tmp_path / 'a_b' / 'img_1.jpg']  # names made file-safe
     assert cv2.imread(str(saved[0])).shape == (10, 30, 3) and cv2.imread(str(saved[1])).shape == (20, 10, 3)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """The ONNX exports of --backend auto go to a folder of this module's, not the user's ~/.cache."""
+    d = tmp_path_factory.mktemp('onnx-cache')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('YOLOV3_CACHE', str(d))
+        yield d
+
+
+@pytest.mark.parametrize('args, match', [(['--backend', 'onnxruntime', '--half', 'bf16'], '--half bf16 asks for'),
+                                         (['--backend', 'onnxruntime', '--augment'], '--augment'),
+                                         (['--backend', 'onnxruntime', '--device', '0'], 'CPU only|CUDA')])
+def test_backend_refusals(tmp_path, args, match):
+    with pytest.raises(DetectError, match=match):
+        detect(parse_opt(['--weights', 'x.weights', '--source', str(tmp_path), '--output', str(tmp_path / 'o'),
+                          *args]))
+    assert not (tmp_path / 'o').exists()
+    with pytest.raises(SystemExit):
+        parse_opt(['--backend', 'openvino'])
+
+
+def read_rows(folder: Path) -> dict[str, np.ndarray]:
+    """--save-txt --save-conf files of a folder: stem -> (n, 6) rows."""
+    return {f.stem: np.loadtxt(f, ndmin=2) for f in sorted(folder.glob('*.txt'))}
+
+
+@pytest.mark.slow
+def test_backends_give_the_same_detections_and_the_export_is_cached(tmp_path, monkeypatch):
+    onnx_cache = tmp_path / 'cache'  # empty: the module's cache may hold this model's export already
+    monkeypatch.setenv('YOLOV3_CACHE', str(onnx_cache))
+    weights = tmp_path / 'w' / 'yolov3-tiny.weights'  # a folder of its own: nothing may be written beside it
+    weights.parent.mkdir()
+    weights.symlink_to(TINY_WEIGHTS)
+    common = ['--cfg', str(ROOT / 'cfg' / 'yolov3-tiny.cfg'), '--weights', str(weights), '--source', str(SAMPLES),
+              '--save-txt', '--save-conf', '--device', 'cpu', '--nosave']
+    runs = {k: run_detect(*common, '--output', str(tmp_path / k), *a) for k, a in
+            (('torch', ['--backend', 'torch', '--half', 'off']), ('auto', []), ('again', ['--backend', 'onnxruntime']))}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r'^Runtime: PyTorch .* cpu, float32$', runs['torch'].stdout, re.M)
+    assert re.search(r'^Runtime: onnxruntime .* new export ', runs['auto'].stdout, re.M)
+    assert re.search(r'^Runtime: onnxruntime .* cached export ', runs['again'].stdout, re.M)
+    assert len(list(onnx_cache.glob('*.onnx'))) == 1 and [p.name for p in weights.parent.iterdir()] == [weights.name]
+    ref = read_rows(tmp_path / 'torch')
+    assert set(ref) == {'bus', 'zidane'}
+    for k in ('auto', 'again'):
+        got = read_rows(tmp_path / k)
+        assert set(got) == set(ref)
+        for stem in ref:  # same classes, boxes within %g's rounding of normalised coordinates
+            assert got[stem].shape == ref[stem].shape and (got[stem][:, 0] == ref[stem][:, 0]).all()
+            np.testing.assert_allclose(got[stem][:, 1:], ref[stem][:, 1:], atol=2e-5)

@@ -2,7 +2,6 @@
 for the whole group from weights/last.pt, and two real launches with the same --rdzv-id in the same folder."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -19,7 +18,6 @@ import train
 from utils.checkpoint import CheckpointError, save_checkpoint
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from utils import distributed as du
-from utils.logs import LOGGER
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 
@@ -27,14 +25,6 @@ CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 @pytest.fixture(scope='module')
 def coco8(tmp_path_factory) -> Path:
     return make_subset(tmp_path_factory.mktemp('coco8'), 8, name='coco8')
-
-
-@pytest.fixture
-def logged(caplog, monkeypatch):
-    """A function returning what the project logger said so far in this test (the lines rank 0 prints)."""
-    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after an in-process train.main set up logging
-    caplog.set_level(logging.INFO, logger='yolov3')
-    return lambda: [r.getMessage() for r in caplog.records if r.name == 'yolov3']
 
 
 def fake_proc(root: Path, pid: int, start: int, comm: str = 'python') -> Path:

@@ -9,7 +9,7 @@ import torch
 from models import load_model
 from tests.conftest import COCO128_IMAGES, COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
 from utils import torch_utils
-from utils.logs import LOGGER, setup_logging
+from utils.logs import setup_logging
 from utils.torch_utils import inference_dtype
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -36,9 +36,6 @@ def test_cpu_with_native_bf16_runs_bf16_by_default(monkeypatch, capsys, flags):
 
 def test_cpu_without_bf16_runs_fp32_and_says_so_when_asked(monkeypatch, capsys):
     fake_cpu(monkeypatch, 'avx512_vnni')
-    for attr in ('handlers', 'level', 'propagate'):  # the project logger as this test found it, afterwards
-        monkeypatch.setattr(LOGGER, attr, getattr(LOGGER, attr))
-    LOGGER.handlers = []
     setup_logging()  # as test.py and detect.py do
     assert inference_dtype('auto', CPU) == torch.float32 and capsys.readouterr().out == ''  # the default: silent
     assert inference_dtype('on', CPU) == torch.float32

@@ -5,21 +5,11 @@ import logging
 
 import pytest
 
-from utils.logs import LOGGER, setup_logging
-
-
-@pytest.fixture
-def restore_logger():
-    """Leave the project logger as this test found it."""
-    handlers, level, propagate = list(LOGGER.handlers), LOGGER.level, LOGGER.propagate
-    yield
-    LOGGER.handlers[:] = handlers
-    LOGGER.setLevel(level)
-    LOGGER.propagate = propagate
+from utils.logs import LOGGER, reset_logging, setup_logging
 
 
 @pytest.mark.parametrize('rank', [-1, 0])
-def test_main_rank_prints_like_print(rank, capsys, restore_logger):
+def test_main_rank_prints_like_print(rank, capsys):
     setup_logging(rank)
     LOGGER.info('Optimizer groups: 3 .bias')
     LOGGER.warning('anchors: none fit')
@@ -29,23 +19,34 @@ def test_main_rank_prints_like_print(rank, capsys, restore_logger):
     assert err == 'ERROR: a training process failed\n'
 
 
-def test_other_ranks_stay_quiet(capsys, restore_logger):
+def test_other_ranks_stay_quiet(capsys):
     setup_logging(1)
     LOGGER.info('hello')
     LOGGER.error('bad')
     assert capsys.readouterr() == ('', '')
 
 
-def test_setup_twice_prints_once(capsys, restore_logger):
+def test_setup_twice_prints_once(capsys):
     setup_logging(0)
     setup_logging(0)
     LOGGER.info('once')
     assert capsys.readouterr().out == 'once\n'
 
 
-def test_before_setup_records_propagate(caplog, restore_logger):
-    LOGGER.handlers[:] = [h for h in LOGGER.handlers if isinstance(h, logging.NullHandler)]
-    LOGGER.propagate = True
+def test_before_setup_records_propagate(caplog):
     with caplog.at_level(logging.INFO, logger='yolov3'):
         LOGGER.info('seen by the caller')
     assert caplog.messages == ['seen by the caller']
+
+
+def test_reset_gives_a_library_logger_again(caplog, capsys):
+    """After a script's set-up (a command line run in-process), reset_logging: nothing printed by the project, each
+    record reaches the caller's logging once (tests/conftest.py resets it around every test)."""
+    setup_logging(0)
+    LOGGER.info('printed')
+    reset_logging()
+    with caplog.at_level(logging.WARNING, logger='yolov3'):
+        LOGGER.warning('once')
+    assert capsys.readouterr().out == 'printed\n'
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [('yolov3', 'WARNING', 'once')]
+    assert LOGGER.propagate and [type(h) for h in LOGGER.handlers] == [logging.NullHandler]

@@ -8,7 +8,6 @@ import torch
 
 from torchvision.ops import box_iou, nms
 
-from utils.logs import LOGGER
 from utils.nms import non_max_suppression
 
 
@@ -104,7 +103,6 @@ def test_time_limit_and_bad_thresholds(caplog, monkeypatch):
         raise AssertionError(f'NMS changed the process-wide torch thread count to {n}')
 
     monkeypatch.setattr(torch, 'set_num_threads', no_thread_change)
-    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after a script in this session set up logging
     with caplog.at_level(logging.WARNING, logger='yolov3'):
         out = non_max_suppression(p, 0.1, 0.6, time_limit=-1.0)
     assert [len(o) for o in out] == [1, 0, 0]

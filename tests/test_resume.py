@@ -141,6 +141,7 @@ def sigterm_run(data32, tmp_path_factory) -> tuple[Path, str, float]:
 def test_sigterm_saves_position_and_exits_0_with_the_resume_command(sigterm_run):
     d, out, dt = sigterm_run
     assert dt < 60
+    assert 'Traceback' not in out and 'Exception ignored' not in out, out[-3000:]  # its 2 workers ended cleanly
     m = re.search(r'Stopped by SIGTERM in epoch (\d+), after (\d+)/(\d+) batches; saved (\S+)\. Resume with: (.+)',
                   out)
     assert m, out[-3000:]

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,15 @@ def all_row(stdout: str) -> list[float]:
     return [float(v) for v in m.group(1).split()]
 
 
+@pytest.fixture(scope='module', autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """The ONNX exports of --backend auto go to a folder of this module's, not the user's ~/.cache."""
+    d = tmp_path_factory.mktemp('onnx-cache')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('YOLOV3_CACHE', str(d))
+        yield d
+
+
 @pytest.mark.slow
 def test_coco128_map_matches_original(coco128_data, tmp_path):
     # the acceptance run (~20 s): the original gives P 0.375, R 0.44, mAP@0.5 0.424; pycocotools AP50 0.436, AP 0.231
@@ -39,6 +49,7 @@ def test_coco128_map_matches_original(coco128_data, tmp_path):
     images, targets, p, rec, map50, map_, f1 = all_row(r.stdout)
     assert (images, targets) == (128, 929)  # 939 COCO boxes less the 10 crowd boxes the YOLO labels leave out
     assert map50 == pytest.approx(0.424, abs=0.005)
+    assert re.search(r'^Runtime: onnxruntime .* fp32, new export ', r.stdout, re.M)  # --backend auto on the CPU
     assert p == pytest.approx(0.375, abs=0.01) and rec == pytest.approx(0.44, abs=0.01)
     assert 0.15 < map_ < map50
     assert re.search(r'^\s+person\s+128\s+254\s', r.stdout, re.M)  # the per-class table
@@ -117,6 +128,15 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     tta = evaluate(model, loader, names, EvalConfig(augment=True, plots=False, save_dir=tmp_path))
     assert tta.map50 != map50 and abs(tta.map50 - map50) < 0.15
     assert torch.is_grad_enabled()
+    # onnxruntime on the model's export: the same scores; the losses and --augment need PyTorch
+    ort = evaluate(model, loader, names, EvalConfig(plots=False, save_dir=tmp_path, backend='onnxruntime'))
+    assert model.training and ort.seen == plain.seen
+    np.testing.assert_allclose(ort.results[:5], plain.results[:5], atol=1e-4)
+    from test import EvalError
+    with pytest.raises(EvalError, match='validation losses need the PyTorch model'):
+        evaluate(model, loader, names, EvalConfig(plots=False, save_dir=tmp_path, backend='onnxruntime'), compute_loss)
+    auto = evaluate(model, loader, names, EvalConfig(plots=False, save_dir=tmp_path, backend='auto'), compute_loss)
+    assert auto.loss == r.loss  # auto: PyTorch, which gives the losses
 
 
 @pytest.mark.slow
@@ -126,7 +146,8 @@ def test_benchmark_task_writes_table(coco16_data, tmp_path):
     from utils.data_config import load_data_config
 
     model = load_model(TINY_WEIGHTS, CFG, 160).fuse()
-    opt = Namespace(cfg=str(CFG), batch_size=16, conf_thres=0.001, single_cls=False, workers=0, save_dir=tmp_path)
+    opt = Namespace(cfg=str(CFG), batch_size=16, conf_thres=0.001, single_cls=False, workers=0, save_dir=tmp_path,
+                    backend='auto')
     out = benchmark(opt, model, load_data_config(coco16_data), sizes=[160, 224], ious=(0.6,))
     y = np.loadtxt(out, ndmin=2)
     assert y.shape == (2, 11) and y[:, 0].tolist() == [160, 224]

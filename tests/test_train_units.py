@@ -3,7 +3,6 @@ groups, multi-scale sizes, accumulation, AMP choice, EMA, freeze, progress, hyp 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import train
 from models import Darknet
 from tests.conftest import ROOT
 from utils import engine
-from utils.logs import LOGGER
 from utils.torch_utils import ModelEMA
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -26,14 +24,6 @@ HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=True)
-
-
-@pytest.fixture
-def logged(caplog, monkeypatch):
-    """A function returning what the project logger said so far in this test (the lines rank 0 prints)."""
-    monkeypatch.setattr(LOGGER, 'propagate', True)  # to caplog, also after an in-process train.main set up logging
-    caplog.set_level(logging.INFO, logger='yolov3')
-    return lambda: [r.getMessage() for r in caplog.records if r.name == 'yolov3']
 
 
 def test_warmup_interpolates_lr_momentum_gr_accumulate():
@@ -441,7 +431,7 @@ def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn > 0
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in sd.items())
-    assert logged() == [f'Using SyncBatchNorm ({n_bn} layers)']
+    assert logged()[-1:] == [f'Using SyncBatchNorm ({n_bn} layers)']  # after the model build's cfg line
     opt = train.parse_opt(['--sync-bn', '--batch-size', '8'])
     ddp2 = du.DistInfo(rank=0, local_rank=0, world_size=2)
     with pytest.raises(ValueError, match='--sync-bn needs CUDA'):

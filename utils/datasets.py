@@ -2,6 +2,7 @@
 batches, mosaic, affine, HSV, flip), create_dataloader, and the detect.py sources (images, videos, webcam, streams)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import hashlib
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 import time
+import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import ThreadPool
@@ -530,7 +532,24 @@ def _ignore_preemption_signals(main_pid: int) -> None:
 
 class PreemptionSafeLoader(DataLoader):
     """A DataLoader whose workers start with SIGTERM and SIGUSR1 blocked, so that a preemption signal sent to the
-    process group while they start waits for their worker_init_fn (which ignores it) instead of killing them."""
+    process group while they start waits for their worker_init_fn (which ignores it) instead of killing them.
+
+    Its persistent workers end with close() (train.py and test.py call it before returning, also on errors and
+    stops), at the latest when the interpreter exits: left to garbage collection they would outlive
+    multiprocessing's exit handler, whose SIGTERM torch's SIGCHLD handler then reports as a traceback.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """Shut the workers down now: each gets the end-of-work message and is joined (terminated by the main
+        process if it does not exit in time, which its SIGTERM rule lets through). The next iteration starts new
+        ones; a loader without workers has nothing to close."""
+        it, self._iterator = self._iterator, None
+        if it is not None and hasattr(it, '_shutdown_workers'):
+            it._shutdown_workers()
 
     def __iter__(self) -> Any:
         if not self.num_workers or not hasattr(signal, 'pthread_sigmask'):
@@ -540,6 +559,17 @@ class PreemptionSafeLoader(DataLoader):
             return super().__iter__()
         finally:  # the main process's own handlers run now for anything that arrived meanwhile
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_OPEN_LOADERS: weakref.WeakSet[PreemptionSafeLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler (registered earlier, so run later) terminates
+    the children: shut down the workers of every loader still open (one made through the evaluate() API, say)."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 def _worker_init(worker_id: int, main_pid: int) -> None:

@@ -49,12 +49,15 @@ def _fuse_copy(model: nn.Module) -> nn.Module:
     return twin.fuse() if hasattr(twin, 'fuse') else twin
 
 
-def _name_output_dims(data: bytes, n_boxes: int | None, no: int) -> bytes:
+def _name_output_dims(data: bytes, n_boxes: int | None, no: int, metadata: dict[str, str] | None = None) -> bytes:
     """The model with its output's shape written as (batch, N or 'boxes', no): the traced reshapes leave the
-    exporter's generated names there, and readers (detect.py, OpenCV) take the class count from the last dimension."""
+    exporter's generated names there, and readers (detect.py, OpenCV) take the class count from the last dimension.
+    metadata becomes the model's metadata_props (onnxruntime: get_modelmeta().custom_metadata_map)."""
     import onnx
 
     m = onnx.load_from_string(data)
+    for k, v in (metadata or {}).items():
+        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     dims = m.graph.output[0].type.tensor_type.shape.dim
     dims[0].dim_param = 'batch'
     if n_boxes is None:
@@ -66,8 +69,9 @@ def _name_output_dims(data: bytes, n_boxes: int | None, no: int) -> bytes:
 
 
 def export_onnx(model: nn.Module, path: str | Path, img_size: tuple[int, int], dynamic: bool = False,
-                opset: int = ONNX_OPSET) -> Path:
-    """Export model's inference_out to ONNX with a dynamic batch axis (and dynamic height, width when dynamic).
+                opset: int = ONNX_OPSET, metadata: dict[str, str] | None = None) -> Path:
+    """Export model's inference_out to ONNX with a dynamic batch axis (and dynamic height, width when dynamic), with
+    metadata as the file's metadata_props.
 
     Written atomically once the export succeeded, so a failed export leaves an existing file as it was.
     """
@@ -83,7 +87,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: tuple[int, int], d
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         torch.onnx.export(net, (x,), buf, input_names=['images'], output_names=['output'], opset_version=opset,
                           dynamo=False, dynamic_axes=axes)
-    return atomic_write(path, _name_output_dims(buf.getvalue(), None if dynamic else int(n_boxes), int(no)))
+    return atomic_write(path, _name_output_dims(buf.getvalue(), None if dynamic else int(n_boxes), int(no), metadata))
 
 
 def check_onnx(model: nn.Module, path: str | Path, shapes: Sequence[tuple[int, int, int]],

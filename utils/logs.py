@@ -11,7 +11,20 @@ import logging
 import sys
 
 LOGGER = logging.getLogger('yolov3')
-LOGGER.addHandler(logging.NullHandler())  # a library's logger prints nothing until configured
+
+
+def reset_logging() -> logging.Logger:
+    """Put LOGGER back as a library's logger: only a NullHandler (it prints nothing until configured), level unset,
+    records propagated to the caller's logging configuration (or pytest's caplog)."""
+    for h in list(LOGGER.handlers):
+        LOGGER.removeHandler(h)
+    LOGGER.addHandler(logging.NullHandler())
+    LOGGER.setLevel(logging.NOTSET)
+    LOGGER.propagate = True
+    return LOGGER
+
+
+reset_logging()
 
 
 class _StdStream(logging.StreamHandler):
