@@ -30,12 +30,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models import load_eval_model  # noqa: E402
+from models import load_eval_model, load_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, load_runtime  # noqa: E402
 from utils.boxes import scale_coords  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.darknet_weights import WeightsError  # noqa: E402
+from utils.darknet_post import (NMS_THRESH, TEST_THRESH, DarknetDetector, darknet_model, ext_output,  # noqa: E402
+                                 ext_output_text, read_bgr)
 from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
 from utils.datasets import LoadImages, LoadStreams  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
@@ -192,6 +194,8 @@ def load_detector(opt: argparse.Namespace) -> Detector:
     fused, in eval mode, run by the --backend runtime (utils/backends.py: auto is onnxruntime on the CPU, on a cached
     export) with its layers in the --half dtype. Sets opt.img_size to the cfg's width (an .onnx export's size, else
     416) when not given."""
+    if opt.darknet:
+        return load_darknet_detector(opt)
     if str(opt.weights).lower().endswith('.onnx'):
         if opt.augment:
             raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
@@ -223,6 +227,31 @@ def load_detector(opt: argparse.Namespace) -> Detector:
         raise DetectError(str(e)) from None
     opt.img_size = net.img_size  # Darknet detects at the network size its cfg gives, unless --img-size says
     return Detector(net.run, net.nc, net.names, device, torch.float32 if isinstance(net.run, OrtModel) else dtype)
+
+
+def load_darknet_detector(opt: argparse.Namespace) -> Detector:
+    """--darknet: the PyTorch model run as Darknet's `detector test` runs it (utils/darknet_post.py): fp32, BatchNorm
+    fused with Darknet's eps, at the cfg's [net] size; the options that would change that are refused."""
+    refused = [name for name, on in (('.onnx weights', str(opt.weights).lower().endswith('.onnx')),
+                                     ('--backend onnxruntime', opt.backend == 'onnxruntime'),
+                                     (f'--half {opt.half}', opt.half not in ('auto', 'off')),
+                                     ('--augment', opt.augment), ('--agnostic-nms', opt.agnostic_nms)) if on]
+    if refused:
+        raise DetectError(f"--darknet runs the PyTorch model in fp32 with Darknet's own per-class NMS: "
+                          f"{', '.join(refused)} cannot go with it")
+    try:
+        device = select_device(opt.device)
+    except (RuntimeError, ValueError) as e:
+        raise DetectError(str(e)) from None
+    set_cuda_device(device)
+    model = load_model(opt.weights, opt.cfg or None, opt.img_size or 416, device)
+    size = (int(model.hyperparams.get('height', 416)), int(model.hyperparams.get('width', 416)))
+    if opt.img_size is not None and (opt.img_size, opt.img_size) != size:
+        raise DetectError(f"--darknet detects at the cfg's [net] size {size[1]}x{size[0]}, as Darknet; drop "
+                          f"--img-size {opt.img_size} (or set width and height in the cfg)")
+    opt.img_size = size[1]  # the loader's letterboxed copy goes unused: Darknet resizes each original itself
+    LOGGER.info(f"Runtime: PyTorch {torch.__version__} {device.type}, fp32, Darknet's pre- and post-processing")
+    return Detector(darknet_model(model), model.nc, model.names, device, torch.float32)
 
 
 def model_input(img: np.ndarray, imgs0: list[np.ndarray], det: Detector) -> np.ndarray | torch.Tensor:
@@ -285,8 +314,9 @@ class Step(NamedTuple):
     imgs0: list[np.ndarray]  # BGR originals, one per image
     frames: list[tuple[str, str, int, str, bool]]  # frame_info of each image
     fps: float  # of a video source (30 where unknown)
-    pred: torch.Tensor  # (B, N, 5 + nc) model output
+    pred: torch.Tensor | None  # (B, N, 5 + nc) model output (None with --darknet)
     seconds: float  # forward time
+    darknet: list | None = None  # --darknet: per image (rows (n, 6) in original pixels, Detections), post-processed
 
 
 class Finisher:
@@ -300,17 +330,33 @@ class Finisher:
     def __call__(self, step: Step) -> None:
         """Finish each image of a step; KeyboardInterrupt when q is pressed in the window."""
         opt = self.opt
-        pred = non_max_suppression(step.pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
-                                   classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
-        for det, im0, (p, s, frame, stem, video) in zip(pred, step.imgs0, step.frames):  # det: (n, 6) input pixels
+        if step.darknet is not None:  # Darknet's boxes, in original pixels already
+            pred = [self.darknet_rows(rows) for rows, _ in step.darknet]
+        else:
+            pred = non_max_suppression(step.pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
+                                       classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
+        for k, (det, im0, (p, s, frame, stem, video)) in enumerate(zip(pred, step.imgs0, step.frames)):
             im0 = im0.copy() if self.stream else im0
             s += '%gx%g ' % step.shape
             if len(det):
-                det[:, :4] = scale_coords(step.shape, det[:, :4], im0.shape).round()  # original pixels
+                if step.darknet is None:  # det: (n, 6) in input pixels
+                    det[:, :4] = scale_coords(step.shape, det[:, :4], im0.shape).round()  # original pixels
                 s += detection_summary(det, self.names)
             self.results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
             print(f'{s}Done. ({step.seconds:.3f}s)')
+            if step.darknet is not None:  # the lines `darknet detector test -ext_output` prints
+                print(ext_output_text(ext_output(step.darknet[k][1], opt.conf_thres), self.names), end='')
             self.show_and_save(det, im0, p, stem, video, step.fps)
+
+    def darknet_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """--darknet rows (n, 6) in Darknet's printed order, less those --classes and --max-det (the most confident
+        kept) leave out; the printed -ext_output lines stay Darknet's own."""
+        if self.opt.classes is not None:
+            rows = rows[np.isin(rows[:, 5], self.opt.classes)]
+        if len(rows) > self.opt.max_det:
+            keep = np.sort(np.argsort(-rows[:, 4], kind='stable')[:self.opt.max_det])
+            rows = rows[keep]
+        return torch.from_numpy(rows)
 
     def show_and_save(self, det: torch.Tensor, im0: np.ndarray, p: str, stem: str, video: bool, fps: float) -> None:
         """Draw the detections (n, 6) on the image, show it (--view-img) and write it (an image or a video frame)."""
@@ -359,15 +405,23 @@ def detect(opt: argparse.Namespace) -> Path:
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     t0 = time.time()
     finish = Finisher(opt, out, names, view_img, stream)
+    darknet = DarknetDetector(det.run, opt.conf_thres, opt.iou_thres) if opt.darknet else None
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
-            x = model_input(img, imgs0, det)
-            t1 = time_synchronized(det.device)
-            pred = forward(det, x, opt.augment)
-            t2 = time_synchronized(det.device)
             fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
             frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
+            t1 = time_synchronized(det.device)
+            if darknet is not None:  # Darknet's resize of each original, its thresholds and NMS
+                if not stream and dataset.mode == 'image':  # as stb reads it: EXIF orientation not applied
+                    imgs0 = [read_bgr(path)]
+                outs = [darknet(im0) for im0 in imgs0]
+                shape = (darknet.settings.height, darknet.settings.width)
+                finish(Step(shape, imgs0, frames, fps, None, time_synchronized(det.device) - t1, outs))
+                continue
+            x = model_input(img, imgs0, det)
+            pred = forward(det, x, opt.augment)
+            t2 = time_synchronized(det.device)
             finish(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
     except KeyboardInterrupt:
         print('Stopped.')
@@ -391,8 +445,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', type=str, default='output', help='output folder (existing files are kept)')
     p.add_argument('--img-size', type=int, default=None,
                    help="inference size (pixels); default: the cfg's [net] width, as Darknet (the original: 512)")
-    p.add_argument('--conf-thres', type=float, default=0.3, help='object confidence threshold')
-    p.add_argument('--iou-thres', type=float, default=0.6, help='IoU threshold for NMS')
+    p.add_argument('--conf-thres', type=float, default=None,
+                   help=f'object confidence threshold (default 0.3; with --darknet, Darknet\'s -thresh {TEST_THRESH})')
+    p.add_argument('--iou-thres', type=float, default=None,
+                   help=f'IoU threshold for NMS (default 0.6; with --darknet, Darknet\'s {NMS_THRESH})')
     p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')
     p.add_argument('--half', nargs='?', const='on', default='auto', choices=HALF_CHOICES,
                    help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
@@ -416,12 +472,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--classes', nargs='+', type=int, help='keep only these classes, e.g. --classes 0 2 3')
     p.add_argument('--agnostic-nms', action='store_true', help='class-agnostic NMS')
     p.add_argument('--augment', action='store_true', help='test-time augmentation (flips and scales)')
+    p.add_argument('--darknet', action='store_true',
+                   help="Darknet's `detector test` pre- and post-processing (the cfg's [net] size and letter_box, "
+                        "objectness x class scores, per-class nms_kind NMS): the boxes Darknet prints, as its "
+                        "-ext_output lines too")
     return p
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line."""
-    return get_args_parser().parse_args(argv)
+    """Parse the command line; --conf-thres and --iou-thres default to Darknet's with --darknet."""
+    opt = get_args_parser().parse_args(argv)
+    if opt.conf_thres is None:
+        opt.conf_thres = TEST_THRESH if opt.darknet else 0.3
+    if opt.iou_thres is None:
+        opt.iou_thres = NMS_THRESH if opt.darknet else 0.6
+    return opt
 
 
 def main(opt: argparse.Namespace) -> int:

@@ -27,11 +27,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import load_eval_model  # noqa: E402
+from models import load_eval_model, load_model  # noqa: E402
 from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, runtime_for  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
+from utils.darknet_post import MapResult, darknet_model, evaluate_map, map_report  # noqa: E402
 from utils.darknet_weights import WeightsError  # noqa: E402
 from utils.data_config import DatasetError, check_dataset, class_names, load_data_config  # noqa: E402
 from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
@@ -93,6 +94,9 @@ class EvalConfig:
     # CPU in onnxruntime, on a cached export keyed by its tensors (test.py's default; train.py keeps 'torch': its
     # weights change every epoch); 'onnxruntime' insists
     backend: str = 'torch'
+    # also Darknet's `detector map` (utils/darknet_post.py): its resize, thresholds, NMS and AP, reported beside
+    # the figures above; needs a models.Darknet (run it through darknet_model() for Darknet's fused BatchNorm)
+    darknet: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class EvalResult:
     per_class: APResult | None  # per-class P, R, AP and curves, None when no image had targets
     seen: int  # images evaluated
     times: tuple[float, float, float]  # inference, NMS, total in ms per image
+    darknet: MapResult | None = None  # Darknet's mAP@0.50, AP per class, TP/FP/FN (EvalConfig.darknet)
 
     @property
     def results(self) -> tuple[float, ...]:
@@ -351,9 +356,24 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, names: list[
           % (*times, imgsz, imgsz, loader.batch_size or 0, str(next(model.parameters()).dtype).replace('torch.', '')))
     if coco is not None and run.seen:
         coco.evaluate(save_dir)
+    dn = darknet_figures(model, loader.dataset, names, cfg.single_cls) if cfg.darknet else None
     model.train(was_training)
     loss = tuple((run.loss.cpu() / max(len(loader), 1)).tolist())
-    return EvalResult(s.mp, s.mr, s.map50, s.map, s.mf1, loss, s.maps, s.nt, s.res, run.seen, times)
+    return EvalResult(s.mp, s.mr, s.map50, s.map, s.mf1, loss, s.maps, s.nt, s.res, run.seen, times, dn)
+
+
+def darknet_figures(model: nn.Module, dataset, names: list[str], single_cls: bool) -> MapResult:
+    """Darknet's `detector map` of the model over the dataset's images and label files, printed as Darknet does."""
+    m = de_parallel(model)
+    if not hasattr(m, 'module_defs') or single_cls:
+        raise EvalError('Darknet\'s mAP (--darknet) needs the PyTorch Darknet model and the cfg\'s own classes '
+                        '(not --single-cls)')
+    r = evaluate_map(m, dataset.img_files, dataset.label_files)
+    w, h = m.hyperparams.get('width', 416), m.hyperparams.get('height', 416)
+    print(f"Darknet's detector map ({len(dataset.img_files)} images at {w}x{h}, thresholds 0.005 / NMS 0.45, "
+          f"area under each class's precision envelope, mean over all {len(r.ap)} classes):")
+    print(map_report(r, names), end='')
+    return r
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -382,6 +402,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--save-dir', type=str, default='.', help='folder for plots and JSON files')
     p.add_argument('--coco-gt', type=str, default='', help='COCO ground-truth JSON (default: found or written)')
     p.add_argument('--workers', type=int, default=8, help='dataloader workers (at most)')
+    p.add_argument('--darknet', action='store_true',
+                   help="also Darknet's `detector map` mAP@0.50 (its resize, thresholds, NMS and AP over all classes), "
+                        "printed as Darknet prints it; the model runs in fp32 with Darknet's fused BatchNorm")
     return p
 
 
@@ -396,7 +419,7 @@ def eval_config(opt: argparse.Namespace, data: dict) -> EvalConfig:
     """The EvalConfig of test.py's options (per-class rows on; the COCO ground truth resolved when --save-json)."""
     return EvalConfig(conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, augment=opt.augment,
                       single_cls=opt.single_cls, verbose=True, save_dir=Path(opt.save_dir), save_json=opt.save_json,
-                      backend=opt.backend,
+                      backend='torch' if opt.darknet else opt.backend, darknet=opt.darknet,
                       coco_gt=coco_gt_file(data, opt.single_cls, opt.coco_gt) if opt.save_json else None)
 
 
@@ -404,6 +427,8 @@ def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
     """(data config, model) of the options: --device and --half are checked before anything is written, the
     dataset before the model loads (a wrong path fails at once)."""
     device = _device(opt.device, opt.batch_size)
+    if opt.darknet:
+        return load_darknet(opt, device)
     try:  # onnxruntime runs the fp32 export: the PyTorch model is then built in fp32 whatever --half auto would pick
         ort = choose_backend(opt.backend, device, opt.half, opt.augment) == 'onnxruntime'
     except BackendError as e:
@@ -415,6 +440,23 @@ def load(opt: argparse.Namespace) -> tuple[dict, nn.Module]:
     data = load_data_config(opt.data)
     check_dataset(data, splits=('valid',))
     return data, load_eval_model(opt.weights, opt.cfg, opt.img_size, device, dtype)
+
+
+def load_darknet(opt: argparse.Namespace, device: torch.device) -> tuple[dict, nn.Module]:
+    """load() for --darknet: the PyTorch model in fp32, BatchNorm fused with Darknet's eps (both the figures above and
+    Darknet's use it); options that cannot go with Darknet's mAP are refused."""
+    refused = [name for name, on in (('--backend onnxruntime', opt.backend == 'onnxruntime'),
+                                     (f'--half {opt.half}', opt.half not in ('auto', 'off')),
+                                     ('--single-cls', opt.single_cls), ('--task ' + opt.task, opt.task != 'test'))
+               if on]
+    if refused:
+        raise EvalError(f"--darknet scores the PyTorch model in fp32 as Darknet's detector map: {', '.join(refused)} "
+                        f"cannot go with it")
+    LOGGER.info(f"Runtime: PyTorch {torch.__version__} {device.type}, fp32 (--darknet)")
+    Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
+    data = load_data_config(opt.data)
+    check_dataset(data, splits=('valid',))
+    return data, darknet_model(load_model(opt.weights, opt.cfg or None, opt.img_size, device))
 
 
 def run(opt: argparse.Namespace) -> EvalResult:

@@ -249,12 +249,15 @@ def test_detector_and_evaluate_map_run_a_model(tmp_path):
     assert 'class_id = 2, name = c, ap = ' in text and f'mean average precision (mAP@0.50) = {r.map:.6f}' in text
 
 
-def test_darknet_model_refuses_new_coords():
+def test_darknet_model_takes_new_coords_and_refuses_other_heads():
     from models import Darknet
-    text = (Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg').read_text().replace('[yolo]\n',
-                                                                                         '[yolo]\nnew_coords=1\n')
-    with pytest.raises(ConfigError, match=r'new_coords=1: the model does not decode'):
-        dp.darknet_model(Darknet(text))
+    toy = (Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg').read_text()
+    model = dp.darknet_model(Darknet(toy.replace('[yolo]\n', '[yolo]\nnew_coords=1\nscale_x_y=2.0\n')))
+    rows, dets = dp.DarknetDetector(model, thresh=0.005)(np.zeros((32, 32, 3), np.uint8))
+    assert np.isfinite(dets.boxes).all()
+    defs = parse_cfg_text(toy.replace('\n[yolo]\n', '\n[Gaussian_yolo]\n', 1), 'g.cfg')
+    with pytest.raises(ConfigError, match=r'g.cfg:\d+: \[gaussian_yolo\]: .* \[yolo\] layers only'):
+        dp.darknet_settings(defs[0], defs[1:], 'g.cfg')
 
 
 # ---------------------------------------------------------------------------------------------------------------

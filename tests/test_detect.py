@@ -307,3 +307,60 @@ def test_backends_give_the_same_detections_and_the_export_is_cached(tmp_path, mo
         for stem in ref:  # same classes, boxes within %g's rounding of normalised coordinates
             assert got[stem].shape == ref[stem].shape and (got[stem][:, 0] == ref[stem][:, 0]).all()
             np.testing.assert_allclose(got[stem][:, 1:], ref[stem][:, 1:], atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --darknet: the boxes `darknet detector test` prints (tests/fixtures/darknet_detect, tools/darknet_harness)
+
+DARKNET_FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_detect'
+
+
+def test_darknet_defaults_are_darknets_thresholds():
+    opt = parse_opt(['--darknet'])
+    assert (opt.conf_thres, opt.iou_thres) == (0.25, 0.45)
+    assert (parse_opt([]).conf_thres, parse_opt([]).iou_thres) == (0.3, 0.6)
+    assert parse_opt(['--darknet', '--conf-thres', '0.5', '--iou-thres', '0.3']).conf_thres == 0.5
+
+
+@pytest.mark.parametrize('args, match', [(['--augment'], '--augment'), (['--agnostic-nms'], '--agnostic-nms'),
+                                         (['--backend', 'onnxruntime'], '--backend onnxruntime'),
+                                         (['--half', 'bf16'], '--half bf16')])
+def test_darknet_refusals(tmp_path, args, match):
+    with pytest.raises(DetectError, match=f"--darknet runs the PyTorch model .*{match}"):
+        detect(parse_opt(['--darknet', '--weights', 'x.weights', '--source', str(tmp_path),
+                          '--output', str(tmp_path / 'o'), *args]))
+    assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['yolov3-tiny', 'yolov3-tiny_letterbox'])
+def test_darknet_gives_the_boxes_darknet_prints(tmp_path, case):
+    from tests.conftest import REF_CFG, SHARED
+    meta = json.loads((DARKNET_FIXTURES / f'{case}.json').read_text())
+    cfg = tmp_path / 'yolov3-tiny.cfg'  # Darknet's cfg (mask 1,2,3 on the second [yolo], as the weights were trained)
+    text = (REF_CFG / 'yolov3-tiny.cfg').read_text()
+    cfg.write_text(text.replace('[net]\n', '[net]\nletter_box=1\n') if 'net.letter_box=1' in meta['set'] else text)
+    out = tmp_path / 'out'
+    r = run_detect('--darknet', '--cfg', str(cfg), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES),
+                   '--output', str(out), '--save-txt', '--save-conf', '--nosave')
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (DARKNET_FIXTURES / f'{case}.jsonl').read_text().splitlines()]
+    for rec in (x for x in records if x['image'].startswith('samples/')):
+        name = Path(rec['image'])
+        h, w = cv2.imread(str(SHARED / name)).shape[:2]
+        rows = np.loadtxt(out / f'{name.stem}.txt', ndmin=2)  # class x y w h conf, normalised
+        theirs = sorted(((o['class_id'], o['confidence'], o['relative_coordinates']) for o in rec['objects']),
+                        key=lambda t: t[:2])
+        ours = sorted(rows.tolist(), key=lambda r: (r[0], r[5]))  # by class, then confidence, as theirs
+        assert [int(o[0]) for o in ours] == [t[0] for t in theirs], name
+        for (c, x, y, bw, bh, conf), (_, dconf, rc) in zip(ours, theirs):
+            assert abs(conf - dconf) < 0.01
+            corners = lambda b: np.array([b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2])
+            d = (corners([x, y, bw, bh]) - corners([rc['center_x'], rc['center_y'], rc['width'], rc['height']]))
+            assert np.abs(d * [w, h, w, h]).max() <= 1, name
+        # and the lines Darknet prints, within a pixel and a percent
+        printed = re.findall(r'^([\w ]+): (\d+)%\t\(left_x:\s+(-?\d+)\s+top_y:\s+(-?\d+)\s+width:\s+(\d+)\s+height:\s+'
+                             r'(\d+)\)$', r.stdout.split(f'{name.name}: ')[1].split('Done.')[1], re.M)
+        assert len(printed) == len(rec['printed']), name
+        for mine, dn in zip(sorted(printed), sorted(tuple(p) for p in rec['printed'])):
+            assert mine[0] == dn[0] and all(abs(int(a) - int(b)) <= 1 for a, b in zip(mine[1:], dn[1:])), name

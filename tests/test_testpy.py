@@ -197,3 +197,28 @@ def test_half_fp16_on_the_cpu_is_a_clear_error_and_writes_nothing(coco16_data, t
                    '--half', 'fp16', '--save-dir', str(out))
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     assert '--half fp16 needs a CUDA device' in r.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_darknet_map_is_darknets(coco16_data, tmp_path):
+    # test.py --darknet on the first 16 coco128 images: Darknet's `detector map` gave the fixture's mAP@0.50
+    from tests.conftest import REF_CFG
+    meta = json.loads((ROOT / 'tests' / 'fixtures' / 'darknet_detect' / 'map_yolov3-tiny.json').read_text())
+    assert [Path(i).name for i in meta['images']] == sorted(p.name for p in (coco16_data.parent / 'images').iterdir())
+    r = run_testpy('--darknet', '--cfg', str(REF_CFG / 'yolov3-tiny.cfg'), '--data', str(coco16_data), '--weights',
+                   str(TINY_WEIGHTS), '--img-size', '416', '--device', 'cpu', '--workers', '0',
+                   '--save-dir', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all_row(r.stdout)[0] == 16  # its own figures too
+    m = re.search(r'mean average precision \(mAP@0\.50\) = ([\d.]+)', r.stdout)
+    assert m and abs(float(m.group(1)) - meta['darknet']['map']) < 0.002, r.stdout[-2000:]
+    assert len(re.findall(r'^class_id = \d+, name = .+, ap = [\d.]+%', r.stdout, re.M)) == 80
+
+
+def test_darknet_refusals_write_nothing(tmp_path):
+    from test import EvalError, load, parse_opt
+    for args, match in ((['--single-cls'], '--single-cls'), (['--half', 'bf16'], '--half bf16'),
+                        (['--task', 'study'], '--task study')):
+        with pytest.raises(EvalError, match=f'--darknet scores the PyTorch model .*{match}'):
+            load(parse_opt(['--darknet', '--weights', 'x.weights', '--save-dir', str(tmp_path / 's'), *args]))
+    assert not (tmp_path / 's').exists()

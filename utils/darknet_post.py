@@ -43,7 +43,12 @@ class DarknetSettings:
 
 
 def darknet_settings(hyperparams: dict, module_defs: Sequence[dict], cfg_name: str = '<cfg>') -> DarknetSettings:
-    """The DarknetSettings of a parsed cfg; an nms_kind Darknet's [yolo] does not know is a ConfigError."""
+    """The DarknetSettings of a parsed cfg; an nms_kind Darknet's [yolo] does not know is a ConfigError, and so is a
+    detection layer other than [yolo] ([Gaussian_yolo] and [region] score and suppress their own way)."""
+    for d in module_defs:
+        if d['type'] in ('gaussian_yolo', 'region'):
+            raise ConfigError(f"{cfg_name}:{d['line']}: [{d['type']}]: Darknet's detector post-processing is "
+                              f"reproduced for [yolo] layers only")
     yolos = [d for d in module_defs if d['type'] == 'yolo']
     if not yolos:
         raise ConfigError(f"{cfg_name}: no [yolo] layer: Darknet's detector post-processing needs one")
@@ -59,17 +64,13 @@ def darknet_settings(hyperparams: dict, module_defs: Sequence[dict], cfg_name: s
 
 
 def settings_from_model(model: nn.Module) -> DarknetSettings:
-    """DarknetSettings of a models.Darknet; a [yolo] decode the model does not do (new_coords) is a ConfigError."""
-    for d in model.module_defs:
-        if d['type'] == 'yolo' and d.get('new_coords', 0):
-            raise ConfigError(f"{model.cfg_path}:{d['line']}: [yolo] new_coords=1: the model does not decode "
-                              f"scaled-YOLOv4 boxes, so its boxes cannot be Darknet's")
+    """DarknetSettings of a models.Darknet (its [yolo] layers decode new_coords heads as get_yolo_box does)."""
     return darknet_settings(model.hyperparams, model.module_defs, model.cfg_path)
 
 
 def use_darknet_bn_eps(model: nn.Module) -> nn.Module:
-    """Set every BatchNorm2d's eps to fuse_conv_batchnorm's (1e-5) before model.fuse(): Darknet's detector commands
-    run the fused network. In place; refused on an already fused model (its eps is baked in)."""
+    """Set every BatchNorm2d's eps to fuse_conv_batchnorm's (1e-5, models.py's default too) before model.fuse():
+    Darknet's detector commands run the fused network. In place; refused on a fused model (its eps is baked in)."""
     if getattr(model, 'fused', False):
         raise ValueError("the model is already fused; set Darknet's BatchNorm eps before fusing")
     for m in model.modules():
@@ -477,7 +478,7 @@ def _average_precision(precision: np.ndarray, recall: np.ndarray, points: int) -
 
 def darknet_model(model: nn.Module) -> nn.Module:
     """A models.Darknet as Darknet's detector commands run it: BatchNorm fused with Darknet's eps, fp32, eval mode;
-    refused (ConfigError) where the cfg asks for what the model cannot reproduce."""
+    refused (ConfigError) where the cfg asks for post-processing this module does not reproduce."""
     settings_from_model(model)
     return use_darknet_bn_eps(model).fuse().float().eval()
 
