@@ -157,27 +157,32 @@ def corners_px(box: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
 
 
 def compare_image(ours: dp.Detections, theirs: dict, thresh: float) -> dict:
-    """Pair Darknet's JSON objects with ours (same class, best IoU) and measure the differences."""
+    """Pair Darknet's JSON objects with ours (same class, best IoU over 0.5, in Darknet's order) and measure the
+    differences: the largest confidence and corner (pixels) differences of the pairs, and what stayed unpaired."""
     w, h = ours.image_wh
-    mine = [(c, ours.boxes[r], p) for r, c, p in ours.pairs(thresh)]
-    used, conf_d, px_d, unmatched = set(), 0.0, 0.0, 0
+    rows, cls = np.nonzero(ours.prob > thresh)
+    boxes, probs = ours.boxes[rows], ours.prob[rows, cls]
+    conf_d, px_d, unmatched = 0.0, 0.0, 0
+    by_class: dict[int, list[dict]] = {}
     for o in theirs['objects']:
-        rc = o['relative_coordinates']
-        box = np.array([rc['center_x'], rc['center_y'], rc['width'], rc['height']], np.float32)
-        cands = [(float(dp.box_iou(box, b[None])[0]), k) for k, (c, b, _) in enumerate(mine)
-                 if c == o['class_id'] and k not in used]
-        if not cands or max(cands)[0] < 0.5:
-            unmatched += 1
-            continue
-        k = max(cands)[1]
-        used.add(k)
-        conf_d = max(conf_d, abs(mine[k][2] - o['confidence']))
-        d = corners_px(mine[k][1], (w, h)) - corners_px(box, (w, h))
-        px_d = max(px_d, float(np.abs(d).max()))
-    printed = [(b.cls, round(b.prob * 100), b.left, b.top, b.width, b.height) for b in dp.ext_output(ours, thresh)]
-    return {'image': theirs['image'], 'darknet': len(theirs['objects']), 'ours': len(mine),
-            'unmatched': unmatched + len(mine) - len(used), 'conf_diff': conf_d, 'px_diff': px_d,
-            'printed_darknet': len(theirs['printed']), 'printed_ours': len(printed)}
+        by_class.setdefault(o['class_id'], []).append(o)
+    for c, objs in by_class.items():
+        mine = np.nonzero(cls == c)[0]
+        dn = np.array([[o['relative_coordinates'][k] for k in ('center_x', 'center_y', 'width', 'height')]
+                       for o in objs], np.float32)
+        iou = dp.box_iou_many(dn, boxes[mine])  # (Darknet's, ours) of this class
+        for i, o in enumerate(objs):
+            k = int(iou[i].argmax()) if len(mine) else -1
+            if k < 0 or iou[i, k] < 0.5:
+                unmatched += 1
+                continue
+            iou[:, k] = -1  # each of ours pairs once
+            conf_d = max(conf_d, abs(float(probs[mine[k]]) - o['confidence']))
+            px_d = max(px_d, float(np.abs(corners_px(boxes[mine[k]], (w, h)) - corners_px(dn[i], (w, h))).max()))
+    paired = len(theirs['objects']) - unmatched
+    return {'image': theirs['image'], 'darknet': len(theirs['objects']), 'ours': len(rows),
+            'unmatched': unmatched + len(rows) - paired, 'conf_diff': conf_d, 'px_diff': px_d,
+            'printed_darknet': len(theirs['printed']), 'printed_ours': len(dp.ext_output(ours, thresh))}
 
 
 def build_model(cfg: Path, weights: Path) -> Darknet:
@@ -207,9 +212,11 @@ def random_weights(cfg: Path, seed: int, path: Path) -> None:
                 m.momentum = 1.0  # one training-mode pass leaves exactly this image's statistics
         model.train()(x)
         _, maps = model.eval()(x)
-        for i, p in zip(model.head_convs(), maps):  # p: (1, na, ny, nx, no) raw
+        for i, y, p in zip(model.head_convs(), model.yolo_layers, maps):  # p: (1, na, ny, nx, no) raw
             conv = model.module_list[i].Conv2d
             na, no = p.shape[1], p.shape[-1]
+            if getattr(model.module_list[y], 'new_coords', False):  # the head's logistic is in p: back to logits
+                p = torch.logit(p.clamp(1e-6, 1 - 1e-6))
             for (lo, hi), (mean, std) in zip(((0, 4), (4, 5), (5, no)), HEAD_TARGETS):
                 v = p[..., lo:hi]
                 scale = std / float(v.std().clamp(min=1e-6))
