@@ -26,25 +26,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils.boxes import decode_yolo_box
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import WeightsError
 from utils.downloads import attempt_download
 from utils.export import export_size, get_args_parser, run
-from utils.layers import MaxPoolDarknet, Reorg3d, Route, SharedConv, Shortcut, make_activation
-from utils.parse_config import ConfigError, parse_cfg_text
+from utils.layers import (SAM, GaussianYOLOLayer, MaxPoolDarknet, MaxPoolDepth, RegionLayer, Reorg3d, ReorgOld, Route,
+                          ScaleChannels, SharedConv, Shortcut, UpsampleDarknet, YOLOLayer, make_activation)
+from utils.logs import LOGGER
+from utils.parse_config import ConfigError, parse_cfg_text, unused_keys
 from utils.torch_utils import count_parameters
 from utils.transfer import load_checkpoint_weights, load_weights
 
-# BN momentum as the original (0.03). eps differs on purpose: Darknet normalises by sqrt(var) + 1e-6, and the
-# original's eps=1e-4 moves the official yolov3-tiny outputs visibly away from Darknet/OpenCV (tests/test_models.py).
-BN_MOMENTUM, BN_EPS = 0.03, 1e-6
+# BN momentum as the original (0.03). eps differs on purpose: AlexeyAB's Darknet normalises by sqrt(var + 1e-5)
+# (normalize_cpu, fuse_conv_batchnorm); the original's eps=1e-4 moves outputs visibly away from Darknet/OpenCV, and
+# 1e-6 (pjreddie's sqrt(var) + 1e-6) is 1e-4 away from AlexeyAB's on Darknet-saved weights with small variances.
+BN_MOMENTUM, BN_EPS = 0.03, 1e-5
 
 
 class Darknet(nn.Module):
     """YOLO model built from a Darknet cfg (a path, or cfg text containing [net])."""
 
-    def __init__(self, cfg: str | Path, img_size: int | tuple[int, int] = (416, 416), verbose: bool = False):
+    def __init__(self, cfg: str | Path, img_size: int | tuple[int, int] = (416, 416), verbose: bool = False,
+                 log_cfg: bool = True):
         super().__init__()
         if isinstance(cfg, str) and '[net]' in cfg or isinstance(cfg, str) and '\n' in cfg:
             self.cfg_path, self.cfg_text = '<cfg text>', cfg
@@ -53,13 +56,24 @@ class Darknet(nn.Module):
             if not path.is_file():
                 raise ConfigError(f"{path}: cfg file not found")
             self.cfg_path, self.cfg_text = str(path), path.read_text(encoding='utf-8', errors='replace')
-        defs = parse_cfg_text(self.cfg_text, self.cfg_path)
+        warnings: list[str] = []
+        defs = parse_cfg_text(self.cfg_text, self.cfg_path, warnings)
+        if log_cfg:  # once per model build (meta-device twins and class-count probes pass log_cfg=False)
+            for w in warnings:
+                LOGGER.warning(w)
+            unused = unused_keys(defs)
+            if unused:
+                LOGGER.info(f"{self.cfg_path}: cfg keys for Darknet's own training loop, not used here: " +
+                            '; '.join(f"[{s}] {', '.join(k)}" for s, k in unused.items()))
         self.hyperparams = defs[0]
         self.module_defs = defs[1:]
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.module_list, self.yolo_layers, reused = create_modules(self.module_defs, self.cfg_path,
                                                                     self.hyperparams.get('channels', 3))
         self.reused = set(reused)
+        # layers whose backward Darknet skips ([layer] onlyforward=1): no gradient flows through them
+        self.onlyforward = {i for i, d in enumerate(self.module_defs) if d.get('onlyforward', 0)}
+        self.stopbackward, self.frozen_bn = freeze_darknet_layers(self.module_defs, self.module_list)
         self.nc = self.module_list[self.yolo_layers[0]].nc if self.yolo_layers else 0  # classes of the [yolo] layers
         self.version = np.array([0, 2, 5], dtype=np.int32)  # Darknet header: major, minor, revision
         self.seen = 0  # images seen in training, as stored in .weights headers
@@ -76,12 +90,15 @@ class Darknet(nn.Module):
 
     def _forward_once(self, x: torch.Tensor):
         img_hw = x.shape[-2:]
+        frozen_below = self.frozen_below() if self.training else -1
+        if self.training and torch.is_grad_enabled():
+            self.seen += x.shape[0]  # as Darknet's train_network: images seen (the .weights header, stopbackward=N)
         outputs: list[Any] = []
         yolo_io, yolo_p = [], []
         for i, module in enumerate(self.module_list):
             if isinstance(module, Route):
                 x = module(outputs)
-            elif isinstance(module, Shortcut):
+            elif isinstance(module, (Shortcut, ScaleChannels, SAM)):
                 x = module(x, outputs)
             elif isinstance(module, YOLOLayer):
                 io, p = module(module.asff(outputs) if module.asff_layers else x, img_hw)
@@ -89,6 +106,8 @@ class Darknet(nn.Module):
                 yolo_p.append(p)
             else:
                 x = module(x)
+            if i <= frozen_below or i in self.onlyforward and self.training:
+                x = x.detach()  # Darknet runs no backward here (stopbackward, onlyforward)
             outputs.append(x if i in self.reused else None)  # keep only what later layers read
         if self.training:
             return yolo_p
@@ -108,6 +127,24 @@ class Darknet(nn.Module):
                 io[..., 0] = w - io[..., 0]
             outs.append(io)
         return torch.cat(outs, 1), None
+
+    def frozen_below(self) -> int:
+        """The last layer that gets no gradient now (-1: none): Darknet's stopbackward. stopbackward=1 freezes for
+        good; stopbackward=N > 1 only during Darknet's first N iterations of [net] batch images each (as Darknet's
+        GPU training; its CPU build would freeze for good), counted by self.seen."""
+        last = -1
+        for i, n in self.stopbackward:
+            if n == 1 or self.seen // max(1, int(self.hyperparams.get('batch', 1))) < n:
+                last = max(last, i)
+        return last
+
+    def train(self, mode: bool = True) -> 'Darknet':
+        """nn.Module.train, except that BatchNorm layers Darknet does not train (below stopbackward=1) stay in eval
+        mode: Darknet builds them with train=0, so they normalise by their running statistics and never update."""
+        super().train(mode)
+        for i in self.frozen_bn:
+            self.module_list[i].eval()
+        return self
 
     def head_convs(self) -> list[int]:
         """Index of the convolution feeding each [yolo] layer (for ASFF heads, the `from=` layer it decodes)."""
@@ -142,7 +179,7 @@ class Darknet(nn.Module):
         from torch.utils.flop_counter import FlopCounterMode  # imported here: only the summary needs it
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
         with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
-            twin = Darknet(self.cfg_text).eval()
+            twin = Darknet(self.cfg_text, log_cfg=False).eval()
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), h, w))
         return counter.get_total_flops() / 1e9
@@ -165,69 +202,6 @@ class Darknet(nn.Module):
         s = f"Model Summary: {len(self.module_list)} layers, {n_p:,} parameters, {n_g:,} gradients{gflops}"
         print(s)
         return s
-
-
-class YOLOLayer(nn.Module):
-    """Darknet [yolo]: decodes a (B, na*no, ny, nx) map into boxes in input pixels."""
-
-    def __init__(self, anchors: list[tuple[float, float]], nc: int, stride: float, index: int,
-                 scale_x_y: float = 1.0, asff_layers: list[int] | None = None):
-        super().__init__()
-        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32))  # (na, 2) pixels
-        self.na = len(anchors)
-        self.nc = nc
-        self.no = nc + 5
-        self.stride = float(stride)
-        self.index = index  # position among the model's [yolo] layers
-        self.scale_x_y = scale_x_y
-        self.asff_layers = asff_layers or []  # ultralytics ASFF ([yolo] from=...): feature maps fused here
-        self._grid_cache: dict = {}
-
-    @property
-    def anchor_vec(self) -> torch.Tensor:
-        """Anchors in grid units of this layer: (na, 2)."""
-        return self.anchors / self.stride
-
-    def _grid(self, ny: int, nx: int, img_hw: tuple[int, int], device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cell positions (1, 1, ny, nx, 2), stride (2,) = (sx, sy)) in fp32 on device, made once per shape: a
-        stride tensor from Python numbers each forward would be a blocking host-to-device copy on CUDA."""
-        key = (ny, nx, tuple(img_hw), device)
-        if key not in self._grid_cache or torch.jit.is_tracing():  # traced (ONNX): built from the input's shape
-            yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
-                                    torch.arange(nx, device=device, dtype=torch.float32), indexing='ij')
-            stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=device)  # (sx, sy)
-            self._grid_cache = {key: (torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2), stride)}
-        return self._grid_cache[key]
-
-    def asff(self, outputs: list) -> torch.Tensor:
-        """Ultralytics ASFF: weighted sum of this and the other [yolo] inputs (last n channels are the weights)."""
-        n, i = len(self.asff_layers), self.index
-        p = outputs[self.asff_layers[i]]
-        ny, nx = p.shape[-2:]
-        w = torch.sigmoid(p[:, -n:]) * (2 / n)  # (B, n, ny, nx)
-        x = p[:, :-n] * w[:, i:i + 1]
-        for j, layer in enumerate(self.asff_layers):
-            if j != i:
-                x = x + w[:, j:j + 1] * F.interpolate(outputs[layer][:, :-n], size=(ny, nx), mode='bilinear',
-                                                      align_corners=False)
-        return x
-
-    def forward(self, p: torch.Tensor, img_hw: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Return (decoded (B, na*ny*nx, no) or None in training, raw (B, na, ny, nx, no))."""
-        _, _, ny, nx = p.shape
-        # batch as -1, not the traced size: OpenCV's ONNX importer then runs an export at any batch size
-        p = p.view(-1, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()  # (B, na, ny, nx, no)
-        if self.training:
-            return None, p
-        # decoded in fp32 whatever the network's dtype: bf16 steps 2 px between 256 and 512, fp16 0.25 px
-        pf = p.float()
-        grid, stride = self._grid(ny, nx, img_hw, p.device)
-        # the one decode the losses use too (scale_x_y included), so training optimises these boxes
-        xy, wh = decode_yolo_box(pf, self.anchors.view(1, self.na, 1, 1, 2), self.scale_x_y, grid)
-        xy = xy * stride
-        io = torch.cat((xy, wh, torch.sigmoid(pf[..., 4:])), -1)
-        return io.view(-1, self.na * ny * nx, self.no), p
 
 
 def _conv_padding(mdef: dict) -> int:
@@ -290,13 +264,28 @@ class _Builder:
 Built = tuple[nn.Module, int, tuple[float, float]]  # (module, output channels, cumulative (sy, sx) stride)
 
 
-def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
-    for key in ('filters', 'size'):
+def _require(b: _Builder, i: int, mdef: dict, *keys: str) -> None:
+    """A ConfigError naming the line when layer i lacks one of keys (Darknet stops there too)."""
+    for key in keys:
         if key not in mdef:
-            raise b.error(i, f"has no {key!r}")
+            raise b.error(i, f"has no {key!r} (required)")
+
+
+def _source(b: _Builder, i: int, mdef: dict, key: str = 'from') -> int:
+    """The absolute index of the one earlier layer `key` names (marked as read later)."""
+    _require(b, i, mdef, key)
+    j = b.absolute(i, [mdef[key]] if isinstance(mdef[key], int) else mdef[key][:1], key)[0]
+    b.reused.add(j)
+    return j
+
+
+def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
+    _require(b, i, mdef, 'filters', 'size')
     c_in, s_in = b.prev(i)
     filters, k, bn = mdef['filters'], mdef['size'], mdef.get('batch_normalize', 0)
-    stride, pad = _stride2(mdef), _conv_padding(mdef)
+    dilation = 1 if k == 1 else mdef.get('dilation', 1)  # Darknet ignores dilation for 1x1 kernels
+    # Darknet pads a dilated convolution by pad * dilation (cuDNN's and im2col_dilated's), so it keeps the size
+    stride, pad = _stride2(mdef), _conv_padding(mdef) * dilation
     act = mdef.get('activation', 'logistic')  # Darknet's default activation
     s_out = (s_in[0] * stride[0], s_in[1] * stride[1])
     if 'share_index' in mdef:
@@ -304,7 +293,7 @@ def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
         src = b.module_list[j]
         if isinstance(src, nn.Sequential) and hasattr(src, 'Conv2d') and \
                 src.Conv2d.weight.shape == (filters, c_in, k, k) and hasattr(src, 'BatchNorm2d') == bool(bn):
-            return SharedConv(src, j, stride, pad, act), filters, s_out
+            return SharedConv(src, j, stride, pad, act, dilation), filters, s_out
         # Darknet stops here ("... don't match for the share_layer"); we build a layer of its own
         print(f"WARNING: {b.cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: layer {j} "
               f"is not a convolution of the same shape (Darknet rejects this cfg); layer {i} gets weights of its own")
@@ -312,8 +301,8 @@ def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
     if c_in % groups or filters % groups:
         raise b.error(i, f"groups={groups} does not divide {c_in} input / {filters} output channels")
     module = nn.Sequential()
-    module.add_module('Conv2d', nn.Conv2d(c_in, filters, k, stride, pad, dilation=mdef.get('dilation', 1),
-                                          groups=groups, bias=not bn))
+    module.add_module('Conv2d', nn.Conv2d(c_in, filters, k, stride, pad, dilation=dilation, groups=groups,
+                                          bias=not bn))
     if bn:
         module.add_module('BatchNorm2d', nn.BatchNorm2d(filters, momentum=BN_MOMENTUM, eps=BN_EPS))
     module.add_module('activation', make_activation(act))
@@ -322,8 +311,12 @@ def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
 
 def _build_maxpool(b: _Builder, i: int, mdef: dict) -> Built:
     c_in, s_in = b.prev(i)
-    sy, sx = _stride2(mdef)
-    return MaxPoolDarknet(mdef.get('size', sx), (sy, sx), mdef.get('padding')), c_in, (s_in[0] * sy, s_in[1] * sx)
+    if mdef.get('maxpool_depth', 0):  # a max across channel groups, not over space
+        out_c = mdef.get('out_channels', 1)
+        return MaxPoolDepth(out_c), out_c, s_in
+    st = mdef.get('stride', 1)
+    sy, sx = mdef.get('stride_y', st), mdef.get('stride_x', st)
+    return MaxPoolDarknet(mdef.get('size', st), (sy, sx), mdef.get('padding')), c_in, (s_in[0] * sy, s_in[1] * sx)
 
 
 def _build_avgpool(b: _Builder, i: int, mdef: dict) -> Built:
@@ -333,21 +326,61 @@ def _build_avgpool(b: _Builder, i: int, mdef: dict) -> Built:
 def _build_upsample(b: _Builder, i: int, mdef: dict) -> Built:
     c_in, s_in = b.prev(i)
     st = mdef.get('stride', 2)
-    return nn.Upsample(scale_factor=st, mode='nearest'), c_in, (s_in[0] / st, s_in[1] / st)
+    if st < 1:
+        raise b.error(i, f"stride={st}: Darknet's reverse (downsampling) upsample is not supported")
+    return UpsampleDarknet(st, mdef.get('scale', 1.0)), c_in, (s_in[0] / st, s_in[1] / st)
 
 
 def _build_route(b: _Builder, i: int, mdef: dict) -> Built:
+    _require(b, i, mdef, 'layers')
     layers = b.absolute(i, mdef['layers'], 'layers')
-    groups = mdef.get('groups', 1)
+    groups, group_id = mdef.get('groups', 1), mdef.get('group_id', 0)
+    if groups < 1 or not 0 <= group_id < groups or any(b.channels[j] % groups for j in layers):
+        raise b.error(i, f"groups={groups}, group_id={group_id} do not split the channels "
+                         f"{[b.channels[j] for j in layers]} of layers {layers}")
     b.reused.update(layers)
-    return Route(layers, groups, mdef.get('group_id', 0)), sum(b.channels[j] for j in layers) // groups, \
-        b.strides[layers[0]]
+    return Route(layers, groups, group_id), sum(b.channels[j] for j in layers) // groups, b.strides[layers[0]]
 
 
 def _build_shortcut(b: _Builder, i: int, mdef: dict) -> Built:
+    _require(b, i, mdef, 'from')
     layers = b.absolute(i, mdef['from'], 'from')
+    kind, norm = mdef.get('weights_type', 'none'), mdef.get('weights_normalization', 'none')
+    kind = 'per_feature' if kind == 'per_layer' else kind  # Darknet's alias
+    norm = 'relu' if norm == 'avg_relu' else norm
+    if kind not in ('none', 'per_feature', 'per_channel'):
+        raise b.error(i, f"weights_type={kind} is not one of none, per_feature, per_channel")
+    if norm not in ('none', 'relu', 'softmax'):
+        raise b.error(i, f"weights_normalization={norm} is not one of none, relu, softmax")
     b.reused.update(layers)
-    return Shortcut(layers, mdef.get('activation', 'linear')), *b.prev(i)
+    c_in, s_in = b.prev(i)
+    return Shortcut(layers, mdef.get('activation', 'linear'), kind, norm, c_in), c_in, s_in
+
+
+def _no_swish_mish(b: _Builder, i: int, mdef: dict) -> str:
+    act = mdef.get('activation', 'linear')
+    if act in ('swish', 'mish', 'hard_mish') or act.startswith('normalize_channels'):
+        raise b.error(i, f"activation={act}: Darknet's {mdef['type']} layer does not apply it (it says so and "
+                         f"computes something else); use another activation")
+    return act
+
+
+def _build_scale_channels(b: _Builder, i: int, mdef: dict) -> Built:
+    j = _source(b, i, mdef)
+    c_in, _ = b.prev(i)
+    scale_wh = bool(mdef.get('scale_wh', 0))
+    if (c_in != 1) if scale_wh else (c_in != b.channels[j]):
+        raise b.error(i, f"the previous layer gives {c_in} channels but layer {j} has {b.channels[j]}"
+                         f"{' (scale_wh=1 needs 1)' if scale_wh else ''}")
+    return ScaleChannels(j, scale_wh, _no_swish_mish(b, i, mdef)), b.channels[j], b.strides[j]
+
+
+def _build_sam(b: _Builder, i: int, mdef: dict) -> Built:
+    j = _source(b, i, mdef)
+    c_in, s_in = b.prev(i)
+    if c_in != b.channels[j]:
+        raise b.error(i, f"the previous layer gives {c_in} channels but layer {j} has {b.channels[j]}")
+    return SAM(j, _no_swish_mish(b, i, mdef)), c_in, s_in
 
 
 def _build_reorg3d(b: _Builder, i: int, mdef: dict) -> Built:
@@ -356,40 +389,86 @@ def _build_reorg3d(b: _Builder, i: int, mdef: dict) -> Built:
     return Reorg3d(st), c_in * st * st, (s_in[0] * st, s_in[1] * st)
 
 
+def _build_reorg(b: _Builder, i: int, mdef: dict) -> Built:
+    c_in, s_in = b.prev(i)
+    st = mdef.get('stride', 1)  # Darknet's default
+    if c_in % (st * st):
+        raise b.error(i, f"stride={st}: {c_in} channels are not a multiple of stride^2")
+    return ReorgOld(st), c_in * st * st, (s_in[0] * st, s_in[1] * st)
+
+
 def _build_dropout(b: _Builder, i: int, mdef: dict) -> Built:
-    return nn.Dropout(mdef.get('probability', 0.5)), *b.prev(i)
+    return nn.Dropout(mdef.get('probability', 0.2)), *b.prev(i)  # Darknet's default probability
+
+
+def _head_input(b: _Builder, i: int, src: int, expected: int, formula: str) -> None:
+    """The layer feeding head i must be a convolution with `expected` filters (Darknet's check, named)."""
+    if b.defs[src]['type'] != 'convolutional' or b.channels[src] != expected:
+        raise ConfigError(
+            f"{b.cfg_name}: layer {src} ([{b.defs[src]['type']}] at line {b.defs[src]['line']}) feeds "
+            f"[{b.defs[i]['type']}] layer {i} with {b.channels[src]} filters, but {formula} = {expected}")
+
+
+def _masked_anchors(b: _Builder, i: int, mdef: dict) -> list[tuple[float, float]]:
+    """The anchors of a [yolo]-like layer's mask, as Darknet reads them (the first num pairs, 0.5 where missing)."""
+    _require(b, i, mdef, 'anchors')
+    num = mdef.get('num', len(mdef['anchors']))
+    anchors = (list(mdef['anchors']) + [(0.5, 0.5)] * num)[:num]
+    mask = mdef.get('mask', list(range(num)))
+    if any(not 0 <= m < num for m in mask):  # Darknet reads past its num*2 biases there (undefined values)
+        raise b.error(i, f"mask {mask} indexes outside its num={num} anchors (Darknet would read memory past its "
+                         f"anchor array); set num= to the number of anchor pairs")
+    return [anchors[m] for m in mask]
 
 
 def _build_yolo(b: _Builder, i: int, mdef: dict) -> Built:
-    for key in ('mask', 'anchors', 'classes'):
-        if key not in mdef:
-            raise b.error(i, f"has no {key!r}")
-    anchors, mask, nc = mdef['anchors'], mdef['mask'], mdef['classes']
-    if any(not 0 <= m < len(anchors) for m in mask):
-        raise b.error(i, f"mask {mask} indexes outside its {len(anchors)} anchors")
+    _require(b, i, mdef, 'anchors', 'classes')  # no mask: every one of the num anchors, as Darknet
+    anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
     asff = b.absolute(i, mdef['from'], 'from') if 'from' in mdef else []
     yi = len(b.yolo_layers)
     src = asff[yi] if asff else i - 1  # the convolution whose output this layer decodes
-    expected = (nc + 5) * len(mask) + len(asff)
-    if b.defs[src]['type'] != 'convolutional' or b.channels[src] != expected:
-        asff_text = (' + len(from)', f' + {len(asff)}') if asff else ('', '')
-        raise ConfigError(
-            f"{b.cfg_name}: layer {src} ([{b.defs[src]['type']}] at line {b.defs[src]['line']}) feeds [yolo] layer {i} "
-            f"with {b.channels[src]} filters, but (classes + 5) * len(mask){asff_text[0]} = ({nc} + 5) * {len(mask)}"
-            f"{asff_text[1]} = {expected}")
+    extra = f' + {len(asff)} (len(from))' if asff else ''
+    _head_input(b, i, src, (nc + 5) * len(anchors) + len(asff),
+                f"(classes + 5) * len(mask){extra} = ({nc} + 5) * {len(anchors)}{extra}")
     stride = b.strides[src]
-    module = YOLOLayer([anchors[m] for m in mask], nc, stride[1], yi, mdef.get('scale_x_y', 1.0), asff)
+    module = YOLOLayer(anchors, nc, stride[1], yi, mdef.get('scale_x_y', 1.0), asff, mdef.get('new_coords', 0))
     head = b.module_list[src]
-    if isinstance(head, nn.Sequential):  # a SharedConv head would move its source layer's bias: left alone
+    if isinstance(head, nn.Sequential) and not module.new_coords:
+        # a SharedConv head would move its source layer's bias; a new_coords head's outputs are logistic already,
+        # where the prior's logit offsets would mean something else: both left alone
         add_bias_prior(head, module.na, nc)
     b.reused.update(asff)
     b.yolo_layers.append(i)
     return module, b.channels[src], stride
 
 
+def _build_gaussian_yolo(b: _Builder, i: int, mdef: dict) -> Built:
+    _require(b, i, mdef, 'anchors', 'classes')
+    anchors, nc = _masked_anchors(b, i, mdef), mdef['classes']
+    _head_input(b, i, i - 1, (nc + 9) * len(anchors), f"(classes + 9) * len(mask) = ({nc} + 9) * {len(anchors)}")
+    stride = b.strides[i - 1]
+    module = GaussianYOLOLayer(anchors, nc, stride[1], len(b.yolo_layers), mdef.get('scale_x_y', 1.0))
+    b.yolo_layers.append(i)
+    return module, b.channels[i - 1], stride
+
+
+def _build_region(b: _Builder, i: int, mdef: dict) -> Built:
+    _require(b, i, mdef, 'anchors', 'classes', 'num')
+    num, nc = mdef['num'], mdef['classes']
+    values = (list(mdef['anchors']) + [0.5] * 2 * num)[:2 * num]  # Darknet's biases default to 0.5
+    anchors = [(values[2 * k], values[2 * k + 1]) for k in range(num)]
+    _head_input(b, i, i - 1, (nc + 5) * num, f"(classes + 5) * num = ({nc} + 5) * {num}")
+    stride = b.strides[i - 1]
+    module = RegionLayer(anchors, nc, stride[1], len(b.yolo_layers), softmax=bool(mdef.get('softmax', 0)))
+    b.yolo_layers.append(i)
+    return module, b.channels[i - 1], stride
+
+
 BUILDERS = {'convolutional': _build_convolutional, 'maxpool': _build_maxpool, 'avgpool': _build_avgpool,
             'upsample': _build_upsample, 'route': _build_route, 'shortcut': _build_shortcut,
-            'reorg3d': _build_reorg3d, 'dropout': _build_dropout, 'yolo': _build_yolo}
+            'scale_channels': _build_scale_channels, 'sam': _build_sam, 'reorg3d': _build_reorg3d,
+            'reorg': _build_reorg, 'dropout': _build_dropout, 'yolo': _build_yolo,
+            'gaussian_yolo': _build_gaussian_yolo, 'region': _build_region}
 
 
 def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels: int = 3
@@ -407,6 +486,27 @@ def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels
         b.channels.append(c_out)
         b.strides.append(s_out)
     return b.module_list, b.yolo_layers, sorted(b.reused)
+
+
+def freeze_darknet_layers(module_defs: list[dict], module_list: nn.ModuleList
+                          ) -> tuple[list[tuple[int, int]], list[int]]:
+    """Apply the cfg's stopbackward / train_only_bn in place; return ([(layer, stopbackward value)], layers whose
+    BatchNorm stays in eval mode).
+
+    As Darknet (parse_network_cfg, network_kernels.cu): stopbackward=1 at layer k: layers 0..k get no gradient and
+    no update (requires_grad off, so the optimizer leaves them out), and layers before k normalise with their running
+    BN statistics; stopbackward=N > 1: no gradient to layers 0..k during the first N iterations (Darknet.forward).
+    train_only_bn=1 at layer k: layers 0..k are not updated (requires_grad off) but their BN statistics still run.
+    """
+    stop = [(i, d['stopbackward']) for i, d in enumerate(module_defs) if d.get('stopbackward', 0)]
+    permanent = max([i for i, n in stop if n == 1], default=-1)
+    only_bn = max([i for i, d in enumerate(module_defs) if d.get('train_only_bn', 0)], default=-1)
+    for i in range(max(permanent, only_bn) + 1):
+        for p in module_list[i].parameters():
+            p.requires_grad_(False)
+    frozen_bn = [i for i in range(permanent) if isinstance(module_list[i], nn.Sequential) and
+                 hasattr(module_list[i], 'BatchNorm2d')]
+    return stop, frozen_bn
 
 
 def scale_img(img: torch.Tensor, ratio: float, gs: int = 32) -> torch.Tensor:

@@ -14,8 +14,10 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
-from utils.darknet_loss import (DEFAULTS, DarknetLoss, class_multipliers, darknet_truths, dx_box_iou, layer_cost,
-                                layer_deltas, yolo_loss_config)
+from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, assign, class_multipliers, darknet_truths, dx_box_iou,
+                                layer_cost, layer_deltas, yolo_loss_config)
+from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
+from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
 from utils.parse_config import ConfigError
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
@@ -30,19 +32,22 @@ def load_case(name: str):
     truth = torch.from_numpy(d['truth'])  # (B, 200, 5) x, y, w, h, class; zero rows unused
     b, t = (truth.abs().sum(-1) > 0).nonzero(as_tuple=True)
     targets = torch.cat((b[:, None].float(), truth[b, t][:, 4:5], truth[b, t][:, :4]), 1)
-    p = [to_maps(d[f'input_{k}']).requires_grad_(True) for k in range(len(d['layer_index']))]
+    p = [to_maps(d[f'input_{k}'], len(d[f'mask_{k}'])).requires_grad_(True) for k in range(len(d['layer_index']))]
+    loss_fn.model.seen = int(d['seen'])  # Darknet's net.seen, this batch counted ([region]'s prior pull)
     return d, loss_fn, p, targets
 
 
-def to_maps(a: np.ndarray) -> torch.Tensor:
+def to_maps(a: np.ndarray, na: int) -> torch.Tensor:
     """Darknet's (B, anchors * (5 + nc), h, w) layer memory as our raw map (B, anchors, h, w, 5 + nc)."""
     x = torch.from_numpy(np.ascontiguousarray(a))
-    return x.reshape(x.shape[0], 3, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
+    return x.reshape(x.shape[0], na, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
 
 
 def test_fixture_covers_the_done_criteria():
     assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
-            'v4tiny_label_smooth', 'v4tiny_thresholds'} <= set(CASES)
+            'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line', 'v4tiny_new_coords',
+            'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse', 'v2tiny_region', 'v2tiny_region_seen',
+            'v2tiny_region_variants', 'v3tiny_gaussian', 'v3tiny_gaussian_giou'} <= set(CASES)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -52,14 +57,22 @@ def test_gradients_are_darknets_deltas_and_loss_is_darknets(case):
     loss, items = loss_fn(p, targets)
     loss.backward()
     for k, pk in enumerate(p):
-        ref = to_maps(d[f'delta_{k}'])
+        ref = to_maps(d[f'delta_{k}'], pk.shape[1])
         ours = -pk.grad * bs / loss_fn.grad_scale  # the documented scale: -delta / batch * lr / 0.01
         # 1e-4 relative on every element; 1e-6 absolute where Darknet's float32 cancels to near zero
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6), (case, k, (ours - ref).abs().max())
         assert (ours[ref == 0] == 0).all(), 'untouched or ignored slots have exactly no gradient'
-        delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *darknet_truths(targets.double(), bs, 3),
-                                    (int(d['net_wh'][0]), int(d['net_wh'][1])))
-        assert layer_cost(loss_fn.configs[k], delta, stats)[3].item() == pytest.approx(float(d[f'cost_{k}']), rel=1e-5)
+        truths = darknet_truths(targets.double(), bs, 3)
+        net_wh = (int(d['net_wh'][0]), int(d['net_wh'][1]))
+        if isinstance(loss_fn.configs[k], RegionLossConfig):
+            cost = region_cost(region_deltas(loss_fn.configs[k], pk.detach().double(), *truths, int(d['seen'])))
+        elif isinstance(loss_fn.configs[k], GaussianLossConfig):
+            cost = gaussian_cost(gaussian_deltas(loss_fn.configs[k], pk.detach().double(), *truths, net_wh))
+        else:
+            delta, stats = layer_deltas(loss_fn.configs[k], pk.detach().double(), *truths,
+                                        (int(d['net_wh'][0]), int(d['net_wh'][1])))
+            cost = layer_cost(loss_fn.configs[k], delta, stats)
+        assert cost[3].item() == pytest.approx(float(d[f'cost_{k}']), rel=1e-5)
     assert items[3].item() == pytest.approx(float(d['loss']), rel=1e-5)  # what `darknet detector train` prints
     assert loss.item() == pytest.approx(float(d['loss']), rel=1e-5)
     assert items[:3].sum().item() == pytest.approx(items[3].item(), rel=1e-6)
@@ -80,7 +93,7 @@ def test_omitted_keys_take_darknets_defaults():
     assert cfg.iou_loss == 'giou' and cfg.class_multipliers == (1.0, 4.0, 2.0)  # 100/20 = 5, capped at max_delta
 
 
-@pytest.mark.parametrize('keys, message', [({'new_coords': 1}, 'new_coords'), ({'iou_loss': 'cious'}, 'iou_loss'),
+@pytest.mark.parametrize('keys, message', [({'iou_loss': 'cious'}, 'iou_loss'),
                                            ({'iou_thresh_kind': 'mse'}, 'iou_thresh_kind'),
                                            ({'map': 'x.map'}, 'map'), ({'counters_per_class': '1,2'}, '2 values'),
                                            ({'num': 9}, 'num=9 differs from the 3 anchors')])
@@ -92,9 +105,19 @@ def test_key_it_cannot_honour_is_an_error(keys, message):
 def test_cfg_error_names_file_and_layer(tmp_path):
     text = (ROOT / 'cfg' / 'yolov3-tiny.cfg').read_text()
     cfg = tmp_path / 'bad.cfg'
-    cfg.write_text(text.replace('[yolo]\n', '[yolo]\nnew_coords=1\n', 1))
-    with pytest.raises(ConfigError, match=r'bad.cfg:\d+: layer 16: \[yolo\] key new_coords=1 .*--loss darknet'):
+    cfg.write_text(text.replace('[yolo]\n', '[yolo]\niou_thresh_kind=mse\n', 1))
+    with pytest.raises(ConfigError, match=r"bad.cfg:\d+: layer 16: \[yolo\] key iou_thresh_kind='mse' .*--loss darknet"):
         DarknetLoss(Darknet(cfg, img_size=128))
+
+
+@pytest.mark.parametrize('px, size, n, cell', [(200, 416, 52, 25), (240, 416, 26, 15), (112, 160, 10, 7),
+                                               (201, 416, 52, 25), (199, 416, 52, 24)])
+def test_centre_on_a_grid_line_takes_darknets_float32_cell(px, size, n, cell):
+    # Darknet: (int)(truth.x * l.w) with a float32 truth and a float32 product; 200/416 * 52 is 25 there, 24 in float64
+    cfg = yolo_loss_config(yolo_def(), 'a.cfg')
+    truths = torch.tensor([[[px / size, px / size, 23 / size, 27 / size, 1]]]).double()  # float32 labels, as given
+    a = assign(cfg, truths, torch.ones(1, 1, dtype=torch.bool), Grid(n, n, float(size), float(size)))
+    assert a.cell[3].tolist() == [cell] and a.cell[2].tolist() == [cell]
 
 
 def test_truths_in_label_order_and_x_zero_ends_the_list():
@@ -149,12 +172,62 @@ def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_train_refuses_a_key_it_cannot_honour(tmp_path, capsys):
     cfg = tmp_path / 'v4.cfg'
-    cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\nnew_coords=1\n'))
+    cfg.write_text((ROOT / 'cfg' / 'yolov4-tiny.cfg').read_text().replace('[yolo]\n', '[yolo]\niou_thresh_kind=mse\n'))
     data = make_subset(tmp_path / 'data', 2)
     r = train.main(train.parse_opt(['--cfg', str(cfg), '--data', str(data), '--weights', '', '--img-size', '128',
                                     '--epochs', '1', '--device', 'cpu', '--loss', 'darknet',
                                     '--save-dir', str(tmp_path / 'run')]))
     err = capsys.readouterr().err.strip().splitlines()
     assert r == 2 and len(err) == 1
-    assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key new_coords', err[0])
+    assert re.search(rf'{re.escape(str(cfg))}:\d+: layer \d+: \[yolo\] key iou_thresh_kind', err[0])
     assert not (tmp_path / 'run').exists()  # nothing written
+
+
+def head_cfg(kind: str) -> str:
+    """A small cfg text ending in one detection head of kind ('region' or 'Gaussian_yolo'), 3 classes."""
+    net = '[net]\nwidth=64\nheight=64\nchannels=3\n\n[convolutional]\nfilters=8\nsize=3\nstride=2\npad=1\n' \
+          'activation=leaky\n\n[maxpool]\nsize=2\nstride=2\n\n'
+    if kind == 'region':
+        return net + '[convolutional]\nfilters=40\nsize=1\nstride=1\nactivation=linear\n\n[region]\n' \
+                     'anchors=1.08,1.19, 3.42,4.41, 6.63,11.38, 9.42,5.11, 16.62,10.52\nclasses=3\nnum=5\n' \
+                     'softmax=1\nbias_match=1\nrescore=1\nthresh=.6\nobject_scale=5\n'
+    return net + '[convolutional]\nfilters=36\nsize=1\nstride=1\nactivation=linear\n\n[Gaussian_yolo]\nmask=0,1,2\n' \
+                 'anchors=10,14, 23,27, 37,58\nclasses=3\nnum=3\niou_loss=giou\nuc_normalizer=0.7\n'
+
+
+@pytest.mark.parametrize('kind', ['region', 'Gaussian_yolo'])
+def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_cannot(kind):
+    from utils.loss import ComputeLoss
+    model = Darknet(head_cfg(kind), img_size=64)
+    loss_fn = DarknetLoss(model)
+    model.train()
+    p = model(torch.rand(2, 3, 64, 64))  # train mode: the raw maps
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2], [1, 2, 0.7, 0.3, 0.1, 0.4]])
+    loss, items = loss_fn(p, targets)
+    loss.backward()
+    grads = [q.grad for q in model.parameters()]
+    assert torch.isfinite(loss).all() and items[3] > 0 and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # train.py's anchor check reads the same configs: every label has an anchor here (all anchors are the head's)
+    from utils.anchors import darknet_fit
+    assert darknet_fit(torch.tensor([[10.0, 12.0], [40.0, 30.0], [60.0, 20.0]]), loss_fn.configs) == (1.0, 1.0)
+    with pytest.raises(ConfigError, match=rf"<cfg text>:\d+: layer 3: .*\[{kind.split('_')[0]}.* cannot be trained "
+                                          r"with --loss original"):
+        ComputeLoss(model, {'giou': 1, 'obj': 1, 'cls': 1, 'cls_pw': 1, 'obj_pw': 1, 'iou_t': 0.2})
+
+
+def test_region_prior_pull_stops_after_12800_images_the_model_has_seen():
+    # Darknet's [region] pulls every box towards its anchor while net.seen (images, this batch included) < 12800;
+    # the model's training forward counts them (and .weights headers and checkpoints keep the count)
+    model = Darknet(head_cfg('region'), img_size=64)
+    loss_fn = DarknetLoss(model)
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2]])
+    box_grads = []
+    for seen_before in (0, 12798 - 2, 12798):
+        model.seen = seen_before
+        p = model(torch.rand(2, 3, 64, 64))
+        assert model.seen == seen_before + 2
+        p[0].retain_grad()
+        loss_fn(p, targets)[0].backward()
+        box_grads.append(int((p[0].grad[..., :4] != 0).any(-1).sum()))
+    assert box_grads[0] == box_grads[1] == p[0][..., 0].numel()  # seen 2 and 12798: every slot
+    assert box_grads[2] == 1  # seen 12800: only the label's slot

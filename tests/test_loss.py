@@ -4,6 +4,7 @@ channels_last, EMA, optimizer state in checkpoints)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ class FakeModel(nn.Module):
         super().__init__()
         self.module_list = nn.ModuleList(layers)
         self.yolo_layers = list(range(len(layers)))
+        self.module_defs = [{'type': 'yolo', 'line': 1} for _ in layers]
+        self.cfg_path = 'fake.cfg'
         self.nc = nc
 
 
@@ -158,6 +161,27 @@ def test_loss_without_targets_is_objectness_only():
     assert p[0].grad[..., 4].abs().sum() > 0 and p[0].grad[..., :4].abs().sum() == 0
 
 
+def test_new_coords_head_trains_its_logits_as_a_logits_head_does():
+    # a new_coords head's map is its convolution's logistic output: the loss (and the gradient reaching the
+    # convolution, through the logistic) must be the one a head with raw logits gets, when both decode to the same
+    # boxes (xy: t * s - (s - 1) / 2 of the probability; wh: 4 t^2 instead of exp(t))
+    targets = torch.tensor([[0, 1, 0.4, 0.6, 0.3, 0.2], [1, 0, 0.7, 0.3, 0.15, 0.25]])
+    z = torch.randn(2, 3, 8, 8, 7, generator=torch.Generator().manual_seed(0)) * 2
+    wh = torch.rand(2, 3, 8, 8, 2, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2  # probabilities
+    logits, new = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    raw = torch.cat((logits[..., :2], torch.log(4 * wh ** 2), logits[..., 4:]), -1)  # exp(raw_wh) = 4 wh^2
+    probs = torch.cat((torch.sigmoid(new[..., :2]), wh, torch.sigmoid(new[..., 4:])), -1)
+    yolo = [FakeYOLO([(40, 40), (80, 60), (120, 150)], 32, scale_x_y=2.0)]
+    model, model_new = FakeModel(yolo, nc=2), FakeModel(yolo, nc=2)
+    model_new.module_defs[0]['new_coords'] = 1
+    loss, items = ComputeLoss(model, HYP)([raw], targets)
+    loss_new, items_new = ComputeLoss(model_new, HYP)([probs], targets)
+    assert torch.allclose(items_new, items, rtol=1e-4) and items[0] > 0 and items[2] > 0
+    loss.backward()
+    loss_new.backward()
+    assert torch.allclose(new.grad, logits.grad, rtol=1e-3, atol=1e-7)
+
+
 def test_loss_perfect_prediction_and_objectness_ratio():
     # a prediction exactly on the target: GIoU 1 -> no box loss; obj target 1 whatever gr is
     model = FakeModel([FakeYOLO([(64, 64)], 32)], nc=2)
@@ -197,19 +221,35 @@ def raw_on_labels(model, targets: torch.Tensor, img: int) -> tuple[list[torch.Te
     p = [torch.zeros(2, m.na, img // int(m.stride), img // int(m.stride), m.no) for m in layers]
     _, tbox, indices, anch = build_targets(p, targets, loss_fn.anchor_vecs, model.nc, HYP['iou_t'])
     placed = []
-    for m, pi, box, idx, an in zip(layers, p, tbox, indices, anch):
+    for m, pi, box, idx, an, new in zip(layers, p, tbox, indices, anch, loss_fn.new_coords):
         s = m.scale_x_y
-        pi[idx + (slice(0, 2),)] = torch.logit((box[:, :2] + 0.5 * (s - 1)) / s)  # inverse of the xy decode
-        pi[idx + (slice(2, 4),)] = torch.log(box[:, 2:4] / an)
+        xy = (box[:, :2] + 0.5 * (s - 1)) / s  # inverse of the xy decode
+        # new_coords: the map is the head convolution's logistic output, w = 4 t^2 anchor
+        pi[idx + (slice(0, 2),)] = xy if new else torch.logit(xy)
+        pi[idx + (slice(2, 4),)] = torch.sqrt(box[:, 2:4] / an / 4) if new else torch.log(box[:, 2:4] / an)
         cell = torch.stack((idx[3], idx[2]), 1).float()
         placed.append((idx, torch.cat(((box[:, :2] + cell) * m.stride, box[:, 2:4] * m.stride), 1)))
     return p, placed
 
 
-@pytest.mark.parametrize('cfg', ['yolov4-tiny.cfg', 'yolov4.cfg'])
+def new_coords_cfg(path) -> str:
+    """A cfg's text with yolov7's head: new_coords=1, scale_x_y 2 and a logistic on each head convolution."""
+    sections = path.read_text().split('\n[')
+    for k, sec in enumerate(sections):
+        if sec.startswith('yolo]'):
+            sec = re.sub(r'^scale_x_y\s*=.*$', '', sec, flags=re.M)
+            sections[k] = sec.replace('yolo]\n', 'yolo]\nnew_coords=1\nscale_x_y=2.0\n', 1)
+            sections[k - 1] = sections[k - 1].replace('activation=linear', 'activation=logistic')
+    return '\n['.join(sections)
+
+
+@pytest.mark.parametrize('cfg', ['yolov4-tiny.cfg', 'yolov4.cfg', 'yolov4-tiny.cfg new_coords'])
 def test_box_loss_zero_where_inference_decodes_onto_the_label(cfg):
-    # the yolov4 heads have scale_x_y 1.05-1.2: the loss must decode as YOLOLayer does at inference
-    model = Darknet(ROOT / 'cfg' / cfg, img_size=256)
+    # the yolov4 heads have scale_x_y 1.05-1.2, yolov7's new_coords heads 2 and w = 4 t^2 anchor: the loss must
+    # decode as YOLOLayer does at inference
+    name, *new = cfg.split()
+    model = Darknet(new_coords_cfg(ROOT / 'cfg' / name) if new else ROOT / 'cfg' / name, img_size=256)
+    assert ComputeLoss(model, HYP).new_coords == [bool(new)] * len(model.yolo_layers)
     layers = [model.module_list[j] for j in model.yolo_layers]
     assert {m.scale_x_y for m in layers} - {1.0}, 'the cfg should exercise scale_x_y'
     # boxes of many sizes, centres away from each other so no two labels share an anchor and cell

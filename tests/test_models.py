@@ -87,7 +87,9 @@ def test_reference_cfg_against_opencv(name, bus416, tmp_path):
         agree = 'box_obj' in r and r['box_obj'] < 1e-4 and r['cls'] < 1e-4
         assert not agree, f"OpenCV now agrees on {name}: update OPENCV_DEVIATIONS ({OPENCV_DEVIATIONS[name]})"
         return
-    assert r.get('box_obj', 1) < 1e-4 and r['cls'] < 1e-4, (name, r)
+    # 1e-3, not 1e-4: our BatchNorm is AlexeyAB Darknet's sqrt(var + 1e-5) (the oracle); OpenCV's importer normalises
+    # with eps 1e-6, which moves these random-weight networks (small running variances) by up to a few 1e-4
+    assert r.get('box_obj', 1) < 1e-3 and r['cls'] < 1e-3, (name, r)
     assert r['max_zeroed'] <= OPENCV_THRESH + 1e-4, (name, r)
 
 
@@ -203,7 +205,7 @@ def test_own_cfg_weights_run_in_opencv_with_reference_cfg(name, bus416, tmp_path
     save_weights(model, weights)
     img = np.ascontiguousarray(cv2.resize(bus416, (224, 224)))
     r = compare(ours_in_opencv_layout(model, img), opencv_outputs(str(REF_CFG / name), str(weights), img))
-    assert r['box_obj'] < 1e-4 and r['cls'] < 1e-4, r
+    assert r['box_obj'] < 1e-3 and r['cls'] < 1e-3, r  # BN epsilon: see test_reference_cfg_against_opencv
 
 
 @pytest.mark.slow

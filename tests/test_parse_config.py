@@ -60,9 +60,11 @@ def test_misspelled_key_names_file_line_section_key():
 @pytest.mark.parametrize('body, parts', [
     ("[convolutional]\nfilters=sixteen\n", ["my.cfg:9:", "'filters'", "sixteen"]),
     ("[convolutional]\nactivation=leakyy\n", ["my.cfg:9:", "leakyy"]),
-    ("[yolo]\nanchors=10,13,16\n", ["my.cfg:9:", "pairs"]),
+    ("[yolo]\nanchors=10,13,x\n", ["my.cfg:9:", "'x'"]),
     ("[convlutional]\nfilters=3\n", ["my.cfg:8:", "[convlutional]"]),
-    ("[convolutional]\nfilters=3\nfilters=4\n", ["my.cfg:10:", "twice"]),
+    ("[convolutional]\nfilters=3\nxnor=1\n", ["my.cfg:10:", "[convolutional]", "xnor=1", "out of scope"]),
+    ("[crnn]\nsize=3\n", ["my.cfg:8:", "[crnn]", "out of scope"]),
+    ("[region]\ntree=data/9k.tree\n", ["my.cfg:9:", "[region]", "tree", "out of scope"]),
     ("[convolutional]\nfilters 3\n", ["my.cfg:9:", "key=value"]),
 ])
 def test_bad_values_and_sections(body, parts):
@@ -97,3 +99,56 @@ def test_with_values_changes_only_the_values_asked_for():
     assert new == text.replace('filters = 255  # head', 'filters = 18  # head').replace('classes=80', 'classes=1')
     with pytest.raises(ConfigError, match=r"x\.cfg:3: layer 0 \[convolutional\] has no 'groups'"):
         with_values(text, {0: {'groups': 2}}, 'x.cfg')
+
+
+def test_repeated_key_first_wins_with_a_warning():
+    warnings: list[str] = []
+    conv = parse_cfg_text(NET + "[convolutional]\nfilters=3\nfilters=4\n", 'my.cfg', warnings)[1]
+    assert conv['filters'] == 3  # Darknet's option_find returns the first
+    assert len(warnings) == 1 and warnings[0].startswith('my.cfg:10:') and 'filters' in warnings[0]
+
+
+def test_darknet_anchor_reading():
+    warnings: list[str] = []
+    yolo = parse_cfg_text(NET + "[yolo]\nanchors=1,2, 3,4  5,6, 7\n", 'a.cfg', warnings)[1]
+    # blanks deleted, then atof per comma-separated item: '4  5' reads 45; 6 numbers left
+    assert yolo['anchors'] == [(1, 2), (3, 45), (6, 7)]
+    assert len(warnings) == 1 and 'two numbers' in warnings[0]
+    yolo = parse_cfg_text(NET + "[yolo]\nanchors=1,2, 3\n", 'a.cfg', warnings)[1]
+    assert yolo['anchors'] == [(1, 2), (3, 0.5)] and 'odd' in warnings[-1]
+
+
+def test_every_darknet_key_is_accepted_and_training_keys_are_listed():
+    from utils.parse_config import unused_keys
+    text = (NET + "batch=64\nsubdivisions=16\nema_alpha=0.9998\nmax_epochs=300\n"
+            "[convolutional]\nfilters=3\nsize=1\nstopbackward=800\nstream=1\n"
+            "[yolo]\nmask=0\nanchors=1,2\nclasses=1\nnew_coords=1\nmax=200\nembedding_layer=-2\n")
+    warnings: list[str] = []
+    defs = parse_cfg_text(text, 'k.cfg', warnings)
+    assert defs[1]['stopbackward'] == 800 and defs[2]['new_coords'] == 1
+    assert 'max_epochs' not in defs[0] and 'Darknet does not read it' in warnings[0]
+    assert unused_keys(defs) == {'net': ['batch', 'ema_alpha', 'momentum', 'scales', 'steps', 'subdivisions'],
+                                 'convolutional': ['stream'], 'yolo': ['embedding_layer', 'max']}
+
+
+@pytest.mark.parametrize('key, value', [('antialiasing', 1), ('binary', 1), ('dontload', 1), ('sway', 1)])
+def test_keys_only_at_darknets_default(key, value):
+    parse_cfg_text(NET + f"[convolutional]\nfilters=3\n{key}=0\n", 'd.cfg')
+    with pytest.raises(ConfigError, match=rf"d\.cfg:10: \[convolutional\].*{key}={value}"):
+        parse_cfg_text(NET + f"[convolutional]\nfilters=3\n{key}={value}\n", 'd.cfg')
+
+
+@pytest.mark.slow
+def test_darknet_zoo_parses_or_stops_with_one_line():
+    from tests.conftest import SHARED
+    zoo = sorted((SHARED / 'darknet-zoo').glob('*.cfg'))
+    assert len(zoo) == 54
+    refused = {}
+    for f in zoo:
+        try:
+            parse_model_cfg(f)
+        except ConfigError as e:
+            assert '\n' not in str(e) and str(e).startswith(str(f))
+            refused[f.name] = str(e)
+    assert sorted(refused) == ['tiny-yolo_xnor.cfg', 'yolo9000.cfg', 'yolov3-tiny_occlusion_track.cfg',
+                               'yolov3-tiny_xnor.cfg', 'yolov4-tiny_contrastive.cfg']

@@ -431,7 +431,7 @@ def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn > 0
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in sd.items())
-    assert logged() == [f'Using SyncBatchNorm ({n_bn} layers)']
+    assert logged()[-1:] == [f'Using SyncBatchNorm ({n_bn} layers)']  # after the model build's cfg line
     opt = train.parse_opt(['--sync-bn', '--batch-size', '8'])
     ddp2 = du.DistInfo(rank=0, local_rank=0, world_size=2)
     with pytest.raises(ValueError, match='--sync-bn needs CUDA'):

@@ -74,18 +74,21 @@ def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
 
 
 def decode_yolo_box(p: torch.Tensor, anchors: torch.Tensor, scale_x_y: float = 1.0,
-                    grid: torch.Tensor | None = None, max_wh_scale: float | None = None
+                    grid: torch.Tensor | None = None, max_wh_scale: float | None = None, new_coords: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Darknet's [yolo] box decode of raw outputs p (..., >= 4): (xy, wh): xy in grid cells, wh in the anchors' units.
 
     xy = sigmoid(t) * scale_x_y - (scale_x_y - 1) / 2 (+ grid), the offset in the cell (or the cell position with
-    grid); wh = exp(t) * anchors. YOLOLayer (inference) and the losses both decode through this, so training
-    optimises the boxes inference reports. max_wh_scale clamps exp(t) (the original loss's overflow guard).
+    grid); wh = exp(t) * anchors. With new_coords (Scaled-YOLOv4, YOLOv7: get_yolo_box in yolo_layer.c) the head's
+    convolution already applied the logistic, so Darknet applies none: xy = t * scale_x_y - (scale_x_y - 1) / 2 and
+    wh = 4 * t^2 * anchors. YOLOLayer (inference) and the losses both decode through this, so training optimises the
+    boxes inference reports. max_wh_scale clamps exp(t) (the original loss's overflow guard).
     """
-    xy = torch.sigmoid(p[..., :2]) * scale_x_y - 0.5 * (scale_x_y - 1)
+    t = p[..., :2] if new_coords else torch.sigmoid(p[..., :2])
+    xy = t * scale_x_y - 0.5 * (scale_x_y - 1)
     if grid is not None:
         xy = xy + grid
-    scale = torch.exp(p[..., 2:4])
+    scale = 4 * p[..., 2:4] ** 2 if new_coords else torch.exp(p[..., 2:4])
     if max_wh_scale is not None:
         scale = scale.clamp(max=max_wh_scale)
     return xy, scale * anchors

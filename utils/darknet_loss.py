@@ -13,8 +13,13 @@ takes it only when that anchor is in its mask), and with iou_thresh < 1 also to 
 (iou_thresh_kind) IoU with it exceeds iou_thresh; box deltas by iou_loss (mse with the (2 - w*h) weight, or the
 analytic iou/giou/diou/ciou gradient, times exp(t) for w and h), iou_normalizer, max_delta; objectness by
 obj_normalizer and objectness_smooth; classes by label_smooth_eps, focal_loss, counters_per_class (with
-cls_normalizer, which Darknet applies only together with counters_per_class); truth_thresh; and scale_x_y in the
-decode. Several truths on one anchor are applied in truth order, as Darknet's loop does.
+cls_normalizer, which Darknet applies only together with counters_per_class); truth_thresh; scale_x_y and
+new_coords (Scaled-YOLOv4/YOLOv7 heads: input already logistic, w, h = 4 t^2 anchor, IoU w/h deltas unscaled) in the
+decode. Several truths on one anchor are applied in truth order, as Darknet's loop does. What Darknet decides in
+float32 (a truth's cell, its best anchor, the threshold comparisons) is decided in float32 here too.
+
+[region] heads (YOLOv2) are trained by utils/darknet_region_loss.py, [Gaussian_yolo] heads by
+utils/darknet_gaussian_loss.py; DarknetLoss picks each head's.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import decode_yolo_box
+from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas, region_loss_config
+from utils.loss import refuse_heads
 from utils.parse_config import ConfigError
 from utils.torch_utils import de_parallel
 
@@ -34,7 +41,8 @@ THRESH_KINDS = ('iou', 'giou', 'diou', 'ciou')  # iou_thresh_kind values
 # Darknet's defaults (parse_yolo in src/parser.c) for the keys a cfg omits
 DEFAULTS = {'iou_loss': 'mse', 'iou_normalizer': 0.75, 'obj_normalizer': 1.0, 'cls_normalizer': 1.0,
             'ignore_thresh': 0.5, 'truth_thresh': 1.0, 'iou_thresh': 1.0, 'iou_thresh_kind': 'iou', 'scale_x_y': 1.0,
-            'label_smooth_eps': 0.0, 'max_delta': math.inf, 'objectness_smooth': 0, 'focal_loss': 0, 'show_details': 1}
+            'label_smooth_eps': 0.0, 'max_delta': math.inf, 'objectness_smooth': 0, 'focal_loss': 0, 'show_details': 1,
+            'new_coords': 0}
 MAX_BOXES = 200  # Darknet's [yolo] max: truths per image beyond it never reach the loss
 DARKNET_LR = 0.001  # Darknet's default [net] learning_rate
 REFERENCE_LR0 = 0.01  # hyp lr0 at which one optimizer step equals Darknet's step at the cfg's learning_rate
@@ -63,6 +71,7 @@ class YoloLossConfig:
     focal_loss: int = 0
     class_multipliers: tuple[float, ...] | None = None  # from counters_per_class
     show_details: int = 1  # Darknet's cost formula (1, its default: IoU term + squared non-box deltas)
+    new_coords: int = 0  # Scaled-YOLOv4/YOLOv7 head: its input is already logistic; w, h = 4 t^2 anchor
 
 
 def class_multipliers(counters: str, nc: int, max_delta: float) -> tuple[float, ...]:
@@ -76,7 +85,8 @@ def class_multipliers(counters: str, nc: int, max_delta: float) -> tuple[float, 
 
 # keys a [yolo] section may have that are not the loss's business (data augmentation, NMS, ultralytics' ASFF)
 NOT_LOSS_KEYS = {'type', 'line', 'mask', 'anchors', 'classes', 'num', 'jitter', 'random', 'resize', 'nms_kind',
-                 'beta_nms', 'from'}
+                 'beta_nms', 'from', 'track_history_size', 'sim_thresh', 'dets_for_track', 'dets_for_show',
+                 'track_ciou_norm'}
 
 
 def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
@@ -85,17 +95,21 @@ def yolo_loss_config(mdef: dict, where: str) -> YoloLossConfig:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{where}: [yolo] key {key}={mdef.get(key)!r} {why} under --loss darknet")
 
-    if mdef.get('new_coords', 0):
-        raise bad('new_coords', "(scaled-yolov4's decode) is not implemented, neither by the model nor the loss")
     if 'map' in mdef:
         raise bad('map', '(a class map file) is not supported')
+    if mdef.get('max', MAX_BOXES) != MAX_BOXES:
+        raise bad('max', f'(truths per image) other than {MAX_BOXES} is not supported')
+    if mdef.get('delta_normalizer', 1.0) != 1.0:  # Darknet's GPU backward scales the delta by it, its CPU one not
+        raise bad('delta_normalizer', 'other than 1 is not supported')
+    if mdef.get('embedding_layer') is not None:
+        raise bad('embedding_layer', "(Darknet's contrastive tracking loss) is not supported")
     for key, allowed in (('iou_loss', BOX_LOSSES), ('iou_thresh_kind', THRESH_KINDS)):
         if key in mdef and mdef[key] not in allowed:  # Darknet would quietly fall back to plain IoU
             raise bad(key, f"is not one of {', '.join(allowed)}")
     if 'num' in mdef and mdef['num'] != len(mdef['anchors']):  # Darknet searches the first num anchors only
         raise bad('num', f"differs from the {len(mdef['anchors'])} anchors listed (Darknet's best-anchor search "
                          f"would use {mdef['num']})")
-    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class', 'new_coords'}
+    unknown = set(mdef) - NOT_LOSS_KEYS - set(DEFAULTS) - {'counters_per_class', 'max', 'delta_normalizer'}
     if unknown:
         key = sorted(unknown)[0]
         raise bad(key, 'is not a key this loss knows')
@@ -239,13 +253,15 @@ def box_delta(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, a: Ass
     iou, giou = darknet_iou(pred, a.truth), darknet_iou(pred, a.truth, 'giou')
     pred = torch.cat((pred[:, :2], torch.where(pred[:, 2:] == 0, torch.ones_like(pred[:, 2:]), pred[:, 2:])), 1)
     if cfg.iou_loss == 'mse':
-        t = torch.stack((a.truth[:, 0] * g.nx - a.cell[3], a.truth[:, 1] * g.ny - a.cell[2],
-                         torch.log(a.truth[:, 2] * g.net_w / a.anchor[:, 0]),
-                         torch.log(a.truth[:, 3] * g.net_h / a.anchor[:, 1])), 1)
+        wh = torch.stack((a.truth[:, 2] * g.net_w / a.anchor[:, 0], a.truth[:, 3] * g.net_h / a.anchor[:, 1]), 1)
+        twh = torch.sqrt(wh / 4) if cfg.new_coords else torch.log(wh)  # the inverse of the head's w, h decode
+        t = torch.cat((torch.stack((a.truth[:, 0] * g.nx - a.cell[3], a.truth[:, 1] * g.ny - a.cell[2]), 1), twh), 1)
         scale = 2 - a.truth[:, 2] * a.truth[:, 3]  # Darknet weighs small boxes up, in the mse loss only
         return (t - out[:, :4]) * (scale * norm)[:, None], iou, giou
     d = dx_box_iou(pred, a.truth, cfg.iou_loss)
-    d = torch.cat((d[:, :2], d[:, 2:] * torch.exp(out[:, 2:4])), 1) * norm[:, None]  # w, h: times exp(t) only
+    if not cfg.new_coords:  # w, h: times exp(t) only; with new_coords Darknet applies no factor at all
+        d = torch.cat((d[:, :2], d[:, 2:] * torch.exp(out[:, 2:4])), 1)
+    d = d * norm[:, None]
     d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
     if math.isfinite(cfg.max_delta):
         d = d.clamp(-cfg.max_delta, cfg.max_delta)
@@ -286,6 +302,11 @@ def _mask_positions(cfg: YoloLossConfig, device: torch.device) -> torch.Tensor:
     return pos
 
 
+def _f32(value: float, device: torch.device) -> torch.Tensor:
+    """A float cfg threshold as Darknet holds it (a C float), to compare float32 quantities with."""
+    return _constant((value,), device, torch.float32)[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small read-only tensor of Python numbers on device, made once: from a list each batch it would be a
@@ -301,10 +322,14 @@ def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Gr
     b, t = valid.nonzero(as_tuple=True)  # in (image, truth) order
     tr = truths[b, t]  # (m0, 5)
     anchors = _constant(tuple(map(tuple, cfg.anchors)), device, truths.dtype)  # (total, 2) pixels
-    zero = torch.zeros(len(anchors), 2, dtype=truths.dtype, device=device)
-    net_wh = _constant((g.net_w, g.net_h), device, truths.dtype)
-    anchor_boxes = torch.cat((zero, anchors / net_wh), 1)[None]  # (1, total, 4)
-    shifted = torch.cat((torch.zeros_like(tr[:, :2]), tr[:, 2:4]), 1)[:, None]  # (m0, 1, 4) centred truths
+    # the best anchor, the iou_thresh matches and the cell are decided in float32 as Darknet does (its truths are
+    # float32, so tr.float() is exact): in float64 an IoU tie or a centre on a grid line can go the other way
+    tr32 = tr.float()
+    anchors32 = _constant(tuple(map(tuple, cfg.anchors)), device, torch.float32)
+    zero = torch.zeros(len(anchors), 2, dtype=torch.float32, device=device)
+    net_wh = _constant((g.net_w, g.net_h), device, torch.float32)
+    anchor_boxes = torch.cat((zero, anchors32 / net_wh), 1)[None]  # (1, total, 4), as l.biases / net.w
+    shifted = torch.cat((torch.zeros_like(tr32[:, :2]), tr32[:, 2:4]), 1)[:, None]  # (m0, 1, 4) centred truths
     best_n = darknet_iou(anchor_boxes, shifted).argmax(1)  # (m0,) first best on ties, as Darknet's strict '>'
     pos = _mask_positions(cfg, device)
     n_idx = torch.arange(len(anchors), device=device)
@@ -312,15 +337,16 @@ def assign(cfg: YoloLossConfig, truths: torch.Tensor, valid: torch.Tensor, g: Gr
     sub = torch.zeros(take.shape, dtype=torch.long, device=device)
     if cfg.iou_thresh < 1.0:
         extra = (pos[None] >= 0) & (n_idx[None] != best_n[:, None]) & \
-            (darknet_iou(anchor_boxes, shifted, cfg.iou_thresh_kind) > cfg.iou_thresh)
+            (darknet_iou(anchor_boxes, shifted, cfg.iou_thresh_kind) > _f32(cfg.iou_thresh, device))
         take |= extra
         sub = torch.where(extra, n_idx[None] + 1, sub)
     r, n = take.nonzero(as_tuple=True)
     order = torch.argsort(r * (len(anchors) + 1) + sub[r, n], stable=True)
     r, n = r[order], n[order]
-    # int() of x * l.w as Darknet; a centre on the right or bottom edge stays in the last cell
-    gi = (tr[r, 0] * g.nx).long().clamp(0, g.nx - 1)
-    gj = (tr[r, 1] * g.ny).long().clamp(0, g.ny - 1)
+    # (int)(truth.x * l.w) in float32 as Darknet: 200/416 on a 52 grid is cell 25 there, 24 in float64; a centre
+    # on the right or bottom edge stays in the last cell
+    gi = (tr32[r, 0] * g.nx).long().clamp(0, g.nx - 1)
+    gj = (tr32[r, 1] * g.ny).long().clamp(0, g.ny - 1)
     return Assigned((b[r], pos[n], gj, gi), tr[r, :4], tr[r, 4].long(), anchors[n])
 
 
@@ -340,32 +366,40 @@ def cell_ranks(cell: tuple[torch.Tensor, ...], shape: tuple[int, ...]) -> torch.
 
 def layer_outputs(cfg: YoloLossConfig, x: torch.Tensor, g: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Darknet's layer output (x, y after sigmoid and scale_x_y; w, h raw; objectness and classes after sigmoid)
-    and the predicted boxes (normalised xywh) of raw x (B, na, ny, nx, no), through the model's own decode."""
+    and the predicted boxes (normalised xywh) of raw x (B, na, ny, nx, no), through the model's own decode.
+
+    With new_coords the head's convolution already applied the logistic: Darknet's [yolo] applies none (only
+    scale_x_y to x, y), and the deltas are taken with respect to that input, as here."""
     na = x.shape[1]
     anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), x.device, x.dtype)
     anchors = (anchors / _constant((g.net_w, g.net_h), x.device, x.dtype)).view(1, na, 1, 1, 2)
-    xy, wh = decode_yolo_box(x, anchors, cfg.scale_x_y)
+    xy, wh = decode_yolo_box(x, anchors, cfg.scale_x_y, new_coords=bool(cfg.new_coords))
     yv, xv = torch.meshgrid(torch.arange(g.ny, device=x.device, dtype=x.dtype),
                             torch.arange(g.nx, device=x.device, dtype=x.dtype), indexing='ij')
     grid = torch.stack((xv, yv), 2).view(1, 1, g.ny, g.nx, 2)
     pred = torch.cat(((xy + grid) / _constant((g.nx, g.ny), x.device, x.dtype), wh), -1)  # (B, na, ny, nx, 4)
-    out = torch.cat((xy, x[..., 2:4], torch.sigmoid(x[..., 4:])), -1)
+    out = torch.cat((xy, x[..., 2:4], x[..., 4:] if cfg.new_coords else torch.sigmoid(x[..., 4:])), -1)
     return out, pred
 
 
-def objectness_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor, truths: torch.Tensor,
+def objectness_step(cfg: YoloLossConfig, out: torch.Tensor, pred32: torch.Tensor, truths: torch.Tensor,
                     valid: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """process_batch's loop over predictions: objectness delta to 0, except where the prediction overlaps a truth
     by more than ignore_thresh (and some class probability exceeds 0.25). Writes delta; returns each prediction's
-    best IoU and truth index (B, na, ny, nx) for truth_thresh."""
-    iou = darknet_iou(pred[:, :, :, :, None], truths[:, None, None, None, :, :4])  # (B, na, ny, nx, T)
+    best IoU (float32) and truth index (B, na, ny, nx) for truth_thresh.
+
+    The IoUs are Darknet's float32 ones (pred32: the float32 decode; truths float32), so that the threshold
+    comparisons and the best truth are decided as Darknet decides them."""
+    truths = truths.float()
+    iou = darknet_iou(pred32[:, :, :, :, None], truths[:, None, None, None, :, :4])  # (B, na, ny, nx, T)
     iou = torch.where(valid[:, None, None, None], iou, torch.zeros_like(iou))
     best_t = iou.argmax(-1) if iou.shape[-1] else torch.zeros(iou.shape[:-1], dtype=torch.long, device=iou.device)
-    best_iou = iou.gather(-1, best_t[..., None])[..., 0] if iou.shape[-1] else torch.zeros_like(out[..., 4])
+    best_iou = iou.gather(-1, best_t[..., None])[..., 0] if iou.shape[-1] else torch.zeros_like(pred32[..., 0])
     match = (out[..., 5:] > CLASS_MATCH).any(-1)
     best_match = torch.where(match, best_iou, torch.zeros_like(best_iou))
     d_obj = cfg.obj_normalizer * (0 - out[..., 4])
-    ignore = best_match > cfg.ignore_thresh
+    ignore = best_match > _f32(cfg.ignore_thresh, out.device)
+    best_match = best_match.to(out.dtype)
     if cfg.objectness_smooth:
         d_obj = torch.where(ignore, torch.maximum(d_obj, cfg.obj_normalizer * (best_match - out[..., 4])), d_obj)
     else:
@@ -380,13 +414,13 @@ def truth_thresh_step(cfg: YoloLossConfig, out: torch.Tensor, pred: torch.Tensor
     """Predictions whose best IoU with a truth exceeds truth_thresh train as if assigned to it (objectness, class
     and box deltas), as process_batch's first loop does; not counted in the IoU statistics."""
     best_iou, best_t = best
-    cell = (best_iou > cfg.truth_thresh).nonzero(as_tuple=True)
+    cell = (best_iou > _f32(cfg.truth_thresh, out.device)).nonzero(as_tuple=True)
     if not len(cell[0]):
         return
     tr = truths[cell[0], best_t[cell]]  # (m, 5)
     cls = tr[:, 4].long()
     anchors = _constant(tuple(tuple(cfg.anchors[m]) for m in cfg.mask), out.device, out.dtype)
-    iou_mult = best_iou[cell] ** 2
+    iou_mult = best_iou[cell].to(out.dtype) ** 2
     o = out[cell]
     delta[cell + (4,)] = cfg.obj_normalizer * ((iou_mult if cfg.objectness_smooth else 1.0) - o[:, 4])
     d_cls = class_delta_new(cfg, o[:, 5:], delta[cell][:, 5:], cls, mult)
@@ -446,9 +480,12 @@ def layer_deltas(cfg: YoloLossConfig, x: torch.Tensor, truths: torch.Tensor, val
     g = Grid(x.shape[3], x.shape[2], float(net_wh[0]), float(net_wh[1]))
     mult = (_constant(tuple(cfg.class_multipliers), x.device, x.dtype) if cfg.class_multipliers is not None
             else x.new_ones(cfg.nc))
-    out, pred = layer_outputs(cfg, x, g)
+    # Darknet's l.output and decoded boxes are float32: decode in float32 (its comparisons are made on these), then
+    # compute the deltas from those very values in x's precision
+    out32, pred32 = layer_outputs(cfg, x.float(), g)
+    out, pred = out32.to(x.dtype), pred32.to(x.dtype)
     delta = torch.zeros_like(x)
-    best = objectness_step(cfg, out, pred, truths, valid, delta)
+    best = objectness_step(cfg, out, pred32, truths, valid, delta)
     truth_thresh_step(cfg, out, pred, truths, best, delta, g, mult)
     stats = truth_step(cfg, out, pred, assign(cfg, truths, valid, g), delta, g, mult)
     if cfg.iou_thresh < 1.0:
@@ -507,18 +544,34 @@ class DarknetLoss:
 
     def __init__(self, model: nn.Module, hyp: dict[str, float] | None = None):
         bare = de_parallel(model)
-        defs = [bare.module_defs[j] for j in bare.yolo_layers]
-        self.configs = [yolo_loss_config(d, f"{bare.cfg_path}:{d['line']}: layer {j}")
-                        for d, j in zip(defs, bare.yolo_layers)]
+        refuse_heads(bare, 'darknet', ('region', 'gaussian_yolo'))
+        # imported here: those modules build on this one's [yolo] functions
+        from utils.darknet_gaussian_loss import gaussian_loss_config
+        self.configs: list[YoloLossConfig | RegionLossConfig] = []
+        for j in bare.yolo_layers:
+            d, where = bare.module_defs[j], f"{bare.cfg_path}:{bare.module_defs[j]['line']}: layer {j}"
+            if d['type'] == 'region':
+                head = bare.module_list[j]
+                self.configs.append(region_loss_config(d, head.anchors_grid.tolist(), float(head.stride), where))
+            elif d['type'] == 'gaussian_yolo':
+                self.configs.append(gaussian_loss_config(d, where))
+            else:
+                self.configs.append(yolo_loss_config(d, where))
         self.strides = [float(bare.module_list[j].stride) for j in bare.yolo_layers]
         self.nc = int(bare.nc)
         self.grad_scale = float(bare.hyperparams.get('learning_rate', DARKNET_LR)) / REFERENCE_LR0
         self.hyp = dict(hyp or {})
+        # Darknet's net.seen ([region] pulls boxes towards their anchor priors while it is below 12800) is the
+        # model's own count: images its training forward has seen, this batch included, kept in .weights headers and
+        # checkpoints (so fine-tuning Darknet weights or resuming continues it)
+        self.model = bare
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor, gr: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw train-mode outputs p (each (bs, na, ny, nx, nc + 5)) for targets (n, 6); gr is ignored."""
+        from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
         bs = p[0].shape[0]
+        seen = int(getattr(self.model, 'seen', 0))
         items = torch.zeros(4, device=p[0].device)
         surrogate = torch.zeros((), device=p[0].device)
         with torch.no_grad():
@@ -527,8 +580,16 @@ class DarknetLoss:
             with torch.no_grad():
                 # float64: Darknet's IoU gradients cancel terms, float32 here would add its own rounding to Darknet's
                 x = pi.detach().double()
-                delta, stats = layer_deltas(cfg, x, truths.double(), valid, (x.shape[3] * stride, x.shape[2] * stride))
-                items += layer_cost(cfg, delta, stats).float()
+                if isinstance(cfg, RegionLossConfig):
+                    delta = region_deltas(cfg, x, truths.double(), valid, seen)
+                    items += region_cost(delta).float()
+                elif isinstance(cfg, GaussianLossConfig):
+                    delta = gaussian_deltas(cfg, x, truths.double(), valid, (x.shape[3] * stride, x.shape[2] * stride))
+                    items += gaussian_cost(delta).float()
+                else:
+                    delta, stats = layer_deltas(cfg, x, truths.double(), valid,
+                                                (x.shape[3] * stride, x.shape[2] * stride))
+                    items += layer_cost(cfg, delta, stats).float()
             surrogate = surrogate - (delta.float() * pi.float()).sum()  # d/d(pi) = -delta exactly
         items /= len(p) * bs
         loss = self.grad_scale * (surrogate - surrogate.detach()) / bs + items[3]

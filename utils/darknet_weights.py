@@ -2,7 +2,9 @@
 
 A .weights file is a header (version major, minor, revision as int32; images seen as int64, int32 in old files) then
 every convolution's float32 values in Darknet's order: BN bias, BN weight, running mean, running var, conv weight
-(or conv bias, conv weight without BN). Partial files (darknet53.conv.74) hold the first N layers only.
+(or conv bias, conv weight without BN), and the weights of weighted [shortcut] layers where they come. Convolutions
+sharing another's weights (share_index) have none of their own in the file. Partial files (darknet53.conv.74) hold
+the first N layers only.
 The model is used by duck typing (module_list of nn.Sequential with Conv2d [+ BatchNorm2d], cfg_text, cfg_path, nc,
 yolo_layers, version, seen, fused): nothing here needs the top-level models.py.
 """
@@ -25,14 +27,18 @@ class WeightsError(ValueError):
     """A Darknet .weights file that does not fit the model; the message names the file and the counts."""
 
 
-def conv_layers(model: nn.Module, cutoff: int = -1) -> list[nn.Sequential]:
-    """The convolutions with their own weights among the first `cutoff` layers (all for -1), in file order."""
+def conv_layers(model: nn.Module, cutoff: int = -1) -> list[nn.Module]:
+    """The layers with weights in .weights files among the first `cutoff` layers (all for -1), in file order:
+    convolutions with their own weights and weighted [shortcut] layers (load_weights_upto in Darknet's parser.c)."""
     n = len(model.module_list) if cutoff < 0 else cutoff
-    return [m for m in list(model.module_list)[:n] if isinstance(m, nn.Sequential) and hasattr(m, 'Conv2d')]
+    return [m for m in list(model.module_list)[:n] if isinstance(m, nn.Sequential) and hasattr(m, 'Conv2d') or
+            getattr(m, 'weights_type', 'none') != 'none']
 
 
-def _darknet_tensors(seq: nn.Sequential) -> list[torch.Tensor]:
-    """The tensors of one conv layer in Darknet's file order."""
+def _darknet_tensors(seq: nn.Module) -> list[torch.Tensor]:
+    """The tensors of one layer in Darknet's file order."""
+    if not isinstance(seq, nn.Sequential):  # a weighted [shortcut]: its (inputs, channels) weights, row by row
+        return [seq.weight]
     conv = seq.Conv2d
     if hasattr(seq, 'BatchNorm2d'):
         bn = seq.BatchNorm2d
@@ -121,7 +127,8 @@ def darknet_source_classes(model: nn.Module, n_values: int, cutoff: int = -1) ->
     """
     def count(nc: int) -> int:
         with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
-            return darknet_value_count(type(model)(cfg_with_classes(model.cfg_text, nc, model.cfg_path)), cutoff)
+            twin = type(model)(cfg_with_classes(model.cfg_text, nc, model.cfg_path), log_cfg=False)
+            return darknet_value_count(twin, cutoff)
 
     if not model.yolo_layers:
         return None

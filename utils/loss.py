@@ -5,7 +5,15 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import bbox_iou, decode_yolo_box, wh_iou
+from utils.parse_config import ConfigError
 from utils.torch_utils import de_parallel
+
+# new_coords heads output probabilities (their convolution applies the logistic); the BCE losses take them back to
+# logits clamped this far from 0 and 1 (float32 holds 1 - 1e-7), where Darknet's own logistic gradient vanishes too
+PROB_EPS = 1e-7
+# heads whose outputs the losses do not decode: training with them stops before anything is written
+UNTRAINABLE_HEADS = {'region': "YOLOv2's [region] (softmax classes, boxes on anchors in grid units)",
+                     'gaussian_yolo': "[Gaussian_yolo] (boxes with uncertainties)"}
 
 # build_targets' result: per [yolo] layer classes, boxes, (image, anchor, gj, gi) indices, anchors
 Targets = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]
@@ -97,8 +105,12 @@ class ComputeLoss:
 
     def __init__(self, model: nn.Module, hyp: dict[str, float]):
         bare = de_parallel(model)
+        refuse_heads(bare, 'original', ())
         self.anchor_vecs = [bare.module_list[j].anchor_vec.detach().clone() for j in bare.yolo_layers]
         self.scale_x_y = [float(bare.module_list[j].scale_x_y) for j in bare.yolo_layers]
+        # new_coords (Scaled-YOLOv4, YOLOv7): decoded as inference decodes them; objectness and classes are
+        # probabilities already
+        self.new_coords = [bool(bare.module_defs[j].get('new_coords', 0)) for j in bare.yolo_layers]
         self.nc = int(bare.nc)
         self.hyp = dict(hyp)
         self._per_device: dict[torch.device, tuple[list[torch.Tensor], nn.Module, nn.Module]] = {}
@@ -143,7 +155,8 @@ class ComputeLoss:
                 ps = pi[b, a, gj, gi]  # (na * nt, nc + 5) predictions at the pairs' anchors and cells
                 # decoded as YOLOLayer does at inference (scale_x_y too); exp(t) clamped at 1e3 so a wild early
                 # prediction cannot overflow
-                pxy, pwh = decode_yolo_box(ps, anchors[i], self.scale_x_y[i], max_wh_scale=1e3)
+                pxy, pwh = decode_yolo_box(ps, anchors[i], self.scale_x_y[i], max_wh_scale=1e3,
+                                           new_coords=self.new_coords[i])
                 giou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], x1y1x2y2=False, giou=True)  # (na * nt,)
                 lbox += torch.where(match, 1.0 - giou, 0.0).sum() / n
                 # objectness target: 1 blended with the (non-negative) GIoU of the prediction; unmatched pairs
@@ -153,14 +166,34 @@ class ComputeLoss:
                 if nc > 1:  # as the original: no class loss for single-class models
                     t = torch.zeros_like(ps[:, 5:])  # (na * nt, nc)
                     t[torch.arange(t.shape[0], device=device), tcls[i]] = 1.0
-                    lcls += torch.where(match[:, None], bce_cls(ps[:, 5:], t), 0.0).sum() / (n * nc)
-            lobj += bce_obj(pi[..., 4], tobj[:-1].view(pi.shape[:4]))
+                    logits = _logits(ps[:, 5:], self.new_coords[i])
+                    lcls += torch.where(match[:, None], bce_cls(logits, t), 0.0).sum() / (n * nc)
+            lobj += bce_obj(_logits(pi[..., 4], self.new_coords[i]), tobj[:-1].view(pi.shape[:4]))
 
         lbox *= h['giou']
         lobj *= h['obj']
         lcls *= h['cls']
         loss = lbox + lobj + lcls
         return loss, torch.cat((lbox, lobj, lcls, loss)).detach()
+
+
+def _logits(x: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """x as logits for BCEWithLogitsLoss: unchanged, or the logit of probabilities (a new_coords head), whose
+    gradient through the head's logistic is then BCE's own (p - target)."""
+    return torch.logit(x, eps=PROB_EPS) if probabilities else x
+
+
+def refuse_heads(model: nn.Module, loss: str, trains: tuple[str, ...]) -> None:
+    """Raise ConfigError naming the cfg, line and layer of the first detection head that loss cannot train (any
+    [region] or [Gaussian_yolo] head whose type is not in trains)."""
+    for j, mdef in enumerate(model.module_defs):
+        kind = mdef.get('type')
+        if kind in UNTRAINABLE_HEADS and kind not in trains:
+            raise ConfigError(f"{model.cfg_path}:{mdef.get('line', '?')}: layer {j}: {UNTRAINABLE_HEADS[kind]} heads "
+                              f"cannot be trained with --loss {loss}; "
+                              + ("use --loss darknet (Darknet's own loss for this head)" if kind == 'region'
+                                 else 'no loss here trains them yet')
+                              + ' (detect.py, test.py and export run them)')
 
 
 LOSSES = ('original', 'darknet')  # train.py --loss

@@ -105,8 +105,8 @@ def _source_classes(model: nn.Module, state: dict) -> dict[int, int]:
         if w is None or w.shape[1:] != own[key].shape[1:]:
             continue
         rows = w.shape[0] - len(y.asff_layers)
-        if rows > 5 * y.na and rows % y.na == 0:
-            out[j] = rows // y.na - 5
+        if rows > y.extra * y.na and rows % y.na == 0:  # extra: 5 values before the classes, 9 for Gaussian heads
+            out[j] = rows // y.na - y.extra
     return out
 
 
@@ -140,17 +140,18 @@ def _whole_tensors(model: nn.Module, src: _Source, skip: set[int]) -> dict[str, 
 def _row_pairs(y: nn.Module, nc_src: int, cls_src: list[int | None]) -> tuple[list[int], list[int]]:
     """(rows of a new head, source rows they copy) for [yolo] layer y: every anchor's box and objectness rows, the
     class rows whose source class is known (cls_src[c]; None keeps the fresh row), then the ASFF weight rows."""
-    no, no_src = y.nc + 5, nc_src + 5
+    e = y.extra  # box and objectness values before the classes: 5 ([yolo], [region]), 9 ([Gaussian_yolo])
+    no, no_src = y.nc + e, nc_src + e
     dst, src = [], []
-    for a in range(y.na):  # rows are anchor-major: (na, 5 + nc)
-        dst += [a * no + f for f in range(5)]
-        src += [a * no_src + f for f in range(5)]
+    for a in range(y.na):  # rows are anchor-major: (na, e + nc)
+        dst += [a * no + f for f in range(e)]
+        src += [a * no_src + f for f in range(e)]
         for c, s in enumerate(cls_src):
             if s is not None:
-                dst.append(a * no + 5 + c)
-                src.append(a * no_src + 5 + s)
+                dst.append(a * no + e + c)
+                src.append(a * no_src + e + s)
     n = len(y.asff_layers)
-    return dst + [y.na * no + e for e in range(n)], src + [y.na * no_src + e for e in range(n)]
+    return dst + [y.na * no + k for k in range(n)], src + [y.na * no_src + k for k in range(n)]
 
 
 def _mapped_state(model: nn.Module, src: _Source, plan: _HeadPlan) -> dict[str, torch.Tensor]:
@@ -250,7 +251,7 @@ def _darknet_source(model: nn.Module, path: str, names: list[str] | None, map_cl
     if verbose and nc_src != model.nc:
         print(f"{path}: Darknet weights of this network with {nc_src} classes ({model.cfg_path} has {model.nc})")
     twin = type(model)(cfg_with_classes(model.cfg_text, nc_src, model.cfg_path) if nc_src != model.nc
-                       else model.cfg_text)
+                       else model.cfg_text, log_cfg=False)
     fill_from_values(twin, values, cutoff, path)
     src.state = twin.state_dict()
     return src

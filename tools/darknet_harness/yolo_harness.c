@@ -1,13 +1,16 @@
 /*
- * Oracle for the [yolo] layer's training pass: runs AlexeyAB/darknet's own forward_yolo_layer (CPU build) on
- * fixed raw inputs and truths and dumps what it computes.
+ * Oracle for the detection heads' training pass: runs AlexeyAB/darknet's own forward_yolo_layer,
+ * forward_region_layer or forward_gaussian_yolo_layer (CPU build) on fixed raw inputs and truths and dumps what
+ * they compute.
  *
- *   yolo_harness info CFG           one line per [yolo] layer: geometry, mask and anchors (for make_fixture.py)
+ *   yolo_harness info CFG           one line per head: kind (yolo, region, gaussian), geometry, mask and anchors
  *   yolo_harness run CFG DIR [IT]   reads DIR/truth.bin and DIR/input_K.bin, writes DIR/output_K.bin,
  *                                   DIR/delta_K.bin and DIR/result.txt (costs, the printed loss, counters)
  *
- * Each [yolo] layer gets its own input straight from DIR (not the previous layer's output), so the network's
+ * Each head gets its own input straight from DIR (not the previous layer's output), so the network's
  * convolutions play no part. The network_state is the one train_network_datum() builds for one batch.
+ * output_K.bin is l.output as the layer leaves it: for [region] that is Darknet's flattened layout (per image
+ * h*w rows of n*(5+classes) values); delta_K.bin is always in the input's layout (what backward hands down).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +20,13 @@
 #include "network.h"
 #include "parser.h"
 #include "yolo_layer.h"
+#include "region_layer.h"
+#include "gaussian_yolo_layer.h"
+
+static int is_head(layer l)
+{
+    return l.type == YOLO || l.type == REGION || l.type == GAUSSIAN_YOLO;
+}
 
 /* Exit with one line naming the file and what is wrong. */
 static void die(const char *path, const char *what)
@@ -54,13 +64,14 @@ static int truth_row(network net, const char *cfg, int *truth_size)
     int max_boxes = -1;
     for (int i = 0; i < net.n; ++i) {
         layer l = net.layers[i];
-        if (l.type != YOLO) continue;
+        if (!is_head(l)) continue;
         /* train_detector sizes the truth buffer from the last layer; a different size elsewhere would misread it */
-        if (max_boxes >= 0 && l.max_boxes != max_boxes) die(cfg, "[yolo] layers disagree on max=");
+        if (max_boxes >= 0 && (l.max_boxes != max_boxes || l.truth_size != *truth_size))
+            die(cfg, "detection layers disagree on max= (or the truth row size)");
         max_boxes = l.max_boxes;
         *truth_size = l.truth_size;
     }
-    if (max_boxes < 0) die(cfg, "no [yolo] layer");
+    if (max_boxes < 0) die(cfg, "no [yolo], [region] or [Gaussian_yolo] layer");
     return max_boxes;
 }
 
@@ -71,11 +82,14 @@ static void print_info(network net, const char *cfg)
     printf("net %d %d %d %d %d\n", net.w, net.h, net.batch, max_boxes, truth_size);
     for (int i = 0; i < net.n; ++i) {
         layer l = net.layers[i];
-        if (l.type != YOLO) continue;
-        printf("yolo %d %d %d %d %d %d mask", i, l.w, l.h, l.n, l.total, l.classes);
-        for (int k = 0; k < l.n; ++k) printf(" %d", l.mask[k]);
+        if (!is_head(l)) continue;
+        /* [region] has no mask: every anchor of its list (l.n of them), in grid cells */
+        int total = l.type == REGION ? l.n : l.total;
+        printf("%s %d %d %d %d %d %d mask", l.type == YOLO ? "yolo" : l.type == REGION ? "region" : "gaussian", i,
+               l.w, l.h, l.n, total, l.classes);
+        for (int k = 0; k < l.n; ++k) printf(" %d", l.type == REGION ? k : l.mask[k]);
         printf(" anchors");
-        for (int k = 0; k < 2 * l.total; ++k) printf(" %.9g", l.biases[k]);
+        for (int k = 0; k < 2 * total; ++k) printf(" %.9g", l.biases[k]);
         printf("\n");
     }
 }
@@ -102,14 +116,16 @@ static void run_batch(network net, const char *cfg, const char *dir, int iterati
 
     for (int i = 0; i < net.n; ++i) {
         layer l = net.layers[i];
-        if (l.type != YOLO) continue;
+        if (!is_head(l)) continue;
         size_t count = (size_t)l.outputs * l.batch;
         float *input = (float *)calloc(count, sizeof(float));
         snprintf(path, sizeof path, "%s/input_%d.bin", dir, i);
         read_floats(path, input, count);
         state.index = i;
         state.input = input;
-        forward_yolo_layer(l, state);
+        if (l.type == YOLO) forward_yolo_layer(l, state);
+        else if (l.type == REGION) forward_region_layer(l, state);
+        else forward_gaussian_yolo_layer(l, state);
         snprintf(path, sizeof path, "%s/output_%d.bin", dir, i);
         write_floats(path, l.output, count);
         snprintf(path, sizeof path, "%s/delta_%d.bin", dir, i);
@@ -126,7 +142,7 @@ static void write_result(network net, const char *dir, int iteration)
     FILE *f = fopen(path, "w");
     if (!f) die(path, "cannot create");
     for (int i = 0; i < net.n; ++i)
-        if (net.layers[i].type == YOLO) fprintf(f, "cost %d %.9g\n", i, net.layers[i].cost[0]);
+        if (is_head(net.layers[i])) fprintf(f, "cost %d %.9g\n", i, net.layers[i].cost[0]);
     /* what train_detector prints as "N: loss, avg loss": train_network() returns
        sum over subdivisions of get_network_cost() / (subdivisions * batch); one subdivision here */
     fprintf(f, "network_cost %.9g\n", get_network_cost(net));
