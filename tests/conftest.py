@@ -42,6 +42,16 @@ def pytest_collection_modifyitems(config, items) -> None:
         items.reverse()
 
 
+@pytest.fixture(autouse=True, scope='session')
+def onnx_cache(tmp_path_factory) -> Iterator[Path]:
+    """The ONNX export cache of detect.py/test.py's onnxruntime backend (utils/backends.py) in a temporary folder for
+    the whole session, subprocesses included (they inherit the variable): the tests never write into ~/.cache."""
+    folder = tmp_path_factory.mktemp('onnx_cache')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('YOLOV3_CACHE', str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def library_logger() -> Iterator[None]:
     """Every test starts and ends with the project logger as a library leaves it (utils.logs.reset_logging): a

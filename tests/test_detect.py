@@ -256,15 +256,6 @@ def test_crops_are_clipped_to_the_image(tmp_path):
     assert cv2.imread(str(saved[0])).shape == (10, 30, 3) and cv2.imread(str(saved[1])).shape == (20, 10, 3)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def onnx_cache(tmp_path_factory) -> Path:
-    """The ONNX exports of --backend auto go to a folder of this module's, not the user's ~/.cache."""
-    d = tmp_path_factory.mktemp('onnx-cache')
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('YOLOV3_CACHE', str(d))
-        yield d
-
-
 @pytest.mark.parametrize('args, match', [(['--backend', 'onnxruntime', '--half', 'bf16'], '--half bf16 asks for'),
                                          (['--backend', 'onnxruntime', '--augment'], '--augment'),
                                          (['--backend', 'onnxruntime', '--device', '0'], 'CPU only|CUDA')])

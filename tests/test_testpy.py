@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +28,6 @@ def all_row(stdout: str) -> list[float]:
     m = re.search(r'^\s+all\s+(.*)$', stdout, re.M)
     assert m, stdout[-3000:]
     return [float(v) for v in m.group(1).split()]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def onnx_cache(tmp_path_factory) -> Path:
-    """The ONNX exports of --backend auto go to a folder of this module's, not the user's ~/.cache."""
-    d = tmp_path_factory.mktemp('onnx-cache')
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('YOLOV3_CACHE', str(d))
-        yield d
 
 
 @pytest.mark.slow
