@@ -306,16 +306,3 @@ def test_detect_matches_darknet_fixture(case, tiny_model):
         our_lines = sorted((b.left, b.top, b.width, b.height) for b in printed)
         assert len(dn_lines) == len(our_lines), rec['image']
         assert all(abs(a - b) <= 1 for x, y in zip(dn_lines, our_lines) for a, b in zip(x, y)), rec['image']
-
-
-@pytest.mark.slow
-def test_map_matches_darknet_fixture(tiny_model):
-    from tests.conftest import SHARED
-    meta = json.loads((FIXTURES / 'map_yolov3-tiny.json').read_text())
-    model = tiny_model(meta['set'])
-    settings = dp.settings_from_model(model)
-    images = [SHARED / i for i in meta['images']]
-    labels = [dp.read_labels(str(i).replace('/images/', '/labels/')[:-4] + '.txt') for i in images]
-    per_image = [(dp.detect(model, dp.load_image(i), settings, dp.MAP_THRESH), lab) for i, lab in zip(images, labels)]
-    r = dp.darknet_map(per_image, model.nc)
-    assert abs(r.map - meta['darknet']['map']) < 0.002
