@@ -258,7 +258,11 @@ def unused_keys(sections: list[dict[str, Any]]) -> dict[str, list[str]]:
         keys = TRAINING_ONLY[sec['type']].intersection(sec)
         if keys:
             out.setdefault(sec['type'], set()).update(keys)
-    return {s: sorted(k) for s, k in out.items()}
+    if any(sec.get('stopbackward', 0) > 1 for sec in sections):  # Darknet's iterations: images seen // [net] batch
+        out.get('net', set()).discard('batch')
+    return {s: sorted(k) for s, k in out.items() if k}
+
+
 def parse_model_cfg(path: str | Path) -> list[dict[str, Any]]:
     """Read and parse a Darknet cfg file; errors name the file."""
     path = Path(path)
