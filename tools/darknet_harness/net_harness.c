@@ -32,14 +32,10 @@
 #include "network.h"
 #include "parser.h"
 
-static const char *g_cfg;
+#define HARNESS_NAME "net_harness"
+#include "harness_io.h"
 
-/* Exit with one line naming the file and what is wrong. */
-static void die(const char *path, const char *what)
-{
-    fprintf(stderr, "net_harness: %s: %s\n", path, what);
-    exit(2);
-}
+static const char *g_cfg;
 
 static uint64_t g_state;
 
@@ -60,29 +56,6 @@ static float uniform(float lo, float hi)
 static void fill(float *p, int n, float lo, float hi)
 {
     for (int i = 0; i < n; ++i) p[i] = uniform(lo, hi);
-}
-
-static void read_floats(const char *path, float *dst, size_t count)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
-    size_t got = fread(dst, sizeof(float), count, f);
-    int extra = fgetc(f) != EOF;
-    fclose(f);
-    if (got != count || extra) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "expected exactly %zu float32 values, got %s%zu", count, extra ? "more than " : "",
-                 got);
-        die(path, msg);
-    }
-}
-
-static void write_floats(const char *path, const float *src, size_t count)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f) die(path, "cannot create");
-    if (fwrite(src, sizeof(float), count, f) != count) die(path, "short write");
-    fclose(f);
 }
 
 static int is_head(LAYER_TYPE t)

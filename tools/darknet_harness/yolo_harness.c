@@ -23,39 +23,12 @@
 #include "region_layer.h"
 #include "gaussian_yolo_layer.h"
 
+#define HARNESS_NAME "yolo_harness"
+#include "harness_io.h"
+
 static int is_head(layer l)
 {
     return l.type == YOLO || l.type == REGION || l.type == GAUSSIAN_YOLO;
-}
-
-/* Exit with one line naming the file and what is wrong. */
-static void die(const char *path, const char *what)
-{
-    fprintf(stderr, "yolo_harness: %s: %s\n", path, what);
-    exit(2);
-}
-
-static void read_floats(const char *path, float *dst, size_t count)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
-    size_t got = fread(dst, sizeof(float), count, f);
-    int extra = fgetc(f) != EOF;
-    fclose(f);
-    if (got != count || extra) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "expected exactly %zu float32 values, got %s%zu", count, extra ? "more than " : "",
-                 got);
-        die(path, msg);
-    }
-}
-
-static void write_floats(const char *path, const float *src, size_t count)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f) die(path, "cannot create");
-    if (fwrite(src, sizeof(float), count, f) != count) die(path, "short write");
-    fclose(f);
 }
 
 /* The truths of one batch as the detection loader lays them out: per image max_boxes rows of truth_size floats. */
