@@ -272,9 +272,8 @@ class LoadImagesAndLabels(Dataset):
         if opts.cache_images:
             self._cache_images()
         elif augment and self._cache_bytes() <= min(AUTO_CACHE_BYTES, 0.3 * _available_memory()):
-            # a small training set (coco128 at 320: 30 MB) is decoded once instead of 4 times per mosaic every
-            # epoch: JPEG decoding is most of the loader's work (benchmarks/README.md), and on few cores it competes
-            # with training
+            # a small training set is decoded once instead of 4 times per mosaic every epoch: JPEG decoding is most
+            # of the loader's work, and on few cores it competes with training (sizes: benchmarks/README.md)
             self._cache_images()
 
     def _log(self, msg: str) -> None:
