@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     dst = opt.pack.resolve()
     other = checkout_bytes() if ROOT in dst.parents else 0
     total = pack(inputs, dst, other_bytes=other)
-    print(f'gpu_check: copied {len(inputs.files())} files, {total / 2 ** 20:.1f} MiB, into {opt.pack} (with the '
+    shown = os.path.relpath(dst)  # as the device command names it: relative to the checkout it runs in
+    print(f'gpu_check: copied {len(inputs.files())} files, {total / 2 ** 20:.1f} MiB, into {shown} (with the '
           f'checkout {(total + other) / 2 ** 20:.1f} of 64 MiB travel); carry it and run the checks with '
-          f'--gpu-inputs {opt.pack}')
+          f'--gpu-inputs {shown}')
     return 0
 
 

@@ -445,6 +445,12 @@ def test_elastic(run, tmp_path, record_property):
 
 
 # ------------------------------------------------------------------------------------------------------ speed
+def device_name(run: GpuRun) -> str:
+    """The CUDA device's name, or 'cpu'."""
+    import torch
+    return torch.cuda.get_device_name(int(run.device.split(',')[0])) if run.cuda else 'cpu'
+
+
 def device_peak_tflops(name: str) -> float | None:
     """Dense bf16 peak of a card by name (None when unknown)."""
     return next((v for k, v in PEAK_TFLOPS if k in name), None)
@@ -452,14 +458,17 @@ def device_peak_tflops(name: str) -> float | None:
 
 @pytest.mark.parametrize('cfg', [CFG_SPP, CFG_TINY], ids=['spp', 'tiny'])
 def test_throughput(run, x8, tmp_path, record_property, cfg):
-    """train.py at 416, batch 64, AMP fp16 on 1024 images (coco128 x 8): images/s, peak memory, MFU."""
-    needs_cuda(run, 'fp16 training speed')
-    import torch
+    """train.py at 416, batch 64, AMP fp16 on 1024 images (coco128 x 8): images/s, peak memory, MFU.
+
+    The CPU dry run: yolov3-tiny only, bf16 at 64 px, 4 batches of 16 (a check of the timing and parsing, no speed).
+    """
+    if cfg == CFG_SPP:
+        needs_cuda(run, "yolov3-spp's speed; the CPU dry run times yolov3-tiny")
     from models import Darknet
     data, n = x8
-    size, batch = 416, 64
+    size, batch, amp = (64, 16, 'bf16') if run.quick else (416, 64, 'fp16')
     weights = str(run.inputs.weights) if cfg == CFG_TINY else ''  # spp from scratch: the speed is the same
-    argv = train_cmd(run, '--amp', 'fp16', '--notest', '--nosave', '--device', run.device, epochs=2, cfg=cfg,
+    argv = train_cmd(run, '--amp', amp, '--notest', '--nosave', '--device', run.device, epochs=2, cfg=cfg,
                      weights=weights, batch=batch, data=data, size=size)[1:]
     folder = tmp_path / 'run'
     try:
@@ -476,15 +485,17 @@ def test_throughput(run, x8, tmp_path, record_property, cfg):
     last = epochs[1]  # the second epoch; its first batch excluded (first-iteration allocations, loader start)
     rate = (nb - 1) * batch / (last['end'] - last['t'][2])
     gflops = Darknet(str(cfg)).gflops(size)  # forward, multiply-adds counted as 2 FLOPs
-    name = torch.cuda.get_device_name(0)
-    peak = device_peak_tflops(name)
+    name = device_name(run)
+    peak = device_peak_tflops(name) if run.cuda else None
     mem_file = folder / 'loops.jsonl.cuda.json'
     mem = json.loads(mem_file.read_text()) if mem_file.exists() else {}
     record(record_property, {
-        'model': cfg.stem, 'img_size': size, 'batch_size': batch, 'images_per_s': rate,
-        'epoch_s': last['end'] - last['t'][0], 'peak_gpu_memory_gb': mem.get('max_allocated', float('nan')) / 1e9,
+        'model': cfg.stem, 'img_size': size, 'batch_size': batch, 'amp': amp, 'images_per_s': rate,
+        'epoch_s': last['end'] - last['t'][0], 'peak_gpu_memory_gb': mem['max_allocated'] / 1e9 if mem else None,
         'gflops_per_image_forward': gflops, 'device': name, 'peak_tflops_bf16': peak,
         'mfu': gflops * 1e9 * 3 * rate / (peak * 1e12) if peak else None, 'goal': GOAL})
+    assert rate > 0 and gflops > 0
+    assert not run.cuda or mem, 'no peak GPU memory recorded (loops.jsonl.cuda.json)'
 
 
 def test_loader(run, x8, record_property):
