@@ -77,14 +77,23 @@ def _idct_1d(s: list[np.ndarray], bias: int, shift: int) -> list[np.ndarray]:
             (x3 - t0) >> shift, (x2 - t1) >> shift, (x1 - t2) >> shift, (x0 - t3) >> shift]
 
 
+def _idct_matrix() -> np.ndarray:
+    """STBI__IDCT_1D as the integer matrix it is: only adds and multiplies by integer constants, so output o of a pass
+    is sum_k M[o, k] * s[k] (+ the rounding bias) exactly, in int32 as in C (the ring arithmetic wraps the same way)."""
+    cols = _idct_1d([np.eye(8, dtype=np.int64)[k] for k in range(8)], 0, 0)  # output o's response to each input k
+    return np.stack(cols).astype(np.int32)  # (8 outputs, 8 inputs)
+
+
+_M = _idct_matrix()
+
+
 def idct_blocks(coef: np.ndarray, qt: np.ndarray) -> np.ndarray:
     """stb's dequantize + stbi__idct_block. coef: (..., 8, 8) int16 quantized coefficients (row = vertical
     frequency), qt: (8, 8) table in the same order -> (..., 8, 8) uint8 samples."""
     d = (coef.astype(np.int32) * qt.astype(np.int32)).astype(np.int16).astype(np.int32)  # stored in a short
-    cols = _idct_1d([d[..., k, :] for k in range(8)], 512, 10)  # columns: 1-D over rows, 2 extra bits kept
-    v = np.stack(cols, axis=-2)
-    rows = _idct_1d([v[..., k] for k in range(8)], 65536 + (128 << 17), 17)
-    return np.clip(np.stack(rows, axis=-1), 0, 255).astype(np.uint8)
+    v = (_M @ d + 512) >> 10  # columns: 1-D over the rows of each block, 2 extra bits kept
+    out = (v @ _M.T + (65536 + (128 << 17))) >> 17  # rows; the rounding and the +128 level shift in one bias
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _plane(blocks: np.ndarray, qt: np.ndarray, cw: int, ch: int) -> np.ndarray:
@@ -157,17 +166,29 @@ def upsample(plane: np.ndarray, hs: int, vs: int, img_w: int, img_h: int) -> np.
     return out[:, :img_w]
 
 
-def ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
-    """stbi__YCbCr_to_RGB_row: 20-bit fixed point, the Cb term of green truncated to 16 bits. int32 -> (..., 3) uint8."""
-    def fixed(x: float) -> int:
-        return int(np.float32(x) * np.float32(4096.0) + np.float32(0.5)) << 8
+def _fixed(x: float) -> int:
+    """stbi__float2fixed: (int)(x * 4096.0f + 0.5f) << 8, in float32."""
+    return int(np.float32(x) * np.float32(4096.0) + np.float32(0.5)) << 8
 
-    yf = (y << 20) + (1 << 19)
-    cr, cb = cr - 128, cb - 128
-    r = yf + cr * fixed(1.40200)
-    g = yf + cr * -fixed(0.71414) + ((cb * -fixed(0.34414)) & np.int32(-65536))
-    b = yf + cb * fixed(1.77200)
-    return np.clip(np.stack([r, g, b], axis=-1) >> 20, 0, 255).astype(np.uint8)
+
+_LEVELS = np.arange(256, dtype=np.int32)
+_Y_FIXED = (_LEVELS << 20) + (1 << 19)  # y << 20 plus half a level (rounding)
+_R_CR = (_LEVELS - 128) * _fixed(1.40200)
+_G_CR = (_LEVELS - 128) * -_fixed(0.71414)
+_G_CB = ((_LEVELS - 128) * -_fixed(0.34414)) & np.int32(-65536)  # stb keeps only the top 16 bits of this term
+_B_CB = (_LEVELS - 128) * _fixed(1.77200)
+
+
+def ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
+    """stbi__YCbCr_to_RGB_row: 20-bit fixed point, the Cb term of green truncated to 16 bits. Levels 0..255 (any int
+    dtype) -> (..., 3) uint8."""
+    yf = _Y_FIXED[y]
+    out = np.empty((*y.shape, 3), np.int32)
+    out[..., 0] = yf + _R_CR[cr]
+    out[..., 1] = yf + _G_CR[cr] + _G_CB[cb]
+    out[..., 2] = yf + _B_CB[cb]
+    out >>= 20
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def _blinn(x: np.ndarray, m: np.ndarray) -> np.ndarray:
