@@ -5,12 +5,14 @@ level on a few percent of the pixels, enough to flip a box near a threshold. Ent
 quantized coefficients and tables come from libjpeg (the `jpeglib` package); everything after that is stb's arithmetic,
 vectorised over all blocks and rows:
 - dequantize into int16 (stb stores coefficient x table entry in a `short`), then stbi__idct_block: two 1-D passes
-  in int32 with 12-bit constants, 2 extra bits kept between the passes, +128 and a clamp at the end (its SSE2 kernel
-  is bit-identical, as stb documents);
+  in int32 with 12-bit constants, 2 extra bits kept between the passes, +128 and a clamp at the end (its SSE2 kernel,
+  which runs on x86-64, is bit-identical as stb documents; only coefficients no encoder writes, which overflow C's int
+  or the kernel's 16-bit lanes, could differ);
 - upsampling driven by load_jpeg_image's per-row line0/line1/ystep state; 2x1 (including the right edge, which stb
   weights 3:1 towards the second-last sample), 1x2, 2x2 ("fancy" triangle filters) and nearest for other ratios;
 - stbi__YCbCr_to_RGB_row (Darknet asks for 3 channels, and stb's SIMD colour kernel only handles 4, so the scalar
-  arithmetic is what runs), Adobe/RGB-id colour, grayscale replicated, CMYK and YCCK (Adobe transform 0 / 2) via stbi__blinn_8x8.
+  arithmetic is what runs), Adobe/RGB-id colour, grayscale replicated, CMYK and YCCK (Adobe transform 0 / 2) via
+  stbi__blinn_8x8.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ SOF_STB = {0xC0: False, 0xC1: False, 0xC2: True}  # the frame types stb decodes 
 
 
 class StbJpegError(ValueError):
-    """A JPEG that stb_image would not decode, or whose colour handling is not reproduced here."""
+    """A JPEG that stb_image would not decode (Darknet would print 'Cannot load image' and use a blank 10x10)."""
 
 
 def is_jpeg(path: str | Path) -> bool:
@@ -47,21 +49,20 @@ def _f2f(x: float) -> int:
     return int(float(np.float32(x) * np.float32(4096)) + 0.5)
 
 
-_C = {k: _f2f(v) for k, v in dict(c0=0.5411961, c1=-1.847759065, c2=0.765366865, c3=1.175875602, c4=0.298631336,
-                                   c5=2.053119869, c6=3.072711026, c7=1.501321110, c8=-0.899976223, c9=-2.562915447,
-                                   c10=-1.961570560, c11=-0.390180644).items()}
+_C = {f'c{i}': _f2f(v) for i, v in enumerate((0.5411961, -1.847759065, 0.765366865, 1.175875602, 0.298631336,
+                                               2.053119869, 3.072711026, 1.501321110, -0.899976223, -2.562915447,
+                                               -1.961570560, -0.390180644))}
 
 
-def _idct_1d(s: list[np.ndarray], bias: int, shift: int) -> list[np.ndarray]:
-    """One STBI__IDCT_1D pass over 8 int32 arrays (the 8 inputs of each 1-D transform), outputs 0..7 biased and shifted;
-    int32 wraps as the C ints do."""
+def _idct_1d(s: list[np.ndarray]) -> list[np.ndarray]:
+    """STBI__IDCT_1D on its 8 inputs: its 8 outputs before the rounding bias and the shift."""
     c = _C
     p1 = (s[2] + s[6]) * c['c0']
     t2 = p1 + s[6] * c['c1']
     t3 = p1 + s[2] * c['c2']
     t0 = (s[0] + s[4]) * 4096
     t1 = (s[0] - s[4]) * 4096
-    x0, x3, x1, x2 = t0 + t3 + bias, t0 - t3 + bias, t1 + t2 + bias, t1 - t2 + bias
+    x0, x3, x1, x2 = t0 + t3, t0 - t3, t1 + t2, t1 - t2
     o7, o5, o3, o1 = s[7], s[5], s[3], s[1]
     p3, p4, p1, p2 = o7 + o3, o5 + o1, o7 + o1, o5 + o3
     p5 = (p3 + p4) * c['c3']
@@ -73,14 +74,13 @@ def _idct_1d(s: list[np.ndarray], bias: int, shift: int) -> list[np.ndarray]:
     t1 = o5 * c['c5'] + p2 + p4
     t2 = o3 * c['c6'] + p2 + p3
     t3 = o1 * c['c7'] + p1 + p4
-    return [(x0 + t3) >> shift, (x1 + t2) >> shift, (x2 + t1) >> shift, (x3 + t0) >> shift,
-            (x3 - t0) >> shift, (x2 - t1) >> shift, (x1 - t2) >> shift, (x0 - t3) >> shift]
+    return [x0 + t3, x1 + t2, x2 + t1, x3 + t0, x3 - t0, x2 - t1, x1 - t2, x0 - t3]
 
 
 def _idct_matrix() -> np.ndarray:
     """STBI__IDCT_1D as the integer matrix it is: only adds and multiplies by integer constants, so output o of a pass
     is sum_k M[o, k] * s[k] (+ the rounding bias) exactly, in int32 as in C (the ring arithmetic wraps the same way)."""
-    cols = _idct_1d([np.eye(8, dtype=np.int64)[k] for k in range(8)], 0, 0)  # output o's response to each input k
+    cols = _idct_1d([np.eye(8, dtype=np.int64)[k] for k in range(8)])  # output o's response to each input k
     return np.stack(cols).astype(np.int32)  # (8 outputs, 8 inputs)
 
 
