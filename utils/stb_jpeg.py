@@ -55,7 +55,8 @@ _C = {f'c{i}': _f2f(v) for i, v in enumerate((0.5411961, -1.847759065, 0.7653668
 
 
 def _idct_1d(s: list[np.ndarray]) -> list[np.ndarray]:
-    """STBI__IDCT_1D on its 8 inputs: its 8 outputs before the rounding bias and the shift."""
+    """STBI__IDCT_1D on its 8 int32 inputs: its 8 outputs before the rounding bias and the shift (int32 wraps as C's
+    int does on x86)."""
     c = _C
     p1 = (s[2] + s[6]) * c['c0']
     t2 = p1 + s[6] * c['c1']
@@ -77,30 +78,25 @@ def _idct_1d(s: list[np.ndarray]) -> list[np.ndarray]:
     return [x0 + t3, x1 + t2, x2 + t1, x3 + t0, x3 - t0, x2 - t1, x1 - t2, x0 - t3]
 
 
-def _idct_matrix() -> np.ndarray:
-    """STBI__IDCT_1D as the integer matrix it is: only adds and multiplies by integer constants, so output o of a pass
-    is sum_k M[o, k] * s[k] (+ the rounding bias) exactly, in int32 as in C (the ring arithmetic wraps the same way)."""
-    cols = _idct_1d([np.eye(8, dtype=np.int64)[k] for k in range(8)])  # output o's response to each input k
-    return np.stack(cols).astype(np.int32)  # (8 outputs, 8 inputs)
-
-
-_M = _idct_matrix()
-
-
-def idct_blocks(coef: np.ndarray, qt: np.ndarray) -> np.ndarray:
-    """stb's dequantize + stbi__idct_block. coef: (..., 8, 8) int16 quantized coefficients (row = vertical
-    frequency), qt: (8, 8) table in the same order -> (..., 8, 8) uint8 samples."""
-    d = (coef.astype(np.int32) * qt.astype(np.int32)).astype(np.int16).astype(np.int32)  # stored in a short
-    v = (_M @ d + 512) >> 10  # columns: 1-D over the rows of each block, 2 extra bits kept
-    out = (v @ _M.T + (65536 + (128 << 17))) >> 17  # rows; the rounding and the +128 level shift in one bias
-    return np.clip(out, 0, 255).astype(np.uint8)
+def idct_planes(coef: np.ndarray, qt: np.ndarray) -> np.ndarray:
+    """stb's dequantize + stbi__idct_block on every block at once. coef: (bh, bw, 8, 8) int16 quantized coefficients
+    (row = vertical frequency), qt: (8, 8) in the same order -> (bh * 8, bw * 8) uint8 samples."""
+    # (8 u, 8 v, bh, bw): each of the 64 coefficients a contiguous plane, so each butterfly step is one vector op
+    d = (coef.transpose(2, 3, 0, 1).astype(np.int32) * qt.astype(np.int32)[:, :, None, None]).astype(np.int16)
+    d = d.astype(np.int32)  # stb stores coefficient x table entry in a short, then computes in int
+    v = np.stack(_idct_1d([d[k] for k in range(8)]))  # columns: 1-D over the vertical frequencies
+    v += 512
+    v >>= 10  # 2 extra bits kept
+    out = np.stack(_idct_1d([v[:, k] for k in range(8)]), axis=1)  # rows: 1-D over the horizontal ones
+    out += 65536 + (128 << 17)  # rounding and the +128 level shift, then the 17 bits of scale
+    out >>= 17
+    bh, bw = coef.shape[:2]
+    return np.clip(out, 0, 255).astype(np.uint8).transpose(2, 0, 3, 1).reshape(bh * 8, bw * 8)
 
 
 def _plane(blocks: np.ndarray, qt: np.ndarray, cw: int, ch: int) -> np.ndarray:
     """A component's (ch, cw) samples from its (block rows, block cols, 8, 8) coefficients."""
-    px = idct_blocks(blocks, qt)
-    bh, bw = px.shape[:2]
-    return px.transpose(0, 2, 1, 3).reshape(bh * 8, bw * 8)[:ch, :cw]
+    return idct_planes(blocks, qt)[:ch, :cw]
 
 
 def _row_sources(img_h: int, vs: int, comp_h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,18 +173,22 @@ _R_CR = (_LEVELS - 128) * _fixed(1.40200)
 _G_CR = (_LEVELS - 128) * -_fixed(0.71414)
 _G_CB = ((_LEVELS - 128) * -_fixed(0.34414)) & np.int32(-65536)  # stb keeps only the top 16 bits of this term
 _B_CB = (_LEVELS - 128) * _fixed(1.77200)
+# red and blue depend on two levels each: their final bytes as (y << 8 | chroma) tables
+_R_TABLE = np.clip((_Y_FIXED[:, None] + _R_CR[None, :]) >> 20, 0, 255).astype(np.uint8).reshape(-1)
+_B_TABLE = np.clip((_Y_FIXED[:, None] + _B_CB[None, :]) >> 20, 0, 255).astype(np.uint8).reshape(-1)
 
 
 def ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
-    """stbi__YCbCr_to_RGB_row: 20-bit fixed point, the Cb term of green truncated to 16 bits. Levels 0..255 (any int
-    dtype) -> (..., 3) uint8."""
-    yf = _Y_FIXED[y]
-    out = np.empty((*y.shape, 3), np.int32)
-    out[..., 0] = yf + _R_CR[cr]
-    out[..., 1] = yf + _G_CR[cr] + _G_CB[cb]
-    out[..., 2] = yf + _B_CB[cb]
-    out >>= 20
-    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+    """stbi__YCbCr_to_RGB_row: 20-bit fixed point, the Cb term of green truncated to 16 bits. Levels 0..255 as int32
+    (h, w) -> (h, w, 3) uint8."""
+    out = np.empty((*y.shape, 3), np.uint8)
+    y8 = y << 8
+    out[..., 0] = _R_TABLE[y8 | cr]
+    out[..., 2] = _B_TABLE[y8 | cb]
+    g = _Y_FIXED[y] + _G_CR[cr] + _G_CB[cb]
+    g >>= 20
+    out[..., 1] = np.clip(g, 0, 255, out=g)
+    return out
 
 
 def _blinn(x: np.ndarray, m: np.ndarray) -> np.ndarray:
