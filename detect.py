@@ -497,7 +497,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=None,
                    help="inference size (pixels); default: the cfg's [net] width, as Darknet (the original: 512)")
     p.add_argument('--conf-thres', type=float, default=None,
-                   help=f'object confidence threshold (default 0.3; with --darknet, Darknet\'s -thresh {DARKNET_THRESH})')
+                   help=f"object confidence threshold (default 0.3; with --darknet, Darknet's -thresh "
+                        f"{DARKNET_THRESH})")
     p.add_argument('--iou-thres', type=float, default=None,
                    help=f'IoU threshold for NMS (default 0.6; with --darknet, Darknet\'s {DARKNET_NMS})')
     p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')

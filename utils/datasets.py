@@ -39,8 +39,8 @@ CACHE_VERSION = 1  # bump when the cache layout or the checks change
 AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
 _REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
-__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'PreemptionSafeLoader', 'create_dataloader', 'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label',
-           'IMG_FORMATS', 'VID_FORMATS']
+__all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'PreemptionSafeLoader', 'create_dataloader',
+           'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label', 'IMG_FORMATS', 'VID_FORMATS']
 
 
 def img2label_paths(img_paths: Sequence[str]) -> list[str]:
