@@ -6,6 +6,11 @@
 Weights may be Darknet .weights, .pt checkpoints (loaded with weights_only=True: a checkpoint that would run code
 is refused) or .onnx files exported by `python models.py --onnx` (run with onnxruntime). On the CPU the network runs
 in onnxruntime by default, on an export cached outside the weights' folder (--backend; utils/backends.py).
+
+One pipeline, two runtimes: sources, pre-processing, NMS (utils/postprocess.py), drawing and writing are numpy and
+OpenCV; torch is imported only where PyTorch runs the network (a cache miss, --backend torch, CUDA, --half, --augment,
+--darknet). A run on a cached export never imports it: that import alone costs more than 64 images' pre- and
+post-processing.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import os
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 if __name__ == '__main__':
     # Before torch loads OpenMP, which reads this once: waiting OpenMP threads sleep instead of spinning. Where other
@@ -27,28 +33,27 @@ if __name__ == '__main__':
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
-from models import load_eval_model, load_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
-from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, load_runtime  # noqa: E402
-from utils.boxes import scale_coords  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.darknet_weights import WeightsError  # noqa: E402
-from utils.darknet_post import (NMS_THRESH, TEST_THRESH, DarknetDetector, darknet_model, ext_output,  # noqa: E402
-                                 ext_output_text, read_bgr)
+from utils.backends import (BACKENDS, BackendError, OrtModel, cached_session, choose_backend, cpu_only,  # noqa: E402
+                            files_key)
 from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
-from utils.datasets import LoadImages, LoadStreams  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
 from utils.logs import LOGGER, setup_logging  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.plots import class_color, plot_one_box  # noqa: E402
-from utils.torch_utils import (HALF_CHOICES, inference_dtype, select_device, set_cuda_device,  # noqa: E402
-                               time_synchronized)
+from utils.postprocess import non_max_suppression, scale_coords  # noqa: E402
+from utils.sources import LoadImages, LoadStreams  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
 JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
+# utils.torch_utils.HALF_CHOICES and utils.darknet_post's TEST_THRESH, NMS_THRESH, repeated so that the command line
+# parses without importing torch (tests/test_detect.py keeps them equal)
+HALF_CHOICES = ('auto', 'on', 'off', 'fp16', 'bf16')
+DARKNET_THRESH, DARKNET_NMS = 0.25, 0.45
 
 
 class DetectError(Exception):
@@ -72,12 +77,11 @@ def is_stream(source: str) -> bool:
     return source.isnumeric() or source.lower().startswith(STREAM_PREFIXES) or source.endswith('.txt')
 
 
-def detection_summary(det: torch.Tensor, names: list[str]) -> str:
+def detection_summary(det: np.ndarray, names: list[str]) -> str:
     """'2 persons, 1 bus, ' style counts of the detections (n, 6) per class."""
     s = ''
-    for c in det[:, 5].unique():
-        n = int((det[:, 5] == c).sum())
-        s += f"{n} {names[int(c)]}{'s' * (n > 1)}, "
+    for c, n in zip(*np.unique(det[:, 5], return_counts=True)):
+        s += f"{n} {names[int(c)]}{'s' * int(n > 1)}, "
     return s
 
 
@@ -86,10 +90,10 @@ def safe_name(s: str) -> str:
     return re.sub(r'[^\w.-]+', '_', s).strip('_') or 'stream'
 
 
-def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...], save_conf: bool = False) -> None:
+def write_labels(path: Path, det: np.ndarray, shape: tuple[int, ...], save_conf: bool = False) -> None:
     """Write detections (n, 6) [xyxy, conf, cls] in original pixels as `class x y w h` rows, normalised by shape,
     with the confidence as a sixth column when save_conf (as YOLOv5)."""
-    d = det.detach().cpu().float().numpy()  # numpy: a handful of rows, where each torch op costs more than its work
+    d = det.astype(np.float32)
     h, w = shape[:2]
     xywh = np.stack(((d[:, 0] + d[:, 2]) / 2 / w, (d[:, 1] + d[:, 3]) / 2 / h, (d[:, 2] - d[:, 0]) / w,
                      (d[:, 3] - d[:, 1]) / h), 1).tolist()  # (n, 4) normalised
@@ -97,7 +101,7 @@ def write_labels(path: Path, det: torch.Tensor, shape: tuple[int, ...], save_con
     path.write_text(''.join(' '.join('%g' % v for v in row) + '\n' for row in rows))
 
 
-def save_crops(det: torch.Tensor, im0: np.ndarray, folder: Path, names: list[str], stem: str) -> list[Path]:
+def save_crops(det: np.ndarray, im0: np.ndarray, folder: Path, names: list[str], stem: str) -> list[Path]:
     """Save each detection (n, 6) [xyxy, conf, cls] in original pixels of the BGR image as
     folder/<class name>/<stem>_<k>.jpg, k its row in det (the k-th highest confidence), clipped to the image."""
     h, w = im0.shape[:2]
@@ -116,7 +120,7 @@ def save_crops(det: torch.Tensor, im0: np.ndarray, folder: Path, names: list[str
     return saved
 
 
-def json_record(source: str, shape: tuple[int, ...], det: torch.Tensor, names: list[str],
+def json_record(source: str, shape: tuple[int, ...], det: np.ndarray, names: list[str],
                 frame: int | None = None) -> dict:
     """One --save-json line: the image, its size and its detections (n, 6) [xyxy, conf, cls] in original pixels."""
     rec = {'image': source, 'width': int(shape[1]), 'height': int(shape[0])}
@@ -135,7 +139,7 @@ class ResultWriter:
         self.json_path = out / JSON_FILE
         self.json_file = open(self.json_path, 'w') if opt.save_json else None
 
-    def write(self, det: torch.Tensor, im0: np.ndarray, source: str, stem: str, frame: int, video: bool) -> None:
+    def write(self, det: np.ndarray, im0: np.ndarray, source: str, stem: str, frame: int, video: bool) -> None:
         """The outputs asked for of one image (a frame of a video) with detections (n, 6) in original pixels."""
         name = f'{stem}_{frame}' if video else stem  # one file per frame for videos
         if self.opt.save_txt:  # class x y w h, normalised
@@ -185,8 +189,9 @@ class Detector(NamedTuple):
     run: nn.Module | OrtModel  # the PyTorch model or an onnxruntime session of its export
     nc: int  # classes
     names: list[str] | None  # class names the weights carry, if any
-    device: torch.device
-    dtype: torch.dtype  # input dtype
+    device: torch.device | None = None  # PyTorch's (None: onnxruntime, on the CPU)
+    dtype: torch.dtype | None = None  # PyTorch's input dtype
+    clock: Callable[[], float] = time.time  # the time after the device's queued work (CUDA: synchronized)
 
 
 def load_detector(opt: argparse.Namespace) -> Detector:
@@ -196,22 +201,52 @@ def load_detector(opt: argparse.Namespace) -> Detector:
     416) when not given."""
     if opt.darknet:
         return load_darknet_detector(opt)
-    if str(opt.weights).lower().endswith('.onnx'):
-        if opt.augment:
-            raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
-        if opt.half not in ('auto', 'off'):
-            raise DetectError(f'--half {opt.half} needs the PyTorch model (.weights or .pt): an .onnx export runs '
-                              f'in fp32 in onnxruntime')
-        if opt.backend == 'torch':
-            raise DetectError('--backend torch needs the PyTorch model (.weights or .pt): an .onnx file runs in '
-                              'onnxruntime')
-        try:
-            model = OrtModel(opt.weights)
-        except ValueError as e:
-            raise DetectError(str(e)) from None
-        LOGGER.info(f'Runtime: onnxruntime CPU, fp32, {opt.weights}')
-        opt.img_size = model.img_hw[0] if model.img_hw else opt.img_size or 416
-        return Detector(model, model.nc, None, torch.device('cpu'), torch.float32)
+    if not str(opt.weights).lower().endswith('.onnx'):
+        return cached_detector(opt) or load_torch_detector(opt)
+    if opt.augment:
+        raise DetectError('--augment needs the PyTorch model (.weights or .pt), not an .onnx export')
+    if opt.half not in ('auto', 'off'):
+        raise DetectError(f'--half {opt.half} needs the PyTorch model (.weights or .pt): an .onnx export runs '
+                          f'in fp32 in onnxruntime')
+    if opt.backend == 'torch':
+        raise DetectError('--backend torch needs the PyTorch model (.weights or .pt): an .onnx file runs in '
+                          'onnxruntime')
+    try:
+        model = OrtModel(opt.weights)
+    except ValueError as e:
+        raise DetectError(str(e)) from None
+    LOGGER.info(f'Runtime: onnxruntime CPU, fp32, {opt.weights}')
+    opt.img_size = model.img_hw[0] if model.img_hw else opt.img_size or 416
+    return Detector(model, model.nc, None)
+
+
+def cached_detector(opt: argparse.Namespace) -> Detector | None:
+    """The onnxruntime session of the weights' cached export where --backend would run onnxruntime on the CPU and the
+    cache has it (utils.backends.files_key: the weights' and cfg's bytes, size, code, versions), found without
+    importing torch; None otherwise (load_torch_detector then decides, exports and loads)."""
+    if opt.backend == 'torch' or not cpu_only(opt.device):
+        return None
+    try:
+        if choose_backend(opt.backend, 'cpu', opt.half, opt.augment) != 'onnxruntime':
+            return None
+    except BackendError as e:
+        raise DetectError(str(e)) from None
+    key = files_key(opt.weights, opt.cfg or None, opt.img_size)
+    hit = cached_session(key) if key is not None else None
+    if hit is None:
+        return None
+    opt.img_size = hit.img_size
+    return Detector(hit.run, hit.nc, hit.names)
+
+
+def load_torch_detector(opt: argparse.Namespace) -> Detector:
+    """The network of .weights / .pt weights on the --backend runtime chosen on the --device: PyTorch, or
+    onnxruntime on an export made now (and cached) from the PyTorch model."""
+    import torch
+
+    from models import load_eval_model
+    from utils.backends import load_runtime
+    from utils.torch_utils import inference_dtype, select_device, set_cuda_device, time_synchronized
     try:
         device = select_device(opt.device)
         backend = choose_backend(opt.backend, device, opt.half, opt.augment)
@@ -226,7 +261,9 @@ def load_detector(opt: argparse.Namespace) -> Detector:
     except BackendError as e:
         raise DetectError(str(e)) from None
     opt.img_size = net.img_size  # Darknet detects at the network size its cfg gives, unless --img-size says
-    return Detector(net.run, net.nc, net.names, device, torch.float32 if isinstance(net.run, OrtModel) else dtype)
+    if isinstance(net.run, OrtModel):
+        return Detector(net.run, net.nc, net.names)
+    return Detector(net.run, net.nc, net.names, device, dtype, partial(time_synchronized, device))
 
 
 def load_darknet_detector(opt: argparse.Namespace) -> Detector:
@@ -239,6 +276,11 @@ def load_darknet_detector(opt: argparse.Namespace) -> Detector:
     if refused:
         raise DetectError(f"--darknet runs the PyTorch model in fp32 with Darknet's own per-class NMS: "
                           f"{', '.join(refused)} cannot go with it")
+    import torch
+
+    from models import load_model
+    from utils.darknet_post import darknet_model
+    from utils.torch_utils import select_device, set_cuda_device, time_synchronized
     try:
         device = select_device(opt.device)
     except (RuntimeError, ValueError) as e:
@@ -251,7 +293,8 @@ def load_darknet_detector(opt: argparse.Namespace) -> Detector:
                           f"--img-size {opt.img_size} (or set width and height in the cfg)")
     opt.img_size = size[1]  # the loader's letterboxed copy goes unused: Darknet resizes each original itself
     LOGGER.info(f"Runtime: PyTorch {torch.__version__} {device.type}, fp32, Darknet's pre- and post-processing")
-    return Detector(darknet_model(model), model.nc, model.names, device, torch.float32)
+    return Detector(darknet_model(model), model.nc, model.names, device, torch.float32,
+                    partial(time_synchronized, device))
 
 
 def model_input(img: np.ndarray, imgs0: list[np.ndarray], det: Detector) -> np.ndarray | torch.Tensor:
@@ -264,6 +307,8 @@ def model_input(img: np.ndarray, imgs0: list[np.ndarray], det: Detector) -> np.n
                                                  .transpose(2, 0, 1)) for x in imgs0])
         x = img.astype(np.float32) / np.float32(255.0)  # the same IEEE division as PyTorch's below
         return x[None] if x.ndim == 3 else x
+    import torch
+
     x = torch.from_numpy(img).to(det.device)
     x = x.to(det.dtype) / 255.0
     if x.ndim == 3:
@@ -273,12 +318,14 @@ def model_input(img: np.ndarray, imgs0: list[np.ndarray], det: Detector) -> np.n
     return x
 
 
-def forward(det: Detector, x: np.ndarray | torch.Tensor, augment: bool) -> torch.Tensor:
-    """The network's output (B, N, 5 + nc): boxes xywh in input pixels, objectness, class probabilities."""
+def forward(det: Detector, x: np.ndarray | torch.Tensor, augment: bool) -> np.ndarray:
+    """The network's output (B, N, 5 + nc) float32: boxes xywh in input pixels, objectness, class probabilities."""
     if isinstance(det.run, OrtModel):
-        return det.run(x)
+        return det.run.predict(x)
+    import torch
+
     with torch.no_grad():
-        return det.run(x, augment=augment)[0]
+        return det.run(x, augment=augment)[0].float().cpu().numpy()
 
 
 def frame_info(dataset: LoadImages | LoadStreams, path: str | list[str], i: int,
@@ -293,7 +340,7 @@ def frame_info(dataset: LoadImages | LoadStreams, path: str | list[str], i: int,
     return path, f'image {dataset.count}/{dataset.nf} {path}: ', getattr(dataset, 'frame', 0), Path(path).stem, False
 
 
-def draw_detections(det: torch.Tensor, im0: np.ndarray, names: list[str]) -> None:
+def draw_detections(det: np.ndarray, im0: np.ndarray, names: list[str]) -> None:
     """Draw detections (n, 6) [xyxy, conf, cls] in original pixels on the BGR image, best last (on top)."""
     for *xyxy, conf, cls in reversed(det.tolist()):
         plot_one_box(xyxy, im0, label=f'{names[int(cls)]} {conf:.2f}', color=class_color(int(cls)))
@@ -314,7 +361,7 @@ class Step(NamedTuple):
     imgs0: list[np.ndarray]  # BGR originals, one per image
     frames: list[tuple[str, str, int, str, bool]]  # frame_info of each image
     fps: float  # of a video source (30 where unknown)
-    pred: torch.Tensor | None  # (B, N, 5 + nc) model output (None with --darknet)
+    pred: np.ndarray | None  # (B, N, 5 + nc) model output (None with --darknet)
     seconds: float  # forward time
     darknet: list | None = None  # --darknet: per image (rows (n, 6) in original pixels, Detections), post-processed
 
@@ -333,7 +380,7 @@ class Finisher:
         if step.darknet is not None:  # Darknet's boxes, in original pixels already
             pred = [self.darknet_rows(rows) for rows, _ in step.darknet]
         else:
-            pred = non_max_suppression(step.pred.float(), opt.conf_thres, opt.iou_thres, multi_label=False,
+            pred = non_max_suppression(step.pred, opt.conf_thres, opt.iou_thres, multi_label=False,
                                        classes=opt.classes, agnostic=opt.agnostic_nms, max_det=opt.max_det)
         for k, (det, im0, (p, s, frame, stem, video)) in enumerate(zip(pred, step.imgs0, step.frames)):
             im0 = im0.copy() if self.stream else im0
@@ -345,10 +392,11 @@ class Finisher:
             self.results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
             print(f'{s}Done. ({step.seconds:.3f}s)')
             if step.darknet is not None:  # the lines `darknet detector test -ext_output` prints
+                from utils.darknet_post import ext_output, ext_output_text
                 print(ext_output_text(ext_output(step.darknet[k][1], opt.conf_thres), self.names), end='')
             self.show_and_save(det, im0, p, stem, video, step.fps)
 
-    def darknet_rows(self, rows: np.ndarray) -> torch.Tensor:
+    def darknet_rows(self, rows: np.ndarray) -> np.ndarray:
         """--darknet rows (n, 6) in Darknet's printed order, less those --classes and --max-det (the most confident
         kept) leave out; the printed -ext_output lines stay Darknet's own."""
         if self.opt.classes is not None:
@@ -356,9 +404,9 @@ class Finisher:
         if len(rows) > self.opt.max_det:
             keep = np.sort(np.argsort(-rows[:, 4], kind='stable')[:self.opt.max_det])
             rows = rows[keep]
-        return torch.from_numpy(rows)
+        return rows
 
-    def show_and_save(self, det: torch.Tensor, im0: np.ndarray, p: str, stem: str, video: bool, fps: float) -> None:
+    def show_and_save(self, det: np.ndarray, im0: np.ndarray, p: str, stem: str, video: bool, fps: float) -> None:
         """Draw the detections (n, 6) on the image, show it (--view-img) and write it (an image or a video frame)."""
         if self.view_img or not self.opt.nosave:
             draw_detections(det, im0, self.names)
@@ -405,23 +453,26 @@ def detect(opt: argparse.Namespace) -> Path:
     dataset = LoadStreams(source, img_size=imgsz) if stream else LoadImages(source, img_size=imgsz)
     t0 = time.time()
     finish = Finisher(opt, out, names, view_img, stream)
-    darknet = DarknetDetector(det.run, opt.conf_thres, opt.iou_thres) if opt.darknet else None
+    darknet = None
+    if opt.darknet:
+        from utils.darknet_post import DarknetDetector, read_bgr
+        darknet = DarknetDetector(det.run, opt.conf_thres, opt.iou_thres)
     try:
         for path, img, im0s, vid_cap in dataset:
             imgs0 = im0s if stream else [im0s]  # BGR originals, one per image of the batch
             fps = (vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0) or 30.0
             frames = [frame_info(dataset, path, i, stream) for i in range(len(imgs0))]  # before the loader moves on
-            t1 = time_synchronized(det.device)
+            t1 = det.clock()
             if darknet is not None:  # Darknet's resize of each original, its thresholds and NMS
                 if not stream and dataset.mode == 'image':  # as stb reads it: EXIF orientation not applied
                     imgs0 = [read_bgr(path)]
                 outs = [darknet(im0) for im0 in imgs0]
                 shape = (darknet.settings.height, darknet.settings.width)
-                finish(Step(shape, imgs0, frames, fps, None, time_synchronized(det.device) - t1, outs))
+                finish(Step(shape, imgs0, frames, fps, None, det.clock() - t1, outs))
                 continue
             x = model_input(img, imgs0, det)
             pred = forward(det, x, opt.augment)
-            t2 = time_synchronized(det.device)
+            t2 = det.clock()
             finish(Step(tuple(x.shape[2:]), imgs0, frames, fps, pred, t2 - t1))
     except KeyboardInterrupt:
         print('Stopped.')
@@ -446,9 +497,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=None,
                    help="inference size (pixels); default: the cfg's [net] width, as Darknet (the original: 512)")
     p.add_argument('--conf-thres', type=float, default=None,
-                   help=f'object confidence threshold (default 0.3; with --darknet, Darknet\'s -thresh {TEST_THRESH})')
+                   help=f"object confidence threshold (default 0.3; with --darknet, Darknet's -thresh "
+                        f"{DARKNET_THRESH})")
     p.add_argument('--iou-thres', type=float, default=None,
-                   help=f'IoU threshold for NMS (default 0.6; with --darknet, Darknet\'s {NMS_THRESH})')
+                   help=f'IoU threshold for NMS (default 0.6; with --darknet, Darknet\'s {DARKNET_NMS})')
     p.add_argument('--fourcc', type=str, default='mp4v', help='output video codec (see fourcc.org)')
     p.add_argument('--half', nargs='?', const='on', default='auto', choices=HALF_CHOICES,
                    help='network precision: auto (default: bf16 on a CPU with avx512_bf16/amx_bf16, else fp32), '
@@ -483,9 +535,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; --conf-thres and --iou-thres default to Darknet's with --darknet."""
     opt = get_args_parser().parse_args(argv)
     if opt.conf_thres is None:
-        opt.conf_thres = TEST_THRESH if opt.darknet else 0.3
+        opt.conf_thres = DARKNET_THRESH if opt.darknet else 0.3
     if opt.iou_thres is None:
-        opt.iou_thres = NMS_THRESH if opt.darknet else 0.6
+        opt.iou_thres = DARKNET_NMS if opt.darknet else 0.6
     return opt
 
 
@@ -497,14 +549,25 @@ def main(opt: argparse.Namespace) -> int:
     return 0
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that report a bad input (shown as one line, without a traceback). Those of modules this run
+    never imported (torch's loaders, on a cached export) cannot have been raised, so they are not imported here."""
+    errors = [DetectError, ConfigError, DatasetError, BackendError, FileNotFoundError, ConnectionError]
+    for module, name in (('utils.checkpoint', 'CheckpointError'), ('utils.darknet_weights', 'WeightsError')):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 if __name__ == '__main__':
     args = parse_opt()
     try:
         status = main(args)
-    except (DetectError, CheckpointError, WeightsError, ConfigError, DatasetError, FileNotFoundError,
-            ConnectionError) as err:
+    except Exception as err:  # noqa: BLE001  re-raised below unless input_errors() says a bad input
+        if not isinstance(err, input_errors()):
+            raise
         sys.exit(f'Error: {err}')
-    # Everything is written and closed. What is left are the objects of torch's and torchvision's modules, which the
-    # interpreter's garbage collections at exit would walk for nothing (longer than a small job's detections take).
+    # Everything is written and closed. What is left are the objects of the imported modules (torch's, where it ran),
+    # which the interpreter's garbage collections at exit would walk for nothing (longer than a small job takes).
     gc.freeze()
     sys.exit(status)

@@ -19,7 +19,8 @@ Jobs: `detect.py` (its defaults: --backend auto, --device cpu), `detect.py --bac
 NMS, draw, write) over the first --images coco128 images, as subprocesses, run in turn (the order rotates every
 round); wall time of the command and time to its first image line. They run with --save-txt, so their detections
 can be matched (same class, IoU >= 0.5). detect.py's ONNX export is cached in a temporary YOLOV3_CACHE filled by one
-untimed run first (a user's first run pays the export once: a few seconds).
+untimed run first (a user's first run pays the export once: a few seconds). Each round also times detect.py's forward
+passes alone (its onnxruntime session on its own letterboxed inputs): the job's wall time less that is its overhead.
 
 Instruction sets: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OPENCV_CPU_DISABLE=AVX512-SKX` make PyTorch and
 OpenCV run their AVX2 kernels on an AVX-512 CPU (the machine line says which are set); onnxruntime and OpenVINO have
@@ -300,9 +301,26 @@ def job_agreement(a: Path, b: Path, stems: list[str]) -> tuple[int, int, float]:
     return na, nb, matched / max(na + nb, 1)
 
 
+def job_forwards(src: Path, size: int, cfg: Path, weights: Path, cache: Path) -> float:
+    """Seconds of the forward passes alone of detect.py's job: onnxruntime on its cached export (found as detect.py
+    finds it), on its own inputs (each image letterboxed to its minimum rectangle by LoadImages), after one untimed
+    pass. A job's wall time less this is its overhead: start-up, reading, letterbox, NMS, drawing, writing."""
+    from utils.backends import OrtModel, files_key
+    from utils.sources import LoadImages
+
+    run = OrtModel(cache / f'{files_key(weights, cfg, size)}.onnx')
+    xs = [img[None].astype(np.float32) / np.float32(255.0) for _, img, _, _ in LoadImages(src, size)]
+    run.predict(xs[0])
+    t = time.perf_counter()
+    for x in xs:
+        run.predict(x)
+    return time.perf_counter() - t
+
+
 def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path, tmp: Path,
-               detect_args: list[str]) -> list[dict]:
-    """Median wall time and time to first image of each job over n_images coco128 images, run alternately."""
+               detect_args: list[str]) -> tuple[list[dict], list[float]]:
+    """Median wall time and time to first image of each job over n_images coco128 images, run alternately; and the
+    seconds of detect.py's forward passes alone in each round (job_forwards)."""
     src = tmp / 'images'
     src.mkdir()
     for im in sorted(COCO128.glob('*.jpg'))[:n_images]:
@@ -310,10 +328,12 @@ def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path,
     cache = tmp / 'onnx-cache'
     time_job(job_commands(src, tmp / 'warm-up', size, cfg, weights, detect_args)['detect.py'], cache)  # the export
     times: dict[str, list[tuple[float, float]]] = {}
+    forwards: list[float] = []
     for r in range(repeats):
         cmds = list(job_commands(src, tmp / f'run{r}', size, cfg, weights, detect_args).items())
         for name, cmd in cmds[r % len(cmds):] + cmds[:r % len(cmds)]:  # each job first in turn
             times.setdefault(name, []).append(time_job(cmd, cache))
+        forwards.append(job_forwards(src, size, cfg, weights, cache))  # in the same rounds: the same load
     last = tmp / f'run{repeats - 1}'
     stems = [p.stem for p in src.iterdir()]
     rows = []
@@ -323,7 +343,7 @@ def bench_jobs(size: int, n_images: int, repeats: int, cfg: Path, weights: Path,
         wall, first = statistics.median(w for w, _ in runs), statistics.median(f for _, f in runs)
         rows.append({'job': name, 'wall_s': wall, 'first_image_s': first, 'runs': [w for w, _ in runs],
                      'detections': n, 'agree': share})
-    return rows
+    return rows, forwards
 
 
 # ------------------------------------------------------------------------------------------------------- test.py
@@ -380,8 +400,9 @@ def per_image_table(rows: list[dict], size: int, repeats: int) -> str:
     return '\n'.join(lines)
 
 
-def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_args: str = '') -> str:
-    """The job rows as text."""
+def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_args: str = '',
+               forwards: list[float] | None = None) -> str:
+    """The job rows as text, and detect.py's overhead beyond its forward passes when they were timed."""
     extra = f' (detect.py {detect_args})' if detect_args else ''
     lines = [f'jobs: {n_images} coco128 images at {size}, median of {repeats} alternating runs{extra}',
              f"{'job':<28}{'wall s':>8}{'first image s':>15}{'after first, ms/image':>23}{'detections':>12}"
@@ -390,6 +411,11 @@ def jobs_table(rows: list[dict], size: int, n_images: int, repeats: int, detect_
         per = (r['wall_s'] - r['first_image_s']) / max(n_images - 1, 1) * 1e3
         lines.append(f"{r['job']:<28}{r['wall_s']:>8.2f}{r['first_image_s']:>15.2f}{per:>23.1f}{r['detections']:>12}"
                      f"{r['agree']:>9.2f}  " + ' '.join(f'{w:.2f}' for w in r['runs']))
+    if forwards:
+        ours, fwd = next(r for r in rows if r['job'] == 'detect.py'), statistics.median(forwards)
+        lines.append(f"detect.py's {n_images} onnxruntime forward passes alone (its session, its inputs): {fwd:.2f} s "
+                     f"(runs " + ' '.join(f'{w:.2f}' for w in forwards) + f"); overhead beyond them "
+                     f"{ours['wall_s'] - fwd:.2f} s (median wall - median)")
     return '\n'.join(lines)
 
 
@@ -434,9 +460,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f'load {l0:.2f} -> {load1():.2f}')
         if 'jobs' in opt.only:
             l0 = load1()
-            res['jobs'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg, opt.weights, Path(tmp),
-                                     shlex.split(opt.detect_args))
-            print(jobs_table(res['jobs'], opt.img_size, opt.images, opt.job_repeats, opt.detect_args))
+            res['jobs'], res['job_forwards_s'] = bench_jobs(opt.img_size, opt.images, opt.job_repeats, opt.cfg,
+                                                            opt.weights, Path(tmp), shlex.split(opt.detect_args))
+            print(jobs_table(res['jobs'], opt.img_size, opt.images, opt.job_repeats, opt.detect_args,
+                             res['job_forwards_s']))
             print(f'load {l0:.2f} -> {load1():.2f}')
     if opt.json:
         opt.json.write_text(json.dumps(res, indent=1))

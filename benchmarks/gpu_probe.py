@@ -1,4 +1,4 @@
-"""In-process probes that gpu_check.py runs in a subprocess of their own (each CUDA context starts fresh).
+"""In-process probes that tests/test_gpu.py runs in a subprocess of their own (each CUDA context starts fresh).
 
     python benchmarks/gpu_probe.py run [--no-tf32] [--sync-report F.json] -- train.py ARGS...
         runs a script of this checkout as `python SCRIPT ARGS` would, with TF32 off (both the torch flags and
@@ -96,6 +96,45 @@ def install_sync_counter(report: Path) -> None:
 
     warnings.showwarning = record
     warnings.filterwarnings('always', message=f'.*{SYNC_MESSAGE}')  # every sync, not once per line
+
+
+def sync_summary(events: list[list]) -> dict:
+    """Host syncs per micro-step from gpu_probe.py's events (['epoch_start'], ['loss'], ['step'], ['sync', where],
+    ['epoch_end']).
+
+    A micro-step runs from one loss call to the next, so it holds its backward, its optimizer step if any, and the
+    next batch's copy to the device. The last micro-step of an epoch also holds the epoch's closing reads: it is
+    counted apart, as are the syncs before an epoch's first loss call.
+    """
+    plain, at_step, ends, starts, where = [], [], [], [], {}
+    cur: list | None = None  # [syncs, optimizer step?] of the micro-step in progress
+    for e in events:
+        if e[0] == 'epoch_start':
+            cur = None
+            starts.append(0)
+        elif e[0] == 'loss':
+            if cur is not None:
+                (at_step if cur[1] else plain).append(cur[0])
+            cur = [0, False]
+        elif e[0] == 'step' and cur is not None:
+            cur[1] = True
+        elif e[0] == 'sync':
+            where[e[1]] = where.get(e[1], 0) + 1
+            if cur is not None:
+                cur[0] += 1
+            elif starts:
+                starts[-1] += 1
+        elif e[0] == 'epoch_end':
+            if cur is not None:
+                ends.append(cur[0])
+            cur = None
+    n_steps = sum(e[0] == 'step' for e in events)
+    return {'micro_steps': sum(e[0] == 'loss' for e in events), 'optimizer_steps': n_steps,
+            'plain_micro_steps': len(plain), 'plain_with_sync': sum(x > 0 for x in plain),
+            'syncs_per_plain_micro_step': sum(plain) / len(plain) if plain else None,
+            'syncs_per_optimizer_step': sum(at_step) / len(at_step) if at_step else None,
+            'epoch_start_syncs': starts, 'epoch_end_syncs': ends, 'total_syncs': sum(where.values()),
+            'where': dict(sorted(where.items(), key=lambda kv: -kv[1])[:10])}
 
 
 def run_script(script: str, args: list[str], no_tf32: bool, sync_report: Path | None) -> None:

@@ -3,7 +3,8 @@
 Two tiers (pytest.ini): the fast one (`-m "not slow"`) runs on tests/fixtures/toy.cfg and synthetic data, needs no
 ../shared and starts no process (no command line, DDP rank or DataLoader worker: fast_tier_starts_no_process); tests
 marked slow run command lines, DDP groups and benchmarks, and read ../shared (YOLO_SHARED moves it; point it at an
-empty folder to check that the fast tier does not need it).
+empty folder to check that the fast tier does not need it). Tests marked gpu (tests/test_gpu.py) are skipped where
+torch sees no CUDA device; --gpu-report, --gpu-logs and --gpu-budget (tests/gpu_report.py) serve their device runs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 import pytest
 
 from benchmarks import subset
+from tests import gpu_report
 from utils.logs import reset_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +37,17 @@ def pytest_addoption(parser) -> None:
     parser.addoption('--test-order', default='file', choices=('file', 'reverse'),
                      help="'reverse': run the collected tests last to first (.ci/run does, on the fast tier: a test "
                           "that passes only after another one has run fails there)")
+    gpu_report.add_options(parser)
+
+
+def pytest_configure(config) -> None:
+    gpu_report.configure(config)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     if config.getoption('--test-order') == 'reverse':
         items.reverse()
+    gpu_report.skip_gpu_without_cuda(items)
 
 
 @pytest.fixture(autouse=True, scope='session')

@@ -182,3 +182,82 @@ def test_session_options_follow_openmp_settings(monkeypatch):
     assert so.intra_op_num_threads == 0  # onnxruntime's default: one thread per core
     with pytest.raises(Exception, match='allow_spinning'):  # not set: spinning stays onnxruntime's default
         so.get_session_config_entry('session.intra_op.allow_spinning')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detect.py's torch-free path: utils/postprocess.py's numpy NMS against utils/nms.py, the cache key without torch
+
+def random_prediction(rng: np.random.Generator, n: int, nc: int, ties: bool = False) -> np.ndarray:
+    """(2, n, 5 + nc) float32 inference output [xywh, obj, cls probs]; ties: a coarse grid of boxes and scores, so
+    many candidates share a score and many boxes coincide."""
+    xy, wh = rng.uniform(0, 200, (2, n, 2)), rng.uniform(1, 80, (2, n, 2))
+    obj, cls = rng.uniform(0, 1, (2, n, 1)), rng.uniform(0, 1, (2, n, nc))
+    if ties:
+        xy, wh = np.round(xy / 10) * 10, np.round(wh / 10) * 10 + 5
+        obj, cls = np.round(obj * 4) / 4, np.round(cls * 4) / 4
+    return np.concatenate((xy, wh, obj, cls), 2).astype(np.float32)
+
+
+OPTION_SETS = [dict(conf_thres=0.3, iou_thres=0.6, multi_label=False),  # detect.py's defaults
+               dict(conf_thres=0.05, iou_thres=0.45, multi_label=True),
+               dict(conf_thres=0.3, iou_thres=0.6, multi_label=False, classes=[0, 2], max_det=5),
+               dict(conf_thres=0.1, iou_thres=0.5, multi_label=True, agnostic=True),
+               dict(conf_thres=0.2, iou_thres=0.6, multi_label=False, merge=False, max_det=3)]
+
+
+@pytest.mark.parametrize('n, nc, ties', [(40, 3, False), (400, 5, False), (300, 3, True), (40, 2, True)])
+def test_numpy_nms_equals_torch_nms(n, nc, ties):
+    from utils import postprocess
+
+    p = random_prediction(np.random.default_rng(n + nc), n, nc, ties)
+    for opts in OPTION_SETS:
+        ref = non_max_suppression(torch.from_numpy(p.copy()), **opts)
+        got = postprocess.non_max_suppression(p.copy(), **opts)
+        assert len(got) == len(ref) == 2
+        for g, r in zip(got, ref):  # same rows in the same order, bit for bit (merged boxes included)
+            assert g.dtype == np.float32 and np.array_equal(g, r.numpy()), opts
+    assert sum(len(d) for d in got) > 0
+
+
+@pytest.mark.slow  # seconds of NMS over thousands of candidates
+def test_numpy_nms_above_torchvisions_vanilla_threshold():
+    """Over 1000 candidates torchvision's batched_nms runs NMS class by class and sorts the kept boxes with an
+    unstable sort: the same rows and scores come out, but boxes of equal score may be in another order."""
+    from utils import postprocess
+
+    for seed, ties in ((1, True), (2, False)):  # even random scores tie now and then among thousands
+        p = random_prediction(np.random.default_rng(seed), 3000, 3, ties)
+        ref = non_max_suppression(torch.from_numpy(p.copy()), 0.05, 0.6)
+        got = postprocess.non_max_suppression(p, 0.05, 0.6)
+        for g, r in zip(got, ref):
+            r = r.numpy()
+            assert len(g) == len(r) > 1000 and np.array_equal(g[:, 4], r[:, 4])
+            assert np.array_equal(g[np.lexsort(g.T[::-1])], r[np.lexsort(r.T[::-1])])
+
+
+def test_numpy_scale_coords_and_constants_equal_torch_ones():
+    from models import DEFAULT_CFG
+    from utils import nms, postprocess
+    from utils.boxes import scale_coords
+
+    boxes = np.random.default_rng(0).uniform(-20, 420, (50, 4)).astype(np.float32)
+    for shape0 in ((480, 640), (1080, 810), (300, 300)):
+        ref = scale_coords((320, 416), torch.from_numpy(boxes.copy()), shape0)
+        assert np.array_equal(postprocess.scale_coords((320, 416), boxes.copy(), shape0), ref.numpy())
+    assert (postprocess.MIN_WH, postprocess.MAX_WH, postprocess.MERGE_MAX) == (nms.MIN_WH, nms.MAX_WH, nms.MERGE_MAX)
+    assert backends.DEFAULT_CFG == DEFAULT_CFG
+
+
+def test_cpu_only_without_torch(monkeypatch):
+    monkeypatch.setattr(backends.sys, 'platform', 'linux')
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    monkeypatch.setattr(backends.glob, 'glob', lambda p: ['/dev/nvidia0'])  # a GPU: torch decides
+    assert backends.cpu_only('cpu') and not backends.cpu_only('') and not backends.cpu_only('0')
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # all hidden
+    assert backends.cpu_only('')
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    monkeypatch.setattr(backends.glob, 'glob', lambda p: [])
+    monkeypatch.setattr(backends.os.path, 'exists', lambda p: False)
+    assert backends.cpu_only('')
+    monkeypatch.setattr(backends.sys, 'platform', 'win32')  # no cheap check there
+    assert not backends.cpu_only('') and backends.cpu_only('cpu')

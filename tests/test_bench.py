@@ -1,15 +1,13 @@
 """benchmarks/: bench.py's parsers and table, the compat patches for the 2020 original, one bench.py --quick run on
-this checkout, and gpu_check.py: its pure parts, its failure path, its budget, its step-by-step JSON and logs, and
-`--device cpu --quick` end to end."""
+this checkout, gpu_check.py --pack (the GPU checks' inputs) and gpu_probe.py's sync counter. The GPU checks
+themselves are tests/test_gpu.py."""
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 import sys
-import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import bench  # noqa: E402  (benchmarks/ is not a package)
 import compat_original  # noqa: E402
 import gpu_check  # noqa: E402
+import gpu_probe  # noqa: E402
 
 
 def label_rows(n: int) -> int:
@@ -132,26 +131,7 @@ def test_quick_run_this_checkout(tmp_path, capsys):
     assert 'train images/s (median epoch)' in printed
 
 
-# ------------------------------------------------------------------------------------------------------ gpu_check.py
-@pytest.mark.slow
-def test_gpu_check_kill_tree_reaches_children_in_their_own_session(tmp_path):
-    """As torchrun's workers: a child in a session of its own dies with its parent (a process-group kill misses it)."""
-    code = ('import subprocess, sys, time; '
-            'c = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True); '
-            'print(c.pid, flush=True); time.sleep(60)')
-    parent = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
-    gpu_check.kill_tree(parent.pid)
-    assert parent.wait(10) == -9
-    for _ in range(100):  # the child is not ours to wait for: poll until it is gone (or a zombie of init)
-        stat = Path(f'/proc/{child}/stat')
-        if not stat.exists() or stat.read_text().rsplit(')', 1)[1].split()[0] == 'Z':
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f'child {child} still running')
-
-
+# ------------------------------------------------------------------------------------------------- gpu_check.py
 def test_gpu_check_pack_copies_exactly_the_inputs(tmp_path):
     """--pack copies the weights, names, samples, images and labels, nothing else, and refuses more than the limit."""
     src = tmp_path / 'src'
@@ -172,10 +152,11 @@ def test_gpu_check_pack_copies_exactly_the_inputs(tmp_path):
         gpu_check.pack(inputs, src)
     assert (src / 'weights' / 'yolov3-tiny.weights').exists()
     with pytest.raises(SystemExit, match=r'missing input: .*nothing'):
-        gpu_check.main(['--device', 'cpu', '--data-dir', str(tmp_path / 'nothing')])
+        gpu_check.main(['--pack', str(tmp_path / 'pack3'), '--data-dir', str(tmp_path / 'nothing')])
+    assert not (tmp_path / 'pack3').exists()
 
 
-def test_gpu_check_sync_summary_counts_per_micro_step():
+def test_gpu_probe_sync_summary_counts_per_micro_step():
     """Syncs fall into the micro-step (loss call to loss call) they happen in; optimizer steps, an epoch's start and
     its last micro-step (the closing reads) are counted apart; where they happen is tallied."""
     ev = [['epoch_start'], ['sync', 'train.py:1'],
@@ -184,13 +165,13 @@ def test_gpu_check_sync_summary_counts_per_micro_step():
           ['loss'], ['sync', 'engine.py:5'],  # micro-step 2: a stray read
           ['loss'], ['sync', 'engine.py:7'], ['epoch_end'],  # last: the epoch's closing read
           ['epoch_start'], ['loss'], ['loss'], ['epoch_end']]
-    s = gpu_check.sync_summary(ev)
+    s = gpu_probe.sync_summary(ev)
     assert (s['micro_steps'], s['optimizer_steps'], s['plain_micro_steps']) == (6, 1, 3)
     assert s['plain_with_sync'] == 1 and s['syncs_per_plain_micro_step'] == pytest.approx(1 / 3)
     assert s['syncs_per_optimizer_step'] == 2.0
     assert s['epoch_start_syncs'] == [1, 0] and s['epoch_end_syncs'] == [1, 0]
     assert s['total_syncs'] == 5 and list(s['where'])[0] == 'engine.py:9' and s['where']['engine.py:9'] == 2
-    empty = gpu_check.sync_summary([['epoch_start'], ['epoch_end']])
+    empty = gpu_probe.sync_summary([['epoch_start'], ['epoch_end']])
     assert empty['micro_steps'] == 0 and empty['syncs_per_plain_micro_step'] is None
 
 
@@ -198,7 +179,6 @@ def test_gpu_probe_records_syncs_inside_training_epochs(tmp_path, monkeypatch):
     """gpu_probe's counter: sync warnings (as torch's sync debug mode raises them) are recorded with their place
     only inside train_one_epoch, between the loss calls and optimizer steps it sees; other warnings pass through."""
     import warnings
-    import gpu_probe
     from utils import engine, loss
 
     for obj, name in ((engine, 'train_one_epoch'), (loss.ComputeLoss, '__call__'), (torch.amp.GradScaler, 'step'),
@@ -223,146 +203,8 @@ def test_gpu_probe_records_syncs_inside_training_epochs(tmp_path, monkeypatch):
     events = json.loads(report.read_text())['events']
     assert [e[0] for e in events] == ['epoch_start', 'loss', 'sync', 'step', 'loss', 'epoch_end']
     assert events[2][1].startswith('test_bench.py:')
-    s = gpu_check.sync_summary(events)
+    s = gpu_probe.sync_summary(events)
     assert (s['micro_steps'], s['optimizer_steps'], s['syncs_per_optimizer_step']) == (2, 1, 1.0)
-
-
-def test_gpu_check_confident_boxes_only():
-    """fp16 vs fp32 detections: a box below the confidence threshold may be missing, a confident one may not, and
-    a confident box must overlap its match (same class) well; the error line is picked from a command's output."""
-    ref = [[0, 0.5, 0.5, 0.2, 0.2, 0.9], [5, 0.2, 0.2, 0.1, 0.1, 0.31]]
-    same = [[0, 0.5, 0.5, 0.2, 0.2, 0.89]]  # the 0.31 box fell under detect.py's 0.3 in fp16: allowed
-    assert gpu_check.match_confident(ref, same) == (1, pytest.approx(1.0))
-    shifted = [[0, 0.6, 0.5, 0.2, 0.2, 0.9]]
-    assert gpu_check.match_confident(ref, shifted)[1] == pytest.approx(0.02 / 0.06)
-    assert gpu_check.match_confident(ref, [[1, 0.5, 0.5, 0.2, 0.2, 0.9]]) == (1, 0.0)  # another class: no match
-    assert gpu_check.match_confident([[5, 0.2, 0.2, 0.1, 0.1, 0.31]], []) == (0, 1.0)
-    out = 'Traceback (most recent call last):\n  File "x"\nRuntimeError: CUDA out of memory\nexit\n'
-    assert gpu_check.error_lines(out) == 'RuntimeError: CUDA out of memory'
-    a = {'w': torch.zeros(3), 'n': torch.tensor(2)}
-    assert gpu_check.max_state_diff(a, {'w': torch.tensor([0, 0, 3e-5]), 'n': torch.tensor(2)}) == pytest.approx(3e-5)
-    assert gpu_check.max_state_diff(a, {'w': torch.zeros(4), 'n': torch.tensor(2)}) == float('inf')
-
-
-@pytest.mark.slow
-def test_gpu_check_json_and_logs_written_step_by_step(tmp_path, monkeypatch):
-    """After every step the JSON and the logs archive hold what ran: a run killed inside its second step leaves the
-    first step's result and log, the second marked running, the rest pending."""
-    def first(ctx):
-        gpu_check.save_log(ctx, 'first', ['cmd'], 'first step output')
-        return {'figure': 1}
-
-    def killed(ctx):
-        raise KeyboardInterrupt  # as a kill or the device tool's time limit: nothing after it runs
-
-    monkeypatch.setitem(gpu_check.STEPS, 'test_fp32', first)
-    monkeypatch.setitem(gpu_check.STEPS, 'detect_fp32', killed)
-    out, logs = tmp_path / 'r.json', tmp_path / 'logs.tar.gz'
-    with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(['--device', 'cpu', '--quick', '--only', 'test_fp32', 'detect_fp32', 'loader', '--out',
-                        str(out), '--logs', str(logs)])
-    res = json.loads(out.read_text())
-    assert [(s['step'], s['status']) for s in res['steps']] == [('test_fp32', 'pass'), ('detect_fp32', 'running'),
-                                                                 ('loader', 'pending')]
-    assert res['steps'][0]['figure'] == 1 and res['budget_s'] == 480
-    with tarfile.open(logs) as tar:
-        assert tar.getnames() == ['gpu_check_logs/first.log']
-        assert tar.extractfile('gpu_check_logs/first.log').read().decode().endswith('first step output')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['logs.tar.gz', 'r.json']  # no temporary files left
-
-
-@pytest.mark.slow
-def test_gpu_check_budget_skips_what_does_not_fit(tmp_path, monkeypatch, capsys):
-    """--budget: a step whose estimate (here from an earlier run's JSON, --estimates) exceeds what is left is skipped
-    and says so; the steps that fit run, and no command may run past the budget."""
-    seen = {}
-
-    def fits(ctx):
-        seen['timeout'] = ctx.timeout
-        return {}
-
-    monkeypatch.setitem(gpu_check.STEPS, 'test_fp32', fits)
-    monkeypatch.setitem(gpu_check.STEPS, 'detect_fp32', lambda ctx: pytest.fail('ran over the budget'))
-    monkeypatch.setitem(gpu_check.STEPS, 'loader', lambda ctx: {})
-    earlier = tmp_path / 'earlier.json'
-    earlier.write_text(json.dumps({'steps': [{'step': 'test_fp32', 'status': 'pass', 'seconds': 2.0},
-                                             {'step': 'detect_fp32', 'status': 'fail', 'seconds': 500.0},
-                                             {'step': 'loader', 'status': 'skipped', 'seconds': 0.0}]}))
-    out = tmp_path / 'r.json'
-    rc = gpu_check.main(['--device', 'cpu', '--quick', '--only', 'test_fp32', 'detect_fp32', 'loader', '--budget',
-                         '20', '--estimates', str(earlier), '--out', str(out)])
-    by = {s['step']: s for s in json.loads(out.read_text())['steps']}
-    assert rc == 0 and by['test_fp32']['status'] == 'pass' and by['loader']['status'] == 'pass'
-    assert by['detect_fp32']['status'] == 'skipped' and by['detect_fp32']['reason'].startswith('budget: estimated 500')
-    assert by['test_fp32']['estimate_s'] == 2.0 and 0 < seen['timeout'] <= 20
-    assert re.search(r'^detect_fp32\s+skipped\s.*budget', capsys.readouterr().out, re.M)
-    earlier.write_text('not json')
-    with pytest.raises(SystemExit, match='earlier.json: not a gpu_check JSON'):
-        gpu_check.main(['--device', 'cpu', '--quick', '--estimates', str(earlier)])
-
-
-@pytest.mark.slow
-def test_gpu_check_records_failures_and_goes_on(tmp_path, monkeypatch, capsys):
-    """A failing or crashing step is recorded with its reason, the next step still runs, the exit status is 1."""
-    def failing(ctx):
-        raise gpu_check.CheckFailed('mAP@0.5 0.300, expected 0.423 +- 0.005')
-
-    def crashing(ctx):
-        raise KeyError('x')
-
-    monkeypatch.setitem(gpu_check.STEPS, 'test_fp32', failing)
-    monkeypatch.setitem(gpu_check.STEPS, 'loader', crashing)
-    monkeypatch.setitem(gpu_check.STEPS, 'detect_fp32', lambda ctx: {'objects': {'bus': {'bus': 1}}})
-    out = tmp_path / 'r.json'
-    rc = gpu_check.main(['--device', 'cpu', '--quick', '--only', 'test_fp32', 'loader', 'detect_fp32',
-                         'throughput_spp', '--out', str(out)])
-    assert rc == 1
-    res = json.loads(out.read_text())
-    by = {s['step']: s for s in res['steps']}
-    assert list(by) == ['test_fp32', 'detect_fp32', 'throughput_spp', 'loader']  # in the script's order
-    assert res['failed'] == ['test_fp32', 'loader']
-    assert by['test_fp32']['reason'] == 'mAP@0.5 0.300, expected 0.423 +- 0.005'
-    assert by['loader']['reason'] == "KeyError: 'x'"
-    assert by['detect_fp32']['status'] == 'pass' and by['throughput_spp']['status'] == 'skipped'
-    assert '2 failed: test_fp32, loader; 1 passed, 1 skipped' in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_gpu_check_cpu_quick_runs_every_cpu_step(tmp_path, capsys):
-    """`gpu_check.py --device cpu --quick`: every step passes or is skipped for want of CUDA, figures consistent."""
-    out, logs = tmp_path / 'r.json', tmp_path / 'logs.tar.gz'
-    rc = gpu_check.main(['--device', 'cpu', '--quick', '--out', str(out), '--logs', str(logs)])
-    printed = capsys.readouterr().out
-    res = json.loads(out.read_text())
-    by = {s['step']: s for s in res['steps']}
-    assert list(by) == gpu_check.STEP_NAMES
-    failed = {k: v['reason'] for k, v in by.items() if v['status'] == 'fail'}
-    assert rc == 0 and not failed, failed
-    cuda_only = {'train_fp16', 'test_half', 'detect_half', 'throughput_tiny', 'throughput_spp', 'sync_debug'}
-    assert {k for k, v in by.items() if v['status'] == 'skipped'} == cuda_only
-    assert all(by[k]['reason'].startswith('needs CUDA') for k in cuda_only)
-    # the sync probe's wiring ran on the CPU: 4 batches of 2 of the 8 images, an optimizer step each (burn-in)
-    assert 'wiring ran on the CPU: 4 micro-steps, 4 optimizer steps seen' in by['sync_debug']['reason']
-    assert by['train_bf16']['checkpoint_epochs'] == {'last.pt': 1, 'best.pt': 1}
-    # killed before the run ended, inside epoch 1 or 2 (the step waits 0.2 s after epoch 0's save, in which a fast
-    # machine may finish epoch 1); the step itself checked that the resume gave every epoch once
-    assert by['kill9_resume']['killed_after_epoch'] in (0, 1) and by['kill9_resume']['rows_at_kill'] < 3
-    assert by['torchrun']['processes'] == 2 and by['torchrun']['backend'] == 'gloo'
-    assert by['elastic']['killed_local_rank'] == 1 and by['elastic']['rows_at_kill'] < 2
-    assert by['sigterm_resume']['saved_at']['epoch'] == 1 and by['sigterm_resume']['exit_s'] < 60
-    assert by['sigterm_resume']['max_weight_diff'] < 1e-4 and '--resume' in by['sigterm_resume']['resume_hint']
-    assert by['channels_last']['train_py_layout'] == 'channels_last'  # the CPU: oneDNN's NHWC convolutions
-    assert by['channels_last']['models']['yolov3-tiny']['contiguous'] > 0
-    assert (by['test_fp32']['images'], by['test_fp32']['targets']) == (8, label_rows(8))
-    objects = by['detect_fp32']['objects']
-    assert {'bus', 'person'} <= set(objects['bus']) and {'person', 'tie'} <= set(objects['zidane'])
-    assert by['loader']['images'] == 8
-    assert by['loader']['images_per_s'] == pytest.approx(8 / by['loader']['timed_s'])
-    assert res['elapsed_s'] <= res['budget_s'] == 480
-    for name in gpu_check.STEP_NAMES:  # the printed table has a row per step, and each command's log was kept
-        assert re.search(rf'^{name}\s+{by[name]["status"]}\b', printed, re.M)
-    with tarfile.open(logs) as tar:
-        assert tar.extractfile('gpu_check_logs/elastic.log').read().decode().startswith(sys.executable)
 
 
 # ---------------------------------------------------------------------------------------------------- bench_infer.py

@@ -300,9 +300,10 @@ def test_detect_matches_darknet_fixture(case, tiny_model):
             sorted(o['class_id'] for o in rec['objects']), rec['image']
         theirs = sorted((o['class_id'], -o['confidence'], o) for o in rec['objects'])
         mine = sorted((b.cls, -b.prob, b) for b in printed)
-        for (_, _, o), (_, _, b) in zip(theirs, mine):
-            assert abs(b.prob - o['confidence']) < 0.01, rec['image']
-        dn_lines = sorted(tuple(p[2:]) for p in rec['printed'])
-        our_lines = sorted((b.left, b.top, b.width, b.height) for b in printed)
-        assert len(dn_lines) == len(our_lines), rec['image']
-        assert all(abs(a - b) <= 1 for x, y in zip(dn_lines, our_lines) for a, b in zip(x, y)), rec['image']
+        for (_, _, o), (_, _, b) in zip(theirs, mine):  # Darknet's JSON has 6 decimals; float noise is ~1e-6
+            assert abs(b.prob - o['confidence']) < 1e-4, rec['image']
+        # the pixels are Darknet's (utils/stb_jpeg.py), so the printed lines are the same to the pixel and percent
+        dn_lines = sorted(tuple(p[1:]) for p in rec['printed'])
+        our_lines = sorted((round(float(np.float32(b.prob) * np.float32(100))), b.left, b.top, b.width, b.height)
+                           for b in printed)
+        assert our_lines == dn_lines, rec['image']

@@ -18,10 +18,10 @@ from PIL import Image
 from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset, make_synthetic
 from utils import datasets as ds_mod
 from utils.data_config import DatasetError, check_dataset, load_data_config
+from utils.datasets import (DatasetOptions, LoaderOptions, LoadImagesAndLabels, RectDistributedSampler,
+                            create_dataloader, img2label_paths, list_image_files, verify_image_label)
 from utils.logs import setup_logging
-from utils.datasets import (DatasetOptions, LoaderOptions, LoadImages, LoadImagesAndLabels, LoadStreams, LoadWebcam,
-                            RectDistributedSampler, create_dataloader, img2label_paths, list_image_files,
-                            verify_image_label)
+from utils.sources import LoadImages, LoadStreams, LoadWebcam
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import detect as detect_mod
 from detect import JSON_FILE, DetectError, detect, get_args_parser, parse_opt, save_crops
 from tests.conftest import COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
+from utils import backends
 from utils.data_config import DatasetError
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -26,6 +28,15 @@ def run_detect(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subproc
     """python detect.py ARGS, from the repository root unless cwd is given."""
     return subprocess.run([sys.executable, str(ROOT / 'detect.py'), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+# runs detect.py as `python detect.py ARGS` would, then says whether torch was imported (after every exit path)
+TORCH_PROBE = ("import runpy, sys\n"
+               "sys.argv = sys.argv[1:]\n"
+               "try:\n"
+               "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+               "finally:\n"
+               "    print('torch imported:', 'torch' in sys.modules)\n")
 
 
 def label_classes(txt: Path) -> list[int]:
@@ -248,9 +259,9 @@ def test_outputs_json_crops_confidences_nosave_max_det(tmp_path, capsys):
 
 def test_crops_are_clipped_to_the_image(tmp_path):
     im = np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3)  # (h, w, 3)
-    det = torch.tensor([[-10., 50, 30, 90, 0.9, 1],  # sticks out left and below
-                        [70, -5, 95, 20, 0.8, 0],  # out right and above
-                        [100, 10, 120, 20, 0.7, 0]])  # wholly outside: no crop
+    det = np.array([[-10., 50, 30, 90, 0.9, 1],  # sticks out left and below
+                    [70, -5, 95, 20, 0.8, 0],  # out right and above
+                    [100, 10, 120, 20, 0.7, 0]], dtype=np.float32)  # wholly outside: no crop
     saved = save_crops(det, im, tmp_path, ['a/b', 'car'], 'img')
     assert saved == [tmp_path / 'car' / 'img_0.jpg', tmp_path / 'a_b' / 'img_1.jpg']  # names made file-safe
     assert cv2.imread(str(saved[0])).shape == (10, 30, 3) and cv2.imread(str(saved[1])).shape == (20, 10, 3)
@@ -284,15 +295,21 @@ def test_backends_give_the_same_detections_and_the_export_is_cached(tmp_path, mo
               '--save-txt', '--save-conf', '--device', 'cpu', '--nosave']
     runs = {k: run_detect(*common, '--output', str(tmp_path / k), *a) for k, a in
             (('torch', ['--backend', 'torch', '--half', 'off']), ('auto', []), ('again', ['--backend', 'onnxruntime']))}
+    # a cache hit runs without torch: the default --device '' on this machine too, where it has no GPU
+    hit = [a for a in common if a not in ('--device', 'cpu')] if backends.cpu_only('') else common
+    runs['hit'] = subprocess.run([sys.executable, '-c', TORCH_PROBE, str(ROOT / 'detect.py'), *hit,
+                                  '--output', str(tmp_path / 'hit')], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
     for r in runs.values():
         assert r.returncode == 0, r.stderr[-2000:]
+    assert 'torch imported: False' in runs['hit'].stdout
     assert re.search(r'^Runtime: PyTorch .* cpu, float32$', runs['torch'].stdout, re.M)
     assert re.search(r'^Runtime: onnxruntime .* new export ', runs['auto'].stdout, re.M)
     assert re.search(r'^Runtime: onnxruntime .* cached export ', runs['again'].stdout, re.M)
     assert len(list(onnx_cache.glob('*.onnx'))) == 1 and [p.name for p in weights.parent.iterdir()] == [weights.name]
     ref = read_rows(tmp_path / 'torch')
     assert set(ref) == {'bus', 'zidane'}
-    for k in ('auto', 'again'):
+    for k in ('auto', 'again', 'hit'):
         got = read_rows(tmp_path / k)
         assert set(got) == set(ref)
         for stem in ref:  # same classes, boxes within %g's rounding of normalised coordinates
@@ -307,8 +324,12 @@ DARKNET_FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_detect'
 
 
 def test_darknet_defaults_are_darknets_thresholds():
+    from utils.darknet_post import NMS_THRESH, TEST_THRESH
+    from utils.torch_utils import HALF_CHOICES
+
     opt = parse_opt(['--darknet'])
-    assert (opt.conf_thres, opt.iou_thres) == (0.25, 0.45)
+    assert (opt.conf_thres, opt.iou_thres) == (TEST_THRESH, NMS_THRESH) == (0.25, 0.45)
+    assert detect_mod.HALF_CHOICES == HALF_CHOICES  # repeated in detect.py to parse without torch
     assert (parse_opt([]).conf_thres, parse_opt([]).iou_thres) == (0.3, 0.6)
     assert parse_opt(['--darknet', '--conf-thres', '0.5', '--iou-thres', '0.3']).conf_thres == 0.5
 

@@ -14,20 +14,27 @@ graph depends on (export_key): the fused model's tensors (so new weights or anot
 the weights file was named or touched), its cfg text, the trace size, the export options, the source of the code
 that builds and exports the model, and the torch, onnx and onnxruntime versions. A new export is checked against
 PyTorch before it is used and written atomically, so a crash never leaves half a model to be served.
+
+torch is imported only where PyTorch runs or exports: a cache hit (cached_session) needs cv2, numpy and onnxruntime
+only, so detect.py's start-up on the CPU skips `import torch` (more than a second; benchmarks/README.md).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from utils.logs import LOGGER
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 BACKENDS = ('auto', 'torch', 'onnxruntime')
 CACHE_ENV = 'YOLOV3_CACHE'  # overrides the cache folder
@@ -35,6 +42,7 @@ EXPORT_TOL = 1e-4  # a fresh export whose output differs more from PyTorch's (re
 ROOT = Path(__file__).resolve().parents[1]
 # the code an exported graph depends on: a change to any of these files invalidates every cached export
 GRAPH_SOURCES = ('models.py', 'utils/layers.py', 'utils/parse_config.py', 'utils/export.py')
+DEFAULT_CFG = ROOT / 'cfg' / 'yolov3-spp.cfg'  # models.DEFAULT_CFG (a test keeps them equal), without importing torch
 
 
 class BackendError(ValueError):
@@ -58,9 +66,24 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def choose_backend(backend: str, device: torch.device, half: str = 'auto', augment: bool = False,
+def cpu_only(device: str) -> bool:
+    """Whether a --device string means the CPU, known without importing torch: 'cpu', or '' (CUDA if available) where
+    this Linux machine has no NVIDIA or AMD GPU device node or CUDA_VISIBLE_DEVICES hides them all. False where that
+    cannot be known so cheaply (another OS, a GPU present): select_device decides then."""
+    device = str(device).strip().lower()
+    if device == 'cpu':
+        return True
+    if device or not sys.platform.startswith('linux'):
+        return False
+    if os.environ.get('CUDA_VISIBLE_DEVICES', None) in ('', '-1'):
+        return True
+    return not (glob.glob('/dev/nvidia[0-9]*') or os.path.exists('/dev/kfd'))
+
+
+def choose_backend(backend: str, device: torch.device | str, half: str = 'auto', augment: bool = False,
                    need_raw_maps: bool = False) -> str:
-    """'torch' or 'onnxruntime' for --backend on device; BackendError where onnxruntime is asked for and cannot run.
+    """'torch' or 'onnxruntime' for --backend on device (a torch.device, or its type: 'cpu', 'cuda'); BackendError
+    where onnxruntime is asked for and cannot run.
 
     half is the --half option as given: onnxruntime runs fp32, which auto picks over a bf16 PyTorch model (faster,
     and fp32's boxes); an explicit fp16/bf16/on keeps PyTorch."""
@@ -68,7 +91,8 @@ def choose_backend(backend: str, device: torch.device, half: str = 'auto', augme
         raise BackendError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == 'torch':
         return 'torch'
-    why = ('onnxruntime runs on the CPU only, the device is ' + str(device)) if device.type != 'cpu' else \
+    kind = getattr(device, 'type', device)  # a torch.device or its type
+    why = ('onnxruntime runs on the CPU only, the device is ' + str(device)) if kind != 'cpu' else \
         (f'--half {half} asks for a reduced-precision PyTorch model (onnxruntime runs the fp32 export)'
          if half not in ('auto', 'off') else
          '--augment (test-time augmentation) needs the PyTorch model' if augment else
@@ -87,6 +111,8 @@ def _sha(data: bytes) -> str:
 
 def model_digest(model: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of every tensor of the model's state."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -96,7 +122,8 @@ def model_digest(model: nn.Module) -> str:
 
 
 def _versions() -> dict[str, str]:
-    """Versions of the libraries behind an export, from their metadata: `import onnx` alone takes about a second."""
+    """Versions of the libraries behind an export, from their metadata: `import onnx` or `import torch` alone takes
+    about a second."""
     from importlib.metadata import PackageNotFoundError, version
 
     def v(name: str) -> str:
@@ -104,13 +131,13 @@ def _versions() -> dict[str, str]:
             return version(name)
         except PackageNotFoundError:
             return 'absent'
-    return {'torch': torch.__version__, 'onnx': v('onnx'), 'onnxruntime': v('onnxruntime')}
+    return {'torch': v('torch'), 'onnx': v('onnx'), 'onnxruntime': v('onnxruntime')}
 
 
 def _key(parts: dict, dynamic: bool) -> str:
     """A cache file name: the hash of parts plus the export options, the graph's source files and the versions."""
-    from utils.export import ONNX_OPSET
-    common = {'dynamic': dynamic, 'fused': True, 'opset': ONNX_OPSET,
+    # the opset is in utils/export.py, one of the hashed GRAPH_SOURCES: importing it would import torch
+    common = {'dynamic': dynamic, 'fused': True,
               'code': {f: _sha((ROOT / f).read_bytes()) for f in GRAPH_SOURCES if (ROOT / f).exists()},
               **_versions()}
     return _sha(json.dumps({**parts, **common}, sort_keys=True).encode())[:32]
@@ -141,7 +168,6 @@ def files_key(weights: str | Path, cfg: str | Path | None, img_size: int | None,
         elif weights.suffix == '.pt':
             cfg_text = b''
         else:
-            from models import DEFAULT_CFG
             cfg_text = DEFAULT_CFG.read_bytes()
         with open(weights, 'rb') as f:
             weights_sha = hashlib.file_digest(f, 'sha256').hexdigest()
@@ -191,7 +217,8 @@ def session_options():
 
 
 class OrtModel:
-    """An ONNX export run by onnxruntime on the CPU: (B, 3, h, w) float32 RGB in [0, 1] -> (B, N, 5 + nc) tensor."""
+    """An ONNX export run by onnxruntime on the CPU: (B, 3, h, w) float32 RGB in [0, 1] -> (B, N, 5 + nc) tensor
+    (predict: numpy in and out, for callers without torch)."""
 
     def __init__(self, path: str | Path):
         import onnxruntime as ort
@@ -210,12 +237,18 @@ class OrtModel:
         self.nc = out.shape[-1] - 5
         self.meta = self.session.get_modelmeta().custom_metadata_map  # cached exports: names, img_size (JSON)
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The model's inference output for a float32 batch (numpy or CPU tensor, any memory layout)."""
-        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The model's inference output (B, N, 5 + nc) float32 for a float32 batch (B, 3, h, w), any memory layout."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
         if self.batch is None:
-            return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
-        return torch.from_numpy(np.concatenate([self.session.run(None, {self.input_name: xi[None]})[0] for xi in x]))
+            return self.session.run(None, {self.input_name: x})[0]
+        return np.concatenate([self.session.run(None, {self.input_name: xi[None]})[0] for xi in x])
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """predict() as a tensor, for a float32 batch as a numpy array or a CPU tensor."""
+        import torch
+
+        return torch.from_numpy(self.predict(x.numpy() if isinstance(x, torch.Tensor) else x))
 
 
 def runtime_for(model: nn.Module, backend: str, img_size: int | tuple[int, int], strict: bool = False,
@@ -236,6 +269,8 @@ def runtime_for(model: nn.Module, backend: str, img_size: int | tuple[int, int],
         else:
             _log_ort(path, fresh, log)
             return runner
+    import torch
+
     dtype = next(model.parameters()).dtype
     log(f"Runtime: PyTorch {torch.__version__} {next(model.parameters()).device.type}, "
         f"{str(dtype).replace('torch.', '')}")
@@ -264,19 +299,27 @@ def load_runtime(weights: str | Path, cfg: str | Path | None, img_size: int | No
     files_key, without building the PyTorch model; otherwise build(size) builds it (fused, eval) and runtime_for
     exports it under that key. size: img_size, else 416 (the cfg's width is read from the built model)."""
     key = files_key(weights, cfg, img_size) if backend == 'onnxruntime' else None
-    if key is not None:
-        path = cache_dir() / f'{key}.onnx'
-        if path.is_file():
-            try:
-                run = OrtModel(path)
-                names, size = json.loads(run.meta['names']), json.loads(run.meta['img_size'])[0]
-            except Exception as e:  # noqa: BLE001  an unreadable cache entry is exported again
-                LOGGER.warning(f'{path}: cannot be used ({type(e).__name__}: {e}); exporting again')
-                path.unlink(missing_ok=True)
-            else:
-                _log_ort(path, False, log)
-                return Loaded(run, run.nc, names, int(size))
+    hit = cached_session(key, log) if key is not None else None
+    if hit is not None:
+        return hit
     model = build(img_size or 416)
     size = img_size or int(getattr(model, 'hyperparams', {}).get('width', 416))
     run = runtime_for(model, backend, size, strict, log, key)
     return Loaded(run, model.nc, getattr(model, 'names', None), size)
+
+
+def cached_session(key: str, log: Callable[[str], None] = LOGGER.info) -> Loaded | None:
+    """The onnxruntime session of the cached export under key (files_key), or None where there is none; an unreadable
+    entry is deleted (and exported again by the caller). Needs no torch. Logs the one Runtime line on a hit."""
+    path = cache_dir() / f'{key}.onnx'
+    if not path.is_file():
+        return None
+    try:
+        run = OrtModel(path)
+        names, size = json.loads(run.meta['names']), json.loads(run.meta['img_size'])[0]
+    except Exception as e:  # noqa: BLE001  an unreadable cache entry is exported again
+        LOGGER.warning(f'{path}: cannot be used ({type(e).__name__}: {e}); exporting again')
+        path.unlink(missing_ok=True)
+        return None
+    _log_ort(path, False, log)
+    return Loaded(run, run.nc, names, int(size))

@@ -14,6 +14,7 @@ and detector.c (test_detector, validate_detector_map) at 59596d7.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils import stb_jpeg
+from utils.logs import LOGGER
 from utils.parse_config import ConfigError
 
 TEST_THRESH = 0.25  # `detector test -thresh` default
@@ -82,19 +85,35 @@ def use_darknet_bn_eps(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # the image: load_image (RGB, / 255), resize_image / letterbox_image
 
-def read_bgr(path: str | Path) -> np.ndarray:
-    """An image file as Darknet's stb_image sees it, in OpenCV's BGR uint8 (h, w, 3): 3 channels, and the EXIF
-    orientation ignored (stb does not apply it; cv2.imread would)."""
+@functools.cache  # once per process
+def _warn_no_jpeglib() -> None:
+    LOGGER.warning(f"--darknet: JPEGs are decoded by OpenCV (libjpeg-turbo), not as Darknet's stb_image does: about "
+                   f"1-5% of the pixels differ by a level, so a box near a threshold can differ. For Darknet's exact "
+                   f"pixels: {stb_jpeg.PIP_INSTALL}")
+
+
+def read_rgb_uint8(path: str | Path) -> np.ndarray:
+    """An image file as Darknet built without OpenCV reads it (stbi_load, 3 channels): (h, w, 3) uint8 RGB. JPEGs go
+    through utils/stb_jpeg.py (stb's IDCT, upsampling and colour arithmetic, bit-identical); other formats through
+    OpenCV (lossless, the same pixels). EXIF orientation is ignored, as stb ignores it."""
+    if stb_jpeg.is_jpeg(path):
+        if stb_jpeg.jpeglib is not None:
+            return stb_jpeg.decode(path)
+        _warn_no_jpeglib()
     im = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if im is None:
         raise FileNotFoundError(f"{path}: cannot read the image")
-    return im
+    return np.ascontiguousarray(im[:, :, ::-1])
+
+
+def read_bgr(path: str | Path) -> np.ndarray:
+    """read_rgb_uint8 in OpenCV's BGR channel order (what detect.py --darknet draws on and passes back)."""
+    return np.ascontiguousarray(read_rgb_uint8(path)[:, :, ::-1])
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB float32 (h, w, 3) in [0, 1], as Darknet's load_image_color (decoded by OpenCV, not stb:
-    JPEG decoders differ by a few levels on ~1-5% of the pixels)."""
-    return np.ascontiguousarray(read_bgr(path)[:, :, ::-1], dtype=np.float32) / np.float32(255.0)
+    """Darknet's load_image_color without OpenCV: stbi_load's bytes as RGB float32 (h, w, 3) / 255."""
+    return read_rgb_uint8(path).astype(np.float32) / np.float32(255.0)
 
 
 def resize_image(im: np.ndarray, w: int, h: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 matrix, hyperparameter evolution.
 
 matplotlib is imported inside the functions that need it (Agg backend, so headless machines work) to keep
-detect.py and test.py quick to start.
+detect.py and test.py quick to start; torch too, so that detect.py's drawing (plot_one_box, class_color) runs in a
+process that never imports it (an onnxruntime session).
 """
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import cv2
 import numpy as np
-import torch
 
-from utils.boxes import xywh2xyxy, xyxy2xywh
+if TYPE_CHECKING:
+    import torch
 
 # matplotlib's default 'tab10' cycle as BGR, so class colours match between the scripts and the plots
 _HEX = ('1f77b4', 'ff7f0e', '2ca02c', 'd62728', '9467bd', '8c564b', 'e377c2', '7f7f7f', 'bcbd22', '17becf',
@@ -59,6 +60,9 @@ def plot_one_box(xyxy: Sequence[float], img: np.ndarray, color: Sequence[int] | 
 
 def output_to_target(output: Sequence[torch.Tensor], width: int, height: int) -> np.ndarray:
     """NMS output (list of (n, 6) [xyxy, conf, cls] in pixels) -> (N, 7) [image, cls, x, y, w, h, conf] normalised."""
+    import torch  # lazy: see the module docstring
+
+    from utils.boxes import xyxy2xywh
     rows = []
     for i, det in enumerate(output):
         if det is None or not len(det):
@@ -76,6 +80,9 @@ def plot_images(images: torch.Tensor | np.ndarray, targets: torch.Tensor | np.nd
     """Mosaic of a batch (B, 3, H, W) RGB (uint8 or float in [0, 1]) with its boxes; targets (n, 6)
     [image, cls, x, y, w, h] normalised (ground truth) or (n, 7) with conf (predictions, drawn above conf_thres).
     Writes fname (jpg) when given and returns the RGB mosaic."""
+    import torch  # lazy: see the module docstring
+
+    from utils.boxes import xywh2xyxy
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().float().numpy()
     if isinstance(targets, torch.Tensor):

@@ -6,9 +6,10 @@ model with Darknet's pre/post-processing on the same images, and compare.
         --images ../shared/samples/bus.jpg ../shared/samples/zidane.jpg --coco128 64 --map 128
 
 --set net.letter_box=1 / --set yolo.nms_kind=diounms edit a copy of the cfg; --random-weights SEED writes seeded
-weights of the project's model as a .weights file that both sides load. --decoder stb decodes the images with
-Darknet's own load_image_color (libdarknet.so, stb_image) instead of OpenCV, which isolates the JPEG decoder from
-everything else. --fixture DIR --case NAME writes what Darknet printed for tests/test_darknet_post.py.
+weights of the project's model as a .weights file that both sides load. The project reads the images as --darknet
+does (utils/darknet_post.load_image: JPEGs through utils/stb_jpeg.py); --decoder stb feeds it Darknet's own
+load_image_color pixels instead (libdarknet.so, stb_image), --decoder opencv OpenCV's (libjpeg-turbo).
+--fixture DIR --case NAME writes what Darknet printed for tests/test_darknet_post.py.
 Exit status 1 when a check of the issue's done-when fails: per image the same (class, box) pairs, confidences within
 --conf-tol, corners within --px-tol pixels; mAP@0.50 within --map-tol.
 """
@@ -24,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -128,6 +130,14 @@ class StbImages:
         a = np.ctypeslib.as_array(im.data, shape=(im.c, im.h, im.w)).transpose(1, 2, 0).copy()
         self.lib.free_image(im)
         return a
+
+
+def load_opencv(path: Path) -> np.ndarray:
+    """An image as cv2.imread decodes it (libjpeg-turbo for JPEGs), RGB float32 / 255."""
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if im is None:
+        raise FileNotFoundError(f'{path}: cannot read the image')
+    return np.ascontiguousarray(im[:, :, ::-1]).astype(np.float32) / np.float32(255.0)
 
 
 def label_path(image: Path) -> Path:
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--map', type=int, default=0, help='detector map on the first N coco128 images')
     p.add_argument('--points', type=int, default=0, help='detector map -points (0: area under the curve)')
     p.add_argument('--thresh', type=float, default=dp.TEST_THRESH)
-    p.add_argument('--decoder', choices=('opencv', 'stb'), default='opencv')
+    p.add_argument('--decoder', choices=('port', 'stb', 'opencv'), default='port',
+                   help="the project's pixels: port (its --darknet reader), stb (libdarknet's), opencv (cv2.imread)")
     p.add_argument('--conf-tol', type=float, default=0.01)
     p.add_argument('--px-tol', type=float, default=1.0)
     p.add_argument('--map-tol', type=float, default=0.002)
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     data.write_text(f'classes={model.nc}\ntrain={work / "map.txt"}\nvalid={work / "map.txt"}\n'
                     f'names={opt.names.resolve()}\n')
     settings = dp.settings_from_model(model)
-    load = StbImages(opt.darknet) if opt.decoder == 'stb' else dp.load_image
+    load = StbImages(opt.darknet) if opt.decoder == 'stb' else load_opencv if opt.decoder == 'opencv' else dp.load_image
     print(f'{cfg}: {settings}; decoder {opt.decoder}; work {work}')
     report: dict = {'cfg': str(opt.cfg), 'set': opt.set, 'weights': str(weights), 'decoder': opt.decoder,
                     'settings': settings.__dict__}
