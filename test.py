@@ -481,6 +481,7 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
             r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
             y.append(r + (time.time() - t,))
     y = np.array(y)
+    save_dir.mkdir(parents=True, exist_ok=True)  # evaluate() creates no folder when it writes nothing
     np.savetxt(save_dir / 'study.txt', np.column_stack((x, y)), fmt='%10.4g',
                header='iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
     plt = _pyplot()
@@ -511,6 +512,7 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
                 r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
                 y.append((s, iou) + r + (time.time() - t,))
     out = Path(opt.save_dir) / 'benchmark.txt'
+    out.parent.mkdir(parents=True, exist_ok=True)  # evaluate() creates no folder when it writes nothing
     np.savetxt(out, y, fmt='%10.4g', header='img_size iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
     LOGGER.info(f'Benchmark written to {out}')
     return out
