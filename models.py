@@ -27,6 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import WeightsError
 from utils.downloads import attempt_download
+from utils.input_size import InputSizeError, input_size_error, meta_twin, takes_input  # noqa: F401  (re-exported)
 from utils.export import export_size, get_args_parser, run
 from utils.layers import (SAM, GaussianYOLOLayer, MaxPoolDarknet, MaxPoolDepth, RegionLayer, Reorg3d, ReorgOld, Route,
                           ScaleChannels, SharedConv, Shortcut, UpsampleDarknet, YOLOLayer, make_activation)
@@ -39,11 +40,6 @@ from utils.transfer import load_checkpoint_weights, load_weights
 # (normalize_cpu, fuse_conv_batchnorm); the original's eps=1e-4 moves outputs visibly away from Darknet/OpenCV, and
 # 1e-6 (pjreddie's sqrt(var) + 1e-6) is 1e-4 away from AlexeyAB's on Darknet-saved weights with small variances.
 BN_MOMENTUM, BN_EPS = 0.03, 1e-5
-
-
-class InputSizeError(ConfigError, RuntimeError):
-    """An input of a size the network cannot take (too small for a layer, or a size its layers do not divide evenly),
-    naming the layer and the smallest size that works. A RuntimeError too, as torch's own error it replaces."""
 
 
 class Darknet(nn.Module):
@@ -124,10 +120,10 @@ class Darknet(nn.Module):
             # size", "Sizes of tensors must match"): say both when the input's size is the cause
             if x.is_meta or isinstance(e, torch.OutOfMemoryError):
                 raise
-            twin = self._meta_twin()
-            if self.takes_input(tuple(img_hw), twin):
+            twin = meta_twin(self)
+            if takes_input(self, tuple(img_hw), twin):
                 raise
-            raise self.input_size_error(i, tuple(img_hw), e, twin) from e
+            raise input_size_error(self, i, tuple(img_hw), e, twin) from e
         if self.training:
             return yolo_p
         return torch.cat(yolo_io, 1), yolo_p
@@ -190,44 +186,6 @@ class Darknet(nn.Module):
                 m.to(dtype)
         return self
 
-    def _meta_twin(self) -> 'Darknet':
-        """A copy built from the cfg on the meta device (shapes only: no arithmetic, no memory), cfg warnings not
-        logged again."""
-        with torch.device('meta'):
-            return Darknet(self.cfg_text, log_cfg=False).eval()
-
-    def takes_input(self, img_size: tuple[int, int], twin: 'Darknet | None' = None) -> bool:
-        """Whether a forward pass runs on a (1, channels, h, w) input, tried on the meta-device twin."""
-        twin = twin or self._meta_twin()
-        try:
-            with torch.no_grad():
-                twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), *img_size, device='meta'))
-        except RuntimeError:
-            return False
-        return True
-
-    def smallest_input(self, limit: int = 2048, twin: 'Darknet | None' = None) -> int | None:
-        """The smallest square side, a multiple of max_stride, that a forward pass takes (None: none up to limit)."""
-        twin = twin or self._meta_twin()
-        return next((s for s in range(self.max_stride, limit + 1, self.max_stride) if self.takes_input((s, s), twin)),
-                    None)
-
-    def input_size_error(self, i: int, img_size: tuple[int, int], err: RuntimeError,
-                         twin: 'Darknet | None' = None) -> InputSizeError:
-        """The error for an input that layer i could not take: the cfg line, the layer, torch's reason and the
-        smallest input size that works."""
-        d = self.module_defs[i]
-        h, w = img_size
-        limit = max(2048, 2 * h, 2 * w)
-        s = self.smallest_input(limit, twin)
-        stride = self.max_stride
-        hint = (f"the smallest input it takes is {s}x{s}; use sides that are multiples of {stride}"
-                + (f", at least {s}" if s > stride else '') if s else f"no square input up to {limit} pixels works")
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return InputSizeError(f"{self.cfg_path}:{d['line']}: layer {i} [{d['type']}] cannot take the {h}x{w} input "
-                              f"({reason}): the input is too small for this network or not a size its layers divide "
-                              f"evenly; {hint}")
-
     def gflops(self, img_size: int | tuple[int, int]) -> float:
         """GFLOPs of one forward pass of a (1, 3, h, w) image, counted by torch's FlopCounterMode.
 
@@ -235,7 +193,7 @@ class Darknet(nn.Module):
         """
         from torch.utils.flop_counter import FlopCounterMode  # imported here: only the summary needs it
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        twin = self._meta_twin()
+        twin = meta_twin(self)
         with torch.device('meta'), FlopCounterMode(display=False) as counter, torch.no_grad():
             twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), h, w))
         return counter.get_total_flops() / 1e9
