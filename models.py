@@ -13,8 +13,6 @@ conversion and ONNX export in utils/export.py, which this file's command line ru
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import sys
 from pathlib import Path
@@ -29,10 +27,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import WeightsError
 from utils.downloads import attempt_download
+from utils.input_size import InputSizeError, input_size_error, meta_twin, takes_input  # noqa: F401  (re-exported)
 from utils.export import export_size, get_args_parser, run
 from utils.layers import (SAM, GaussianYOLOLayer, MaxPoolDarknet, MaxPoolDepth, RegionLayer, Reorg3d, ReorgOld, Route,
                           ScaleChannels, SharedConv, Shortcut, UpsampleDarknet, YOLOLayer, make_activation)
-from utils.logs import LOGGER
+from utils.logs import LOGGER, setup_logging
 from utils.parse_config import ConfigError, parse_cfg_text, unused_keys
 from utils.torch_utils import count_parameters
 from utils.transfer import load_checkpoint_weights, load_weights
@@ -68,8 +67,14 @@ class Darknet(nn.Module):
         self.hyperparams = defs[0]
         self.module_defs = defs[1:]
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.module_list, self.yolo_layers, reused = create_modules(self.module_defs, self.cfg_path,
-                                                                    self.hyperparams.get('channels', 3))
+        built: list[str] = []  # warnings of the layer builders (a share_index that cannot be honoured)
+        self.module_list, self.yolo_layers, reused, strides = create_modules(
+            self.module_defs, self.cfg_path, self.hyperparams.get('channels', 3), built)
+        # input sides that are multiples of this divide evenly through every layer (the deepest downsampling)
+        self.max_stride = int(max((max(s) for s in strides), default=1))
+        if log_cfg:
+            for w in built:
+                LOGGER.warning(w)
         self.reused = set(reused)
         # layers whose backward Darknet skips ([layer] onlyforward=1): no gradient flows through them
         self.onlyforward = {i for i, d in enumerate(self.module_defs) if d.get('onlyforward', 0)}
@@ -95,20 +100,30 @@ class Darknet(nn.Module):
             self.seen += x.shape[0]  # as Darknet's train_network: images seen (the .weights header, stopbackward=N)
         outputs: list[Any] = []
         yolo_io, yolo_p = [], []
-        for i, module in enumerate(self.module_list):
-            if isinstance(module, Route):
-                x = module(outputs)
-            elif isinstance(module, (Shortcut, ScaleChannels, SAM)):
-                x = module(x, outputs)
-            elif isinstance(module, YOLOLayer):
-                io, p = module(module.asff(outputs) if module.asff_layers else x, img_hw)
-                yolo_io.append(io)
-                yolo_p.append(p)
-            else:
-                x = module(x)
-            if i <= frozen_below or i in self.onlyforward and self.training:
-                x = x.detach()  # Darknet runs no backward here (stopbackward, onlyforward)
-            outputs.append(x if i in self.reused else None)  # keep only what later layers read
+        try:
+            for i, module in enumerate(self.module_list):
+                if isinstance(module, Route):
+                    x = module(outputs)
+                elif isinstance(module, (Shortcut, ScaleChannels, SAM)):
+                    x = module(x, outputs)
+                elif isinstance(module, YOLOLayer):
+                    io, p = module(module.asff(outputs) if module.asff_layers else x, img_hw)
+                    yolo_io.append(io)
+                    yolo_p.append(p)
+                else:
+                    x = module(x)
+                if i <= frozen_below or i in self.onlyforward and self.training:
+                    x = x.detach()  # Darknet runs no backward here (stopbackward, onlyforward)
+                outputs.append(x if i in self.reused else None)  # keep only what later layers read
+        except RuntimeError as e:
+            # torch names neither the layer nor a size that works ("Kernel size can't be greater than actual input
+            # size", "Sizes of tensors must match"): say both when the input's size is the cause
+            if x.is_meta or isinstance(e, torch.OutOfMemoryError):
+                raise
+            twin = meta_twin(self)
+            if takes_input(self, tuple(img_hw), twin):
+                raise
+            raise input_size_error(self, i, tuple(img_hw), e, twin) from e
         if self.training:
             return yolo_p
         return torch.cat(yolo_io, 1), yolo_p
@@ -178,20 +193,20 @@ class Darknet(nn.Module):
         """
         from torch.utils.flop_counter import FlopCounterMode  # imported here: only the summary needs it
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        with contextlib.redirect_stdout(io.StringIO()), torch.device('meta'):  # cfg warnings were printed once
-            twin = Darknet(self.cfg_text, log_cfg=False).eval()
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), h, w))
+        twin = meta_twin(self)
+        with torch.device('meta'), FlopCounterMode(display=False) as counter, torch.no_grad():
+            twin(torch.zeros(1, int(self.hyperparams.get('channels', 3)), h, w))
         return counter.get_total_flops() / 1e9
 
     def info(self, verbose: bool = False, img_size: int | tuple[int, int] | None = None) -> str:
-        """Print (and return) a summary: layers, parameters, gradients, GFLOPs at img_size."""
+        """Log (and return) a summary: layers, parameters, gradients, GFLOPs at img_size; the layer table too when
+        verbose."""
         if verbose:
-            print(f"{'layer':>5} {'type':>15} {'params':>10}  shape")
+            LOGGER.info(f"{'layer':>5} {'type':>15} {'params':>10}  shape")
             for i, (d, m) in enumerate(zip(self.module_defs, self.module_list)):
                 n = sum(p.numel() for p in m.parameters())
                 shape = list(m.Conv2d.weight.shape) if isinstance(m, nn.Sequential) else ''
-                print(f"{i:>5} {d['type']:>15} {n:>10}  {shape}")
+                LOGGER.info(f"{i:>5} {d['type']:>15} {n:>10}  {shape}")
         size = img_size or self.img_size
         size = (size, size) if isinstance(size, int) else size
         n_p, n_g = count_parameters(self)
@@ -200,7 +215,7 @@ class Darknet(nn.Module):
         except RuntimeError:  # a size the network cannot take (e.g. not a multiple of its stride)
             gflops = ''
         s = f"Model Summary: {len(self.module_list)} layers, {n_p:,} parameters, {n_g:,} gradients{gflops}"
-        print(s)
+        LOGGER.info(s)
         return s
 
 
@@ -235,8 +250,9 @@ def add_bias_prior(head: nn.Module, na: int, nc: int) -> None:
 class _Builder:
     """What the section builders share while create_modules walks the cfg: the layers so far and their shapes."""
 
-    def __init__(self, module_defs: list[dict], cfg_name: str, in_channels: int):
+    def __init__(self, module_defs: list[dict], cfg_name: str, in_channels: int, warnings: list[str]):
         self.defs, self.cfg_name, self.in_channels = module_defs, cfg_name, in_channels
+        self.warnings = warnings  # what the builders could not honour, for the caller to log
         self.module_list = nn.ModuleList()
         self.channels: list[int] = []  # output channels of each layer
         self.strides: list[tuple[float, float]] = []  # cumulative (sy, sx) downsampling of each layer
@@ -295,8 +311,9 @@ def _build_convolutional(b: _Builder, i: int, mdef: dict) -> Built:
                 src.Conv2d.weight.shape == (filters, c_in, k, k) and hasattr(src, 'BatchNorm2d') == bool(bn):
             return SharedConv(src, j, stride, pad, act, dilation), filters, s_out
         # Darknet stops here ("... don't match for the share_layer"); we build a layer of its own
-        print(f"WARNING: {b.cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: layer {j} "
-              f"is not a convolution of the same shape (Darknet rejects this cfg); layer {i} gets weights of its own")
+        b.warnings.append(f"{b.cfg_name}:{mdef['line']}: layer {i} share_index={mdef['share_index']} ignored: layer "
+                          f"{j} is not a convolution of the same shape (Darknet rejects this cfg); layer {i} gets "
+                          f"weights of its own")
     groups = mdef.get('groups', 1)
     if c_in % groups or filters % groups:
         raise b.error(i, f"groups={groups} does not divide {c_in} input / {filters} output channels")
@@ -471,13 +488,16 @@ BUILDERS = {'convolutional': _build_convolutional, 'maxpool': _build_maxpool, 'a
             'gaussian_yolo': _build_gaussian_yolo, 'region': _build_region}
 
 
-def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels: int = 3
-                   ) -> tuple[nn.ModuleList, list[int], list[int]]:
-    """Build one module per cfg section (the [net] section excluded): (module_list, yolo indices, reused outputs).
+def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels: int = 3,
+                   warnings: list[str] | None = None
+                   ) -> tuple[nn.ModuleList, list[int], list[int], list[tuple[float, float]]]:
+    """Build one module per cfg section (the [net] section excluded): (module_list, yolo indices, reused outputs,
+    cumulative (sy, sx) downsampling of each layer's output).
 
-    The convolution feeding each [yolo] layer starts with the original's bias prior (add_bias_prior).
+    The convolution feeding each [yolo] layer starts with the original's bias prior (add_bias_prior). What a layer
+    cannot honour as written is appended to warnings (when given) for the caller to log.
     """
-    b = _Builder(module_defs, cfg_name, in_channels)
+    b = _Builder(module_defs, cfg_name, in_channels, [] if warnings is None else warnings)
     for i, mdef in enumerate(module_defs):
         if mdef['type'] not in BUILDERS:  # parse_config only lets supported sections through
             raise b.error(i, "is not implemented")
@@ -485,7 +505,7 @@ def create_modules(module_defs: list[dict], cfg_name: str = '<cfg>', in_channels
         b.module_list.append(module)
         b.channels.append(c_out)
         b.strides.append(s_out)
-    return b.module_list, b.yolo_layers, sorted(b.reused)
+    return b.module_list, b.yolo_layers, sorted(b.reused), b.strides
 
 
 def freeze_darknet_layers(module_defs: list[dict], module_list: nn.ModuleList
@@ -548,12 +568,14 @@ def load_eval_model(weights: str | Path, cfg: str | Path | None, img_size: int |
     model = load_model(weights, cfg, img_size, device).fuse()
     if dtype != torch.float32:
         model.to_dtype(dtype)
-        print(f"{str(dtype).replace('torch.', '')} inference on {torch.device(device).type} (--half off for fp32)")
+        LOGGER.info(f"{str(dtype).replace('torch.', '')} inference on {torch.device(device).type} "
+                    f"(--half off for fp32)")
     return model
 
 
 def main(opt: argparse.Namespace) -> int:
     """`python models.py`: load --weights (with --cfg) and convert, export or describe it (utils/export.py)."""
+    setup_logging()
     return run(opt, load_model(opt.weights, opt.cfg, export_size(opt)))
 
 

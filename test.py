@@ -38,7 +38,7 @@ from utils.data_config import DatasetError, check_dataset, class_names, load_dat
 from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
 from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import import_in_background, non_max_suppression  # noqa: E402
-from utils.logs import LOGGER, setup_logging  # noqa: E402
+from utils.logs import LOGGER, setup_logging, shows_progress  # noqa: E402
 from utils.parse_config import ConfigError  # noqa: E402
 from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
                                pin_memory_for, select_device, set_cuda_device, time_synchronized)
@@ -78,7 +78,8 @@ def _model_stride(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How evaluate() scores a model and what it prints and writes (train.py and the command line differ here)."""
+    """How evaluate() scores a model and what it logs and writes (train.py and the command line differ here): it
+    writes files only where plots or save_json ask for them (then into save_dir, created as needed)."""
     conf_thres: float = 0.001  # detections below this confidence are dropped before NMS
     iou_thres: float = 0.6  # NMS IoU threshold
     multi_label: bool = True  # a box may carry several classes (train.py: off during burn-in)
@@ -86,8 +87,8 @@ class EvalConfig:
     augment: bool = False  # test-time augmentation (flips and scales)
     single_cls: bool = False  # every class counted as one (names must then be ['object'])
     verbose: bool = False  # one table row per class with targets
-    plots: bool = True  # test_batch0_{gt,pred}.jpg, PR/P/R/F1 curves and the confusion matrix in save_dir
-    save_dir: Path = Path('.')
+    plots: bool = False  # test_batch0_{gt,pred}.jpg, PR/P/R/F1 curves and the confusion matrix in save_dir
+    save_dir: Path = Path('.')  # where plots and save_json write
     save_json: bool = False  # COCO-format predictions.json, scored by pycocotools
     coco_gt: Path | None = None  # COCO ground truth for save_json (None: written from the labels)
     # runtime of the network (utils/backends.py): 'torch' runs the model as given; 'auto' runs an fp32 model on the
@@ -100,17 +101,22 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class EvalResult:
-    """What evaluate() measured over the whole set."""
+class Metrics:
+    """P, R, mAP and F1 over the whole set, and per class (summarize() of an evaluation's matches)."""
     mp: float  # mean precision at PR_SCORE
     mr: float  # mean recall at PR_SCORE
     map50: float  # mAP@0.5
     map: float  # mAP@0.5:0.95
     mf1: float  # mean F1
-    loss: tuple[float, float, float]  # val box, obj, cls losses averaged over batches (zeros without compute_loss)
     maps: np.ndarray  # (nc,) per-class mAP@0.5:0.95 (the mean for classes without targets)
     nt: np.ndarray  # (nc,) targets per class
     per_class: APResult | None  # per-class P, R, AP and curves, None when no image had targets
+
+
+@dataclass(frozen=True)
+class EvalResult(Metrics):
+    """What evaluate() measured over the whole set: the Metrics, the val losses, the images and the times."""
+    loss: tuple[float, float, float]  # val box, obj, cls losses averaged over batches (zeros without compute_loss)
     seen: int  # images evaluated
     times: tuple[float, float, float]  # inference, NMS, total in ms per image
     darknet: MapResult | None = None  # Darknet's mAP@0.50, AP per class, TP/FP/FN (EvalConfig.darknet)
@@ -128,18 +134,6 @@ class EvalRun(NamedTuple):
     seen: int  # images evaluated
     t_inf: float  # seconds of inference
     t_nms: float  # seconds of NMS
-
-
-class Summary(NamedTuple):
-    """Metrics over the whole set."""
-    mp: float  # mean precision at PR_SCORE
-    mr: float  # mean recall at PR_SCORE
-    map50: float  # mAP@0.5
-    map: float  # mAP@0.5:0.95
-    mf1: float  # mean F1
-    maps: np.ndarray  # (nc,) per-class mAP@0.5:0.95 (the mean for classes without targets)
-    nt: np.ndarray  # (nc,) targets per class
-    res: APResult | None  # per-class results, None when no image had targets
 
 
 def eval_names(data: dict, model: nn.Module, single_cls: bool) -> list[str]:
@@ -213,7 +207,8 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg:
     loss = torch.zeros(3, device=device)
     stats, seen, t_inf, t_nms = [], 0, 0.0, 0.0
     header = ('%20s' + '%13s' * 7) % ('Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1')
-    for batch_i, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, file=sys.stdout)):
+    bar = tqdm(dataloader, desc=header, file=sys.stdout, disable=not shows_progress())
+    for batch_i, (imgs, targets, paths, shapes) in enumerate(bar):
         imgs = imgs.to(device, non_blocking=True).to(dtype) / 255.0  # uint8 (B, 3, H, W) -> [0, 1]
         if device.type == 'cpu' and not ort:  # NHWC input: oneDNN convolutions then skip layout conversions
             imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -255,31 +250,31 @@ def eval_batches(model: nn.Module, dataloader: torch.utils.data.DataLoader, cfg:
     return EvalRun(stats, loss, seen, t_inf, t_nms)
 
 
-def summarize(stats: list[tuple], nc: int) -> Summary:
+def summarize(stats: list[tuple], nc: int) -> Metrics:
     """P, R, mAP@0.5, mAP@0.5:0.95, F1 and per-class mAPs from EvalRun.stats."""
-    maps, nt, res = np.zeros(nc), np.zeros(nc, dtype=np.int64), None
+    maps, nt = np.zeros(nc), np.zeros(nc, dtype=np.int64)
     if not stats:
-        return Summary(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, res)
+        return Metrics(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, None)
     tp, conf, pcls, tcls = (torch.cat(x, 0).numpy() for x in zip(*stats))
     nt = np.bincount(tcls.astype(np.int64), minlength=nc)
     if not len(tcls):
-        return Summary(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, res)
+        return Metrics(0.0, 0.0, 0.0, 0.0, 0.0, maps, nt, None)
     res = ap_per_class(tp, conf, pcls, tcls)
     ap50, ap = res.ap[:, 0], res.ap.mean(1)
     maps += ap.mean()
     maps[res.classes] = ap
-    return Summary(float(res.p.mean()), float(res.r.mean()), float(ap50.mean()), float(ap.mean()),
+    return Metrics(float(res.p.mean()), float(res.r.mean()), float(ap50.mean()), float(ap.mean()),
                    float(res.f1.mean()), maps, nt, res)
 
 
-def print_summary(s: Summary, seen: int, names: list[str], per_class: bool) -> None:
+def log_table(s: Metrics, seen: int, names: list[str], per_class: bool) -> None:
     """The `all` row and, when per_class, one row per class with targets."""
     pf = '%20s' + '%13i' * 2 + '%13.3g' * 5
-    print(pf % ('all', seen, s.nt.sum(), s.mp, s.mr, s.map50, s.map, s.mf1))
-    if per_class and s.res is not None:
-        r = s.res
+    LOGGER.info(pf % ('all', seen, s.nt.sum(), s.mp, s.mr, s.map50, s.map, s.mf1))
+    if per_class and s.per_class is not None:
+        r = s.per_class
         for i, c in enumerate(r.classes):
-            print(pf % (names[c], seen, s.nt[c], r.p[i], r.r[i], r.ap[i, 0], r.ap[i].mean(), r.f1[i]))
+            LOGGER.info(pf % (names[c], seen, s.nt[c], r.p[i], r.r[i], r.ap[i, 0], r.ap[i].mean(), r.f1[i]))
 
 
 def batch_plotter(save_dir: Path, names: list[str], confusion: ConfusionMatrix | None = None,
@@ -314,12 +309,12 @@ def confusion_for(model: nn.Module, nc: int, single_cls: bool) -> ConfusionMatri
     return ConfusionMatrix(nc)
 
 
-def save_metric_plots(s: Summary, confusion: ConfusionMatrix | None, names: list[str], save_dir: Path) -> None:
+def save_metric_plots(s: Metrics, confusion: ConfusionMatrix | None, names: list[str], save_dir: Path) -> None:
     """precision_recall_curve.png, P_curve.png, R_curve.png, F1_curve.png (when any image had targets) and
     confusion_matrix.png in save_dir."""
     from utils.plots import plot_confusion_matrix, plot_mc_curve, plot_pr_curve
 
-    r = s.res
+    r = s.per_class
     if r is not None:
         plot_pr_curve(r.px, r.py, r.ap[:, 0], save_dir / 'precision_recall_curve.png', names, r.classes)
         for y, ylabel, f in ((r.p_curve, 'Precision', 'P_curve.png'), (r.r_curve, 'Recall', 'R_curve.png'),
@@ -335,10 +330,12 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, names: list[
              cfg: EvalConfig = EvalConfig(), compute_loss: Callable | None = None) -> EvalResult:
     """Score a model on a validation loader whose classes are `names`: P, R, mAP@0.5, mAP@0.5:0.95, F1, and the
     mean val losses when compute_loss is given. The model runs as it is (its device and dtype) in eval mode and is
-    left in the mode it came in; the table, speed line, plots and COCO JSON go where cfg says."""
+    left in the mode it came in. The table and speed line are logged (utils.logs.LOGGER); files are written only
+    where cfg asks (plots, save_json: into cfg.save_dir)."""
     nc = len(names)
     save_dir = Path(cfg.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.plots or cfg.save_json:
+        save_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     coco = CocoJson(list(getattr(loader.dataset, 'img_files', [])), names, cfg.coco_gt) if cfg.save_json else None
@@ -346,33 +343,34 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, names: list[
     plot = batch_plotter(save_dir, names, confusion, cfg.single_cls) if cfg.plots else None
     run = eval_batches(model, loader, cfg, compute_loss, coco, plot)
     s = summarize(run.stats, nc)
-    print_summary(s, run.seen, names, per_class=cfg.verbose and nc > 1)
+    log_table(s, run.seen, names, per_class=cfg.verbose and nc > 1)
     if cfg.plots:
         save_metric_plots(s, confusion, names, save_dir)
     n = max(run.seen, 1)
     times = (run.t_inf / n * 1e3, run.t_nms / n * 1e3, (run.t_inf + run.t_nms) / n * 1e3)
     imgsz = getattr(loader.dataset, 'img_size', 0)
-    print('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g, %s'
-          % (*times, imgsz, imgsz, loader.batch_size or 0, str(next(model.parameters()).dtype).replace('torch.', '')))
+    dtype = str(next(model.parameters()).dtype).replace('torch.', '')
+    LOGGER.info('Speed: %.1f/%.1f/%.1f ms inference/NMS/total per image at %gx%g, batch size %g, %s'
+                % (*times, imgsz, imgsz, loader.batch_size or 0, dtype))
     if coco is not None and run.seen:
         coco.evaluate(save_dir)
     dn = darknet_figures(model, loader.dataset, names, cfg.single_cls) if cfg.darknet else None
     model.train(was_training)
     loss = tuple((run.loss.cpu() / max(len(loader), 1)).tolist())
-    return EvalResult(s.mp, s.mr, s.map50, s.map, s.mf1, loss, s.maps, s.nt, s.res, run.seen, times, dn)
+    return EvalResult(**vars(s), loss=loss, seen=run.seen, times=times, darknet=dn)
 
 
 def darknet_figures(model: nn.Module, dataset, names: list[str], single_cls: bool) -> MapResult:
-    """Darknet's `detector map` of the model over the dataset's images and label files, printed as Darknet does."""
+    """Darknet's `detector map` of the model over the dataset's images and label files, logged as Darknet prints it."""
     m = de_parallel(model)
     if not hasattr(m, 'module_defs') or single_cls:
         raise EvalError('Darknet\'s mAP (--darknet) needs the PyTorch Darknet model and the cfg\'s own classes '
                         '(not --single-cls)')
     r = evaluate_map(m, dataset.img_files, dataset.label_files)
     w, h = m.hyperparams.get('width', 416), m.hyperparams.get('height', 416)
-    print(f"Darknet's detector map ({len(dataset.img_files)} images at {w}x{h}, thresholds 0.005 / NMS 0.45, "
-          f"area under each class's precision envelope, mean over all {len(r.ap)} classes):")
-    print(map_report(r, names), end='')
+    LOGGER.info(f"Darknet's detector map ({len(dataset.img_files)} images at {w}x{h}, thresholds 0.005 / NMS 0.45, "
+                f"area under each class's precision envelope, mean over all {len(r.ap)} classes):")
+    LOGGER.info(map_report(r, names).removesuffix('\n'))
     return r
 
 
@@ -418,7 +416,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def eval_config(opt: argparse.Namespace, data: dict) -> EvalConfig:
     """The EvalConfig of test.py's options (per-class rows on; the COCO ground truth resolved when --save-json)."""
     return EvalConfig(conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, augment=opt.augment,
-                      single_cls=opt.single_cls, verbose=True, save_dir=Path(opt.save_dir), save_json=opt.save_json,
+                      single_cls=opt.single_cls, verbose=True, plots=True, save_dir=Path(opt.save_dir),
+                      save_json=opt.save_json,
                       backend='torch' if opt.darknet else opt.backend, darknet=opt.darknet,
                       coco_gt=coco_gt_file(data, opt.single_cls, opt.coco_gt) if opt.save_json else None)
 
@@ -482,6 +481,7 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
             r = evaluate(model, loader, names, replace(cfg, iou_thres=float(iou))).results
             y.append(r + (time.time() - t,))
     y = np.array(y)
+    save_dir.mkdir(parents=True, exist_ok=True)  # evaluate() creates no folder when it writes nothing
     np.savetxt(save_dir / 'study.txt', np.column_stack((x, y)), fmt='%10.4g',
                header='iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
     plt = _pyplot()
@@ -493,7 +493,7 @@ def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.nd
         a.legend()
     fig.savefig(save_dir / 'study.png', dpi=200)
     plt.close(fig)
-    print(f"Study written to {save_dir / 'study.txt'} and {save_dir / 'study.png'}")
+    LOGGER.info(f"Study written to {save_dir / 'study.txt'} and {save_dir / 'study.png'}")
     return save_dir / 'study.txt'
 
 
@@ -512,15 +512,16 @@ def benchmark(opt: argparse.Namespace, model: nn.Module, data: dict, sizes: list
                 r = evaluate(model, loader, names, replace(cfg, iou_thres=iou)).results
                 y.append((s, iou) + r + (time.time() - t,))
     out = Path(opt.save_dir) / 'benchmark.txt'
+    out.parent.mkdir(parents=True, exist_ok=True)  # evaluate() creates no folder when it writes nothing
     np.savetxt(out, y, fmt='%10.4g', header='img_size iou_thres P R mAP@0.5 mAP@0.5:0.95 F1 box obj cls seconds')
-    print(f'Benchmark written to {out}')
+    LOGGER.info(f'Benchmark written to {out}')
     return out
 
 
 def main(opt: argparse.Namespace) -> int:
     """Run the task asked for; returns the exit status."""
     setup_logging()
-    print(opt)
+    LOGGER.info(str(opt))
     import_in_background()  # torchvision, for NMS: its import runs while the data and the model load
     if opt.task == 'test':
         run(opt)

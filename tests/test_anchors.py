@@ -20,6 +20,7 @@ from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchor
 from utils.boxes import wh_iou
 from utils.darknet_loss import DarknetLoss
 from utils.datasets import DatasetOptions, LoadImagesAndLabels
+from utils.logs import reset_logging
 from utils.parse_config import parse_model_cfg
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -94,6 +95,7 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
     assert anchors.max() < 23  # sized for the small boxes
 
     # the check train.py runs: the default anchors warn with the command to run; the new ones pass
+    reset_logging()  # main() set the logger up as a script's: a library's again, so caplog sees its records
     ds = LoadImagesAndLabels(str(tmp_path / 'dots' / 'images'), DatasetOptions(img_size=320))
     model = Darknet(str(TINY))  # built first: its cfg line (keys not used here) is not the check's
     with caplog.at_level(logging.INFO, logger='yolov3'):

@@ -3,6 +3,7 @@
 keys it reads."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -14,8 +15,8 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, make_subset
 from utils.boxes import bbox_iou
-from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, assign, class_multipliers, darknet_truths, dx_box_iou,
-                                layer_cost, layer_deltas, yolo_loss_config)
+from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, YoloLossConfig, assign, class_multipliers, darknet_truths,
+                                dx_box_iou, layer_cost, layer_deltas, yolo_loss_config)
 from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
 from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
 from utils.parse_config import ConfigError
@@ -24,11 +25,18 @@ FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
 CASES = sorted(p.stem for p in FIXTURES.glob('*.npz'))
 
 
+@functools.lru_cache(maxsize=None)
+def case_fixture(name: str) -> tuple[dict, DarknetLoss]:
+    """(fixture arrays, loss of the case's network) of one Darknet fixture case; built once per session."""
+    with np.load(FIXTURES / f'{name}.npz') as f:
+        d = dict(f)
+    w, h = (int(v) for v in d['net_wh'])
+    return d, DarknetLoss(Darknet(str(d['cfg']), img_size=(h, w)))
+
+
 def load_case(name: str):
     """(fixture, loss, raw maps requiring grad, targets (n, 6)) of one Darknet fixture case."""
-    d = np.load(FIXTURES / f'{name}.npz')
-    w, h = (int(v) for v in d['net_wh'])
-    loss_fn = DarknetLoss(Darknet(str(d['cfg']), img_size=(h, w)))
+    d, loss_fn = case_fixture(name)
     truth = torch.from_numpy(d['truth'])  # (B, 200, 5) x, y, w, h, class; zero rows unused
     b, t = (truth.abs().sum(-1) > 0).nonzero(as_tuple=True)
     targets = torch.cat((b[:, None].float(), truth[b, t][:, 4:5], truth[b, t][:, :4]), 1)
@@ -43,11 +51,61 @@ def to_maps(a: np.ndarray, na: int) -> torch.Tensor:
     return x.reshape(x.shape[0], na, -1, *x.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
 
 
-def test_fixture_covers_the_done_criteria():
-    assert {'v3tiny_mse', 'v3tiny_giou', 'v3tiny_ciou', 'v4tiny', 'v4tiny_no_iou_thresh', 'v4tiny_no_scale_x_y',
-            'v4tiny_label_smooth', 'v4tiny_thresholds', 'v4tiny_grid_line', 'v4tiny_new_coords',
-            'v4tiny_new_coords_csp', 'v3tiny_new_coords_mse', 'v2tiny_region', 'v2tiny_region_seen',
-            'v2tiny_region_variants', 'v3tiny_gaussian', 'v3tiny_gaussian_giou'} <= set(CASES)
+# What each oracle case is for, as our loss reads the cfg Darknet ran: the head type and the settings of every head
+YOLO, GAUSSIAN, REGION = YoloLossConfig, GaussianLossConfig, RegionLossConfig
+V4 = {'iou_loss': 'ciou', 'scale_x_y': 1.05, 'iou_normalizer': 0.07, 'ignore_thresh': 0.7, 'iou_thresh': 0.213}
+CASE_SETTINGS = {
+    'v3tiny_mse': (YOLO, {'iou_loss': 'mse', 'iou_normalizer': 0.75}),
+    'v3tiny_mse_iou_thresh': (YOLO, {'iou_loss': 'mse', 'iou_thresh': 0.213}),
+    'v3tiny_iou': (YOLO, {'iou_loss': 'iou'}),
+    'v3tiny_giou': (YOLO, {'iou_loss': 'giou'}),
+    'v3tiny_diou': (YOLO, {'iou_loss': 'diou'}),
+    'v3tiny_ciou': (YOLO, {'iou_loss': 'ciou'}),
+    'v4tiny': (YOLO, V4),
+    'v4tiny_no_iou_thresh': (YOLO, {**V4, 'iou_thresh': 1.0}),
+    'v4tiny_no_scale_x_y': (YOLO, {**V4, 'scale_x_y': 1.0}),
+    'v4tiny_label_smooth': (YOLO, {**V4, 'label_smooth_eps': 0.1}),
+    'v4tiny_thresholds': (YOLO, {**V4, 'ignore_thresh': 0.5, 'truth_thresh': 0.8}),
+    'v4tiny_objectness_smooth': (YOLO, {**V4, 'objectness_smooth': 1, 'truth_thresh': 0.8}),
+    'v4tiny_focal': (YOLO, {**V4, 'focal_loss': 1}),
+    'v4tiny_counters': (YOLO, {**V4, 'class_multipliers': (1.0, 5.0, 2.0), 'cls_normalizer': 2.0}),
+    'v4tiny_normalizers': (YOLO, {**V4, 'iou_normalizer': 0.5, 'obj_normalizer': 0.5, 'max_delta': 0.3}),
+    'v4tiny_show_details0': (YOLO, {**V4, 'show_details': 0}),
+    'v4tiny_grid_line': (YOLO, V4),
+    'v4tiny_new_coords': (YOLO, {'new_coords': 1, 'scale_x_y': 2.0, 'objectness_smooth': 1, 'max_delta': 2.0}),
+    'v4tiny_new_coords_csp': (YOLO, {'new_coords': 1, 'objectness_smooth': 0, 'obj_normalizer': 4.0, 'max_delta': 5.0}),
+    'v3tiny_new_coords_mse': (YOLO, {'new_coords': 1, 'iou_loss': 'mse', 'scale_x_y': 2.0}),
+    'v3tiny_gaussian': (GAUSSIAN, {'iou_loss': 'mse', 'uc_normalizer': 1.0}),
+    'v3tiny_gaussian_giou': (GAUSSIAN, {'iou_loss': 'giou', 'uc_normalizer': 0.7, 'truth_thresh': 0.8}),
+    'v2tiny_region': (REGION, {'softmax': 1, 'rescore': 1, 'bias_match': 1, 'object_scale': 5.0}),
+    'v2tiny_region_seen': (REGION, {'softmax': 1, 'rescore': 1, 'bias_match': 1}),
+    'v2tiny_region_variants': (REGION, {'softmax': 0, 'rescore': 0, 'bias_match': 0, 'noobject_scale': 0.5,
+                                        'coord_scale': 2.0, 'class_scale': 1.5}),
+}
+PRIOR_PULL_SEEN = 12800  # [region] pulls every slot towards its anchor prior while seen < this (Darknet)
+
+
+@pytest.mark.parametrize('case', sorted(CASE_SETTINGS))
+def test_each_fixture_case_exercises_what_it_is_named_for(case):
+    """The oracle case exists and the cfg Darknet ran has the settings its name promises (as our loss reads them),
+    with labels matched to anchors and non-zero deltas: a regenerated fixture that lost a setting fails here."""
+    assert case in CASES, f'{case}: no such case in {FIXTURES}'
+    d, loss_fn, _, _ = load_case(case)
+    kind, settings = CASE_SETTINGS[case]
+    for cfg in loss_fn.configs:
+        assert type(cfg) is kind, (case, type(cfg).__name__)
+        for k, want in settings.items():
+            assert getattr(cfg, k) == (want if isinstance(want, str) else pytest.approx(want)), (case, k)
+    counts = [int(d[f'count_{k}']) for k in range(len(d['layer_index']))]
+    assert sum(counts) > 0 and all(np.abs(d[f'delta_{k}']).max() > 0 for k in range(len(counts))), case
+    if case.startswith('v2tiny_region'):  # the first batch pulls towards the priors, a later one does not
+        assert (int(d['seen']) < PRIOR_PULL_SEEN) is (case == 'v2tiny_region'), int(d['seen'])
+    if 'new_coords' in case:  # a new_coords head's input is logistic already: the convolution before it says so
+        model = loss_fn.model
+        assert all(model.module_defs[j]['activation'] == 'logistic' for j in model.head_convs()), case
+    if case == 'v4tiny_grid_line':  # two truth centres exactly on the 10-cell head's grid lines (x = 0.7, 0.9)
+        x = d['truth'][..., 0][np.abs(d['truth']).sum(-1) > 0] * 10
+        assert (np.abs(x - np.round(x)) < 1e-5).sum() >= 2, x
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset
+from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset, make_synthetic
 from utils import datasets as ds_mod
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import (DatasetOptions, LoaderOptions, LoadImagesAndLabels, RectDistributedSampler,
                             create_dataloader, img2label_paths, list_image_files, verify_image_label)
+from utils.logs import setup_logging
 from utils.sources import LoadImages, LoadStreams, LoadWebcam
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
@@ -29,6 +30,13 @@ HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translat
 def fresh_reports(monkeypatch):
     """Each test starts as a new process would: no fault reported yet."""
     monkeypatch.setattr(ds_mod, '_REPORTED', set())
+
+
+@pytest.fixture
+def printed(capsys):
+    """capsys after the set-up a script makes (setup_logging()): what a user sees on the terminal."""
+    setup_logging()
+    return capsys
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -71,7 +79,7 @@ def check_fault_report(out: str, faulty: dict[str, str]) -> None:
     for f, reason in faulty.items():
         lines = [x for x in out.splitlines() if f in x]
         assert len(lines) == 1, f'{f} named {len(lines)} times in:\n{out}'
-        assert re.search(reason, lines[0]), lines[0]
+        assert re.search(reason, lines[0]) and lines[0].startswith('WARNING: '), lines[0]
     assert re.search(r'9 found, 1 missing, 1 empty, 5 corrupt', out), out
 
 
@@ -239,7 +247,7 @@ def test_exif_rotated_image_in_training(tmp_path):
 # --- the planted-faults dataset ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_planted_faults_read_only(tmp_path, capsys):
+def test_planted_faults_read_only(tmp_path, printed):
     data, faulty = make_faulty(tmp_path / 'faulty')
     before = snapshot(tmp_path / 'faulty')
     set_read_only(tmp_path / 'faulty', True)
@@ -248,7 +256,7 @@ def test_planted_faults_read_only(tmp_path, capsys):
         check_dataset(d)
         ds = LoadImagesAndLabels(d['train'],
                                  DatasetOptions(img_size=160, batch_size=8, augment=True, hyp=HYP, nc=d['nc']))
-        out = capsys.readouterr().out
+        out = printed.readouterr().out
         for i in range(len(ds)):  # every kept image loads and gives valid targets
             img, lb, path, _ = ds[i]
             assert img.shape == (3, 160, 160) and img.dtype == torch.uint8 and path not in faulty
@@ -262,11 +270,11 @@ def test_planted_faults_read_only(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_planted_faults_cached_second_start(tmp_path, capsys):
+def test_planted_faults_cached_second_start(tmp_path, printed):
     data, faulty = make_faulty(tmp_path / 'faulty')
     before = snapshot(tmp_path / 'faulty')
     LoadImagesAndLabels(load_data_config(data)['train'], DatasetOptions(img_size=160, nc=80))
-    first = capsys.readouterr().out
+    first = printed.readouterr().out
     check_fault_report(first, faulty)
     after = snapshot(tmp_path / 'faulty')
     cache = tmp_path / 'faulty' / 'labels.cache'
@@ -274,10 +282,10 @@ def test_planted_faults_cached_second_start(tmp_path, capsys):
     assert {k: v for k, v in after.items() if k != str(cache)} == before  # every dataset file unchanged
     LoadImagesAndLabels(load_data_config(data)['train'],
                         DatasetOptions(img_size=160, nc=80))  # the val set of the same run: not again
-    assert not [f for f in faulty if f in capsys.readouterr().out]
+    assert not [f for f in faulty if f in printed.readouterr().out]
     ds_mod._REPORTED.clear()  # a new process
     ds = LoadImagesAndLabels(load_data_config(data)['train'], DatasetOptions(img_size=160, nc=80))
-    second = capsys.readouterr().out
+    second = printed.readouterr().out
     assert '(cached)' in second and len(ds) == 11
     check_fault_report(second, faulty)  # the faults are reported again from the cache, once each
 
@@ -301,35 +309,35 @@ def test_no_good_image(tmp_path):
 # --- cache ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_cache_invalidation(tmp_path, capsys):
+def test_cache_invalidation(tmp_path, printed):
     make_subset(tmp_path, 6)
     images = tmp_path / 'images'
     LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
-    assert 'New cache created' in capsys.readouterr().out
+    assert 'New cache created' in printed.readouterr().out
     LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
-    assert '(cached)' in capsys.readouterr().out
+    assert '(cached)' in printed.readouterr().out
     lb = sorted((tmp_path / 'labels').glob('*.txt'))[0]
     lb.write_text('7 0.5 0.5 0.25 0.25\n')  # edited label: size and mtime change
     ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
-    assert 'New cache created' in capsys.readouterr().out
+    assert 'New cache created' in printed.readouterr().out
     np.testing.assert_allclose(ds.labels[0], [[7, .5, .5, .25, .25]])
     LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=10))  # a different nc checks the classes again
-    out = capsys.readouterr().out
+    out = printed.readouterr().out
     assert 'New cache created' in out and 'not in [0, 10)' in out
     (images / sorted(images.glob('*.jpg'))[1].name).unlink()  # one image fewer
     ds = LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))
-    assert 'New cache created' in capsys.readouterr().out and len(ds) == 5
+    assert 'New cache created' in printed.readouterr().out and len(ds) == 5
     (tmp_path / 'labels.cache').write_bytes(b'garbage')  # a damaged cache is rebuilt, not a crash
     assert len(LoadImagesAndLabels(str(images), DatasetOptions(img_size=160, nc=80))) == 5
-    assert 'New cache created' in capsys.readouterr().out
+    assert 'New cache created' in printed.readouterr().out
 
 
 @pytest.mark.slow
-def test_cache_images_ram(tmp_path, capsys, monkeypatch):
+def test_cache_images_ram(tmp_path, printed, monkeypatch):
     make_subset(tmp_path, 4)
     images = str(tmp_path / 'images')
     ds = LoadImagesAndLabels(images, DatasetOptions(img_size=160, cache_images=True))
-    out = capsys.readouterr().out
+    out = printed.readouterr().out
     assert re.search(r'Caching images needs 0\.\d\d GB of RAM', out)
     assert all(im is not None and max(im.shape[:2]) == 160 for im in ds.imgs)
     fresh = LoadImagesAndLabels(images, DatasetOptions(img_size=160))
@@ -337,7 +345,7 @@ def test_cache_images_ram(tmp_path, capsys, monkeypatch):
         assert torch.equal(ds[i][0], fresh[i][0])  # cached and uncached give the same images
     monkeypatch.setattr(ds_mod, '_available_memory', lambda: 100_000)  # 0.0001 GB free
     ds = LoadImagesAndLabels(images, DatasetOptions(img_size=160, cache_images=True))
-    out = capsys.readouterr().out
+    out = printed.readouterr().out
     assert 'not caching images' in out and 'would not fit' in out
     assert all(im is None for im in ds.imgs) and ds[0][0].shape == (3, 160, 160)
 
@@ -354,6 +362,27 @@ def test_small_training_set_cached_automatically(tmp_path, monkeypatch):
     monkeypatch.setattr(ds_mod, 'AUTO_CACHE_BYTES', 1000)  # "large" set
     assert all(im is None for im in LoadImagesAndLabels(images, DatasetOptions(img_size=160, augment=True,
                                                                                hyp=HYP)).imgs)
+
+
+def test_other_ranks_print_nothing_rank_0_prints_as_a_script(tmp_path, capsys):
+    """Rank filtering is setup_logging's alone: the dataset's lines, its fault warnings and its scan bar show on rank
+    0 only; only rank 0 writes the label cache."""
+    data = load_data_config(make_synthetic(tmp_path, n=4))
+    bad = sorted((tmp_path / 'labels').glob('*.txt'))[0]
+    bad.write_text('7 0.5 0.5 0.2 0.2\n')  # a fault: class 7 of 3
+    opts = DatasetOptions(img_size=64, nc=3, prefix='train: ')
+    setup_logging(1)
+    assert len(LoadImagesAndLabels(data['train'], opts, rank=1)) == 3
+    assert capsys.readouterr() == ('', '') and not (tmp_path / 'labels.cache').exists()
+    ds_mod._REPORTED.clear()  # rank 0 is another process
+    setup_logging(0)
+    LoadImagesAndLabels(data['train'], opts, rank=0)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f'train: WARNING: {bad}: skipped with its image: line 1: class 7 not in [0, 3)',
+                                f"train: Scanning '{tmp_path / 'labels'}' images and labels... 3 found, 0 missing, "
+                                f"0 empty, 1 corrupt",
+                                f"train: New cache created: {tmp_path / 'labels.cache'}"]
+    assert 'train: Scanning' in err and '100%' in err  # the bar
 
 
 # --- items, batches, loaders ---------------------------------------------------------------------------------------
@@ -678,8 +707,8 @@ import utils.datasets as d
 hyp = {'hsv_h': 0.0, 'hsv_s': 0.0, 'hsv_v': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 loader, _ = d.create_dataloader(sys.argv[2], d.DatasetOptions(img_size=128, batch_size=2, hyp=hyp, augment=True, nc=80),
                                 d.LoaderOptions(workers=2))
-real = d._ignore_preemption_signals
-d._ignore_preemption_signals = lambda pid: (time.sleep(1.5), real(pid))  # slow workers: signalled while starting
+real = d.ignore_preemption_signals
+d.ignore_preemption_signals = lambda pid: (time.sleep(1.5), real(pid))  # slow workers: signalled while starting
 it = iter(loader)
 got = []  # the main process's own handlers, installed once the workers are forked (as a trainer may)
 signal.signal(signal.SIGTERM, lambda *a: got.append('TERM'))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from models import load_model
+from models import InputSizeError, load_model
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
 from utils.checkpoint import model_checkpoint, save_checkpoint
@@ -76,7 +76,7 @@ def test_export_reads_in_opencv_dnn_at_two_batch_sizes(tiny, tmp_path):
 def test_failed_export_keeps_the_existing_file(tiny, tmp_path):
     f = tmp_path / 'tiny.onnx'
     f.write_bytes(b'an earlier export')
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputSizeError, match=r'layer 20 \[route\] cannot take the 100x100 input'):
         export_onnx(tiny, f, (100, 100))  # not a multiple of 32: the route concat fails while tracing
     assert f.read_bytes() == b'an earlier export'
     assert [p.name for p in tmp_path.iterdir()] == ['tiny.onnx']  # no temporary file left behind

@@ -82,6 +82,7 @@ def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
     data.write_text(f"classes=80\ntrain={tmp_path / 'val.txt'}\nvalid={tmp_path / 'val.txt'}\nnames={COCO_NAMES}\n")
     data = load_data_config(data)
     maps, loader = {}, None
+    setup_logging()  # evaluate() logs its Speed line: on stdout as test.py prints it
     for half in ('off', 'auto'):  # test.py's own model loading for each --half, one loader for both
         model = load_eval_model(str(TINY_WEIGHTS), str(CFG), 320, CPU, inference_dtype(half, CPU))
         loader = loader or val_loader(data, 320, 16, model, False, 0)
@@ -104,6 +105,7 @@ def test_detect_half_finds_the_bus_and_four_persons_as_fp32(tmp_path, capsys):
     from detect import detect, parse_opt
 
     rows = {}
+    setup_logging()  # as detect.py's main(): the model's dtype line (logged by load_eval_model) on stdout
     for half in ('off', 'on'):  # on: bf16 on a CPU with native bf16, fp32 (warned) on one without
         detect(parse_opt(['--cfg', str(CFG), '--weights', str(TINY_WEIGHTS), '--source', str(SAMPLES / 'bus.jpg'),
                           '--output', str(tmp_path / half), '--save-txt', '--half', half]))

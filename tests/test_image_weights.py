@@ -1,12 +1,12 @@
-"""utils/image_weights.py (train.py --image-weights): class and image weights as the original, the seeded weighted
-draw, and its DDP sharding."""
+"""train.py --image-weights: class and image weights as the original (utils/image_weights.py), the seeded weighted
+draw and its DDP sharding (utils/samplers.py's WeightedImageSampler)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from utils.image_weights import (WeightedImageSampler, draw_image_indices, epoch_image_weights,
-                                 labels_to_class_weights, labels_to_image_weights)
+from utils.image_weights import epoch_image_weights, labels_to_class_weights, labels_to_image_weights
+from utils.samplers import WeightedImageSampler, draw_image_indices
 
 
 def box_rows(*classes: int) -> np.ndarray:

@@ -214,3 +214,23 @@ def test_darknet_refusals_write_nothing(tmp_path):
         with pytest.raises(EvalError, match=f'--darknet scores the PyTorch model .*{match}'):
             load(parse_opt(['--darknet', '--weights', 'x.weights', '--save-dir', str(tmp_path / 's'), *args]))
     assert not (tmp_path / 's').exists()
+
+
+def test_evaluate_writes_nothing_unless_asked(tmp_path, monkeypatch, logged):
+    """evaluate() as a library function: no folder, no file (not in save_dir, not in the working directory) unless
+    plots or save_json ask; the table and speed line go to the project logger."""
+    from models import Darknet
+    from test import EvalConfig, evaluate, val_loader
+    from tests.conftest import TOY_CFG, make_synthetic
+    from utils.data_config import load_data_config
+
+    data = load_data_config(make_synthetic(tmp_path / 'data', n=4))
+    model = Darknet(TOY_CFG, 64)
+    loader = val_loader(data, 64, 4, model, single_cls=False, workers=0)  # the label cache is written here
+    (tmp_path / 'cwd').mkdir()
+    monkeypatch.chdir(tmp_path / 'cwd')
+    before = sorted(tmp_path.rglob('*'))
+    r = evaluate(model, loader, data['names'], EvalConfig(save_dir=tmp_path / 'out'))
+    assert sorted(tmp_path.rglob('*')) == before and r.seen == 4
+    lines = logged()
+    assert re.match(r'\s+all\s+4\s+\d+', lines[-2]) and lines[-1].startswith('Speed: ')

@@ -20,6 +20,12 @@ from utils.downloads import attempt_download
 from utils.parse_config import cfg_with_classes
 from utils.transfer import load_weights
 
+
+def said(logged) -> str:
+    """What the project logger said so far in this test, one line each (as a script would print it)."""
+    return ''.join(f'{m}\n' for m in logged())
+
+
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 TINY_1CLS = ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'
 HEADS = ('module_list.15.Conv2d', 'module_list.22.Conv2d')  # the convolutions before the two [yolo] layers
@@ -58,10 +64,10 @@ def outputs(model: Darknet, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_official_weights_into_1cls_cfg_transfer_and_say_so(official, capsys):
+def test_official_weights_into_1cls_cfg_transfer_and_say_so(official, logged):
     model = Darknet(TINY_1CLS)
     load_weights(model, TINY_WEIGHTS)
-    out = capsys.readouterr().out
+    out = said(logged)
     assert 'Darknet weights of this network with 80 classes' in out
     assert '2 output convolutions re-initialised: 255 -> 18 filters (80 -> 1 classes)' in out
     ref, got = official.state_dict(), model.state_dict()
@@ -70,10 +76,10 @@ def test_official_weights_into_1cls_cfg_transfer_and_say_so(official, capsys):
 
 
 @pytest.mark.slow
-def test_two_class_mapping_equals_80_class_columns(official, bus, capsys):
+def test_two_class_mapping_equals_80_class_columns(official, bus, logged):
     model = Darknet(cfg_with_classes(TINY.read_text(), 2), 416)
     load_weights(model, TINY_WEIGHTS, names=['car', 'person'])
-    out = capsys.readouterr().out
+    out = said(logged)
     assert '2 output convolutions mapped by class name: 255 -> 21 filters (80 -> 2 classes)' in out
     assert '  car <- car (2)\n  person <- person (0)\n' in out
     assert model.names == ['car', 'person']
@@ -84,20 +90,20 @@ def test_two_class_mapping_equals_80_class_columns(official, bus, capsys):
 
 
 @pytest.mark.slow
-def test_person_only_into_1cls_cfg_is_the_person_detector(official, bus, capsys):
+def test_person_only_into_1cls_cfg_is_the_person_detector(official, bus, logged):
     model = Darknet(TINY_1CLS, 416)
     load_weights(model, TINY_WEIGHTS, names=['person'])
-    assert '  person <- person (0)' in capsys.readouterr().out
+    assert '  person <- person (0)' in said(logged)
     ref, got = outputs(official, bus), outputs(model, bus)
     assert torch.allclose(got[:, :5], ref[:, :5], rtol=1e-5, atol=1e-5)
     assert torch.allclose(got[:, 5], ref[:, 5], atol=1e-6)
 
 
 @pytest.mark.slow
-def test_unknown_class_keeps_fresh_rows_with_prior(official, capsys):
+def test_unknown_class_keeps_fresh_rows_with_prior(official, logged):
     model = Darknet(REF_CFG / 'yolov3-tiny-3cls.cfg')
     load_weights(model, TINY_WEIGHTS, names=['car', 'widget', 'person'])
-    out = capsys.readouterr().out
+    out = said(logged)
     assert '  car <- car (2)\n  widget <- (new)\n  person <- person (0)\n' in out
     assert heads_have_prior(model, classes=[1]) and not heads_have_prior(model, classes=[0])
     w, w80 = model.module_list[15].Conv2d.weight, official.module_list[15].Conv2d.weight
@@ -107,30 +113,30 @@ def test_unknown_class_keeps_fresh_rows_with_prior(official, capsys):
 
 
 @pytest.mark.slow
-def test_mapping_off_leaves_fresh_heads_with_prior(capsys):
+def test_mapping_off_leaves_fresh_heads_with_prior(logged):
     model = Darknet(TINY_1CLS)
     load_weights(model, TINY_WEIGHTS, names=['person'], map_classes=False)
-    out = capsys.readouterr().out
+    out = said(logged)
     assert 're-initialised: 255 -> 18 filters' in out and 'class mapping off: turned off' in out
     assert heads_have_prior(model)
 
 
 @pytest.mark.slow
-def test_checkpoint_carries_names_and_maps(official, tmp_path, capsys):
+def test_checkpoint_carries_names_and_maps(official, tmp_path, logged):
     pt = tmp_path / 'coco.pt'
     save_checkpoint(model_checkpoint(official), pt)
     assert torch.load(pt, weights_only=True)['names'] == coco_names()
     assert load_model(pt, verbose=False).names == coco_names()  # test.py/detect.py read model.names
     model = Darknet(TINY_1CLS)
     load_weights(model, pt, names=['person'])
-    assert 'transferred 68/72 items' in capsys.readouterr().out and model.names == ['person']
+    assert 'transferred 68/72 items' in said(logged) and model.names == ['person']
     ckpt = torch.load(pt, weights_only=True)
     ckpt['names'] = None  # a checkpoint without class names: mapping says it is off and why
     save_checkpoint(ckpt, pt)
     assert load_model(pt, verbose=False).names is None
     model = Darknet(TINY_1CLS)
     load_weights(model, pt, names=['person'])
-    out = capsys.readouterr().out
+    out = said(logged)
     assert 're-initialised: 255 -> 18 filters (80 -> 1 classes)' in out
     assert f'class mapping off: {pt} carries no class names' in out
     assert heads_have_prior(model)
@@ -205,7 +211,7 @@ def toy_source(tmp_path, names: list[str]) -> tuple[Darknet, object]:
     return src.eval(), pt
 
 
-def test_toy_reordered_names_permute_the_class_columns(tmp_path, capsys):
+def test_toy_reordered_names_permute_the_class_columns(tmp_path, logged):
     src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
     dst = Darknet(TOY_CFG)
     load_weights(dst, pt, names=['bird', 'cat', 'dog'])  # the same classes in another order
@@ -213,11 +219,11 @@ def test_toy_reordered_names_permute_the_class_columns(tmp_path, capsys):
     a, b = outputs(src, x), outputs(dst, x)
     assert torch.allclose(b[:, :5], a[:, :5]) and torch.allclose(b[:, 5:], a[:, [7, 5, 6]])
     assert dst.names == ['bird', 'cat', 'dog']
-    out = capsys.readouterr().out
+    out = said(logged)
     assert '2 output convolutions mapped by class name' in out and 'bird <- bird (2)' in out
 
 
-def test_toy_mapping_into_fewer_classes_copies_known_rows_and_keeps_new_ones_fresh(tmp_path, capsys):
+def test_toy_mapping_into_fewer_classes_copies_known_rows_and_keeps_new_ones_fresh(tmp_path, logged):
     src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
     dst = Darknet(cfg_with_classes(TOY_CFG.read_text(), 2))
     fresh = {k: v.clone() for k, v in dst.state_dict().items()}
@@ -231,23 +237,24 @@ def test_toy_mapping_into_fewer_classes_copies_known_rows_and_keeps_new_ones_fre
         assert torch.equal(g[:, 5], w[:, 6])  # dog <- dog (source class 1)
         assert torch.equal(g[:, 6], f[:, 6])  # fish: new, the fresh row with its bias prior
     assert heads_have_prior(dst, classes=[1])
-    out = capsys.readouterr().out
+    out = said(logged)
     assert 'dog <- dog (1)' in out and 'fish <- (new)' in out and dst.names == ['dog', 'fish']
 
 
-def test_toy_without_names_leaves_other_class_heads_fresh(tmp_path, capsys):
+def test_toy_without_names_leaves_other_class_heads_fresh(tmp_path, logged):
     _, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
     dst = Darknet(cfg_with_classes(TOY_CFG.read_text(), 2))
     load_weights(dst, pt)  # no names for the model: nothing to map by
     assert heads_have_prior(dst) and dst.names is None
     n = len(dst.state_dict())
-    assert f'transferred {n - 4}/{n} items from {pt}' in capsys.readouterr().out
+    assert f'transferred {n - 4}/{n} items from {pt}' in said(logged)
 
 
-def test_toy_same_classes_and_names_load_whole(tmp_path, capsys):
+def test_toy_same_classes_and_names_load_whole(tmp_path, logged, caplog):
     src, pt = toy_source(tmp_path, ['cat', 'dog', 'bird'])
     dst = Darknet(TOY_CFG)
+    caplog.clear()  # the cfg's own notes
     load_weights(dst, pt)
     x = torch.rand(2, 3, 64, 64)
     assert torch.equal(outputs(src, x), outputs(dst, x)) and dst.names == ['cat', 'dog', 'bird']
-    assert capsys.readouterr().out == ''  # a whole load says nothing
+    assert said(logged) == ''  # a whole load says nothing

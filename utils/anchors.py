@@ -288,6 +288,7 @@ def parse_opt(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> int:
     """Compute anchors for opt.data and write them into a copy of opt.cfg (errors raise AnchorError and others)."""
+    setup_logging()
     cfg, data = Path(opt.cfg), Path(opt.data)
     out = Path(opt.out) if opt.out else default_out(cfg, data)
     if opt.img_size <= 0 or opt.gen < 0:
@@ -313,15 +314,16 @@ def main(opt: argparse.Namespace) -> int:
     if not keep.any():
         raise AnchorError(f'{data}: none of the {len(wh)} label boxes is larger than {BOX_MIN_WH:g} px at '
                           f'--img-size {opt.img_size} (the loader drops them all); nothing written')
-    print(f'anchors: {int(keep.sum())} boxes of {len(ds)} images at {opt.img_size}, iou_t {thr:g}'
-          + (f'; {int((~keep).sum())} boxes <= {BOX_MIN_WH:g} px or of aspect >= {BOX_MAX_ASPECT:g} left out '
-             f'(the loader drops them)' if not keep.all() else ''))
+    LOGGER.info(f'anchors: {int(keep.sum())} boxes of {len(ds)} images at {opt.img_size}, iou_t {thr:g}'
+                + (f'; {int((~keep).sum())} boxes <= {BOX_MIN_WH:g} px or of aspect >= {BOX_MAX_ASPECT:g} left '
+                   f'out (the loader drops them)' if not keep.all() else ''))
     wh = wh[keep]
     wh_t = torch.from_numpy(wh).float()
 
     def report(name: str, a: np.ndarray) -> None:
         f, bpr, aat = anchor_fit(wh_t, used_anchors(a, masks), thr)
-        print(f'{name}: fitness {f:.4f}, BPR {bpr:.4f}, {aat:.2f} anchors per target; anchors {format_anchors(a)}')
+        LOGGER.info(f'{name}: fitness {f:.4f}, BPR {bpr:.4f}, {aat:.2f} anchors per target; anchors '
+                    f'{format_anchors(a)}')
 
     report(f'before ({cfg})', anchors0)
     new = evolve_anchors(wh, len(anchors0), masks, thr, opt.gen, opt.seed, start=anchors0)
@@ -340,12 +342,11 @@ def main(opt: argparse.Namespace) -> int:
     except OSError as e:
         out.unlink(missing_ok=True)  # no half-written cfg
         raise AnchorError(f'{out}: cannot write: {e.strerror or e} (nothing written)') from e
-    print(f'wrote {out} (anchors= in {n} [yolo] sections, masks unchanged); train with --cfg {out}')
+    LOGGER.info(f'wrote {out} (anchors= in {n} [yolo] sections, masks unchanged); train with --cfg {out}')
     return 0
 
 
 if __name__ == '__main__':
-    setup_logging()
     try:
         sys.exit(main(parse_opt()))
     except (AnchorError, DatasetError, ConfigError) as err:

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from utils.data_config import DatasetError
+from utils.logs import LOGGER
 
 
 def coco80_to_coco91_class() -> list[int]:
@@ -131,16 +132,17 @@ class CocoJson:
         pred_file.write_text(json.dumps(self.records))
         if self.gt_builder is not None:
             self.gt_file = self.gt_builder.save(save_dir / 'ground_truth.json')
-            print(f'COCO ground truth written from the labels: {self.gt_file}')
-        print(f'\nCOCO mAP with pycocotools: predictions {pred_file}, ground truth {self.gt_file}')
+            LOGGER.info(f'COCO ground truth written from the labels: {self.gt_file}')
+        LOGGER.info(f'\nCOCO mAP with pycocotools: predictions {pred_file}, ground truth {self.gt_file}')
         stats = coco_evaluate(self.gt_file, pred_file, img_ids=sorted(set(self.image_ids)))
-        print(f'pycocotools: AP@[.5:.95] {stats[0]:.3f}  AP50 {stats[1]:.3f}')
+        LOGGER.info(f'pycocotools: AP@[.5:.95] {stats[0]:.3f}  AP50 {stats[1]:.3f}')
         return stats
 
 
 def coco_evaluate(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
                   img_ids: Sequence[int] | None = None, verbose: bool = True) -> np.ndarray:
-    """Score COCO-format predictions with pycocotools; returns COCOeval.stats (12,): [AP, AP50, AP75, ...]."""
+    """Score COCO-format predictions with pycocotools; returns COCOeval.stats (12,): [AP, AP50, AP75, ...]. Logs
+    pycocotools' 12-line table when verbose."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -157,6 +159,9 @@ def coco_evaluate(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
         ev.accumulate()
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):  # pycocotools prints its table: logged instead
         ev.summarize()  # the standard 12-line table
+    if verbose:
+        LOGGER.info(table.getvalue().removesuffix('\n'))
     return np.asarray(ev.stats)

@@ -531,12 +531,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConvertError(f"{opt.ann}: no classes: no objects found and no --names given (nothing written)")
     res.images.sort(key=lambda r: r.rel.as_posix())  # the split depends on the images, not on the file's order
     cfg = class_cfg(opt.cfg, len(res.names)) if opt.cfg else None
-    print(res.class_note)
+    LOGGER.info(res.class_note)
     data, line = write_dataset(res, opt.out, opt.val_fraction, opt.seed, cfg)
-    print(f"{opt.format}: {line} -> {data}")
+    LOGGER.info(f"{opt.format}: {line} -> {data}")
     if cfg:
-        print(f"cfg for {len(res.names)} classes: {data.parent / cfg[0]} (only classes= and the heads' filters= "
-              f"differ from {opt.cfg})")
+        LOGGER.info(f"cfg for {len(res.names)} classes: {data.parent / cfg[0]} (only classes= and the heads' "
+                    f"filters= differ from {opt.cfg})")
     return 0
 
 

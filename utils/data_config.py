@@ -220,7 +220,7 @@ def _download(data: dict[str, Any]) -> None:
         # as ultralytics: a zip holding the dataset folder, unpacked one level above it (`path`'s parent, else '..')
         dest = Path(data['root']).parent if data.get('root') else Path.cwd().parent
         dest.mkdir(parents=True, exist_ok=True)
-        print(f"Downloading {s} to {dest} ...")
+        LOGGER.info(f"Downloading {s} to {dest} ...")
         with tempfile.NamedTemporaryFile(suffix='.zip', dir=dest, delete=False) as f:
             tmp = Path(f.name)
         try:
@@ -232,7 +232,7 @@ def _download(data: dict[str, Any]) -> None:
         finally:
             tmp.unlink(missing_ok=True)
     else:
-        print(f"Running dataset download command: {s}")
+        LOGGER.info(f"Running dataset download command: {s}")
         r = subprocess.run(s, shell=True, check=False)  # noqa: S602 (the user's own config names the command)
         if r.returncode:
             raise DatasetError(f"download command {s!r} failed (exit {r.returncode}); run it where there is network "
@@ -249,7 +249,7 @@ def check_dataset(data: dict[str, Any], splits: tuple[str, ...] = ('train', 'val
         return
     if not data.get('download'):
         raise DatasetError(f"{data['path']}: dataset not found: {', '.join(missing)} does not exist")
-    print(f"Dataset not found: {', '.join(missing)}")
+    LOGGER.info(f"Dataset not found: {', '.join(missing)}")
     try:
         _download(data)
     except DatasetError as e:

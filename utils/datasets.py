@@ -2,20 +2,16 @@
 batches, mosaic, affine, HSV, flip), create_dataloader, and the detect.py sources (images, videos, webcam, streams)."""
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob
 import hashlib
 import math
 import os
-import signal
 import sys
-import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from threading import Thread
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -30,15 +26,17 @@ from utils.augmentations import augment_hsv, combine_mosaic, letterbox, random_a
 from utils.boxes import xyxy2xywh
 from utils.data_config import DatasetError
 from utils.files import atomic_write
-from utils.image_weights import WeightedImageSampler
-from utils.samplers import EpochSampler, RectDistributedSampler, SampleKey, ShuffleSampler, sample_rng
+from utils.logs import LOGGER, shows_progress
+from utils.samplers import (EpochSampler, RectDistributedSampler, SampleKey, ShuffleSampler, WeightedImageSampler,
+                            sample_rng)
+from utils.signals import PreemptionSafeLoader, ignore_preemption_signals
 from utils.sources import IMG_FORMATS, VID_FORMATS  # noqa: F401  (VID_FORMATS: re-exported)
 
 AUG_KEYS = ('degrees', 'translate', 'scale', 'shear', 'hsv_h', 'hsv_s', 'hsv_v')  # hyp entries augmentation reads
 CACHE_VERSION = 1  # bump when the cache layout or the checks change
 AUTO_CACHE_BYTES = 1 << 30  # training sets whose decoded images fit in this (and 30% of free RAM) are cached in RAM
 ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == 'Orientation')
-_REPORTED: set[str] = set()  # fault messages already printed by this process (train and val may share a folder)
+_REPORTED: set[str] = set()  # fault messages already logged by this process (train and val may share a folder)
 __all__ = ['LoadImagesAndLabels', 'RectDistributedSampler', 'SampleKey', 'PreemptionSafeLoader', 'create_dataloader',
            'letterbox', 'img2label_paths', 'list_image_files', 'verify_image_label', 'IMG_FORMATS', 'VID_FORMATS']
 
@@ -235,7 +233,7 @@ class LoadImagesAndLabels(Dataset):
         self.mosaic = self.augment and not self.rect  # four images at a time, training only
         self.stride = opts.stride
         self.path = path
-        self.verbose = rank in (-1, 0)
+        self.main = rank in (-1, 0)  # the process that writes the label cache
         self.prefix = opts.prefix
         missing = [k for k in AUG_KEYS if k not in self.hyp] if augment else []
         if missing:
@@ -269,21 +267,20 @@ class LoadImagesAndLabels(Dataset):
         if opts.cache_images:
             self._cache_images()
         elif augment and self._cache_bytes() <= min(AUTO_CACHE_BYTES, 0.3 * _available_memory()):
-            # a small training set (coco128 at 320: 30 MB) is decoded once instead of 4 times per mosaic every
-            # epoch: JPEG decoding is most of the loader's work (benchmarks/README.md), and on few cores it competes
-            # with training
+            # a small training set is decoded once instead of 4 times per mosaic every epoch: JPEG decoding is most
+            # of the loader's work, and on few cores it competes with training (sizes: benchmarks/README.md)
             self._cache_images()
 
     def _log(self, msg: str) -> None:
-        """Print on the main process only."""
-        if self.verbose:
-            print(self.prefix + msg, flush=True)
+        """Log a line with the dataset's prefix ('train: ')."""
+        LOGGER.info(self.prefix + msg)
 
-    def _warn(self, msg: str, pbar: tqdm | None = None) -> None:
-        """Print a fault message once per process (main process only), above the progress bar if there is one."""
-        if self.verbose and msg not in _REPORTED:
+    def _warn(self, msg: str) -> None:
+        """Log a fault message once per process, above any progress bar ('train: WARNING: ...')."""
+        if msg not in _REPORTED:
             _REPORTED.add(msg)
-            (pbar.write if pbar is not None else print)(f'{self.prefix}WARNING: {msg}', file=sys.stdout)
+            with tqdm.external_write_mode():  # clears the bars, writes, draws them again (as tqdm.write)
+                LOGGER.warning(self.prefix + msg, extra={'prefix': self.prefix})
 
     def _load_or_scan(self, path: Any, img_files: list[str], label_files: list[str], nc: int | None) -> dict:
         """The checked labels of img_files: from the cache next to the labels when it is current, else a scan."""
@@ -307,7 +304,7 @@ class LoadImagesAndLabels(Dataset):
             return cache
         cache = self._scan(img_files, label_files, nc)
         cache.update(version=CACHE_VERSION, hash=key)
-        if self.verbose:
+        if self.main:
             if _dir_writable(cache_path.parent):
                 try:
                     atomic_write(cache_path, lambda f: torch.save(cache, f))  # a reader never sees half a cache
@@ -325,13 +322,13 @@ class LoadImagesAndLabels(Dataset):
         desc = f"Scanning '{Path(label_files[0]).parent}' images and labels"
         with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
             results = pool.imap(lambda a: verify_image_label(*a, nc), zip(img_files, label_files), chunksize=16)
-            pbar = tqdm(results, desc=self.prefix + desc, total=len(img_files), disable=not self.verbose,
+            pbar = tqdm(results, desc=self.prefix + desc, total=len(img_files), disable=not shows_progress(),
                         file=sys.stderr)
-            for im_file, (lb, shape, status, msg) in zip(img_files, pbar):
+            for (lb, shape, status, msg), im_file in zip(pbar, img_files):  # the bar first: it reaches 100%
                 counts[status] += 1
                 if msg:
                     msgs.append(msg)
-                    self._warn(msg, pbar)
+                    self._warn(msg)
                 if lb is not None:
                     files.append(im_file)
                     labels.append(torch.from_numpy(lb))
@@ -378,8 +375,9 @@ class LoadImagesAndLabels(Dataset):
         avail = _available_memory()
         self._log(f'Caching images needs {need / 1e9:.2f} GB of RAM ({avail / 1e9:.2f} GB available)')
         if need > 0.8 * avail:  # leave room for the model, the workers and the rest of the system
-            self._log(f'WARNING: not caching images: {need / 1e9:.2f} GB would not fit in the '
-                      f'{avail / 1e9:.2f} GB available; images are read from disk instead')
+            LOGGER.warning(f'{self.prefix}not caching images: {need / 1e9:.2f} GB would not fit in the '
+                           f'{avail / 1e9:.2f} GB available; images are read from disk instead',
+                           extra={'prefix': self.prefix})
             return
         with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
             for i, (img, hw0, hw) in enumerate(pool.imap(self.load_image, range(self.n))):
@@ -497,81 +495,10 @@ def _rank_zero_first(rank: int) -> Iterator[None]:
         dist.barrier()
 
 
-def _ignore_preemption_signals(main_pid: int) -> None:
-    """In a DataLoader worker: ignore SIGUSR1, and SIGTERM unless it comes from the worker's own main process.
-
-    SLURM and spot-instance preemption signal the whole process group: the main process finishes its step, saves
-    and then shuts its workers down; a worker killed first would fail that step. The main process itself still
-    stops a worker with SIGTERM (the DataLoader's and multiprocessing's terminate() at exit), so SIGTERM is taken
-    by a thread that reads the sender: the main process's own SIGTERM ends the worker as usual. A worker also
-    exits when its main process dies (the DataLoader's watchdog checks it).
-    """
-    # the worker started with both blocked (PreemptionSafeLoader): one that arrived since is pending until now
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # discards a pending one
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-    if not hasattr(signal, 'sigwaitinfo'):  # no sender to tell apart: ignore it, the watchdog still applies
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        return
-    senders = {main_pid, os.getppid()}  # the parent differs from the main process under forkserver or spawn
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the main process
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-
-    def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in senders:
-            pass
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        os.kill(os.getpid(), signal.SIGTERM)  # the default action: end as terminate() expects
-
-    Thread(target=wait, daemon=True, name='sigterm-from-main').start()
-
-
-class PreemptionSafeLoader(DataLoader):
-    """A DataLoader whose workers start with SIGTERM and SIGUSR1 blocked, so that a preemption signal sent to the
-    process group while they start waits for their worker_init_fn (which ignores it) instead of killing them.
-
-    Its persistent workers end with close() (train.py and test.py call it before returning, also on errors and
-    stops), at the latest when the interpreter exits: left to garbage collection they would outlive
-    multiprocessing's exit handler, whose SIGTERM torch's SIGCHLD handler then reports as a traceback.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        _OPEN_LOADERS.add(self)
-
-    def close(self) -> None:
-        """Shut the workers down now: each gets the end-of-work message and is joined (terminated by the main
-        process if it does not exit in time, which its SIGTERM rule lets through). The next iteration starts new
-        ones; a loader without workers has nothing to close."""
-        it, self._iterator = self._iterator, None
-        if it is not None and hasattr(it, '_shutdown_workers'):
-            it._shutdown_workers()
-
-    def __iter__(self) -> Any:
-        if not self.num_workers or not hasattr(signal, 'pthread_sigmask'):
-            return super().__iter__()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # inherited by the workers
-        try:
-            return super().__iter__()
-        finally:  # the main process's own handlers run now for anything that arrived meanwhile
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-_OPEN_LOADERS: weakref.WeakSet[PreemptionSafeLoader] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_loaders() -> None:
-    """At interpreter exit, before multiprocessing's own exit handler (registered earlier, so run later) terminates
-    the children: shut down the workers of every loader still open (one made through the evaluate() API, say)."""
-    for loader in list(_OPEN_LOADERS):
-        loader.close()
-
-
 def _worker_init(worker_id: int, main_pid: int) -> None:
     """Keep OpenCV single-threaded in a DataLoader worker, and leave preemption signals to the main process."""
     cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV's own threads would oversubscribe the cores
-    _ignore_preemption_signals(main_pid)
+    ignore_preemption_signals(main_pid)
 
 
 def create_dataloader(path: Any, opts: DatasetOptions, loading: LoaderOptions = LoaderOptions()
@@ -593,8 +520,7 @@ def create_dataloader(path: Any, opts: DatasetOptions, loading: LoaderOptions = 
         dataset = LoadImagesAndLabels(path, replace(opts, stride=int(opts.stride)), rank=rank)
     train = opts.augment or shuffle
     if opts.rect and shuffle:
-        if rank in (-1, 0):
-            print(f'{opts.prefix}Rectangular batches: shuffle and mosaic off')
+        LOGGER.info(f'{opts.prefix}Rectangular batches: shuffle and mosaic off')
         shuffle = False
     batch_size = min(opts.batch_size, len(dataset))
     world, r = max(loading.world_size, 1), max(rank, 0)

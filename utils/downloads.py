@@ -7,6 +7,7 @@ from typing import BinaryIO
 
 from utils.darknet_weights import WeightsError
 from utils.files import atomic_write
+from utils.logs import LOGGER
 
 OFFICIAL = {  # name: (release address, size in bytes)
     'yolov3.weights': ('https://pjreddie.com/media/files/yolov3.weights', 248007048),
@@ -47,5 +48,5 @@ def attempt_download(path: str | Path) -> Path:
         return path
     if path.name not in OFFICIAL:
         raise FileNotFoundError(f"{path}: weights file not found")
-    print(f"Downloading {OFFICIAL[path.name][0]} to {path} ...")
+    LOGGER.info(f"Downloading {OFFICIAL[path.name][0]} to {path} ...")
     return atomic_write(path, lambda f: _download(f, path))  # nothing is left at path unless the whole file came

@@ -27,6 +27,7 @@ import torch.nn as nn
 from utils.checkpoint import model_checkpoint, save_checkpoint
 from utils.darknet_weights import save_weights
 from utils.files import atomic_write
+from utils.logs import LOGGER
 
 ONNX_OPSET = 17
 
@@ -116,14 +117,15 @@ def onnx_export(model: nn.Module, path: str | Path, img: tuple[int, int], dynami
     a second image size with dynamic height and width)."""
     export_onnx(model, path, img, dynamic, opset)
     shape = '(batch, 3, height, width)' if dynamic else f'(batch, 3, {img[0]}, {img[1]})'
-    print(f"Exported {path}: input 'images' {shape} RGB in [0, 1], output (batch, N, {model.nc + 5}), opset {opset}")
+    LOGGER.info(f"Exported {path}: input 'images' {shape} RGB in [0, 1], output (batch, N, {model.nc + 5}), "
+                f"opset {opset}")
     shapes = [(1, *img), (2, *img)] + ([(2, img[0] + 64, img[1] + 32)] if dynamic else [])
     try:
         err = check_onnx(model, path, shapes)
     except ImportError:
-        print('onnxruntime is not installed: the export was not checked (pip install onnxruntime)')
+        LOGGER.info('onnxruntime is not installed: the export was not checked (pip install onnxruntime)')
         return
-    print(f"onnxruntime agrees with PyTorch to {err:.1e} (relative, inputs {', '.join(map(str, shapes))})")
+    LOGGER.info(f"onnxruntime agrees with PyTorch to {err:.1e} (relative, inputs {', '.join(map(str, shapes))})")
 
 
 def convert(model: nn.Module, src: str | Path) -> Path:
@@ -136,11 +138,11 @@ def convert(model: nn.Module, src: str | Path) -> Path:
         cfg_file = dst.with_suffix('.cfg')
         if not cfg_file.exists():  # Darknet and OpenCV's Darknet importer read the cfg beside the weights
             atomic_write(cfg_file, model.cfg_text)
-            print(f"Wrote {cfg_file} (the cfg {src} carries)")
+            LOGGER.info(f"Wrote {cfg_file} (the cfg {src} carries)")
     else:
         dst = src.with_suffix('.pt') if src.suffix == '.weights' else src.with_name(src.name + '.pt')
         save_checkpoint(model_checkpoint(model, epoch=-1), dst)
-    print(f"Converted {src} -> {dst}")
+    LOGGER.info(f"Converted {src} -> {dst}")
     return dst
 
 

@@ -1,9 +1,11 @@
 """The project's one logger ('yolov3'): modules log through LOGGER, scripts call setup_logging(rank) once.
 
 After torchvision's setup_for_distributed: rank 0 (or a single process) prints, every other rank stays quiet, and no
-function needs a `log` argument. Messages are plain text on stdout as print() gave them; warnings get a 'WARNING: '
-prefix and errors go to stderr with 'ERROR: '. Until a script calls setup_logging the logger only propagates
-(a library user's own logging configuration, or pytest's caplog, sees the records).
+function needs a `log` argument or a rank check: setup_logging(rank) decides once, and progress bars ask
+shows_progress(). Messages are plain text on stdout as print() gave them; warnings get a 'WARNING: ' prefix (after the
+record's `prefix` extra, e.g. a dataset's 'train: ') and errors go to stderr with 'ERROR: '. Until a script calls
+setup_logging the logger only propagates (a library user's own logging configuration, or pytest's caplog, sees the
+records).
 """
 from __future__ import annotations
 
@@ -46,31 +48,25 @@ class _StdStream(logging.StreamHandler):
 
 
 class _Plain(logging.Formatter):
-    """The message as print() gave it, with 'WARNING: ' / 'ERROR: ' in front of warnings and errors."""
+    """The message as print() gave it, with 'WARNING: ' / 'ERROR: ' in front of warnings and errors; a record whose
+    message starts with its `prefix` extra ('train: ', LOGGER.warning(msg, extra={'prefix': ...})) gets the tag
+    after that prefix ('train: WARNING: ...')."""
 
     def format(self, record: logging.LogRecord) -> str:
         msg = super().format(record)
-        if record.levelno >= logging.ERROR:
-            return f'ERROR: {msg}'
-        if record.levelno >= logging.WARNING:
-            return f'WARNING: {msg}'
-        return msg
+        tag = 'ERROR: ' if record.levelno >= logging.ERROR else 'WARNING: ' if record.levelno >= logging.WARNING else ''
+        prefix = getattr(record, 'prefix', '')
+        if tag and prefix and msg.startswith(prefix):
+            return prefix + tag + msg[len(prefix):]
+        return tag + msg
 
 
-class RankFilter(logging.Filter):
-    """Passes every record on rank -1 (a single process) and rank 0, none on the other ranks."""
-
-    def __init__(self, rank: int = -1):
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """True on the rank that talks."""
-        return self.rank in (-1, 0)
+QUIET = logging.CRITICAL + 1  # LOGGER's level on the ranks that stay quiet: no record passes
 
 
 def setup_logging(rank: int = -1, level: int = logging.INFO) -> logging.Logger:
-    """Send LOGGER's records to stdout (errors to stderr) on rank -1/0 only; calling it again replaces the set-up."""
+    """Send LOGGER's records to stdout (errors to stderr) on rank -1/0; on every other rank LOGGER lets no record
+    through and shows_progress() is False. Calling it again replaces the set-up."""
     for h in [h for h in LOGGER.handlers if isinstance(h, _StdStream)]:
         LOGGER.removeHandler(h)
     out, err = _StdStream(), _StdStream(err=True)
@@ -78,8 +74,12 @@ def setup_logging(rank: int = -1, level: int = logging.INFO) -> logging.Logger:
     err.setLevel(logging.ERROR)
     for h in (out, err):
         h.setFormatter(_Plain('%(message)s'))
-        h.addFilter(RankFilter(rank))
         LOGGER.addHandler(h)
-    LOGGER.setLevel(level)
+    LOGGER.setLevel(level if rank in (-1, 0) else QUIET)
     LOGGER.propagate = False  # printed here once, not again by a root handler
     return LOGGER
+
+
+def shows_progress() -> bool:
+    """Whether this process draws progress bars (tqdm): yes, except on the ranks setup_logging silenced."""
+    return LOGGER.level < QUIET

@@ -7,6 +7,9 @@ worker or process loads it, nor on how many workers there are, and a run resumed
 exactly the batches b.. that the uninterrupted run would have (set_start skips the first b batches of this rank
 without loading their images). Persistent DataLoader workers hold a copy of the dataset made when they started; the
 epoch reaches them inside the keys.
+
+ShuffleSampler (shuffled or in order), RectDistributedSampler (whole rectangular batches per rank) and
+WeightedImageSampler (--image-weights: images drawn with replacement by weights utils.image_weights computes).
 """
 from __future__ import annotations
 
@@ -132,3 +135,40 @@ class RectDistributedSampler(EpochSampler):
         order = np.resize(order, self.num_batches() * self.num_replicas)  # pad with whole batches from the start
         return np.array([i for b in order for i in self.batches[b]], dtype=np.int64), self.batch_size
 
+
+def draw_image_indices(weights: np.ndarray, k: int, seed: int, epoch: int) -> np.ndarray:
+    """k image indices drawn with replacement in proportion to weights, from a generator seeded by (seed, epoch) alone,
+    so every DDP rank and a resumed run draw the same ones (uniform when all weights are 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f'image weights must be finite and non-negative, got min {w.min()}, max {w.max()}')
+    p = w / w.sum() if w.sum() > 0 else None
+    return np.random.default_rng([seed, epoch]).choice(len(w), size=k, replace=True, p=p)
+
+
+class WeightedImageSampler(EpochSampler):
+    """Each epoch n indices (n images) drawn with draw_image_indices from the weights given by set_weights; under DDP
+    every rank draws the same n (padded to a multiple of num_replicas by repeating from the start) and takes every
+    num_replicas-th from its rank, as DistributedSampler shards. Yields SampleKey(epoch, k, index) with k the
+    position in the draw, so two draws of one image are augmented differently. Call set_weights and set_epoch before
+    each epoch (set_start to resume inside one)."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, batch_size: int = 1):
+        super().__init__(math.ceil(n / num_replicas), batch_size, num_replicas, rank, seed)
+        self.n = n
+        self.weights = np.ones(n)
+
+    def set_weights(self, weights: np.ndarray) -> None:
+        """The image weights of the coming epoch, (n,)."""
+        if len(weights) != self.n:
+            raise ValueError(f'{len(weights)} image weights for {self.n} images')
+        self.weights = np.asarray(weights, dtype=np.float64)
+
+    def epoch_indices(self) -> np.ndarray:
+        """This epoch's whole draw, the same on every rank: (num_samples * num_replicas,)."""
+        idx = draw_image_indices(self.weights, self.n, self.seed, self.epoch)
+        return np.resize(idx, self.num_samples * self.num_replicas)  # padded by repeating from the start
+
+    def epoch_order(self) -> tuple[np.ndarray, int]:
+        """(the draw, 1): dealt image by image."""
+        return self.epoch_indices(), 1

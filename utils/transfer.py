@@ -21,6 +21,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.darknet_weights import (WeightsError, cutoff_from_name, darknet_source_classes, darknet_value_count,
                                    fill_from_values, misfit_error, read_darknet_file)
 from utils.data_config import coco_names
+from utils.logs import LOGGER
 from utils.parse_config import cfg_with_classes
 
 
@@ -184,7 +185,7 @@ def _names_after(model: nn.Module, src: _Source, names: list[str] | None, plan: 
 
 def _put_state(model: nn.Module, src: _Source, names: list[str] | None, map_classes: bool, verbose: bool) -> None:
     """Put a source's weights into the model: tensors of the same name and shape as they are; heads of the same
-    network with other classes mapped by class name (or left fresh, with the bias prior); print what was done."""
+    network with other classes mapped by class name (or left fresh, with the bias prior); log what was done."""
     plan = _plan_heads(model, src, names, map_classes)
     if (err := _foreign_error(model, src, plan.src_nc)) is not None:
         raise err
@@ -202,11 +203,11 @@ def _put_state(model: nn.Module, src: _Source, names: list[str] | None, map_clas
 
 
 def _report(model: nn.Module, src: _Source, plan: _HeadPlan, n_whole: int, names: list[str] | None) -> None:
-    """Print the transfer (items loaded whole, heads re-initialised or mapped, one line per mapped class) when it
+    """Log the transfer (items loaded whole, heads re-initialised or mapped, one line per mapped class) when it
     was not a whole load, and why mapping was off where it would have mattered."""
     n_own = len(model.state_dict())
     if n_whole < n_own or plan.mapping:
-        print(f"transferred {n_whole}/{n_own} items from {src.label}")
+        LOGGER.info(f"transferred {n_whole}/{n_own} items from {src.label}")
         heads = sorted(plan.src_nc) if plan.mapping else plan.fresh
         if heads:
             sd = model.state_dict()
@@ -215,14 +216,15 @@ def _report(model: nn.Module, src: _Source, plan: _HeadPlan, n_whole: int, names
             filters = ', '.join(f'{a} -> {b}' for a, b in rows)
             classes = f"{'/'.join(str(n) for n in sorted({plan.src_nc[j] for j in heads}))} -> {model.nc} classes"
             what = 'mapped by class name' if plan.mapping else 're-initialised'
-            print(f"{len(heads)} output convolution{'s' * (len(heads) > 1)} {what}: {filters} filters ({classes})")
+            LOGGER.info(f"{len(heads)} output convolution{'s' * (len(heads) > 1)} {what}: {filters} filters "
+                        f"({classes})")
         if plan.mapping:
-            print('box and objectness rows copied; class rows:')
+            LOGGER.info('box and objectness rows copied; class rows:')
             for name, s in zip(model.names, plan.cls_src):
-                print(f"  {name} <- {'(new)' if s is None else f'{src.names[s]} ({s})'}")
+                LOGGER.info(f"  {name} <- {'(new)' if s is None else f'{src.names[s]} ({s})'}")
     matters = src.names is None or names != src.names or any(n != model.nc for n in plan.src_nc.values())
     if names is not None and plan.src_nc and plan.why_off and matters:
-        print(f"class mapping off: {plan.why_off}")
+        LOGGER.info(f"class mapping off: {plan.why_off}")
 
 
 def _darknet_source(model: nn.Module, path: str, names: list[str] | None, map_classes: bool,
@@ -246,10 +248,11 @@ def _darknet_source(model: nn.Module, path: str, names: list[str] | None, map_cl
         model.names = list(names) if names is not None else coco
         why_off = _mapping_off(src, names, map_classes)
         if verbose and names is not None and why_off and cutoff < 0 and names != coco:
-            print(f"class mapping off: {why_off}; {path} loaded as it is")
+            LOGGER.info(f"class mapping off: {why_off}; {path} loaded as it is")
         return None
     if verbose and nc_src != model.nc:
-        print(f"{path}: Darknet weights of this network with {nc_src} classes ({model.cfg_path} has {model.nc})")
+        LOGGER.info(f"{path}: Darknet weights of this network with {nc_src} classes ({model.cfg_path} has "
+                    f"{model.nc})")
     twin = type(model)(cfg_with_classes(model.cfg_text, nc_src, model.cfg_path) if nc_src != model.nc
                        else model.cfg_text, log_cfg=False)
     fill_from_values(twin, values, cutoff, path)
@@ -281,7 +284,7 @@ def load_weights(model: nn.Module, weights: str | Path, names: list[str] | None 
     Weights of the same network with another class count load everything but the output convolutions before the
     [yolo] layers; those are mapped by class name when `names` (the model's classes) are given, map_classes is on
     and the source has names (box and objectness rows as they are, known classes from their source class, unknown
-    ones fresh), else left fresh with the bias prior. Prints what it did when verbose.
+    ones fresh), else left fresh with the bias prior. Logs what it did when verbose.
     """
     weights = str(weights)
     names = _check_names(names, model) if names is not None else None
