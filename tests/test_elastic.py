@@ -268,7 +268,7 @@ def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(logged,
     opt = resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     lines = logged()
     assert opt.resume == str(last) and lines == [f"Elastic restart 1: this launch's {last} is its finished run"]
-    assert resume.resolve_resume(opt, train.option_defaults())[1] is None and 'already finished' in capsys.readouterr().out
+    assert resume.resolve_resume(opt, train.option_defaults())[1] is None and 'already finished' in logged()[-1]
 
 
 def test_elastic_checkpoint_rank0_cannot_judge_is_an_error_not_a_wait(tmp_path, monkeypatch):

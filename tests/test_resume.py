@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
-from utils import checkpoint, resume
+from utils import resume
 from utils.engine import CosineLR, FiniteGuard, RunControl
 from utils.logs import setup_logging
 
@@ -262,17 +262,17 @@ def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert train.main(train.parse_opt(args + ['--save-dir', str(full)])) == 0
 
-    real_save = checkpoint.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_crash(ckpt, path):  # what kill -9 right after the first mid-epoch save of epoch 1 leaves
         real_save(ckpt, path)
         if ckpt.get('batch') is not None and ckpt['epoch'] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part), '--save-period-min', '1e-9']))
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', real_save)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers went with the run
     ck = load(part / 'weights' / 'last.pt')
     assert (ck['epoch'], ck['batch'], ck['accumulate']) == (1, 1, 2)  # the step at ni = 4 (epoch 1, batch 0)

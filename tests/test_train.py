@@ -20,7 +20,7 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from tests.test_train_units import NO_BN_CFG, run_epoch
-from utils import checkpoint, image_weights
+from utils import image_weights
 from utils.engine import CosineLR
 from utils.darknet_weights import load_darknet_weights
 
@@ -230,17 +230,17 @@ def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
 
     # the same run, stopped right after epoch 0 was saved
     part = tmp_path / 'part'
-    real_save = checkpoint.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_crash(ckpt, path):
         real_save(ckpt, path)
         if ckpt['epoch'] == 0 and Path(path).name == 'best.pt':
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part)]))
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', real_save)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
     # after epoch 0 (one batch, ni = 0): momentum and weight decay as burn-in set them at ni = 0, LR already
     # stepped by the cosine schedule to epoch 1
     groups = load(part / 'weights' / 'last.pt')['optimizer']['param_groups']
