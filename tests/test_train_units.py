@@ -449,3 +449,20 @@ def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
     assert logged()[-1] == '--sync-bn has no effect in a single process'
     with pytest.raises(ValueError, match='multiple of the number of processes 2'):
         train.check_options(train.parse_opt(['--batch-size', '7']), ddp2, torch.device('cpu'))
+
+
+def test_multi_scale_flag_acts_on_one_size_and_says_when_it_changes_nothing(logged):
+    # as the original: two different train sizes (the default 320 640) already mean multi-scale, so the flag changes
+    # nothing there (said in one line); with one size it widens it to 0.67x-1.5x
+    from utils import distributed as du
+    opt = train.parse_opt(['--multi-scale'])
+    train.check_options(opt, du.DistInfo(), torch.device('cpu'))
+    assert [s for s in logged() if s.startswith('--multi-scale changes nothing here: --img-size 320 640')]
+    assert train.check_img_sizes(opt.img_size, True) == train.check_img_sizes(opt.img_size, False)
+    assert train.check_img_sizes(opt.img_size, False)[2:] == (10, 20, True)  # 320-640 without the flag
+    one = train.parse_opt(['--multi-scale', '--img-size', '320'])
+    n = len(logged())
+    train.check_options(one, du.DistInfo(), torch.device('cpu'))
+    assert len(logged()) == n  # it acts: nothing to say
+    assert train.check_img_sizes(one.img_size, True) == (448, 320, 6, 14, True)  # 192-448 around 320
+    assert train.check_img_sizes(one.img_size, False) == (320, 320, 10, 10, False)
