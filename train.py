@@ -516,10 +516,12 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) 
                     append_results(save_dir, progress_row(epoch, opt.epochs, memory_used(device), stats.mloss[:4],
                                                           stats.targets, stats.img_size), results)
                 log_scalars(tb, epoch, stats.mloss, results)
-                ckpt = resume.train_checkpoint(parts, hyp, opt, epoch, state, progress, _text(paths['results']),
-                                               agents, loader.generator)
-                for path in checkpoint_targets(opt, epoch, progress, stopping=stats.stop):
-                    save_checkpoint(ckpt, path)
+                targets = checkpoint_targets(opt, epoch, progress, stopping=stats.stop)  # none: --nosave, --evolve
+                if targets:
+                    ckpt = resume.train_checkpoint(parts, hyp, opt, epoch, state, progress, _text(paths['results']),
+                                                   agents, loader.generator)
+                    for path in targets:
+                        save_checkpoint(ckpt, path)
             du.barrier()  # the other ranks wait while rank 0 tests and saves
             if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
                 progress = du.all_gather_object(progress)[0]
