@@ -176,7 +176,8 @@ def test_saved_run_says_where_it_stopped_and_a_stripped_one_is_finished(tmp_path
     assert not read_run(last).finished
     strip_optimizer(last)
     ckpt = load_checkpoint(last)
-    assert ckpt['optimizer'] is None and ckpt['model_train'] is None and read_run(last).finished
+    assert ckpt['optimizer'] is None and ckpt['model_train'] is None and ckpt['lr_scheduler'] is None
+    assert read_run(last).finished
     assert ckpt['names'] == ['a', 'b', 'c'] and set(ckpt['model']) == set(parts.model.state_dict())
 
 

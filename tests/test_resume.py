@@ -378,4 +378,5 @@ def test_resume_auto_knows_a_finished_run_renamed_by_name(tmp_path, capsys):
     assert resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp)) is None
     assert f"{tmp_path / 'weights' / 'last_x.pt'} is a finished run (--name x)" in capsys.readouterr().out
     opt = train.parse_opt(['--resume', 'auto', '--name', 'y', '--save-dir', str(tmp_path)])
-    assert resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp)).resume is False  # another name: nothing of this run yet
+    # another name: nothing of this run yet
+    assert resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp)).resume is False

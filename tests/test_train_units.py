@@ -320,8 +320,8 @@ def test_epoch_checkpoint_targets(tmp_path):
 
 def test_progress_survives_a_checkpoint_and_old_checkpoints_still_resume(tmp_path):
     p = resume.Progress(0.25, 3, np.array([0.5, 0.125]))
-    maps = torch.from_numpy(p.maps)
-    torch.save({'epoch': 5, 'best_fitness': p.best_fitness, 'best_epoch': p.best_epoch, 'maps': maps}, tmp_path / 'c.pt')
+    saved = {'epoch': 5, 'best_fitness': p.best_fitness, 'best_epoch': p.best_epoch, 'maps': torch.from_numpy(p.maps)}
+    torch.save(saved, tmp_path / 'c.pt')
     q = resume.Progress.from_checkpoint(load(tmp_path / 'c.pt'))
     assert (q.best_fitness, q.best_epoch, q.maps.tolist()) == (0.25, 3, [0.5, 0.125])
     # a checkpoint from before best_epoch and maps: the best epoch is read from its results.txt rows

@@ -3,7 +3,8 @@
 A model checkpoint (model_checkpoint) holds 'model' (a state_dict), 'cfg' (the cfg text), 'names', 'version', 'seen'.
 A training checkpoint (train.py's weights/last.pt, best.pt, epoch_K.pt) adds the run's state, all as tensors and
 plain values so that torch.load(weights_only=True) reads it: its keys are the one literal of
-utils/resume.py's train_checkpoint. strip_optimizer sets optimizer, model_train and scaler to None at the end of a run.
+utils/resume.py's train_checkpoint. strip_optimizer sets optimizer, model_train, scaler and lr_scheduler to None at
+the end of a run.
 This module reads and writes files; it decides nothing about resuming (utils/resume.py does).
 """
 from __future__ import annotations
@@ -153,7 +154,7 @@ def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
 def strip_optimizer(path: str | Path) -> None:
     """Drop the optimizer and training-only state from a checkpoint (for a smaller final file), atomically."""
     ckpt = load_checkpoint(path)
-    for k in ('optimizer', 'model_train', 'scaler'):
+    for k in ('optimizer', 'model_train', 'scaler', 'lr_scheduler'):
         ckpt[k] = None
     save_checkpoint(ckpt, path)
 
