@@ -8,7 +8,8 @@
     python -m torch.distributed.run --nproc_per_node 2 train.py ...   # DDP (NCCL on CUDA, gloo on the CPU)
     python -m torch.distributed.run --max-restarts 3 --nproc_per_node 2 train.py ...   # restarted workers resume
 
-The batch loop is utils/engine.py train_one_epoch; this file sets up, tests, saves and launches.
+train() shows the epoch loop: train one epoch (utils/engine.py train_one_epoch, the batches), step the schedule, test,
+write the results.txt row, save, stop or not. Every resume decision and the checkpoint's keys are utils/resume.py's.
 
 Outputs: results.txt and weights/last.pt, weights/best.pt in the working directory (--save-dir to
 put them elsewhere); --name X renames them results_X.txt, weights/last_X.pt, weights/best_X.pt at the end.
@@ -19,13 +20,10 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,15 +33,16 @@ import yaml
 import test as val  # test.py: evaluate() is called in-process after each epoch
 from models import Darknet, YOLOLayer
 from utils import distributed as du
+from utils import resume
 from utils.anchors import check_anchors
-from utils.checkpoint import (CheckpointError, Progress, RunCheckpointer, load_checkpoint, plain, read_run,
-                              strip_optimizer, training_weights)
+from utils.checkpoint import (CheckpointError, load_checkpoint, plain, run_paths, save_checkpoint, strip_optimizer,
+                              training_weights)
 from utils.darknet_weights import WeightsError
 from utils.data_config import DatasetError, check_dataset, load_data_config
 from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
 from utils.downloads import attempt_download
-from utils.engine import (GS, NBS, CosineLR, EpochControl, EpochStats, LoopConfig, LoopState, NonFiniteLossError,
-                          RunControl, build_optimizer, memory_used, n_burn_in, progress_row, train_one_epoch)
+from utils.engine import (GS, NBS, CosineLR, LoopConfig, LoopState, NonFiniteLossError, Parts, RunControl,
+                          build_optimizer, memory_used, n_burn_in, progress_row, train_one_epoch)
 from utils.image_weights import epoch_image_weights
 from utils.darknet_loss import DarknetLoss
 from utils.logs import LOGGER, setup_logging
@@ -51,6 +50,7 @@ from utils.loss import LOSSES, ComputeLoss
 from utils.metrics import fitness
 from utils.parse_config import ConfigError
 from utils.plots import plot_images, plot_results
+from utils.resume import Progress
 from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, init_seeds,
                                pin_memory_for, resolve_device, set_cuda_device, use_channels_last)
 from utils.transfer import load_weights
@@ -71,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--cfg', type=str, default='cfg/yolov3-spp.cfg', help='model .cfg path')
     p.add_argument('--data', type=str, default='data/coco2017.data', help='dataset .data or .yaml path')
     p.add_argument('--hyp', type=str, default=str(ROOT / 'data' / 'hyp.scratch.yaml'), help='hyperparameter YAML')
-    p.add_argument('--multi-scale', action='store_true', help='vary img_size 67%%-150%% every accumulation step')
+    p.add_argument('--multi-scale', action='store_true',
+                   help='with ONE train size (--img-size 416): a random size of 0.67x-1.5x of it (multiples of 32) '
+                        'every accumulation step. Two different train sizes (the default 320 640) are multi-scale '
+                        'between them with or without this flag (as the original)')
     p.add_argument('--img-size', nargs='+', type=int, default=[320, 640],
                    help='train min, train max, test sizes (one value: all three); multiples of 32')
     p.add_argument('--rect', action='store_true', help='rectangular training batches')
@@ -118,6 +121,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="draw each epoch's images with replacement, weighted by their classes' rarity and "
                         "(1 - class mAP)^2 (not with --rect)")
     return p
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option's default value (what a checkpoint saved before an option existed resumes with)."""
+    return vars(get_args_parser().parse_args([]))
 
 
 def parse_opt(args: list[str] | None = None) -> argparse.Namespace:
@@ -167,6 +175,14 @@ def load_hyp(path: str | Path) -> dict[str, float]:
     return {k: float(v) for k, v in hyp.items()}
 
 
+def _readable_hyp(path: str | Path) -> dict[str, float] | None:
+    """The hyperparameters of path, None when it cannot be read (the run then stops with load_hyp's own error)."""
+    try:
+        return load_hyp(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # optimizer, schedule, freezing
 
@@ -187,15 +203,6 @@ def freeze_modules(model: Darknet, freeze_layers: bool = False, freeze: int = 0)
 
 # ------------------------------------------------------------------------------------------------------------------
 # run outputs
-
-def run_paths(save_dir: Path, name: str = '') -> dict[str, Path]:
-    """results.txt, weights/last.pt, weights/best.pt under save_dir; with a name, the final (renamed) paths."""
-    w = save_dir / 'weights'
-    if not name:
-        return {'results': save_dir / 'results.txt', 'last': w / 'last.pt', 'best': w / 'best.pt'}
-    n = name if name.isnumeric() else '_' + name  # as the original: results_x.txt but results2.txt
-    return {'results': save_dir / f'results{n}.txt', 'last': w / f'last{n}.pt', 'best': w / f'best{n}.pt'}
-
 
 def epoch_path(save_dir: Path, epoch: int, name: str = '') -> Path:
     """weights/epoch_K.pt of --save-period under save_dir; with a name (--name, at the end) weights/epoch_K_name.pt."""
@@ -237,33 +244,19 @@ def build_model(opt: argparse.Namespace, hyp: dict[str, float], nc: int, names: 
     return model
 
 
-@dataclass
-class Parts:
-    """What set-up builds for the loop: the model (DDP-wrapped under torchrun) and everything that steps with it."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    lf: CosineLR
-    scaler: torch.amp.GradScaler
-    ema: ModelEMA | None  # rank 0 only: it tests and saves
-    compute_loss: ComputeLoss | DarknetLoss
-    amp: str  # off, fp16 or bf16
-    amp_dtype: torch.dtype | None
-
-
 AMP_DTYPES = {'off': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}  # autocast dtype of each --amp choice
 
 
 def resolve_amp(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
     """The autocast dtype of --amp (auto: fp16 on CUDA, bf16 on a CPU with native bf16, else off; the choice and its
-    reason printed in one line), warning where bf16 would be emulated."""
+    reason logged in one line), warning where bf16 would be emulated. train() calls it once."""
     if amp == 'auto':
         amp, why = resolve_auto_amp(device)
         LOGGER.info(f'--amp auto: {amp} ({why})')
     if amp == 'bf16' and device.type == 'cpu' and cpu_has_bf16() is False:
         LOGGER.warning('--amp bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
-                       'bf16 is emulated there; yolov3-tiny forward + backward was measured 15x slower than fp32 on '
-                       'such a CPU (about 2x faster than fp32 on one that has avx512_bf16); use --amp off on this CPU')
+                       'bf16 is emulated there and much slower than fp32 (see benchmarks/README.md); use --amp off '
+                       'on this CPU')
     return amp, AMP_DTYPES[amp]
 
 
@@ -272,7 +265,7 @@ def resolve_auto_amp(device: torch.device) -> tuple[str, str]:
     if device.type == 'cuda':
         return 'fp16', 'CUDA: fp16 autocast with a GradScaler'
     has_bf16 = cpu_has_bf16()
-    if has_bf16:  # native bf16 matmul/convolution: faster than fp32, mAP@0.5 within 0.004 of it on coco128
+    if has_bf16:  # native bf16 matmul/convolution: faster than fp32 at about its mAP (see benchmarks/README.md)
         return 'bf16', 'this CPU has native bf16 (avx512_bf16 or amx_bf16 in its flags): bf16 autocast'
     if has_bf16 is None:
         return 'off', 'CPU flags unknown (no /proc/cpuinfo): fp32'
@@ -289,6 +282,9 @@ def check_options(opt: argparse.Namespace, info: du.DistInfo, device: torch.devi
                          'for DDP on the CPU')
     if opt.sync_bn and not info.distributed:
         LOGGER.info('--sync-bn has no effect in a single process')
+    if opt.multi_scale and len(set(opt.img_size[:2])) == 2:
+        LOGGER.info(f'--multi-scale changes nothing here: --img-size {opt.img_size[0]} {opt.img_size[1]} (two train '
+                    f'sizes) already trains multi-scale between them; the flag widens one size to 0.67x-1.5x of it')
     if opt.image_weights and opt.rect:
         raise ValueError('--image-weights draws images at random but --rect trains fixed batches of similar aspect '
                          'ratio: use one or the other')
@@ -312,12 +308,12 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
 
 
 def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
-                info: du.DistInfo) -> Parts:
-    """Optimizer, cosine schedule, GradScaler, EMA and loss for a model on its device, then the DDP wrapper."""
+                info: du.DistInfo, amp_dtype: torch.dtype | None = None) -> Parts:
+    """Optimizer, cosine schedule, GradScaler (on for fp16 autocast), EMA and loss for a model on its device, then the
+    DDP wrapper."""
     optimizer = build_optimizer(model, hyp, opt.adam)
     lf = CosineLR(opt.epochs, hyp['lrf'])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    amp, amp_dtype = resolve_amp(opt.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model) if info.main else None
     loss_hyp = {**hyp, 'cls': hyp['cls'] * model.nc / 80}  # as the original: the class gain was tuned for 80 classes
@@ -332,7 +328,7 @@ def build_parts(model: Darknet, hyp: dict[str, float], opt: argparse.Namespace, 
         # alone tests and saves, through its EMA), the other ranks' are never read
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == 'cuda'
                                                       else None, **ddp_without_buffer_sync())
-    return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss, amp, amp_dtype)
+    return Parts(wrapped, optimizer, scheduler, lf, scaler, ema, compute_loss)
 
 
 def resume_command(last: Path, info: du.DistInfo) -> str:
@@ -342,6 +338,17 @@ def resume_command(last: Path, info: du.DistInfo) -> str:
         return shlex.join([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
                            str(du.local_world_size()), *args]) + '  (with the same torchrun options as this run)'
     return shlex.join([sys.executable, *args])
+
+
+def load_data(opt: argparse.Namespace, info: du.DistInfo) -> tuple[dict, int, list[str]]:
+    """The dataset config (rank 0 downloads a missing dataset if it says how), the number of classes trained and
+    their names (one 'object' class for --single-cls)."""
+    data = load_data_config(opt.data)
+    if info.main:
+        check_dataset(data)
+    du.barrier()
+    nc = 1 if opt.single_cls else data['nc']
+    return data, nc, ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
 
 
 def build_loaders(data: dict, hyp: dict, opt: argparse.Namespace, info: du.DistInfo, imgsz: int,
@@ -368,27 +375,21 @@ TB_TAGS = ('train/giou_loss', 'train/obj_loss', 'train/cls_loss', 'metrics/preci
            'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95', 'metrics/F1', 'val/giou_loss', 'val/obj_loss', 'val/cls_loss')
 
 
-@dataclass(frozen=True)
-class EpochEnd:
-    """What rank 0 works with at the end of every epoch, fixed for the run."""
-    parts: Parts
-    bare: Darknet  # the model without its DDP wrapper: the EMA copies its attributes
-    data: dict
-    testloader: Any
-    opt: argparse.Namespace
-    tb: Any  # TensorBoard SummaryWriter or None
-    device: torch.device
-
-
-def validate(ctx: EpochEnd, epoch: int, progress: Progress, after_burn_in: bool) -> val.EvalResult:
-    """Test the EMA model on the test loader with the val losses; plots at the last epoch and where --patience ends
-    the run unless this epoch improves (not under --evolve)."""
-    opt, model = ctx.opt, ctx.parts.ema.ema
+def test_epoch(parts: Parts, testloader: Any, data: dict, opt: argparse.Namespace, epoch: int, progress: Progress,
+               after_burn_in: bool) -> tuple[tuple[float, ...], Progress]:
+    """Rank 0 after an epoch: test the EMA model with the val losses (unless --notest before the last epoch); return
+    the 8 results (P, R, mAP@0.5, mAP@0.5:0.95, F1, 3 val losses) and the progress with this epoch's fitness. Plots
+    at the last epoch and where --patience ends the run unless this epoch improves (not under --evolve)."""
+    if opt.notest and epoch + 1 < opt.epochs:
+        return (0.0,) * 8, progress
+    model = parts.ema.ema
     final = epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience)
     cfg = val.EvalConfig(multi_label=after_burn_in, single_cls=opt.single_cls, plots=final and not opt.evolve,
                          save_dir=Path(opt.save_dir))
-    names = val.eval_names(ctx.data, model, opt.single_cls)
-    return val.evaluate(model, ctx.testloader, names, cfg, ctx.parts.compute_loss)
+    r = val.evaluate(model, testloader, val.eval_names(data, model, opt.single_cls), cfg, parts.compute_loss)
+    results = tuple(float(x) for x in r.results)
+    fi = float(fitness(np.array(results).reshape(1, -1))[0])
+    return results, progress.after_test(epoch, fi, np.asarray(r.maps, dtype=np.float64))
 
 
 def append_results(save_dir: Path, row: str, results: tuple[float, ...]) -> None:
@@ -399,47 +400,27 @@ def append_results(save_dir: Path, row: str, results: tuple[float, ...]) -> None
 
 def log_scalars(tb: Any, epoch: int, mloss: tuple[float, ...], results: tuple[float, ...]) -> None:
     """TensorBoard scalars of an epoch: the 3 mean training losses and the 8 test results (TB_TAGS)."""
-    for x, tag in zip(list(mloss[:3]) + list(results), TB_TAGS):
-        tb.add_scalar(tag, x, epoch)
+    if tb is not None:
+        for x, tag in zip(list(mloss[:3]) + list(results), TB_TAGS):
+            tb.add_scalar(tag, x, epoch)
 
 
-def checkpoint_targets(opt: argparse.Namespace, epoch: int, progress: Progress, keep: bool) -> list[Path]:
-    """Where an epoch's checkpoint goes: last.pt when keep, with best.pt when this epoch is the best so far (or there
-    is no best.pt yet); epoch_K.pt for --save-period."""
+def checkpoint_targets(opt: argparse.Namespace, epoch: int, progress: Progress, stopping: bool = False) -> list[Path]:
+    """Where an epoch's checkpoint goes: last.pt (unless --nosave, which keeps only the one a run ends or stops with),
+    with best.pt when this epoch is the best so far (or there is no best.pt yet); epoch_K.pt for --save-period.
+    --evolve saves nothing."""
+    if opt.evolve:
+        return []
     save_dir = Path(opt.save_dir)
     paths = run_paths(save_dir)
     targets = []
-    if keep:
+    if not opt.nosave or stopping or epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience):
         targets.append(paths['last'])
         if progress.best_epoch == epoch or not paths['best'].exists():
             targets.append(paths['best'])
     if saves_epoch(opt, epoch):
         targets.append(epoch_path(save_dir, epoch))
     return targets
-
-
-def end_epoch(ctx: EpochEnd, epoch: int, stats: EpochStats, progress: Progress, save: Callable[..., None],
-              after_burn_in: bool, keep: bool = False) -> tuple[tuple[float, ...], Progress]:
-    """Rank 0 after an epoch: test the EMA model (unless --notest before the last epoch), append results.txt, log
-    TensorBoard scalars, then save(targets, progress=...) the checkpoints (last.pt unless --nosave; keep: last.pt
-    even then, for a run that stops here to resume). Returns (results, progress with this epoch's test)."""
-    opt = ctx.opt
-    ctx.parts.ema.update_attr(ctx.bare)
-    results = (0.0,) * 8
-    if not opt.notest or epoch + 1 == opt.epochs:
-        r = validate(ctx, epoch, progress, after_burn_in)
-        results = tuple(float(x) for x in r.results)
-        fi = float(fitness(np.array(results).reshape(1, -1))[0])
-        progress = progress.after_test(epoch, fi, np.asarray(r.maps, dtype=np.float64))
-    if not opt.evolve:
-        row = progress_row(epoch, opt.epochs, memory_used(ctx.device), stats.mloss[:4], stats.targets, stats.img_size)
-        append_results(Path(opt.save_dir), row, results)
-    if ctx.tb is not None:
-        log_scalars(ctx.tb, epoch, stats.mloss, results)
-    final = epoch + 1 == opt.epochs or progress.stale(epoch, opt.patience)  # --patience: this epoch's is the last
-    keep = (not opt.nosave) or ((final or keep) and not opt.evolve)
-    save(checkpoint_targets(opt, epoch, progress, keep), progress=progress)
-    return results, progress
 
 
 def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistInfo) -> Any:
@@ -460,87 +441,91 @@ def start_outputs(opt: argparse.Namespace, hyp: dict[str, float], info: du.DistI
 
 def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) -> tuple[float, ...]:
     """Train as opt says; return the last results (P, R, mAP@0.5, mAP@0.5:0.95, F1, val GIoU, val obj, val cls)."""
-    info = du.env_info()
+    info, save_dir = du.env_info(), Path(opt.save_dir)
     check_options(opt, info, device)
     imgsz, imgsz_test, grid_min, grid_max, multi_scale = check_img_sizes(opt.img_size, opt.multi_scale)
     init_seeds(opt.seed + 1 + max(info.rank, 0), deterministic=opt.deterministic)
     if device.type == 'cuda':  # autotuned convolutions pay off when the shapes stay the same
         torch.backends.cudnn.benchmark = not (opt.deterministic or multi_scale or opt.rect)
-
-    data = load_data_config(opt.data)
-    if info.main:
-        check_dataset(data)  # downloads a missing dataset if the config says how
-    du.barrier()
-    agents = du.launch_agents()  # every checkpoint names this launch's elastic agents (see elastic_resume)
-    nc = 1 if opt.single_cls else data['nc']
-    names = ['object'] if opt.single_cls and data['nc'] != 1 else data['names']
+    data, nc, names = load_data(opt, info)
+    agents = du.launch_agents()  # every checkpoint names this launch's elastic agents (see resume.elastic_resume)
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     model = build_model(opt, hyp, nc, names, imgsz, ckpt).to(device)
-    # NHWC: oneDNN's convolutions on the CPU, tensor cores under fp16/bf16 AMP on CUDA (decided before the DDP
-    # wrapper, which must see the parameters in their final layout)
-    channels_last = use_channels_last(device, AMP_DTYPES[resolve_auto_amp(device)[0] if opt.amp == 'auto' else opt.amp])
+    amp, amp_dtype = resolve_amp(opt.amp, device)
+    # NHWC: oneDNN's convolutions on the CPU, tensor cores under AMP on CUDA (before the DDP wrapper)
+    channels_last = use_channels_last(device, amp_dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    parts = build_parts(model, hyp, opt, device, info)
+    parts = build_parts(model, hyp, opt, device, info, amp_dtype)
     loader, dataset, testloader = build_loaders(data, hyp, opt, info, imgsz, imgsz_test, pin_memory_for(device))
     if info.main and not opt.evolve:  # how well the cfg's anchors fit these labels at this size
         check_anchors(dataset, model, imgsz, hyp['iou_t'], data=opt.data, cfg=opt.cfg, loss=opt.loss,
                       pretrained=bool(opt.weights or opt.resume))
     batch_size = loader.batch_size * info.world_size  # at most the number of training images
-    state = LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz)
-    paths = run_paths(Path(opt.save_dir))
-    saver = RunCheckpointer(model, parts, hyp, opt, loader.generator, agents, paths['last'], paths['results'])
-    resumed = saver.restore(ckpt, state, info.rank)  # no checkpoint: epoch 0 with this state
-    point, progress, state = resumed.point, resumed.progress, resumed.state
+    paths = run_paths(save_dir)
+    # a new run: epoch 0, no tests yet, this state; --resume: where the checkpoint was saved
+    start = resume.restore(ckpt, parts, LoopState(accumulate=max(round(NBS / batch_size), 1), img_size=imgsz), opt,
+                           loader.generator, info.rank)
     if ckpt is not None and info.main:
-        paths['results'].write_text(resumed.results)
+        paths['results'].write_text(start.results)
     del ckpt
-    start_epoch = point.epoch
+    first_epoch, state, progress = start.epoch, start.state, start.progress
     tb = start_outputs(opt, hyp, info)
     cfg = LoopConfig(hyp=hyp, lf=parts.lf, n_burn=n_burn_in(len(loader)), batch_size=batch_size, epochs=opt.epochs,
-                     amp_dtype=parts.amp_dtype, channels_last=channels_last,
-                     multi_scale=(grid_min, grid_max) if multi_scale else None, distributed=info.distributed,
-                     show=info.main, seed=opt.seed, device=device,
-                     checkpoint_name=str(paths['last']))
-    ends = EpochEnd(parts, model, data, testloader, opt, tb, device)
-    # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; before the
-    # loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
-    control = None if opt.evolve else RunControl(opt.save_period_min * 60).install()
+                     amp_dtype=amp_dtype, channels_last=channels_last, distributed=info.distributed,
+                     multi_scale=(grid_min, grid_max) if multi_scale else None, show=info.main, seed=opt.seed,
+                     device=device, checkpoint_name=str(paths['last']))
+    # SIGTERM / SIGUSR1 (SLURM, spot notices) stop the run at an optimizer step with last.pt saved; installed before
+    # the loader's workers start, so they inherit the handler and survive a signal sent to the whole process group
+    control = None if opt.evolve else RunControl(opt.save_period_min * 60 if info.main else 0).install()
     LOGGER.info(f'Image sizes {grid_min * GS if multi_scale else imgsz} - {imgsz} train, {imgsz_test} test; '
                 f'{loader.num_workers} dataloader workers; effective batch {batch_size * state.accumulate} '
                 f'({batch_size} x {state.accumulate} accumulated, {info.world_size} process'
-                f'{"es" if info.world_size > 1 else ""}); AMP {parts.amp}; '
-                f'{cfg.n_burn} burn-in iterations')
+                f'{"es" if info.world_size > 1 else ""}); AMP {amp}; {cfg.n_burn} burn-in iterations')
     LOGGER.info(f'Starting training for {opt.epochs} epochs...')
-    plot = None if opt.evolve or not info.main else partial(_plot_first_batch, Path(opt.save_dir), names, tb)
-    results, t0, epoch, stopped = (0.0,) * 8, time.time(), start_epoch, False
-
+    results, t0, epoch, stats = (0.0,) * 8, time.time(), first_epoch, None
     try:
-        for epoch in range(start_epoch, opt.epochs):
+        for epoch in range(first_epoch, opt.epochs):
             set_epoch_draw(loader.sampler, epoch, epoch_image_weights(dataset.labels, nc, progress.maps)
                            if opt.image_weights else None)
             LOGGER.info(('\n' + '%10s' * 8) % RESULTS_HEADER)
-            resumed = epoch == start_epoch and point.batch > 0
-            on_save = None if control is None or not info.main else partial(
-                saver.save_mid_epoch, epoch=epoch, progress=progress)
-            run = EpochControl(point.batch if resumed else 0, point.mloss if resumed else None, control, on_save, plot)
-            state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
-                                           scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
-                                           epoch=epoch, state=state, cfg=cfg, run=run)
-            # stopped inside the epoch: on_save wrote last.pt at that step; stopped after its last batch: the epoch ends
-            # as usual (test, results.txt, last.pt), then the run stops
-            stopped = stats.stopped_at is not None and (stats.stopped_at < len(loader) or epoch + 1 < opt.epochs)
-            if stopped and stats.stopped_at < len(loader):
+            while True:  # a stop request or --save-period-min pauses the epoch at an optimizer step: save there
+                state, stats = train_one_epoch(model=parts.model, loader=loader, optimizer=parts.optimizer,
+                                               scaler=parts.scaler, compute_loss=parts.compute_loss, ema=parts.ema,
+                                               epoch=epoch, state=state, cfg=cfg, control=control)
+                if stats.first_batch is not None and info.main and not opt.evolve:
+                    plot_first_batch(save_dir, names, tb, *stats.first_batch)
+                if not state.batch:  # the epoch's end
+                    break
+                if info.main:  # state.batch: the next batch, an exact resume point
+                    save_checkpoint(resume.train_checkpoint(parts, hyp, opt, epoch, state, progress,
+                                                            _text(paths['results']), agents, loader.generator),
+                                    paths['last'])
+                    LOGGER.info(f"\nSaved {paths['last']} at epoch {epoch}, batch {state.batch}")
+                control.saved()
+                if stats.stop:
+                    break
+            if state.batch:  # stopped inside the epoch, saved there
                 break
             parts.scheduler.step()
             if info.main:
-                save = partial(saver.save_epoch_end, epoch=epoch, state=state)
-                results, progress = end_epoch(ends, epoch, stats, progress, save,
-                                              after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn, keep=stopped)
+                parts.ema.update_attr(model)
+                results, progress = test_epoch(parts, testloader, data, opt, epoch, progress,
+                                               after_burn_in=(epoch + 1) * len(loader) - 1 > cfg.n_burn)
+                if not opt.evolve:
+                    append_results(save_dir, progress_row(epoch, opt.epochs, memory_used(device), stats.mloss[:4],
+                                                          stats.targets, stats.img_size), results)
+                log_scalars(tb, epoch, stats.mloss, results)
+                targets = checkpoint_targets(opt, epoch, progress, stopping=stats.stop)  # none: --nosave, --evolve
+                if targets:
+                    ckpt = resume.train_checkpoint(parts, hyp, opt, epoch, state, progress, _text(paths['results']),
+                                                   agents, loader.generator)
+                    for path in targets:
+                        save_checkpoint(ckpt, path)
             du.barrier()  # the other ranks wait while rank 0 tests and saves
             if info.distributed:  # rank 0's test results, so every rank draws the same image weights and stops together
                 progress = du.all_gather_object(progress)[0]
-            if stopped or stop_early(progress, epoch, opt.patience):
+            if stats.stop or stop_early(progress, epoch, opt.patience):
                 break
     finally:  # an exception (Ctrl-C, a non-finite loss) leaves the handlers as they were; the workers end here
         if control is not None:
@@ -548,19 +533,33 @@ def train(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device) 
         for ld in (loader, testloader):
             if ld is not None:
                 ld.close()
+    # a stop after the final epoch's last batch is the run's normal end
+    stopped = stats is not None and stats.stop and (state.batch > 0 or epoch + 1 < opt.epochs)
+    where = f'in epoch {epoch}, after {state.batch or len(loader)}/{len(loader)} batches' if stopped else None
+    _end_of_run(opt, info, control, where, epoch - first_epoch + 1, t0, tb)
+    return results
+
+
+def _text(path: Path) -> str:
+    """A file's text, '' when it does not exist (results.txt before the first epoch)."""
+    return path.read_text() if path.exists() else ''
+
+
+def _end_of_run(opt: argparse.Namespace, info: du.DistInfo, control: RunControl | None, stopped: str | None,
+                epochs: int, t0: float, tb: Any) -> None:
+    """After the loop: a run stopped by a signal (stopped: where) says how to resume it; a finished one strips and
+    renames its checkpoints and plots results.png (rank 0)."""
+    last = run_paths(Path(opt.save_dir))['last']
     if stopped:
-        last = run_paths(Path(opt.save_dir))['last']
         why = signal.Signals(control.signum).name if control.signum else 'a stop request on another rank'
-        LOGGER.info(f'Stopped by {why} in epoch {epoch}, after {stats.stopped_at}/{len(loader)} batches; saved {last}. '
-                    f'Resume with: {resume_command(last, info)}')
+        LOGGER.info(f'Stopped by {why} {stopped}; saved {last}. Resume with: {resume_command(last, info)}')
     elif info.main:
-        LOGGER.info(f'{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
+        LOGGER.info(f'{epochs} epochs completed in {(time.time() - t0) / 3600:.3f} hours.')
         if not opt.evolve:
             _finish(Path(opt.save_dir), opt, run_paths(Path(opt.save_dir)))
     if info.main and tb is not None:
         tb.close()
     du.barrier()
-    return results
 
 
 def set_epoch_draw(sampler: Any, epoch: int, image_weights: np.ndarray | None = None) -> None:
@@ -583,8 +582,8 @@ def stop_early(progress: Progress, epoch: int, patience: int) -> bool:
     return True
 
 
-def _plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Tensor, targets: torch.Tensor,
-                      paths: list) -> None:
+def plot_first_batch(save_dir: Path, names: list[str], tb: Any, imgs: torch.Tensor, targets: torch.Tensor,
+                     paths: list) -> None:
     """train_batch0.jpg (and its TensorBoard image): the first training batch with its labels."""
     mosaic = plot_images(imgs, targets, paths, fname=save_dir / 'train_batch0.jpg', names=names)
     if tb is not None:
@@ -629,150 +628,6 @@ def _tensorboard(save_dir: Path, name: str):
 
 # ------------------------------------------------------------------------------------------------------------------
 # entry point
-
-def resolve_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
-    """For --resume: the options and hyperparameters saved in the checkpoint, or None if that run finished."""
-    ckpt_path = Path(opt.resume) if isinstance(opt.resume, str) else Path(opt.save_dir) / 'weights' / 'last.pt'
-    if not ckpt_path.is_file():
-        raise CheckpointError(f'{ckpt_path}: nothing to resume (no such checkpoint)')
-    run = read_run(ckpt_path)
-    if run.finished:
-        print(f"{ckpt_path}: this run already finished ({run.epoch + 1}/{run.opt['epochs']} epochs); "
-              f"nothing to resume. To train more: --weights {ckpt_path} --epochs N")
-        return opt, None
-    defaults = vars(get_args_parser().parse_args([]))
-    new = argparse.Namespace(**{**defaults, **run.opt})
-    for k in AUTO_RESUME_FREE[:-1]:  # where and how often to save may change between the crash and the resume
-        if getattr(opt, k) != defaults[k]:
-            setattr(new, k, getattr(opt, k))
-    new.resume = str(ckpt_path)
-    new.save_dir = str(ckpt_path.parent.parent)
-    return new, run.hyp
-
-
-AUTO_RESUME_FREE = ('device', 'workers', 'save_period_min', 'resume')  # may change between a crash and its resume
-
-
-def auto_resume(opt: argparse.Namespace) -> argparse.Namespace | None:
-    """--resume auto: the options to run, with opt.resume set to this folder's weights/last.pt when it is an
-    unfinished run of the same options (AUTO_RESUME_FREE aside), False to start fresh; None when that run finished.
-
-    Starting fresh over an unfinished run of other options first moves its last.pt, best.pt and results.txt aside
-    (..._replaced_<time>), so nothing on disk is lost. One line says what was decided and why.
-    """
-    opt = argparse.Namespace(**vars(opt))
-    opt.resume = False
-    paths = run_paths(Path(opt.save_dir))
-    last = paths['last']
-    named = run_paths(Path(opt.save_dir), opt.name)['last'] if opt.name else None
-    if not last.is_file() and named is not None and named.is_file():  # --name renames last.pt when a run finishes
-        LOGGER.info(f'--resume auto: {named} is a finished run (--name {opt.name}); nothing to train. To train more: '
-                    f'--weights {named} --epochs N')
-        return None
-    if not last.is_file():
-        LOGGER.info(f'--resume auto: no {last}, starting a new run')
-        return opt
-    try:
-        run = read_run(last)
-    except CheckpointError as e:
-        LOGGER.info(f'--resume auto: {e}; {_move_aside(paths)}, starting a new run')
-        return opt
-    defaults, now = vars(get_args_parser().parse_args([])), plain(vars(opt))
-    saved = {**defaults, **run.opt}
-    changed = [k for k in now if k not in AUTO_RESUME_FREE and not _same_option(k, saved.get(k), now[k])]
-    try:
-        if not changed and load_hyp(opt.hyp) != run.hyp:
-            changed = ['hyp (the file\'s values)']
-    except (FileNotFoundError, ValueError):
-        pass  # a hyp file that cannot be read stops the new run with its own error
-    if run.finished:
-        LOGGER.info(f"--resume auto: {last} is a finished run ({run.epoch + 1}/{saved['epochs']} epochs); nothing "
-                    f"to train" + (f" (options differ: {', '.join(changed)})" if changed else '') +
-                    f'. To train more: --weights {last} --epochs N')
-        return None
-    where = run.where
-    if changed:
-        LOGGER.info(f"--resume auto: {last} ({where}) is an unfinished run of other options ({', '.join(changed)}); "
-                    f'{_move_aside(paths)}, starting a new run')
-        return opt
-    free = [k for k in AUTO_RESUME_FREE[:-1] if not _same_option(k, saved.get(k), now[k])]
-    LOGGER.info(f'--resume auto: resuming {last} at {where}' +
-                (f"; {', '.join(free)} from this command line, not the saved run" if free else ''))
-    opt.resume = str(last)
-    return opt
-
-
-def _same_option(key: str, saved: Any, now: Any) -> bool:
-    """Whether an option has the same value in the saved run and on this command line (folders compared resolved)."""
-    if key == 'save_dir' and saved is not None and now is not None:
-        return Path(saved).resolve() == Path(now).resolve()
-    return saved == now
-
-
-def _move_aside(paths: dict[str, Path]) -> str:
-    """Rename a run's last.pt, best.pt and results.txt to ..._replaced_<time>; say where they went."""
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    moved = []
-    for p in (paths['last'], paths['best'], paths['results']):
-        if p.exists():
-            dst = p.with_name(f'{p.stem}_replaced_{stamp}{p.suffix}')
-            os.replace(p, dst)
-            moved.append(str(dst))
-    return f"kept the old run as {', '.join(moved)}"
-
-
-def elastic_resume(opt: argparse.Namespace) -> argparse.Namespace:
-    """Under torchrun, whether this worker group continues weights/last.pt as --resume would: only when the checkpoint
-    is this launch's (its saved elastic agents share one with this group's), so a restart after a worker or node loss
-    continues and a relaunch of the same command (even with the same --rdzv-id) starts again. Rank 0 alone reads
-    last.pt and every rank gets its decision; a collective, called by every rank once the process group exists."""
-    if opt.resume or opt.evolve:
-        return opt
-    last = run_paths(Path(opt.save_dir))['last']
-    agents = du.launch_agents()  # a collective: before rank 0 goes its own way
-    decision = None
-    if du.env_info().main:
-        try:
-            decision = _elastic_decision(last, agents, du.restart_count())
-        except Exception as e:  # noqa: BLE001 - the other ranks wait for an answer: an error must reach them too
-            decision = None, f'{last}: cannot decide whether to resume it ({type(e).__name__}: {e})', True
-    resume, message, failed = du.broadcast_object(decision)
-    if failed:
-        raise CheckpointError(message)
-    if message:
-        LOGGER.info(message)
-    if resume:
-        readable = du.all_gather_object((socket.gethostname(), os.access(resume, os.R_OK)))
-        missing = [f'rank {r} on {host}' for r, (host, ok) in enumerate(readable) if not ok]
-        if missing:
-            raise CheckpointError(f"{resume}: {', '.join(missing)} cannot read this launch's checkpoint; an elastic "
-                                  f"restart needs --save-dir on a filesystem every node shares")
-        opt.resume = resume
-    return opt
-
-
-def _elastic_decision(last: Path, agents: list[str], restart: int) -> tuple[str | None, str, bool]:
-    """Rank 0's answer for elastic_resume: (checkpoint to resume or None, what to log ('' for nothing), whether the
-    message is an error that stops every rank)."""
-    # a node whose worker did not fail restarts for the new membership with its own count, possibly 0: the saved
-    # agents decide, the count only words the message
-    head = f'Elastic restart {restart}' if restart else 'Elastic restart (the worker group re-formed)'
-    if not last.is_file():
-        return None, (f'{head}: no checkpoint of this launch in {last.parent} yet, starting again'
-                      if restart else ''), False
-    try:
-        run = read_run(last, require_options=False)  # its options are read only once it is this launch's
-    except CheckpointError as e:
-        if not restart:  # a new launch starts a new run over whatever is there, as without torchrun
-            return None, '', False
-        return None, f'{head}: {e}; not starting again over it (move it away to start a new run)', True
-    if not du.same_launch(run.agents, agents):
-        return None, (f"{head}: {last} is another launch's (none of its agents is in this group), starting again"
-                      if restart else ''), False
-    if run.finished:  # --resume's path then says so and exits 0
-        return str(last), f"{head}: this launch's {last} is its finished run", False
-    return str(last), f"{head}: resuming this launch's {last} at {run.resumes_at}", False
-
 
 def launch(opt: argparse.Namespace, nproc: int) -> int:
     """Train with one process per device on this machine through torch.distributed's elastic launcher (what
@@ -819,13 +674,14 @@ def main(opt: argparse.Namespace) -> int:
             # this command line's device (a restart resumes this launch's run, saved with the same options)
             _join_group(torch.device(resolve_device(opt.device, info.local_rank, du.local_world_size(), n_cuda)[0]),
                         info)
-            opt = elastic_resume(opt)
+            opt = resume.elastic_resume(opt)
         if opt.resume == 'auto':  # rank 0 alone reads and moves files; the group follows its decision
-            opt = du.broadcast_object([auto_resume(opt) if info.main else None])[0]
+            opt = du.broadcast_object([resume.auto_resume(opt, option_defaults(), _readable_hyp(opt.hyp))
+                                       if info.main else None])[0]
             if opt is None:
                 return 0
         if opt.resume:
-            opt, hyp = resolve_resume(opt)
+            opt, hyp = resume.resolve_resume(opt, option_defaults())
             if hyp is None:
                 return 0
         if hyp is None:

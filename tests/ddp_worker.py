@@ -43,34 +43,42 @@ class RecordingLoader:
 
 
 class KillingLoader(RecordingLoader):
-    """A loader that SIGKILLs this process instead of yielding its batch number `at`."""
+    """A loader that SIGKILLs this process instead of yielding its batch number `at` (counted from the first batch it
+    yields), unless kill_now() says no at that moment."""
 
     def __init__(self, loader: Any, at: int):
         self.loader, self.at = loader, at
 
     def __iter__(self) -> Iterator:
         for i, batch in enumerate(self.loader):
-            if i == self.at:
+            if i == self.at and kill_now():
                 os.kill(os.getpid(), signal.SIGKILL)
             yield batch
 
 
+def kill_now() -> bool:
+    """Whether this is the kill the environment asks for: once (YOLO_TEST_KILL_MARK, created first), else only in
+    the first attempt."""
+    mark = os.environ.get('YOLO_TEST_KILL_MARK')
+    if mark:
+        try:
+            Path(mark).touch(exist_ok=False)
+        except FileExistsError:
+            return False
+        return True
+    return os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0'
+
+
 def wrapped_epoch(real: Any, **kw: Any) -> Any:
-    """train_one_epoch with the test behaviours above."""
-    rank, epoch = int(os.environ.get('RANK', -1)), kw['epoch']
-    kill, mark = os.environ.get('YOLO_TEST_KILL_EPOCH'), os.environ.get('YOLO_TEST_KILL_MARK')
+    """train_one_epoch with the test behaviours above. A call trains the batches of an epoch from kw['state'].batch
+    (a stop request or a periodic save ends it early, and train.py calls again from there)."""
+    rank, epoch, start = int(os.environ.get('RANK', -1)), kw['epoch'], kw['state'].batch
+    kill = os.environ.get('YOLO_TEST_KILL_EPOCH')
     if kill and rank == 1 and epoch == int(kill):
-        if mark:
-            try:
-                Path(mark).touch(exist_ok=False)
-            except FileExistsError:
-                kill = None
-        elif os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
-            kill = None
         at = os.environ.get('YOLO_TEST_KILL_BATCH')
-        if kill and at:
-            kw['loader'] = KillingLoader(kw['loader'], int(at))
-        elif kill:
+        if at and int(at) >= start:  # batch `at` of the epoch is this call's (at - start)th
+            kw['loader'] = KillingLoader(kw['loader'], int(at) - start)
+        elif not at and start == 0 and kill_now():
             os.kill(os.getpid(), signal.SIGKILL)
     seen = os.environ.get('YOLO_TEST_SEEN_DIR')
     if seen:

@@ -14,6 +14,7 @@ import torch
 import train
 from models import Darknet
 from tests.conftest import ROOT, make_subset
+from utils import resume
 from utils.boxes import bbox_iou
 from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, YoloLossConfig, assign, class_multipliers, darknet_truths,
                                 dx_box_iou, layer_cost, layer_deltas, yolo_loss_config)
@@ -219,7 +220,8 @@ def test_train_with_darknet_loss_resumes_with_it(tmp_path, monkeypatch):
         with pytest.raises(Crash):
             train.main(train.parse_opt(args))
     assert 'loss: darknet' in (tmp_path / 'run' / 'opt.yaml').read_text()
-    opt, _ = train.resolve_resume(train.parse_opt(['--resume', str(tmp_path / 'run' / 'weights' / 'last.pt')]))
+    opt, _ = resume.resolve_resume(train.parse_opt(['--resume', str(tmp_path / 'run' / 'weights' / 'last.pt')]),
+                                   train.option_defaults())
     assert opt.loss == 'darknet'  # the loss of the run, from its checkpoint
     assert train.main(train.parse_opt(['--resume', str(tmp_path / 'run' / 'weights' / 'last.pt')])) == 0
     rows = [r.split() for r in (tmp_path / 'run' / 'results.txt').read_text().splitlines()]

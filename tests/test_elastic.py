@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import train
-from utils.checkpoint import CheckpointError, save_checkpoint
+from utils import resume
+from utils.checkpoint import CheckpointError, run_paths, save_checkpoint
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from utils import distributed as du
 
@@ -116,7 +117,7 @@ def test_group_prefix_is_shared_by_a_group_and_new_for_each_group():
 
 def tiny_last(save_dir: Path, **extra) -> Path:
     """A weights/last.pt of an unfinished 3-epoch run at epoch 0, with the given extra keys."""
-    last = train.run_paths(save_dir)['last']
+    last = run_paths(save_dir)['last']
     last.parent.mkdir(parents=True)
     opt = vars(train.parse_opt(['--epochs', '3', '--save-dir', str(save_dir)]))
     save_checkpoint({'model': {'w': torch.zeros(1)}, 'optimizer': {}, 'epoch': 0, 'opt': opt, 'hyp': {}, **extra},
@@ -132,7 +133,7 @@ def test_elastic_resume_only_a_checkpoint_of_this_launch(logged, tmp_path, monke
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'yolo1')  # same id as the old checkpoint: not what decides
     last = tiny_last(tmp_path, **saved)
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    opt = resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     lines = logged()
     assert (opt.resume or None) == (str(last) if resumes else None)
     assert len(lines) == 1
@@ -143,7 +144,7 @@ def test_elastic_resume_only_a_checkpoint_of_this_launch(logged, tmp_path, monke
 def test_elastic_first_attempt_without_checkpoint_says_nothing(logged, tmp_path, monkeypatch):
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    opt = resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     lines = logged()
     assert not opt.resume and lines == []
 
@@ -151,11 +152,11 @@ def test_elastic_first_attempt_without_checkpoint_says_nothing(logged, tmp_path,
 def test_elastic_unreadable_last_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
-    last = train.run_paths(tmp_path)['last']
+    last = run_paths(tmp_path)['last']
     last.parent.mkdir(parents=True)
     last.write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='last.pt'):
-        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+        resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     assert last.read_bytes() == b'not a checkpoint'
 
 
@@ -264,18 +265,18 @@ def test_elastic_restart_after_this_launchs_last_epoch_exits_as_finished(logged,
     last = tiny_last(tmp_path, elastic_agents=['me'])
     ckpt = torch.load(last, weights_only=True)
     save_checkpoint({**ckpt, 'epoch': 2}, last)
-    opt = train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+    opt = resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
     lines = logged()
     assert opt.resume == str(last) and lines == [f"Elastic restart 1: this launch's {last} is its finished run"]
-    assert train.resolve_resume(opt)[1] is None and 'already finished' in capsys.readouterr().out
+    assert resume.resolve_resume(opt, train.option_defaults())[1] is None and 'already finished' in logged()[-1]
 
 
 def test_elastic_checkpoint_rank0_cannot_judge_is_an_error_not_a_wait(tmp_path, monkeypatch):
     # a last.pt naming this group's agent but not saved by train.py (no options): rank 0 must still answer
     monkeypatch.setattr(du, 'launch_agents', lambda: ['me'])
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
-    last = train.run_paths(tmp_path)['last']
+    last = run_paths(tmp_path)['last']
     last.parent.mkdir(parents=True)
     save_checkpoint({'model': {'w': torch.zeros(1)}, 'optimizer': {}, 'elastic_agents': ['me'], 'epoch': 0}, last)
     with pytest.raises(CheckpointError, match='cannot decide whether to resume it'):
-        train.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))
+        resume.elastic_resume(train.parse_opt(['--save-dir', str(tmp_path)]))

@@ -485,8 +485,9 @@ def test_ddp_does_not_broadcast_buffers_and_checkpoints_hold_cpu_optimizer_state
     p0 = next(model.parameters())
     p0.grad = torch.ones_like(p0)
     parts.optimizer.step()
-    from utils.checkpoint import run_checkpoint
-    ckpt = run_checkpoint(parts.ema, parts.model, parts.optimizer, parts.scaler, TRAIN_HYP, opt, epoch=0)
+    from utils.engine import LoopState
+    from utils.resume import Progress, train_checkpoint
+    ckpt = train_checkpoint(parts, TRAIN_HYP, opt, 0, LoopState(), Progress())
     bufs = [v for s in ckpt['optimizer']['state'].values() for v in s.values() if isinstance(v, torch.Tensor)]
     assert bufs and all(b.device.type == 'cpu' for b in bufs)
     assert all(b is not parts.optimizer.state[p0]['momentum_buffer'] for b in bufs)  # a copy, not the live state

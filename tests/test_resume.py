@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
-from utils import checkpoint
-from utils.engine import FiniteGuard, RunControl
+from utils import resume
+from utils.engine import CosineLR, FiniteGuard, RunControl
 from utils.logs import setup_logging
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -218,7 +218,7 @@ def test_resume_auto_fresh_finished_unfinished_and_other_options(data32, sigterm
 
     setup_logging()  # as train.main() does: the decision's line on stdout, whichever test ran before
     opt = train.parse_opt(run_args(data32, '--resume', 'auto', '--save-dir', str(tmp_path / 'fresh')))
-    decided = train.auto_resume(opt)
+    decided = resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp))
     assert decided.resume is False and decided.epochs == EPOCHS
     last = tmp_path / 'fresh' / 'weights' / 'last.pt'
     assert f'--resume auto: no {last}, starting a new run' in capsys.readouterr().out
@@ -262,22 +262,22 @@ def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert train.main(train.parse_opt(args + ['--save-dir', str(full)])) == 0
 
-    real_save = checkpoint.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_crash(ckpt, path):  # what kill -9 right after the first mid-epoch save of epoch 1 leaves
         real_save(ckpt, path)
         if ckpt.get('batch') is not None and ckpt['epoch'] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part), '--save-period-min', '1e-9']))
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', real_save)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers went with the run
     ck = load(part / 'weights' / 'last.pt')
     assert (ck['epoch'], ck['batch'], ck['accumulate']) == (1, 1, 2)  # the step at ni = 4 (epoch 1, batch 0)
     hyp = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
-    lr1 = hyp['lr0'] * train.CosineLR(3, hyp['lrf'])(1)  # epoch 1's scheduled LR
+    lr1 = hyp['lr0'] * CosineLR(3, hyp['lrf'])(1)  # epoch 1's scheduled LR
     assert [g['lr'] for g in ck['optimizer']['param_groups']] == pytest.approx([lr1] * 3, rel=1e-3)
     assert train.main(train.parse_opt(['--resume', str(part / 'weights' / 'last.pt')])) == 0
     assert epochs_of(part) == ['0/2', '1/2', '2/2']
@@ -325,8 +325,8 @@ def test_sigterm_under_torchrun_every_rank_exits_0_and_resume_equals(tmp_path):
 @pytest.mark.slow
 def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_path):
     # the loop alone on in-memory batches: a stop requested before the epoch is honoured at the first optimizer step
-    # (accumulate 2: after batch 1), on_save gets the next batch and the running losses, and an epoch started there
-    # with them ends with the same weights, state and mean losses as one that never stopped
+    # (accumulate 2: after batch 1), the pass ends there with the next batch and the running losses in its state, and
+    # a pass started from that state ends with the same weights, state and mean losses as one that never stopped
     import copy
 
     from models import Darknet
@@ -345,7 +345,7 @@ def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_pat
     cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=2, epochs=1,
                             show=False)
 
-    def epoch(model, start=0, mloss=None, control=None, on_save=None, optimizer_state=None, state=None):
+    def epoch(model, control=None, optimizer_state=None, state=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -353,19 +353,17 @@ def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_pat
                                      scaler=torch.amp.GradScaler('cpu', enabled=False),
                                      compute_loss=ComputeLoss(model, HYP), ema=None, epoch=0,
                                      state=state or engine.LoopState(accumulate=2, img_size=64), cfg=cfg,
-                                     run=engine.EpochControl(start, mloss, control, on_save))
+                                     control=control)
         return out, optimizer
 
     (full_state, full_stats), _ = epoch(a := copy.deepcopy(ref))
     control = RunControl()
     control.request_stop(signal.SIGTERM)
-    saved = []
-    (state, stats), optimizer = epoch(b := copy.deepcopy(ref), control=control,
-                                      on_save=lambda *x: saved.append(copy.deepcopy(x)))
-    assert stats.stopped_at == 2 and [s[0] for s in saved] == [2] and state.last_opt_step == 1
-    (state2, stats2), _ = epoch(b, start=2, mloss=saved[0][2], optimizer_state=optimizer.state_dict(),
-                                state=saved[0][1])
-    assert state2 == full_state and stats2.mloss == full_stats.mloss and stats2.stopped_at is None
+    (state, stats), optimizer = epoch(b := copy.deepcopy(ref), control=control)
+    assert stats.stop and state.batch == 2 and state.last_opt_step == 1 and state.mloss is not None
+    saved = copy.deepcopy(state)
+    (state2, stats2), _ = epoch(b, optimizer_state=optimizer.state_dict(), state=saved)
+    assert state2 == full_state and state2.batch == 0 and stats2.mloss == full_stats.mloss and not stats2.stop
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -377,7 +375,8 @@ def test_resume_auto_knows_a_finished_run_renamed_by_name(tmp_path, capsys):
     (tmp_path / 'weights' / 'last_x.pt').write_bytes(b'')
     setup_logging()  # as train.main() does
     opt = train.parse_opt(['--resume', 'auto', '--name', 'x', '--save-dir', str(tmp_path)])
-    assert train.auto_resume(opt) is None
+    assert resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp)) is None
     assert f"{tmp_path / 'weights' / 'last_x.pt'} is a finished run (--name x)" in capsys.readouterr().out
     opt = train.parse_opt(['--resume', 'auto', '--name', 'y', '--save-dir', str(tmp_path)])
-    assert train.auto_resume(opt).resume is False  # another name: nothing of this run yet
+    # another name: nothing of this run yet
+    assert resume.auto_resume(opt, train.option_defaults(), train.load_hyp(opt.hyp)).resume is False

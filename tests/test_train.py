@@ -20,7 +20,8 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from tests.test_train_units import NO_BN_CFG, run_epoch
-from utils import checkpoint
+from utils import image_weights
+from utils.engine import CosineLR
 from utils.darknet_weights import load_darknet_weights
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -229,23 +230,23 @@ def test_resume_matches_uninterrupted_run(coco8, tmp_path, monkeypatch):
 
     # the same run, stopped right after epoch 0 was saved
     part = tmp_path / 'part'
-    real_save = checkpoint.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_crash(ckpt, path):
         real_save(ckpt, path)
         if ckpt['epoch'] == 0 and Path(path).name == 'best.pt':
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_opt(args + ['--save-dir', str(part)]))
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', real_save)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
     # after epoch 0 (one batch, ni = 0): momentum and weight decay as burn-in set them at ni = 0, LR already
     # stepped by the cosine schedule to epoch 1
     groups = load(part / 'weights' / 'last.pt')['optimizer']['param_groups']
     assert [g['momentum'] for g in groups] == pytest.approx([0.9] * 3)
     assert [g['weight_decay'] for g in groups] == [0.0, 0.0, 0.0]
-    assert [g['lr'] for g in groups] == pytest.approx([HYP['lr0'] * train.CosineLR(2, HYP['lrf'])(1)] * 3)
+    assert [g['lr'] for g in groups] == pytest.approx([HYP['lr0'] * CosineLR(2, HYP['lrf'])(1)] * 3)
     assert train.main(train.parse_opt(['--resume', str(part / 'weights' / 'last.pt')])) == 0
 
     a, b = load(full / 'weights' / 'last.pt'), load(part / 'weights' / 'last.pt')
@@ -454,7 +455,7 @@ def test_patience_save_period_image_weights_run(coco8, tmp_path, monkeypatch, ca
     fits = iter([0.5, 0.4, 0.3, 0.2])
     monkeypatch.setattr(train, 'fitness', lambda x: np.array([next(fits)]))
     drawn: list[np.ndarray | None] = []
-    real_weights = train.epoch_image_weights
+    real_weights = image_weights.epoch_image_weights
     monkeypatch.setattr(train, 'epoch_image_weights', lambda labels, nc, maps: drawn.append(maps) or
                         real_weights(labels, nc, maps))
     args = base_args(coco8, '--patience', '1', '--save-period', '1', '--image-weights', '--amp', 'auto', '--name',

@@ -14,7 +14,7 @@ import torch.nn as nn
 import train
 from models import Darknet
 from tests.conftest import ROOT
-from utils import engine
+from utils import engine, resume
 from utils.torch_utils import ModelEMA
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
@@ -40,15 +40,15 @@ def test_warmup_interpolates_lr_momentum_gr_accumulate():
     assert end['lr'] == pytest.approx(targets) and end['momentum'] == pytest.approx(0.937)
     assert end['gr'] == 1.0 and end['accumulate'] == 4
     assert end['weight_decay'] == {'other': 0.0, 'conv_weight': HYP['weight_decay'], 'bias': 0.0}
-    assert train.n_burn_in(8) == 500 and train.n_burn_in(1000) == 3000
+    assert engine.n_burn_in(8) == 500 and engine.n_burn_in(1000) == 3000
 
 
 def test_burn_in_finds_the_groups_by_name_also_in_an_older_saved_state():
     model = Darknet(TOY_CFG, 64)
-    old = train.build_optimizer(model, HYP).state_dict()
+    old = engine.build_optimizer(model, HYP).state_dict()
     for g in old['param_groups']:
         del g['name']  # an optimizer state saved before the groups had names
-    opt = train.build_optimizer(model, HYP)
+    opt = engine.build_optimizer(model, HYP)
     opt.load_state_dict(old)
     assert [g['name'] for g in opt.param_groups] == ['other', 'conv_weight', 'bias']
     cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(10, HYP['lrf']), n_burn=100, batch_size=16, epochs=10)
@@ -67,7 +67,7 @@ def test_burn_in_finds_the_groups_by_name_also_in_an_older_saved_state():
 def test_optimizer_groups_decay_conv_weights_only():
     # each trainable parameter is optimised once; convolution weights decay, BatchNorm weights and every bias do not
     model = Darknet(TOY_CFG, 64)
-    opt = train.build_optimizer(model, HYP)
+    opt = engine.build_optimizer(model, HYP)
     ids = [id(p) for g in opt.param_groups for p in g['params']]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
     decay = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
@@ -91,9 +91,9 @@ def test_optimizer_groups_decay_conv_weights_only():
     assert all(torch.equal(p, before[id(p)]) for p in no_decay)
     # frozen parameters are left out of every group
     train.freeze_modules(model, freeze_layers=True)
-    kept = {id(p) for g in train.build_optimizer(model, HYP).param_groups for p in g['params']}
+    kept = {id(p) for g in engine.build_optimizer(model, HYP).param_groups for p in g['params']}
     assert kept == {id(p) for p in model.parameters() if p.requires_grad} and 0 < len(kept) < len(ids)
-    assert isinstance(train.build_optimizer(model, HYP, adam=True), torch.optim.Adam)
+    assert isinstance(engine.build_optimizer(model, HYP, adam=True), torch.optim.Adam)
 
 
 def test_multi_scale_sizes():
@@ -148,16 +148,16 @@ num=3
 
 def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int, lr: float = 1.0,
               amp_dtype: torch.dtype | None = None, distributed: bool = False
-              ) -> tuple[train.LoopState, train.EpochStats]:
+              ) -> tuple[engine.LoopState, engine.EpochStats]:
     """One real train_one_epoch over in-memory batches with plain SGD, no burn-in, no EMA."""
     from utils.loss import ComputeLoss
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    cfg = train.LoopConfig(hyp=HYP, lf=train.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
+    cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
                            amp_dtype=amp_dtype, distributed=distributed, show=False)
-    return train.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
+    return engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer, scaler=scaler,
                                  compute_loss=ComputeLoss(model, HYP), ema=None, epoch=0,
-                                 state=train.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
+                                 state=engine.LoopState(accumulate=accumulate, img_size=64), cfg=cfg)
 
 
 def test_accumulated_micro_batches_step_like_one_nominal_batch(tmp_path):
@@ -280,12 +280,12 @@ def test_freeze_layers_keeps_only_yolo_feeding_convs_trainable():
         assert p.requires_grad == (int(name.split('.')[1]) in heads), name
     assert trainable == sum(p.numel() for i in heads for p in model.module_list[i].parameters())
     assert frozen + trainable == sum(p.numel() for p in model.parameters())
-    opt = train.build_optimizer(model, HYP)
+    opt = engine.build_optimizer(model, HYP)
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == trainable
 
 
 def test_progress_best_epoch_and_patience():
-    p = train.Progress()
+    p = resume.Progress()
     assert not p.stale(0, 1)  # nothing tested yet
     p = p.after_test(0, 0.0, np.zeros(2))  # the first test is the best so far, even at fitness 0
     assert (p.best_epoch, p.best_fitness) == (0, 0.0)
@@ -297,31 +297,39 @@ def test_progress_best_epoch_and_patience():
 
 
 def test_epoch_checkpoint_targets(tmp_path):
-    # which files an epoch's checkpoint is written to: last.pt when kept, best.pt when this epoch is the best so far
-    # (or there is no best.pt yet), epoch_K.pt every --save-period epochs
-    opt = train.parse_opt(['--save-dir', str(tmp_path), '--save-period', '2'])
+    # which files an epoch's checkpoint is written to: last.pt (with --nosave only when the run ends or stops there),
+    # best.pt when this epoch is the best so far (or there is no best.pt yet), epoch_K.pt every --save-period epochs
+    opt = train.parse_opt(['--save-dir', str(tmp_path), '--save-period', '2', '--epochs', '6'])
     w = tmp_path / 'weights'
-    best_at_1 = train.Progress(0.3, 1)
-    assert train.checkpoint_targets(opt, 1, best_at_1, keep=True) == [w / 'last.pt', w / 'best.pt']
+    best_at_1 = resume.Progress(0.3, 1)
+    assert train.checkpoint_targets(opt, 1, best_at_1) == [w / 'last.pt', w / 'best.pt']
     w.mkdir()
     (w / 'best.pt').write_bytes(b'')
-    assert train.checkpoint_targets(opt, 2, best_at_1, keep=True) == [w / 'last.pt', w / 'epoch_2.pt']
-    assert train.checkpoint_targets(opt, 3, best_at_1, keep=True) == [w / 'last.pt']
-    assert train.checkpoint_targets(opt, 3, best_at_1, keep=False) == []  # --nosave before the end
-    assert train.checkpoint_targets(opt, 4, best_at_1, keep=False) == [w / 'epoch_4.pt']
+    assert train.checkpoint_targets(opt, 2, best_at_1) == [w / 'last.pt', w / 'epoch_2.pt']
+    assert train.checkpoint_targets(opt, 3, best_at_1) == [w / 'last.pt']
+    opt.nosave = True
+    assert train.checkpoint_targets(opt, 3, best_at_1) == []  # --nosave before the end
+    assert train.checkpoint_targets(opt, 3, best_at_1, stopping=True) == [w / 'last.pt']  # a stop: to resume from
+    assert train.checkpoint_targets(opt, 4, best_at_1) == [w / 'epoch_4.pt']
+    assert train.checkpoint_targets(opt, 5, best_at_1) == [w / 'last.pt']  # the last epoch
+    opt.patience = 3
+    assert train.checkpoint_targets(opt, 4, best_at_1) == [w / 'last.pt', w / 'epoch_4.pt']  # --patience ends here
+    opt.evolve = 2
+    assert train.checkpoint_targets(opt, 5, best_at_1, stopping=True) == []  # --evolve saves nothing
 
 
 def test_progress_survives_a_checkpoint_and_old_checkpoints_still_resume(tmp_path):
-    p = train.Progress(0.25, 3, np.array([0.5, 0.125]))
-    torch.save({'epoch': 5, **p.state()}, tmp_path / 'c.pt')
-    q = train.Progress.from_checkpoint(load(tmp_path / 'c.pt'))
+    p = resume.Progress(0.25, 3, np.array([0.5, 0.125]))
+    saved = {'epoch': 5, 'best_fitness': p.best_fitness, 'best_epoch': p.best_epoch, 'maps': torch.from_numpy(p.maps)}
+    torch.save(saved, tmp_path / 'c.pt')
+    q = resume.Progress.from_checkpoint(load(tmp_path / 'c.pt'))
     assert (q.best_fitness, q.best_epoch, q.maps.tolist()) == (0.25, 3, [0.5, 0.125])
     # a checkpoint from before best_epoch and maps: the best epoch is read from its results.txt rows
-    rows = ''.join(train.progress_row(e, 9, '0G', [1, 1, 1, 3], 5, 128) + '%10.4g' * 8 % (0.5, 0.5, m50, m, 0.4, 1, 1,
+    rows = ''.join(engine.progress_row(e, 9, '0G', [1, 1, 1, 3], 5, 128) + '%10.4g' * 8 % (0.5, 0.5, m50, m, 0.4, 1, 1,
                    1) + '\n' for e, (m50, m) in enumerate([(0.2, 0.1), (0.3, 0.2), (0.3, 0.1)]))
-    q = train.Progress.from_checkpoint({'epoch': 2, 'best_fitness': 0.21, 'training_results': rows})
+    q = resume.Progress.from_checkpoint({'epoch': 2, 'best_fitness': 0.21, 'training_results': rows})
     assert (q.best_fitness, q.best_epoch, q.maps) == (0.21, 1, None)
-    assert train.Progress.from_checkpoint({'epoch': 4, 'best_fitness': 0.2}).best_epoch == 4  # no rows either
+    assert resume.Progress.from_checkpoint({'epoch': 4, 'best_fitness': 0.2}).best_epoch == 4  # no rows either
 
 
 def test_load_hyp_errors_name_the_file(tmp_path):
@@ -441,3 +449,20 @@ def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
     assert logged()[-1] == '--sync-bn has no effect in a single process'
     with pytest.raises(ValueError, match='multiple of the number of processes 2'):
         train.check_options(train.parse_opt(['--batch-size', '7']), ddp2, torch.device('cpu'))
+
+
+def test_multi_scale_flag_acts_on_one_size_and_says_when_it_changes_nothing(logged):
+    # as the original: two different train sizes (the default 320 640) already mean multi-scale, so the flag changes
+    # nothing there (said in one line); with one size it widens it to 0.67x-1.5x
+    from utils import distributed as du
+    opt = train.parse_opt(['--multi-scale'])
+    train.check_options(opt, du.DistInfo(), torch.device('cpu'))
+    assert [s for s in logged() if s.startswith('--multi-scale changes nothing here: --img-size 320 640')]
+    assert train.check_img_sizes(opt.img_size, True) == train.check_img_sizes(opt.img_size, False)
+    assert train.check_img_sizes(opt.img_size, False)[2:] == (10, 20, True)  # 320-640 without the flag
+    one = train.parse_opt(['--multi-scale', '--img-size', '320'])
+    n = len(logged())
+    train.check_options(one, du.DistInfo(), torch.device('cpu'))
+    assert len(logged()) == n  # it acts: nothing to say
+    assert train.check_img_sizes(one.img_size, True) == (448, 320, 6, 14, True)  # 192-448 around 320
+    assert train.check_img_sizes(one.img_size, False) == (320, 320, 10, 10, False)

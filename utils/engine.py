@@ -1,8 +1,9 @@
 """One training epoch (train_one_epoch) and the schedule it follows: cosine LR, burn-in, accumulation, multi-scale.
 
 train.py builds the model, optimizer, loaders and checkpoints; this module runs the batches, after torchvision's
-references/detection/engine.py. Nothing here writes files (a mid-epoch save is train.py's callback) or talks to other
-ranks except the one all_reduce per optimizer step that agrees on the loss check, a stop request and a periodic save.
+references/detection/engine.py. Nothing here writes files (a stop request or a periodic save ends the pass at an
+optimizer step and train.py saves) or talks to other ranks except the one all_reduce per optimizer step that agrees on
+the loss check, a stop request and a periodic save.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -122,6 +123,18 @@ def resize_batch(imgs: torch.Tensor, img_size: int) -> torch.Tensor:
     return F.interpolate(imgs, size=ns, mode='bilinear', align_corners=False)
 
 
+@dataclass
+class Parts:
+    """What set-up builds for the loop: the model (DDP-wrapped under torchrun) and everything that steps with it."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lf: CosineLR  # the schedule's LR factor of an epoch
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None  # rank 0 only: it tests and saves
+    compute_loss: Any  # ComputeLoss or DarknetLoss: loss_fn(pred, targets, gr) -> (loss, (4,) items)
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """What the batch loop needs to know and never changes during a run."""
@@ -141,22 +154,14 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
-class EpochControl:
-    """Per-epoch inputs besides the loop state: where a resumed epoch starts and what the loop calls out to."""
-    start: int = 0  # first batch to train (a resumed epoch), the ones before it are skipped unloaded
-    start_mloss: torch.Tensor | None = None  # (4,) running mean losses of batches 0..start-1
-    control: RunControl | None = None  # the run's stop request and periodic-save clock, agreed on by all ranks
-    on_save: Callable[[int, LoopState, torch.Tensor], None] | None = None  # rank 0: save at (next batch, state, mloss)
-    first_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None  # the run's very first batch (plot)
-
-
-@dataclass(frozen=True)
 class LoopState:
     """Progress carried from batch to batch and epoch to epoch (and saved for --resume)."""
     last_opt_step: int = -1  # integrated batch of the last optimizer step
     accumulate: int = 1  # batches per optimizer step (ramped 1 -> NBS / batch during burn-in)
     img_size: int = 0  # current multi-scale size
     gr: float | None = None  # the loss's objectness GIoU ratio (burn-in ramps it 0 -> 1; None: 1.0)
+    batch: int = 0  # the next batch to train inside the epoch: 0 at an epoch's start (and end), else a pause point
+    mloss: torch.Tensor | None = field(default=None, compare=False)  # (4,) running mean losses of batches < batch
 
 
 @dataclass(frozen=True)
@@ -165,13 +170,14 @@ class EpochStats:
     mloss: tuple[float, float, float, float]  # GIoU, obj, cls, total
     targets: int
     img_size: int
-    stopped_at: int | None = None  # a stop request ended the epoch early: the next batch to train (it was saved)
+    stop: bool = False  # a rank asked to stop (SIGTERM, SIGUSR1): agreed at an optimizer step
+    first_batch: tuple | None = field(default=None, compare=False)  # the run's very first (imgs, targets, paths)
 
 
 class RunControl:
     """Stop requests and periodic saves for long runs: SIGTERM / SIGUSR1 (SLURM, spot instances) only set a flag,
-    which the loop acts on at its next optimizer step; save_period_s > 0 also asks for a save that often (rank 0's
-    clock). Ctrl-C (SIGINT) keeps its behaviour."""
+    which the loop acts on at its next optimizer step; save_period_s > 0 also asks for a save that often (give it
+    on rank 0 only, which saves: its clock decides for every rank). Ctrl-C (SIGINT) keeps its behaviour."""
 
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
@@ -297,27 +303,25 @@ def burn_in(optimizer: torch.optim.Optimizer, ni: int, epoch: int, cfg: LoopConf
 
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     compute_loss: ComputeLoss, ema: ModelEMA | None, epoch: int, state: LoopState, cfg: LoopConfig,
-                    run: EpochControl = EpochControl()) -> tuple[LoopState, EpochStats]:
-    """Train one pass over loader from batch run.start; return the state to continue from and the epoch's mean losses.
+                    control: RunControl | None = None) -> tuple[LoopState, EpochStats]:
+    """Train the batches of one epoch from batch state.batch (with its running mean losses state.mloss); return the
+    state to continue from and the epoch's mean losses.
 
-    An optimizer step (and EMA update) every state.accumulate batches, counted across epochs as the original.
-    run.first_batch(imgs, targets, paths) is called with the run's very first batch (to plot it). A resumed epoch
-    starts at batch run.start with the running mean losses run.start_mloss (4,) of batches 0..start-1. At each
-    optimizer step the ranks agree on run.control's stop request and periodic save: run.on_save(next batch, state,
-    running mean losses) is then called (rank 0 passes it, the others None), and a stop ends the epoch there
-    (EpochStats.stopped_at).
+    An optimizer step (and EMA update) every state.accumulate batches, counted across epochs as the original. At each
+    optimizer step the ranks agree on control's stop request and periodic save (one collective, with the loss
+    check); either one ends the pass there, before the epoch's last batch, with the returned state.batch > 0: the
+    next batch, an exact resume point (no gradients are pending right after an optimizer step). The caller saves and
+    stops, or calls again with that state to go on. At the epoch's end state.batch is 0.
     """
-    device, start, control, on_save = cfg.device, run.start, run.control, run.on_save
+    device, start = cfg.device, state.batch
     model.train()
     nb = len(loader)
     last_opt_step, accumulate, img_size = state.last_opt_step, state.accumulate, state.img_size
     gr = 1.0 if state.gr is None else state.gr  # the loss's objectness GIoU ratio, ramped during burn-in
     autocast = nullcontext() if cfg.amp_dtype is None else torch.autocast(device.type, dtype=cfg.amp_dtype)
     guard = FiniteGuard(device)
-    mloss = torch.zeros(4, device=device) if run.start_mloss is None else run.start_mloss.to(device)
-    targets = torch.zeros(0, 6)
-    imgs = torch.zeros(0, 3, img_size, img_size)
-    stopped_at = None
+    mloss = torch.zeros(4, device=device) if state.mloss is None or not start else state.mloss.to(device)
+    targets, imgs, first, paused, stop = torch.zeros(0, 6), torch.zeros(0, 3, img_size, img_size), None, 0, False
     sampler = getattr(loader, 'sampler', None)
     if start and hasattr(sampler, 'set_start'):  # the sampler skips the done batches without loading them
         sampler.set_start(start)
@@ -348,12 +352,12 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             scaler.scale(loss * (cfg.batch_size / NBS)).backward()  # as the original: scaled to the nominal batch
         guard.record(i, loss, loss_items)
 
-        stop = save = False
+        save = False
         if step:
             # before the (possibly non-finite) gradients reach the weights; the same collective carries the stop
             # request (any rank's) and the periodic save (rank 0's clock)
             stop, save = guard.agree(epoch, cfg.checkpoint_name, control is not None and control.stop_requested,
-                                     control is not None and on_save is not None and control.save_due())
+                                     control is not None and control.save_due())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -366,21 +370,14 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         if cfg.show and (device.type != 'cuda' or i % 10 == 0 or i == nb - 1):
             pbar.set_description(progress_row(epoch, cfg.epochs, memory_used(device), mloss.tolist(),
                                               targets.shape[0], imgs.shape[-1]))
-        if ni == 0 and run.first_batch is not None:
-            run.first_batch(imgs, targets, paths)
-        if stop or save:
-            # no gradients are pending right after an optimizer step, so this is an exact resume point; after the
-            # epoch's last batch the end-of-epoch checkpoint takes its place
-            if on_save is not None and i + 1 < nb:
-                on_save(i + 1, LoopState(last_opt_step, accumulate, img_size, gr), mloss)
-            control.saved()
-            if stop:
-                stopped_at = i + 1
-                break
+        if ni == 0:
+            first = (imgs, targets, paths)
+        if (stop or save) and i + 1 < nb:  # after the epoch's last batch the end-of-epoch checkpoint takes its place
+            paused = i + 1
+            break
     pbar.close()
     guard.check(epoch, cfg.checkpoint_name)  # micro-steps after the last optimizer step
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-    stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]), stopped_at)
-    return replace(state, last_opt_step=last_opt_step, accumulate=accumulate, img_size=img_size,
-                   gr=gr), stats
+    stats = EpochStats(tuple(mloss.tolist()), int(targets.shape[0]), int(imgs.shape[-1]), stop, first)
+    return LoopState(last_opt_step, accumulate, img_size, gr, paused, mloss if paused else None), stats

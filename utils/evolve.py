@@ -12,6 +12,7 @@ import yaml
 from filelock import FileLock
 
 from utils.files import atomic_write
+from utils.logs import LOGGER
 from utils.metrics import fitness
 
 RESULT_NAMES = ('P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1', 'val_GIoU', 'val_obj', 'val_cls')
@@ -97,13 +98,13 @@ def evolve(hyp: dict[str, float], opt: argparse.Namespace, device: torch.device,
         with FileLock(str(path) + '.lock'):
             x = read_evolve(path, keys)
         child = mutate(hyp, x, rng)
-        print(f'\nEvolve generation {g + 1}/{opt.evolve} ({len(x)} rows in {path}): {child}')
+        LOGGER.info(f'\nEvolve generation {g + 1}/{opt.evolve} ({len(x)} rows in {path}): {child}')
         results = train_fn(dict(child), gen_opt, device)
         x = append_result(path, child, tuple(float(r) for r in results))
         best = best_hyp(x, keys)
         best_yaml.write_text(f'# best of {len(x)} generations in {path.name}: fitness {fitness(x).max():.5g}\n'
                              + yaml.safe_dump(best, sort_keys=False))
-        print(f'Generation {g + 1}: fitness {fitness(np.array([results]))[0]:.5g}; best so far '
-              f'{fitness(x).max():.5g}, written to {best_yaml}')
+        LOGGER.info(f'Generation {g + 1}: fitness {fitness(np.array([results]))[0]:.5g}; best so far '
+                    f'{fitness(x).max():.5g}, written to {best_yaml}')
     plot_evolution(keys, path, save_path=save_dir / 'evolve.png', n_results=len(RESULT_NAMES))
     return path

@@ -106,7 +106,7 @@ HALF_CHOICES = ('auto', 'on', 'off', 'fp16', 'bf16')  # --half of test.py and de
 def inference_dtype(half: str, device: torch.device) -> torch.dtype:
     """The dtype test.py and detect.py run the network in for --half (box decode and NMS stay fp32 regardless).
 
-    auto (the default): bf16 on a CPU with native bf16 (it scores mAP within 0.001 of fp32 and runs faster), fp32
+    auto (the default): bf16 on a CPU with native bf16 (about fp32's mAP, faster: benchmarks/README.md), fp32
     elsewhere; on: fp16 on CUDA, bf16 on a CPU with native bf16, fp32 with a warning on other CPUs; off: fp32;
     fp16: CUDA only; bf16: anywhere, with a warning where the CPU emulates it.
     """
@@ -122,7 +122,7 @@ def inference_dtype(half: str, device: torch.device) -> torch.dtype:
     if half == 'bf16':
         if not native:
             LOGGER.warning('--half bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in its flags): '
-                  'bf16 is emulated there and much slower than fp32; --half off runs fp32')
+                           'bf16 is emulated there and much slower than fp32; --half off runs fp32')
         return torch.bfloat16
     if native:
         return torch.bfloat16
