@@ -5,9 +5,9 @@
 
 Weights may be Darknet .weights, .pt checkpoints (loaded with weights_only=True: a checkpoint that would run code
 is refused) or .onnx files exported by `python models.py --onnx` (run with onnxruntime). On the CPU the network runs
-in onnxruntime by default, on an export cached outside the weights' folder (--backend; utils/backends.py).
+in onnxruntime by default, on an export cached outside the weights' folder (--backend; utils/eval/backends.py).
 
-One pipeline, two runtimes: sources, pre-processing, NMS (utils/postprocess.py), drawing and writing are numpy and
+One pipeline, two runtimes: sources, pre-processing, NMS (utils/eval/postprocess.py), drawing and writing are numpy and
 OpenCV; torch is imported only where PyTorch runs the network (a cache miss, --backend torch, CUDA, --half, --augment,
 --darknet). A run on a cached export never imports it: that import alone costs more than 64 images' pre- and
 post-processing.
@@ -34,15 +34,22 @@ if __name__ == '__main__':
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.augmentations import letterbox  # noqa: E402
-from utils.backends import (BACKENDS, BackendError, OrtModel, cached_session, choose_backend, cpu_only,  # noqa: E402
-                            files_key)
-from utils.data_config import DatasetError, class_names, load_names  # noqa: E402
+from utils.darknet.parse_config import ConfigError  # noqa: E402
+from utils.data.augmentations import letterbox  # noqa: E402
+from utils.data.config import DatasetError, class_names, load_names  # noqa: E402
+from utils.data.sources import LoadImages, LoadStreams  # noqa: E402
+from utils.eval.backends import (  # noqa: E402
+    BACKENDS,
+    BackendError,
+    OrtModel,
+    cached_session,
+    choose_backend,
+    cpu_only,
+    files_key,
+)
+from utils.eval.plots import class_color, plot_one_box  # noqa: E402
+from utils.eval.postprocess import non_max_suppression, scale_coords  # noqa: E402
 from utils.logs import LOGGER, setup_logging  # noqa: E402
-from utils.parse_config import ConfigError  # noqa: E402
-from utils.plots import class_color, plot_one_box  # noqa: E402
-from utils.postprocess import non_max_suppression, scale_coords  # noqa: E402
-from utils.sources import LoadImages, LoadStreams  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +57,7 @@ if TYPE_CHECKING:
 
 STREAM_PREFIXES = ('rtsp://', 'rtmp://', 'http://', 'https://')
 JSON_FILE = 'detections.jsonl'  # --save-json: one JSON object per image, in --output
-# utils.torch_utils.HALF_CHOICES and utils.darknet_post's TEST_THRESH, NMS_THRESH, repeated so that the command line
+# utils.torch_utils.HALF_CHOICES and utils.darknet.post's TEST_THRESH, NMS_THRESH, repeated so that the command line
 # parses without importing torch (tests/test_detect.py keeps them equal)
 HALF_CHOICES = ('auto', 'on', 'off', 'fp16', 'bf16')
 DARKNET_THRESH, DARKNET_NMS = 0.25, 0.45
@@ -196,7 +203,7 @@ class Detector(NamedTuple):
 
 def load_detector(opt: argparse.Namespace) -> Detector:
     """The network of --weights: .onnx through onnxruntime, else .weights / .pt (weights_only) into the cfg's Darknet,
-    fused, in eval mode, run by the --backend runtime (utils/backends.py: auto is onnxruntime on the CPU, on a cached
+    fused, in eval mode, run by the --backend runtime (utils/eval/backends.py: auto is onnxruntime on the CPU, on a cached
     export) with its layers in the --half dtype. Sets opt.img_size to the cfg's width (an .onnx export's size, else
     416) when not given."""
     if opt.darknet:
@@ -222,7 +229,7 @@ def load_detector(opt: argparse.Namespace) -> Detector:
 
 def cached_detector(opt: argparse.Namespace) -> Detector | None:
     """The onnxruntime session of the weights' cached export where --backend would run onnxruntime on the CPU and the
-    cache has it (utils.backends.files_key: the weights' and cfg's bytes, size, code, versions), found without
+    cache has it (utils.eval.backends.files_key: the weights' and cfg's bytes, size, code, versions), found without
     importing torch; None otherwise (load_torch_detector then decides, exports and loads)."""
     if opt.backend == 'torch' or not cpu_only(opt.device):
         return None
@@ -245,8 +252,13 @@ def load_torch_detector(opt: argparse.Namespace) -> Detector:
     import torch
 
     from models import load_eval_model
-    from utils.backends import load_runtime
-    from utils.torch_utils import inference_dtype, select_device, set_cuda_device, time_synchronized
+    from utils.eval.backends import load_runtime
+    from utils.torch_utils import (
+        inference_dtype,
+        select_device,
+        set_cuda_device,
+        time_synchronized,
+    )
     try:
         device = select_device(opt.device)
         backend = choose_backend(opt.backend, device, opt.half, opt.augment)
@@ -267,7 +279,7 @@ def load_torch_detector(opt: argparse.Namespace) -> Detector:
 
 
 def load_darknet_detector(opt: argparse.Namespace) -> Detector:
-    """--darknet: the PyTorch model run as Darknet's `detector test` runs it (utils/darknet_post.py): fp32, BatchNorm
+    """--darknet: the PyTorch model run as Darknet's `detector test` runs it (utils/darknet/post.py): fp32, BatchNorm
     fused with Darknet's eps, at the cfg's [net] size; the options that would change that are refused."""
     refused = [name for name, on in (('.onnx weights', str(opt.weights).lower().endswith('.onnx')),
                                      ('--backend onnxruntime', opt.backend == 'onnxruntime'),
@@ -279,7 +291,7 @@ def load_darknet_detector(opt: argparse.Namespace) -> Detector:
     import torch
 
     from models import load_model
-    from utils.darknet_post import darknet_model
+    from utils.darknet.post import darknet_model
     from utils.torch_utils import select_device, set_cuda_device, time_synchronized
     try:
         device = select_device(opt.device)
@@ -392,7 +404,7 @@ class Finisher:
             self.results.write(det, im0, p, stem, frame, video)  # before drawing: crops of the clean image
             print(f'{s}Done. ({step.seconds:.3f}s)')
             if step.darknet is not None:  # the lines `darknet detector test -ext_output` prints
-                from utils.darknet_post import ext_output, ext_output_text
+                from utils.darknet.post import ext_output, ext_output_text
                 print(ext_output_text(ext_output(step.darknet[k][1], opt.conf_thres), self.names), end='')
             self.show_and_save(det, im0, p, stem, video, step.fps)
 
@@ -455,7 +467,7 @@ def detect(opt: argparse.Namespace) -> Path:
     finish = Finisher(opt, out, names, view_img, stream)
     darknet = None
     if opt.darknet:
-        from utils.darknet_post import DarknetDetector, read_bgr
+        from utils.darknet.post import DarknetDetector, read_bgr
         darknet = DarknetDetector(det.run, opt.conf_thres, opt.iou_thres)
     try:
         for path, img, im0s, vid_cap in dataset:
@@ -553,7 +565,7 @@ def input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that report a bad input (shown as one line, without a traceback). Those of modules this run
     never imported (torch's loaders, on a cached export) cannot have been raised, so they are not imported here."""
     errors = [DetectError, ConfigError, DatasetError, BackendError, FileNotFoundError, ConnectionError]
-    for module, name in (('utils.checkpoint', 'CheckpointError'), ('utils.darknet_weights', 'WeightsError')):
+    for module, name in (('utils.checkpoint', 'CheckpointError'), ('utils.darknet.weights', 'WeightsError')):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

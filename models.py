@@ -1,9 +1,9 @@
 """The YOLO model: Darknet (built from a Darknet cfg), its [yolo] layer and the cfg builder; load_model for a model
 with its weights loaded.
 
-Elsewhere: Darknet .weights I/O in utils/darknet_weights.py, loading weights of other class counts (heads mapped by
-class name) in utils/transfer.py, .pt checkpoints in utils/checkpoint.py, official downloads in utils/downloads.py,
-conversion and ONNX export in utils/export.py, which this file's command line runs:
+Elsewhere: Darknet .weights I/O in utils/darknet/weights.py, loading weights of other class counts (heads mapped by
+class name) in utils/train/transfer.py, .pt checkpoints in utils/checkpoint.py, official downloads in utils/darknet/downloads.py,
+conversion and ONNX export in utils/eval/export.py, which this file's command line runs:
 
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.weights --convert   # -> .pt
     python models.py --cfg cfg/yolov3-tiny.cfg --weights weights/yolov3-tiny.pt --convert        # -> .weights
@@ -25,16 +25,35 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.darknet_weights import WeightsError
-from utils.downloads import attempt_download
-from utils.input_size import InputSizeError, input_size_error, meta_twin, takes_input  # noqa: F401  (re-exported)
-from utils.export import export_size, get_args_parser, run
-from utils.layers import (SAM, GaussianYOLOLayer, MaxPoolDarknet, MaxPoolDepth, RegionLayer, Reorg3d, ReorgOld, Route,
-                          ScaleChannels, SharedConv, Shortcut, UpsampleDarknet, YOLOLayer, make_activation)
+from utils.darknet.downloads import attempt_download
+from utils.darknet.input_size import (  # noqa: F401  (re-exported)
+    InputSizeError,
+    input_size_error,
+    meta_twin,
+    takes_input,
+)
+from utils.darknet.layers import (
+    SAM,
+    GaussianYOLOLayer,
+    MaxPoolDarknet,
+    MaxPoolDepth,
+    RegionLayer,
+    Reorg3d,
+    ReorgOld,
+    Route,
+    ScaleChannels,
+    SharedConv,
+    Shortcut,
+    UpsampleDarknet,
+    YOLOLayer,
+    make_activation,
+)
+from utils.darknet.parse_config import ConfigError, parse_cfg_text, unused_keys
+from utils.darknet.weights import WeightsError
+from utils.eval.export import export_size, get_args_parser, run
 from utils.logs import LOGGER, setup_logging
-from utils.parse_config import ConfigError, parse_cfg_text, unused_keys
 from utils.torch_utils import count_parameters
-from utils.transfer import load_checkpoint_weights, load_weights
+from utils.train.transfer import load_checkpoint_weights, load_weights
 
 # BN momentum as the original (0.03). eps differs on purpose: AlexeyAB's Darknet normalises by sqrt(var + 1e-5)
 # (normalize_cpu, fuse_conv_batchnorm); the original's eps=1e-4 moves outputs visibly away from Darknet/OpenCV, and
@@ -191,7 +210,9 @@ class Darknet(nn.Module):
 
         Counted on a copy built from the cfg on the meta device: shapes only, no arithmetic, no memory.
         """
-        from torch.utils.flop_counter import FlopCounterMode  # imported here: only the summary needs it
+        from torch.utils.flop_counter import (
+            FlopCounterMode,  # imported here: only the summary needs it
+        )
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
         twin = meta_twin(self)
         with torch.device('meta'), FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -539,7 +560,7 @@ def scale_img(img: torch.Tensor, ratio: float, gs: int = 32) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a model ready to use: built from its cfg, weights loaded (utils/transfer.py's rules)
+# a model ready to use: built from its cfg, weights loaded (utils/train/transfer.py's rules)
 
 DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # the original's --cfg default
 
@@ -574,7 +595,7 @@ def load_eval_model(weights: str | Path, cfg: str | Path | None, img_size: int |
 
 
 def main(opt: argparse.Namespace) -> int:
-    """`python models.py`: load --weights (with --cfg) and convert, export or describe it (utils/export.py)."""
+    """`python models.py`: load --weights (with --cfg) and convert, export or describe it (utils/eval/export.py)."""
     setup_logging()
     return run(opt, load_model(opt.weights, opt.cfg, export_size(opt)))
 

@@ -28,20 +28,40 @@ import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models import load_eval_model, load_model  # noqa: E402
-from utils.backends import BACKENDS, BackendError, OrtModel, choose_backend, runtime_for  # noqa: E402
 from utils.boxes import clip_coords, scale_coords, xywh2xyxy  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.coco import CocoJson, find_coco_annotations  # noqa: E402
-from utils.darknet_post import MapResult, darknet_model, evaluate_map, map_report  # noqa: E402
-from utils.darknet_weights import WeightsError  # noqa: E402
-from utils.data_config import DatasetError, check_dataset, class_names, load_data_config  # noqa: E402
-from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
-from utils.metrics import IOU_THRESHOLDS, APResult, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
-from utils.nms import import_in_background, non_max_suppression  # noqa: E402
+from utils.darknet.parse_config import ConfigError  # noqa: E402
+from utils.darknet.post import MapResult, darknet_model, evaluate_map, map_report  # noqa: E402
+from utils.darknet.weights import WeightsError  # noqa: E402
+from utils.data.coco import CocoJson, find_coco_annotations  # noqa: E402
+from utils.data.config import DatasetError, check_dataset, class_names, load_data_config  # noqa: E402
+from utils.data.datasets import DatasetOptions, LoaderOptions, create_dataloader  # noqa: E402
+from utils.eval.backends import (  # noqa: E402
+    BACKENDS,
+    BackendError,
+    OrtModel,
+    choose_backend,
+    runtime_for,
+)
+from utils.eval.metrics import (  # noqa: E402
+    IOU_THRESHOLDS,
+    APResult,
+    ConfusionMatrix,
+    ap_per_class,
+    match_predictions,
+)
+from utils.eval.nms import import_in_background, non_max_suppression  # noqa: E402
 from utils.logs import LOGGER, setup_logging, shows_progress  # noqa: E402
-from utils.parse_config import ConfigError  # noqa: E402
-from utils.torch_utils import (HALF_CHOICES, cudnn_benchmark, de_parallel, inference_dtype,  # noqa: E402
-                               pin_memory_for, select_device, set_cuda_device, time_synchronized)
+from utils.torch_utils import (  # noqa: E402
+    HALF_CHOICES,
+    cudnn_benchmark,
+    de_parallel,
+    inference_dtype,
+    pin_memory_for,
+    select_device,
+    set_cuda_device,
+    time_synchronized,
+)
 
 COCO_DATA_NAMES = ('coco.data', 'coco2014.data', 'coco2017.data')  # --save-json is implied for these
 
@@ -91,11 +111,11 @@ class EvalConfig:
     save_dir: Path = Path('.')  # where plots and save_json write
     save_json: bool = False  # COCO-format predictions.json, scored by pycocotools
     coco_gt: Path | None = None  # COCO ground truth for save_json (None: written from the labels)
-    # runtime of the network (utils/backends.py): 'torch' runs the model as given; 'auto' runs an fp32 model on the
+    # runtime of the network (utils/eval/backends.py): 'torch' runs the model as given; 'auto' runs an fp32 model on the
     # CPU in onnxruntime, on a cached export keyed by its tensors (test.py's default; train.py keeps 'torch': its
     # weights change every epoch); 'onnxruntime' insists
     backend: str = 'torch'
-    # also Darknet's `detector map` (utils/darknet_post.py): its resize, thresholds, NMS and AP, reported beside
+    # also Darknet's `detector map` (utils/darknet/post.py): its resize, thresholds, NMS and AP, reported beside
     # the figures above; needs a models.Darknet (run it through darknet_model() for Darknet's fused BatchNorm)
     darknet: bool = False
 
@@ -137,7 +157,7 @@ class EvalRun(NamedTuple):
 
 
 def eval_names(data: dict, model: nn.Module, single_cls: bool) -> list[str]:
-    """Row labels: 'object' for --single-cls, else utils.data_config.class_names of the dataset's names and those the
+    """Row labels: 'object' for --single-cls, else utils.data.config.class_names of the dataset's names and those the
     checkpoint carries."""
     if single_cls:
         return ['object']
@@ -179,7 +199,7 @@ def image_stats(pred: torch.Tensor, labels: torch.Tensor, tbox: torch.Tensor, io
 def eval_runtime(model: nn.Module, cfg: EvalConfig, compute_loss: Callable | None,
                  img_size: int) -> nn.Module | OrtModel:
     """The runner of cfg.backend for the model: the model itself, or onnxruntime on its cached export (an fp32 model
-    on the CPU, without augmentation or validation losses; see utils.backends)."""
+    on the CPU, without augmentation or validation losses; see utils.eval.backends)."""
     if cfg.backend == 'torch':
         return model
     p = next(model.parameters())
@@ -281,7 +301,7 @@ def batch_plotter(save_dir: Path, names: list[str], confusion: ConfusionMatrix |
                   single_cls: bool = False) -> Callable:
     """eval_batches' plot hook: ground truth and predictions of the first batch as test_batch0_{gt,pred}.jpg, and
     every image counted into the confusion matrix when given (detections as class 0 under single_cls)."""
-    from utils.plots import output_to_target, plot_images
+    from utils.eval.plots import output_to_target, plot_images
 
     def plot(batch_i: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str], output: list) -> None:
         if batch_i < 1:
@@ -312,7 +332,7 @@ def confusion_for(model: nn.Module, nc: int, single_cls: bool) -> ConfusionMatri
 def save_metric_plots(s: Metrics, confusion: ConfusionMatrix | None, names: list[str], save_dir: Path) -> None:
     """precision_recall_curve.png, P_curve.png, R_curve.png, F1_curve.png (when any image had targets) and
     confusion_matrix.png in save_dir."""
-    from utils.plots import plot_confusion_matrix, plot_mc_curve, plot_pr_curve
+    from utils.eval.plots import plot_confusion_matrix, plot_mc_curve, plot_pr_curve
 
     r = s.per_class
     if r is not None:
@@ -467,7 +487,7 @@ def run(opt: argparse.Namespace) -> EvalResult:
 
 def study(opt: argparse.Namespace, model: nn.Module, data: dict, iou_list: np.ndarray | None = None) -> Path:
     """mAP and time over NMS IoU thresholds -> study.txt (one row each: results, seconds) and study.png."""
-    from utils.plots import _pyplot
+    from utils.eval.plots import _pyplot
 
     x = np.arange(0.4, 0.9, 0.05) if iou_list is None else np.asarray(iou_list)
     save_dir = Path(opt.save_dir)

@@ -8,8 +8,8 @@
     python -m torch.distributed.run --nproc_per_node 2 train.py ...   # DDP (NCCL on CUDA, gloo on the CPU)
     python -m torch.distributed.run --max-restarts 3 --nproc_per_node 2 train.py ...   # restarted workers resume
 
-train() shows the epoch loop: train one epoch (utils/engine.py train_one_epoch, the batches), step the schedule, test,
-write the results.txt row, save, stop or not. Every resume decision and the checkpoint's keys are utils/resume.py's.
+train() shows the epoch loop: train one epoch (utils/train/engine.py train_one_epoch, the batches), step the schedule, test,
+write the results.txt row, save, stop or not. Every resume decision and the checkpoint's keys are utils/train/resume.py's.
 
 Outputs: results.txt and weights/last.pt, weights/best.pt in the working directory (--save-dir to
 put them elsewhere); --name X renames them results_X.txt, weights/last_X.pt, weights/best_X.pt at the end.
@@ -32,28 +32,57 @@ import yaml
 
 import test as val  # test.py: evaluate() is called in-process after each epoch
 from models import Darknet, YOLOLayer
-from utils import distributed as du
-from utils import resume
-from utils.anchors import check_anchors
-from utils.checkpoint import (CheckpointError, load_checkpoint, plain, run_paths, save_checkpoint, strip_optimizer,
-                              training_weights)
-from utils.darknet_weights import WeightsError
-from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
-from utils.downloads import attempt_download
-from utils.engine import (GS, NBS, CosineLR, LoopConfig, LoopState, NonFiniteLossError, Parts, RunControl,
-                          build_optimizer, memory_used, n_burn_in, progress_row, train_one_epoch)
-from utils.image_weights import epoch_image_weights
-from utils.darknet_loss import DarknetLoss
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    plain,
+    run_paths,
+    save_checkpoint,
+    strip_optimizer,
+    training_weights,
+)
+from utils.darknet.downloads import attempt_download
+from utils.darknet.parse_config import ConfigError
+from utils.darknet.weights import WeightsError
+from utils.data.config import DatasetError, check_dataset, load_data_config
+from utils.data.datasets import DatasetOptions, LoaderOptions, create_dataloader
+from utils.data.image_weights import epoch_image_weights
+from utils.eval.metrics import fitness
+from utils.eval.plots import plot_images, plot_results
 from utils.logs import LOGGER, setup_logging
-from utils.loss import LOSSES, ComputeLoss
-from utils.metrics import fitness
-from utils.parse_config import ConfigError
-from utils.plots import plot_images, plot_results
-from utils.resume import Progress
-from utils.torch_utils import (ModelEMA, count_parameters, cpu_has_bf16, ddp_without_buffer_sync, init_seeds,
-                               pin_memory_for, resolve_device, set_cuda_device, use_channels_last)
-from utils.transfer import load_weights
+from utils.torch_utils import (
+    ModelEMA,
+    count_parameters,
+    cpu_has_bf16,
+    ddp_without_buffer_sync,
+    init_seeds,
+    pin_memory_for,
+    resolve_device,
+    set_cuda_device,
+    use_channels_last,
+)
+from utils.train import distributed as du
+from utils.train import resume
+from utils.train.anchors import check_anchors
+from utils.train.darknet_loss import DarknetLoss
+from utils.train.engine import (
+    GS,
+    NBS,
+    CosineLR,
+    LoopConfig,
+    LoopState,
+    NonFiniteLossError,
+    Parts,
+    RunControl,
+    build_optimizer,
+    memory_used,
+    n_burn_in,
+    progress_row,
+    train_one_epoch,
+)
+from utils.train.loss import LOSSES, ComputeLoss
+from utils.train.resume import Progress
+from utils.train.transfer import load_weights
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_HEADER = ('Epoch', 'mem', 'GIoU', 'obj', 'cls', 'total', 'targets', 'img_size')
@@ -705,7 +734,7 @@ def main(opt: argparse.Namespace) -> int:
             print(f'train: {plain(vars(opt))}')
             print(f'hyperparameters: {hyp}')
         if opt.evolve:
-            from utils.evolve import evolve
+            from utils.train.evolve import evolve
             evolve(hyp, opt, device, train)
             return 0
         train(hyp, opt, device)

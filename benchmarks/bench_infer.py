@@ -11,7 +11,7 @@ and OpenCV include their input and output copies). Paths: PyTorch fp32 NCHW, fp3
 --backend torch --half off), bf16 weights channels-last (--backend torch's default where the CPU has native bf16),
 bf16 autocast, torch.compile (inductor; its first call's compile time is printed), TorchScript freeze +
 optimize_for_inference; our dynamic-shape ONNX export in onnxruntime as detect.py's --backend auto runs it
-(utils/backends.py), OpenVINO on the same export when `openvino` is installed, OpenCV DNN's Darknet importer. The
+(utils/eval/backends.py), OpenVINO on the same export when `openvino` is installed, OpenCV DNN's Darknet importer. The
 detections of each path (its raw output through our NMS at conf 0.3, IoU 0.6) are matched to fp32 channels-last's.
 
 Jobs: `detect.py` (its defaults: --backend auto, --device cpu), `detect.py --backend torch` (the path before
@@ -60,9 +60,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from models import load_model  # noqa: E402
-from utils.augmentations import letterbox  # noqa: E402
 from utils.boxes import bbox_iou, xywh2xyxy  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
+from utils.data.augmentations import letterbox  # noqa: E402
+from utils.eval.nms import non_max_suppression  # noqa: E402
 from utils.torch_utils import inference_dtype  # noqa: E402
 
 SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()
@@ -145,7 +145,7 @@ def torch_paths(model: torch.nn.Module, x: np.ndarray, skip: set[str]) -> dict[s
              'torch fp32 channels-last': lambda: model(nhwc)[0],
              'torch bf16 weights channels-last': lambda: bf16_model(nhwc_bf16)[0].float(),
              'torch bf16 autocast channels-last': autocast}
-    from utils.export import InferenceOnly
+    from utils.eval.export import InferenceOnly
     net = InferenceOnly(model).eval()
     with torch.no_grad():
         if 'compile' not in skip:
@@ -177,8 +177,8 @@ def other_paths(model: torch.nn.Module, x: np.ndarray, tmp: Path, cfg: Path,
                 weights: Path) -> dict[str, Callable[[], torch.Tensor]]:
     """Our dynamic-shape ONNX export in onnxruntime (fp32) as detect.py runs it, OpenVINO on it when installed, and
     OpenCV DNN's Darknet importer on the same .weights."""
-    from utils.backends import OrtModel
-    from utils.export import export_onnx
+    from utils.eval.backends import OrtModel
+    from utils.eval.export import export_onnx
 
     onnx_file = export_onnx(model, tmp / 'model.onnx', x.shape[2:], dynamic=True)
     session = OrtModel(onnx_file)
@@ -305,8 +305,8 @@ def job_forwards(src: Path, size: int, cfg: Path, weights: Path, cache: Path) ->
     """Seconds of the forward passes alone of detect.py's job: onnxruntime on its cached export (found as detect.py
     finds it), on its own inputs (each image letterboxed to its minimum rectangle by LoadImages), after one untimed
     pass. A job's wall time less this is its overhead: start-up, reading, letterbox, NMS, drawing, writing."""
-    from utils.backends import OrtModel, files_key
-    from utils.sources import LoadImages
+    from utils.data.sources import LoadImages
+    from utils.eval.backends import OrtModel, files_key
 
     run = OrtModel(cache / f'{files_key(weights, cfg, size)}.onnx')
     xs = [img[None].astype(np.float32) / np.float32(255.0) for _, img, _, _ in LoadImages(src, size)]

@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py                                  # this checkout
     python benchmarks/bench_loader.py --repo . --repo ../yolov3-orig   # side by side, same machine, same run
 
-Each --repo is measured in its own Python process that imports `utils.datasets.LoadImagesAndLabels` from that
+Each --repo is measured in its own Python process that imports `utils.data.datasets.LoadImagesAndLabels` from that
 checkout (the original's constructor is compatible), so two versions never share modules. Numbers depend on the
 machine and on what else runs on it: compare versions only within one run.
 """
@@ -26,12 +26,12 @@ ARCHIVE_AUG = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, '
 
 
 def _measure_here(data: str, img_size: int, batch_size: int, workers: int, epochs: int, hyp: dict) -> dict:
-    """Time the loader of whichever `utils.datasets` is first on sys.path; returns the figures as a dict."""
+    """Time the loader of whichever `utils.data.datasets` is first on sys.path; returns the figures as a dict."""
     import torch
     from torch.utils.data import DataLoader
 
-    import utils.datasets as d  # resolved against the checkout put first on sys.path
-    from utils.datasets import LoadImagesAndLabels
+    import utils.data.datasets as d  # resolved against the checkout put first on sys.path
+    from utils.data.datasets import LoadImagesAndLabels
 
     if hasattr(d, 'DatasetOptions'):  # this checkout groups the dataset's options
         opts = d.DatasetOptions(img_size=img_size, batch_size=batch_size, augment=True, hyp=hyp)
@@ -54,7 +54,7 @@ def _measure_here(data: str, img_size: int, batch_size: int, workers: int, epoch
         dataset[i]
     cpu_ms = (time.process_time() - c0) / len(dataset) * 1e3
     return {'images': n, 'seconds': dt, 'images_per_s': n / dt, 'cpu_ms_per_image': cpu_ms,
-            'module': sys.modules['utils.datasets'].__file__}
+            'module': sys.modules['utils.data.datasets'].__file__}
 
 
 def loader_rate(repo: str | Path | None = None, data: str | Path = DEFAULT_DATA, img_size: int = 320,

@@ -37,12 +37,13 @@ def install_sync_counter(report: Path) -> None:
     """Record, per training epoch, each loss call (a micro-step), optimizer step and host sync; write to report.
 
     Events: ['epoch_start'], ['loss'], ['step'], ['sync', 'file:line'], ['epoch_end']. The syncs are counted only
-    inside utils.engine.train_one_epoch (set-up, tests and checkpoints are outside it). Without CUDA no sync can be
+    inside utils.train.engine.train_one_epoch (set-up, tests and checkpoints are outside it). Without CUDA no sync can be
     counted: the events still show the micro-steps and optimizer steps (the probe's wiring).
     """
     import torch
-    from utils import engine, loss
+
     from utils.files import atomic_write
+    from utils.train import engine, loss
 
     cuda = torch.cuda.is_available()
     events: list[list] = []
@@ -67,7 +68,7 @@ def install_sync_counter(report: Path) -> None:
             events.append(['epoch_end'])
             write()
 
-    engine.train_one_epoch = counted_epoch  # before train.py runs, so its `from utils.engine import` gets this one
+    engine.train_one_epoch = counted_epoch  # before train.py runs, so its `from utils.train.engine import` gets this one
 
     loss_call = loss.ComputeLoss.__call__
 

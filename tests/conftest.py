@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(autouse=True, scope='session')
 def onnx_cache(tmp_path_factory) -> Iterator[Path]:
-    """The ONNX export cache of detect.py/test.py's onnxruntime backend (utils/backends.py) in a temporary folder for
+    """The ONNX export cache of detect.py/test.py's onnxruntime backend (utils/eval/backends.py) in a temporary folder for
     the whole session, subprocesses included (they inherit the variable): the tests never write into ~/.cache."""
     folder = tmp_path_factory.mktemp('onnx_cache')
     with pytest.MonkeyPatch.context() as mp:

@@ -15,13 +15,23 @@ import torch
 
 from models import Darknet
 from tests.conftest import ROOT
-from utils.anchors import (AnchorError, anchor_fit, cfg_anchors, cfg_with_anchors, check_anchors, darknet_fit,
-                           fix_command, label_wh, main, parse_opt)
 from utils.boxes import wh_iou
-from utils.darknet_loss import DarknetLoss
-from utils.datasets import DatasetOptions, LoadImagesAndLabels
+from utils.darknet.parse_config import parse_model_cfg
+from utils.data.datasets import DatasetOptions, LoadImagesAndLabels
 from utils.logs import reset_logging
-from utils.parse_config import parse_model_cfg
+from utils.train.anchors import (
+    AnchorError,
+    anchor_fit,
+    cfg_anchors,
+    cfg_with_anchors,
+    check_anchors,
+    darknet_fit,
+    fix_command,
+    label_wh,
+    main,
+    parse_opt,
+)
+from utils.train.darknet_loss import DarknetLoss
 
 TINY = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 
@@ -103,11 +113,11 @@ def test_small_boxes_new_anchors_fit(tmp_path, capsys, caplog, monkeypatch):
     logs = caplog.messages
     assert bpr < 0.98 and re.fullmatch(r'anchors: BPR 0\.\d{4}, \d+\.\d\d anchors per target at 320 \(iou_t 0\.2\)',
                                        logs[0])
-    assert caplog.records[1].levelname == 'WARNING' and f'python -m utils.anchors --data {data} --cfg {TINY} --img-size 320' in logs[1]
+    assert caplog.records[1].levelname == 'WARNING' and f'python -m utils.train.anchors --data {data} --cfg {TINY} --img-size 320' in logs[1]
     # run from another folder, the command still works when pasted: a cd to the root, absolute paths
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
-        assert fix_command('my.data', str(TINY), 320) == (f'cd {ROOT} && python -m utils.anchors --data '
+        assert fix_command('my.data', str(TINY), 320) == (f'cd {ROOT} && python -m utils.train.anchors --data '
                                                          f'{tmp_path / "my.data"} --cfg {TINY} --img-size 320')
     caplog.clear()
     model = Darknet(str(out))
@@ -134,7 +144,7 @@ def test_anchor_tool_errors(tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.iterdir())
 
     # the command line: the input as the output is refused with one line, exit 1
-    r = subprocess.run([sys.executable, '-m', 'utils.anchors', '--data', str(data), '--cfg', str(cfg), '--img-size',
+    r = subprocess.run([sys.executable, '-m', 'utils.train.anchors', '--data', str(data), '--cfg', str(cfg), '--img-size',
                         '320', '--out', str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr == f'Error: {cfg}: output cfg exists; give another --out (nothing written)\n'
     assert cfg.read_bytes() == TINY.read_bytes()

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.augmentations import PAD_COLOR, augment_hsv, box_candidates, combine_mosaic, letterbox, random_affine
-from utils.boxes import xywh2xyxy
-from utils.datasets import DatasetOptions, LoadImagesAndLabels, SampleKey
 from tests.conftest import COCO128_IMAGES
+from utils.boxes import xywh2xyxy
+from utils.data.augmentations import (
+    PAD_COLOR,
+    augment_hsv,
+    box_candidates,
+    combine_mosaic,
+    letterbox,
+    random_affine,
+)
+from utils.data.datasets import DatasetOptions, LoadImagesAndLabels, SampleKey
 
 # BGR colours far from each other and from the grey padding (114) even after bilinear blending at the edges
 COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0), (255, 255, 255),

@@ -1,4 +1,4 @@
-"""--backend (utils/backends.py): which runtime runs, the ONNX export cache and its staleness rules, and detections
+"""--backend (utils/eval/backends.py): which runtime runs, the ONNX export cache and its staleness rules, and detections
 equal between PyTorch and onnxruntime."""
 from __future__ import annotations
 
@@ -11,11 +11,18 @@ import torch
 
 from models import Darknet, load_eval_model
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS, TOY_CFG
-from utils import backends
-from utils.backends import (BackendError, OrtModel, cache_dir, cached_export, choose_backend, files_key,
-                            load_runtime)
-from utils.darknet_weights import save_weights
-from utils.nms import non_max_suppression
+from utils.darknet.weights import save_weights
+from utils.eval import backends
+from utils.eval.backends import (
+    BackendError,
+    OrtModel,
+    cache_dir,
+    cached_export,
+    choose_backend,
+    files_key,
+    load_runtime,
+)
+from utils.eval.nms import non_max_suppression
 
 pytest.importorskip('onnxruntime')
 CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
@@ -94,7 +101,7 @@ def test_export_reused_and_renewed_when_the_model_changes(cache):
 def test_export_failure_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     def refuse(*a, **k):
         raise RuntimeError('Exporting the operator foo to ONNX opset 17 is not supported')
-    monkeypatch.setattr('utils.export.export_onnx', refuse)
+    monkeypatch.setattr('utils.eval.export.export_onnx', refuse)
     m = toy()
     assert backends.runtime_for(m, 'onnxruntime', 64) is m
     assert 'could not be exported (RuntimeError: Exporting the operator foo' in caplog.text
@@ -157,7 +164,8 @@ def test_torch_backend_writes_no_cache(cache):
 @pytest.mark.slow  # reads ../shared
 def test_detections_equal_on_real_images():
     import cv2
-    from utils.augmentations import letterbox
+
+    from utils.data.augmentations import letterbox
 
     model = load_eval_model(TINY_WEIGHTS, ROOT / 'cfg' / 'yolov3-tiny.cfg', 416, CPU)
     run = backends.runtime_for(model, 'onnxruntime', 416)
@@ -185,7 +193,7 @@ def test_session_options_follow_openmp_settings(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# detect.py's torch-free path: utils/postprocess.py's numpy NMS against utils/nms.py, the cache key without torch
+# detect.py's torch-free path: utils/eval/postprocess.py's numpy NMS against utils/eval/nms.py, the cache key without torch
 
 def random_prediction(rng: np.random.Generator, n: int, nc: int, ties: bool = False) -> np.ndarray:
     """(2, n, 5 + nc) float32 inference output [xywh, obj, cls probs]; ties: a coarse grid of boxes and scores, so
@@ -207,7 +215,7 @@ OPTION_SETS = [dict(conf_thres=0.3, iou_thres=0.6, multi_label=False),  # detect
 
 @pytest.mark.parametrize('n, nc, ties', [(40, 3, False), (400, 5, False), (300, 3, True), (40, 2, True)])
 def test_numpy_nms_equals_torch_nms(n, nc, ties):
-    from utils import postprocess
+    from utils.eval import postprocess
 
     p = random_prediction(np.random.default_rng(n + nc), n, nc, ties)
     for opts in OPTION_SETS:
@@ -223,7 +231,7 @@ def test_numpy_nms_equals_torch_nms(n, nc, ties):
 def test_numpy_nms_above_torchvisions_vanilla_threshold():
     """Over 1000 candidates torchvision's batched_nms runs NMS class by class and sorts the kept boxes with an
     unstable sort: the same rows and scores come out, but boxes of equal score may be in another order."""
-    from utils import postprocess
+    from utils.eval import postprocess
 
     for seed, ties in ((1, True), (2, False)):  # even random scores tie now and then among thousands
         p = random_prediction(np.random.default_rng(seed), 3000, 3, ties)
@@ -237,8 +245,8 @@ def test_numpy_nms_above_torchvisions_vanilla_threshold():
 
 def test_numpy_scale_coords_and_constants_equal_torch_ones():
     from models import DEFAULT_CFG
-    from utils import nms, postprocess
     from utils.boxes import scale_coords
+    from utils.eval import nms, postprocess
 
     boxes = np.random.default_rng(0).uniform(-20, 420, (50, 4)).astype(np.float32)
     for shape0 in ((480, 640), (1080, 810), (300, 300)):

@@ -179,7 +179,8 @@ def test_gpu_probe_records_syncs_inside_training_epochs(tmp_path, monkeypatch):
     """gpu_probe's counter: sync warnings (as torch's sync debug mode raises them) are recorded with their place
     only inside train_one_epoch, between the loss calls and optimizer steps it sees; other warnings pass through."""
     import warnings
-    from utils import engine, loss
+
+    from utils.train import engine, loss
 
     for obj, name in ((engine, 'train_one_epoch'), (loss.ComputeLoss, '__call__'), (torch.amp.GradScaler, 'step'),
                       (warnings, 'showwarning')):

@@ -1,4 +1,4 @@
-"""utils/checkpoint.py and utils/resume.py's checkpoint: a run saved and restored into fresh parts continues exactly as
+"""utils/checkpoint.py and utils/train/resume.py's checkpoint: a run saved and restored into fresh parts continues exactly as
 the uninterrupted run; what the modules refuse. Fast tier: a toy model in memory, no ../shared, no subprocesses."""
 from __future__ import annotations
 
@@ -12,12 +12,22 @@ import pytest
 import torch
 
 from models import Darknet
-from utils.checkpoint import (CheckpointError, load_checkpoint, model_checkpoint, read_run, restore_cuda_rng,
-                              rng_state, save_checkpoint, set_rng_state, strip_optimizer, training_weights)
-from utils.engine import CosineLR, LoopState, Parts
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_checkpoint,
+    read_run,
+    restore_cuda_rng,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    strip_optimizer,
+    training_weights,
+)
 from utils.logs import LOGGER
-from utils.resume import Progress, restore, train_checkpoint
 from utils.torch_utils import ModelEMA
+from utils.train.engine import CosineLR, LoopState, Parts
+from utils.train.resume import Progress, restore, train_checkpoint
 
 TOY_CFG = Path(__file__).resolve().parent / 'fixtures' / 'toy.cfg'
 EPOCHS = 3

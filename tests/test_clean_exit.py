@@ -68,7 +68,7 @@ def test_evaluate_api_script_ends_without_a_traceback(coco8, tmp_path):
         import torch
         from models import load_eval_model
         from test import EvalConfig, evaluate, val_loader
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         data = load_data_config({str(coco8)!r})
         model = load_eval_model({str(TINY_WEIGHTS)!r}, {str(CFG)!r}, 128, torch.device('cpu'), torch.float32)
@@ -85,8 +85,8 @@ def test_evaluate_api_script_ends_without_a_traceback(coco8, tmp_path):
 def test_close_ends_the_persistent_workers_and_the_loader_still_works(coco8):
     import multiprocessing
 
-    from utils.data_config import load_data_config
-    from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
+    from utils.data.config import load_data_config
+    from utils.data.datasets import DatasetOptions, LoaderOptions, create_dataloader
 
     opts = DatasetOptions(img_size=64, batch_size=4, rect=True, stride=32, nc=80)
     loader, _ = create_dataloader(load_data_config(coco8)['valid'], opts, LoaderOptions(workers=2, shuffle=False))

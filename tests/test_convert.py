@@ -1,4 +1,4 @@
-"""python -m utils.convert: COCO JSON, VOC XML and LabelMe JSON to YOLO labels, round trips from coco128's labels, the
+"""python -m utils.data.convert: COCO JSON, VOC XML and LabelMe JSON to YOLO labels, round trips from coco128's labels, the
 mAP of test.py on converted labels, the real coco128 COCO file, splits, and errors that leave nothing on disk."""
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS
-from utils.coco import coco80_to_coco91_class
-from utils.convert import ConvertError, link_image, main
-from utils.data_config import load_data_config, load_names
-from utils.datasets import list_image_files
+from utils.data.coco import coco80_to_coco91_class
+from utils.data.config import load_data_config, load_names
+from utils.data.convert import ConvertError, link_image, main
+from utils.data.datasets import list_image_files
 
 LABELS = COCO128 / 'labels' / 'train2017'
 
@@ -120,7 +120,7 @@ def subset_images(tmp: Path) -> Path:
 
 
 def convert(*args: str | Path) -> int:
-    """main() of python -m utils.convert with these arguments."""
+    """main() of python -m utils.data.convert with these arguments."""
     return main([str(a) for a in args])
 
 
@@ -308,7 +308,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
             (ann / 'b.xml').write_text(voc_xml('a.jpg', (64, 48), [('dog', 0, 1, 1, 5, 5)]))
         (tmp_path / 'my.names').write_text('cat\ndog\n')
         extra = ['--names', tmp_path / 'my.names'] if case == 'names' else []
-    r = subprocess.run([sys.executable, '-m', 'utils.convert', fmt, '--ann', str(ann), '--images',
+    r = subprocess.run([sys.executable, '-m', 'utils.data.convert', fmt, '--ann', str(ann), '--images',
                         str(tmp_path / 'img'), '--out', str(tmp_path / 'out'), *map(str, extra)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60) if case == 'json' else None
     if r is not None:  # once through the command line: exit status 1, one line, no traceback
@@ -347,7 +347,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(28, 'No space left on device')
         return link_image(src, dst)
 
-    monkeypatch.setattr('utils.convert.link_image', failing_link)
+    monkeypatch.setattr('utils.data.convert.link_image', failing_link)
     with pytest.raises(ConvertError, match=r'out: cannot write: .*No space left on device.*\(nothing written\)'):
         convert('coco', '--ann', ann, '--images', images, '--out', tmp_path / 'out')
     assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ['coco.json', 'photos']

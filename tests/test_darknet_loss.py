@@ -14,13 +14,28 @@ import torch
 import train
 from models import Darknet
 from tests.conftest import ROOT, make_subset
-from utils import resume
 from utils.boxes import bbox_iou
-from utils.darknet_loss import (DEFAULTS, DarknetLoss, Grid, YoloLossConfig, assign, class_multipliers, darknet_truths,
-                                dx_box_iou, layer_cost, layer_deltas, yolo_loss_config)
-from utils.darknet_gaussian_loss import GaussianLossConfig, gaussian_cost, gaussian_deltas
-from utils.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
-from utils.parse_config import ConfigError
+from utils.darknet.parse_config import ConfigError
+from utils.train import resume
+from utils.train.darknet_gaussian_loss import (
+    GaussianLossConfig,
+    gaussian_cost,
+    gaussian_deltas,
+)
+from utils.train.darknet_loss import (
+    DEFAULTS,
+    DarknetLoss,
+    Grid,
+    YoloLossConfig,
+    assign,
+    class_multipliers,
+    darknet_truths,
+    dx_box_iou,
+    layer_cost,
+    layer_deltas,
+    yolo_loss_config,
+)
+from utils.train.darknet_region_loss import RegionLossConfig, region_cost, region_deltas
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_yolo'
 CASES = sorted(p.stem for p in FIXTURES.glob('*.npz'))
@@ -257,7 +272,7 @@ def head_cfg(kind: str) -> str:
 
 @pytest.mark.parametrize('kind', ['region', 'Gaussian_yolo'])
 def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_cannot(kind):
-    from utils.loss import ComputeLoss
+    from utils.train.loss import ComputeLoss
     model = Darknet(head_cfg(kind), img_size=64)
     loss_fn = DarknetLoss(model)
     model.train()
@@ -268,7 +283,7 @@ def test_each_head_kind_trains_with_darknets_loss_and_the_original_says_it_canno
     grads = [q.grad for q in model.parameters()]
     assert torch.isfinite(loss).all() and items[3] > 0 and all(g is not None and torch.isfinite(g).all() for g in grads)
     # train.py's anchor check reads the same configs: every label has an anchor here (all anchors are the head's)
-    from utils.anchors import darknet_fit
+    from utils.train.anchors import darknet_fit
     assert darknet_fit(torch.tensor([[10.0, 12.0], [40.0, 30.0], [60.0, 20.0]]), loss_fn.configs) == (1.0, 1.0)
     with pytest.raises(ConfigError, match=rf"<cfg text>:\d+: layer 3: .*\[{kind.split('_')[0]}.* cannot be trained "
                                           r"with --loss original"):

@@ -1,4 +1,4 @@
-"""utils/darknet_post.py: Darknet's `detector test` / `detector map` pre- and post-processing.
+"""utils/darknet/post.py: Darknet's `detector test` / `detector map` pre- and post-processing.
 
 Fast: the pure parts on hand-made inputs (resize arithmetic, letterbox, candidates, NMS kinds, printed boxes, the mAP
 interpolation). Slow: the official yolov3-tiny on ../shared images against what Darknet printed
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import darknet_post as dp
-from utils.parse_config import ConfigError, parse_cfg_text
+from utils.darknet import post as dp
+from utils.darknet.parse_config import ConfigError, parse_cfg_text
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'darknet_detect'
 
@@ -273,7 +273,7 @@ def tiny_model():
 
     def build(edits: list[str]):
         from models import Darknet
-        from utils.transfer import load_weights
+        from utils.train.transfer import load_weights
         text = (REF_CFG / 'yolov3-tiny.cfg').read_text()
         for edit in edits:  # the fixtures' --set edits: net.letter_box=1, yolo.nms_kind=diounms
             section, kv = edit.split('.', 1)
@@ -302,7 +302,7 @@ def test_detect_matches_darknet_fixture(case, tiny_model):
         mine = sorted((b.cls, -b.prob, b) for b in printed)
         for (_, _, o), (_, _, b) in zip(theirs, mine):  # Darknet's JSON has 6 decimals; float noise is ~1e-6
             assert abs(b.prob - o['confidence']) < 1e-4, rec['image']
-        # the pixels are Darknet's (utils/stb_jpeg.py), so the printed lines are the same to the pixel and percent
+        # the pixels are Darknet's (utils/darknet/stb_jpeg.py), so the printed lines are the same to the pixel and percent
         dn_lines = sorted(tuple(p[1:]) for p in rec['printed'])
         our_lines = sorted((round(float(np.float32(b.prob) * np.float32(100))), b.left, b.top, b.width, b.height)
                            for b in printed)

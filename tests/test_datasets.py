@@ -15,13 +15,29 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import COCO128, COCO128_IMAGES, COCO_NAMES, ROOT, TINY_WEIGHTS, make_subset, make_synthetic
-from utils import datasets as ds_mod
-from utils.data_config import DatasetError, check_dataset, load_data_config
-from utils.datasets import (DatasetOptions, LoaderOptions, LoadImagesAndLabels, RectDistributedSampler,
-                            create_dataloader, img2label_paths, list_image_files, verify_image_label)
+from tests.conftest import (
+    COCO128,
+    COCO128_IMAGES,
+    COCO_NAMES,
+    ROOT,
+    TINY_WEIGHTS,
+    make_subset,
+    make_synthetic,
+)
+from utils.data import datasets as ds_mod
+from utils.data.config import DatasetError, check_dataset, load_data_config
+from utils.data.datasets import (
+    DatasetOptions,
+    LoaderOptions,
+    LoadImagesAndLabels,
+    RectDistributedSampler,
+    create_dataloader,
+    img2label_paths,
+    list_image_files,
+    verify_image_label,
+)
+from utils.data.sources import LoadImages, LoadStreams, LoadWebcam
 from utils.logs import setup_logging
-from utils.sources import LoadImages, LoadStreams, LoadWebcam
 
 HYP = {'hsv_h': 0.0138, 'hsv_s': 0.678, 'hsv_v': 0.36, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 
@@ -539,7 +555,7 @@ def test_streams_and_webcam_from_video_file(tmp_path):
 
 def letter_rgb(img0: np.ndarray, size: int) -> np.ndarray:
     """The letterboxed (3, h, w) RGB array LoadImages should give."""
-    from utils.augmentations import letterbox
+    from utils.data.augmentations import letterbox
     return letterbox(img0, size)[0][:, :, ::-1].transpose(2, 0, 1)
 
 
@@ -703,7 +719,7 @@ def test_create_dataloader_needs_nc_to_train(coco16_data):
 WORKERS_UNDER_SIGNALS = '''
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-import utils.datasets as d
+import utils.data.datasets as d
 hyp = {'hsv_h': 0.0, 'hsv_s': 0.0, 'hsv_v': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': 0.0, 'shear': 0.0}
 loader, _ = d.create_dataloader(sys.argv[2], d.DatasetOptions(img_size=128, batch_size=2, hyp=hyp, augment=True, nc=80),
                                 d.LoaderOptions(workers=2))

@@ -15,10 +15,17 @@ import pytest
 import torch
 
 import detect as detect_mod
-from detect import JSON_FILE, DetectError, detect, get_args_parser, parse_opt, save_crops
+from detect import (
+    JSON_FILE,
+    DetectError,
+    detect,
+    get_args_parser,
+    parse_opt,
+    save_crops,
+)
 from tests.conftest import COCO_NAMES, ROOT, SAMPLES, TINY_WEIGHTS
-from utils import backends
-from utils.data_config import DatasetError
+from utils.data.config import DatasetError
+from utils.eval import backends
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 PERSON, BUS, TIE = 0, 5, 27
@@ -183,7 +190,7 @@ def test_names_carried_by_a_one_class_checkpoint(tmp_path):
     # a person detector: yolov3-tiny-1cls with its head rows mapped from the official weights' person class, saved
     # as a plain dict; run from another folder without --names, it labels with the names the checkpoint carries
     from models import Darknet
-    from utils.transfer import load_weights
+    from utils.train.transfer import load_weights
 
     cfg = ROOT / 'cfg' / 'yolov3-tiny-1cls.cfg'
     model = Darknet(cfg, 416)
@@ -324,7 +331,7 @@ DARKNET_FIXTURES = ROOT / 'tests' / 'fixtures' / 'darknet_detect'
 
 
 def test_darknet_defaults_are_darknets_thresholds():
-    from utils.darknet_post import NMS_THRESH, TEST_THRESH
+    from utils.darknet.post import NMS_THRESH, TEST_THRESH
     from utils.torch_utils import HALF_CHOICES
 
     opt = parse_opt(['--darknet'])

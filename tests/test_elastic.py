@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import train
-from utils import resume
-from utils.checkpoint import CheckpointError, run_paths, save_checkpoint
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
-from utils import distributed as du
+from utils.checkpoint import CheckpointError, run_paths, save_checkpoint
+from utils.train import distributed as du
+from utils.train import resume
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 

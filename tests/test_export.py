@@ -1,4 +1,4 @@
-"""ONNX export (utils/export.py, models.py --onnx): onnxruntime and OpenCV DNN against PyTorch on a real photo."""
+"""ONNX export (utils/eval/export.py, models.py --onnx): onnxruntime and OpenCV DNN against PyTorch on a real photo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from models import InputSizeError, load_model
 from tests.conftest import ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout
 from utils.checkpoint import model_checkpoint, save_checkpoint
-from utils.export import export_onnx
+from utils.eval.export import export_onnx
 
 pytestmark = pytest.mark.slow  # runs command lines or reads ../shared
 

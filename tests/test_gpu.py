@@ -25,16 +25,34 @@ import sys
 import time
 from pathlib import Path
 
+import bench  # noqa: E402,I100  (benchmarks/ is on sys.path through tests.gpu_support: its tqdm probe and parsers)
 import pytest
 
 from benchmarks.gpu_check import SAMPLES, default_inputs
 from benchmarks.gpu_probe import sync_summary
 from benchmarks.subset import make_subset
-from tests.gpu_support import (CFG_SPP, CFG_TINY, PROBE, RESUMING, ROOT, GpuRun, check_checkpoints, check_epochs,
-                               error_lines, expect_rc0, kill_tree, match_confident, max_state_diff, results_rows,
-                               run_cli, save_log, strict_fp32, train_cmd, wait_for, workers_of)
-
-import bench  # noqa: E402,I100  (benchmarks/ is on sys.path through tests.gpu_support: its tqdm probe and parsers)
+from tests.gpu_support import (
+    CFG_SPP,
+    CFG_TINY,
+    PROBE,
+    RESUMING,
+    ROOT,
+    GpuRun,
+    check_checkpoints,
+    check_epochs,
+    error_lines,
+    expect_rc0,
+    kill_tree,
+    match_confident,
+    max_state_diff,
+    results_rows,
+    run_cli,
+    save_log,
+    strict_fp32,
+    train_cmd,
+    wait_for,
+    workers_of,
+)
 
 MAP_FP32, MAP_TOL, HALF_TOL = 0.423, 0.005, 0.01  # test.py, coco128 at 416, official yolov3-tiny weights, CPU
 SAMPLE_OBJECTS = {'bus': {'bus', 'person'}, 'zidane': {'person', 'tie'}}  # what the fp32 run must find
@@ -208,7 +226,7 @@ def test_sync_debug(run, tmp_path, record_property):
                       batch=batch, size=size)]
     r = run_cli(run, 'sync_debug', cmd, tmp_path)
     expect_rc0(r, 'train.py under the sync counter')
-    assert report.exists(), 'gpu_probe.py wrote no events: train_one_epoch was not reached through utils.engine'
+    assert report.exists(), 'gpu_probe.py wrote no events: train_one_epoch was not reached through utils.train.engine'
     data = json.loads(report.read_text())
     summ = sync_summary(data['events'])
     record(record_property, {**summ, 'img_size': size, 'batch_size': batch})
@@ -231,6 +249,7 @@ def test_sync_debug(run, tmp_path, record_property):
 def train_py_channels_last(run: GpuRun) -> bool:
     """train.py's layout choice for this device with the AMP dtype the probe measures (utils.torch_utils)."""
     import torch
+
     from utils.torch_utils import use_channels_last
     if run.cuda:
         return use_channels_last(torch.device('cuda', int(run.device.split(',')[0])), torch.float16)

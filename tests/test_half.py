@@ -73,7 +73,7 @@ def test_bf16_network_decodes_boxes_in_fp32():
 def test_testpy_bf16_map_within_0_003_of_fp32(tmp_path, capsys):
     from models import load_eval_model
     from test import EvalConfig, evaluate, val_loader
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     # the first 32 coco128 images, read in place (on 16 images single classes' APs jump: up to 0.0032 apart there)
     images = sorted(COCO128_IMAGES.glob('*.jpg'))[:32]

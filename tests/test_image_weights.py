@@ -1,12 +1,16 @@
-"""train.py --image-weights: class and image weights as the original (utils/image_weights.py), the seeded weighted
-draw and its DDP sharding (utils/samplers.py's WeightedImageSampler)."""
+"""train.py --image-weights: class and image weights as the original (utils/data/image_weights.py), the seeded weighted
+draw and its DDP sharding (utils/data/samplers.py's WeightedImageSampler)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from utils.image_weights import epoch_image_weights, labels_to_class_weights, labels_to_image_weights
-from utils.samplers import WeightedImageSampler, draw_image_indices
+from utils.data.image_weights import (
+    epoch_image_weights,
+    labels_to_class_weights,
+    labels_to_image_weights,
+)
+from utils.data.samplers import WeightedImageSampler, draw_image_indices
 
 
 def box_rows(*classes: int) -> np.ndarray:

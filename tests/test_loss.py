@@ -11,16 +11,16 @@ import torch
 import torch.nn as nn
 
 import models
-from models import Darknet
-from utils import torch_utils
-from utils.torch_utils import ModelEMA
 import train
+from models import Darknet
 from tests.conftest import REF_CFG, ROOT, SHARED, TINY_WEIGHTS, TOY_CFG, make_subset
-from utils import distributed as du
-from utils import engine
-from utils.darknet_weights import load_darknet_weights
-from utils.data_config import load_data_config
-from utils.loss import ComputeLoss, FocalLoss, assign_targets, build_targets
+from utils import torch_utils
+from utils.darknet.weights import load_darknet_weights
+from utils.data.config import load_data_config
+from utils.torch_utils import ModelEMA
+from utils.train import distributed as du
+from utils.train import engine
+from utils.train.loss import ComputeLoss, FocalLoss, assign_targets, build_targets
 
 FIXTURE = SHARED / 'fixtures' / 'loss_parity_tiny320.pt'
 TRAIN_HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
@@ -486,8 +486,8 @@ def test_ddp_does_not_broadcast_buffers_and_checkpoints_hold_cpu_optimizer_state
     p0 = next(model.parameters())
     p0.grad = torch.ones_like(p0)
     parts.optimizer.step()
-    from utils.engine import LoopState
-    from utils.resume import Progress, train_checkpoint
+    from utils.train.engine import LoopState
+    from utils.train.resume import Progress, train_checkpoint
     ckpt = train_checkpoint(parts, TRAIN_HYP, opt, 0, LoopState(), Progress())
     bufs = [v for s in ckpt['optimizer']['state'].values() for v in s.values() if isinstance(v, torch.Tensor)]
     assert bufs and all(b.device.type == 'cpu' for b in bufs)

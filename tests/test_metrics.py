@@ -8,10 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from utils.coco import (CocoGroundTruth, coco80_to_coco91_class, coco_evaluate, find_coco_annotations, image_ids,
-                        prediction_records)
-from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, match_predictions
 from tests.conftest import COCO128, COCO128_IMAGES
+from utils.data.coco import (
+    CocoGroundTruth,
+    coco80_to_coco91_class,
+    coco_evaluate,
+    find_coco_annotations,
+    image_ids,
+    prediction_records,
+)
+from utils.eval.metrics import (
+    ConfusionMatrix,
+    ap_per_class,
+    compute_ap,
+    fitness,
+    match_predictions,
+)
 
 
 def test_compute_ap_single_point():

@@ -19,12 +19,17 @@ import torch
 from models import Darknet, InputSizeError, load_model
 from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS
 from tests.opencv_ref import compare, opencv_outputs, ours_in_opencv_layout, randomize
-from utils.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
-from utils.darknet_weights import WeightsError, load_darknet_weights, save_weights
-from utils.downloads import OFFICIAL, attempt_download
-from utils.layers import Reorg3d
-from utils.parse_config import ConfigError
-from utils.transfer import load_weights
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_checkpoint,
+    save_checkpoint,
+)
+from utils.darknet.downloads import OFFICIAL, attempt_download
+from utils.darknet.layers import Reorg3d
+from utils.darknet.parse_config import ConfigError
+from utils.darknet.weights import WeightsError, load_darknet_weights, save_weights
+from utils.train.transfer import load_weights
 
 
 def said(logged) -> str:
@@ -131,7 +136,7 @@ def test_share_index_shares_weights_and_non_square_strides():
 
 def _structure(path) -> list[dict]:
     """Layer list with the keys that define the network (Darknet training-only keys dropped), routes absolute."""
-    from utils.parse_config import parse_model_cfg
+    from utils.darknet.parse_config import parse_model_cfg
     keep = {'batch_normalize', 'filters', 'size', 'stride', 'stride_x', 'stride_y', 'pad', 'padding', 'groups',
             'group_id', 'activation', 'layers', 'from', 'mask', 'anchors', 'classes', 'num', 'scale_x_y', 'dilation'}
     out = []

@@ -5,10 +5,9 @@ import logging
 
 import pytest
 import torch
-
 from torchvision.ops import box_iou, nms
 
-from utils.nms import non_max_suppression
+from utils.eval.nms import non_max_suppression
 
 
 def pred_rows(rows: list[tuple], nc: int = 3) -> torch.Tensor:
@@ -148,16 +147,16 @@ def test_merge_nms_equals_class_offset_formulation(monkeypatch):
     ref = offset_trick_nms(p.clone(), 0.01, 0.6, agnostic=True)
     assert 12 <= len(ours) == len(ref) < 100  # agnostic: one box or a few per cluster, merged across classes
     assert torch.allclose(key(ours), key(ref), atol=1e-3)
-    import utils.nms
+    import utils.eval.nms
 
-    monkeypatch.setattr(utils.nms, 'GRAIN', 2000)  # merge pairs cut into many pieces: the same boxes
+    monkeypatch.setattr(utils.eval.nms, 'GRAIN', 2000)  # merge pairs cut into many pieces: the same boxes
     pieces = non_max_suppression(p[None].clone(), conf_thres=0.01, iou_thres=0.6, agnostic=True)[0]
     assert torch.allclose(pieces, ours, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_import_in_background_defers_only_until_loaded():
-    """In a fresh process: importing utils.nms loads no torchvision; import_in_background() loads torchvision.ops in
+    """In a fresh process: importing utils.eval.nms loads no torchvision; import_in_background() loads torchvision.ops in
     a thread while the caller goes on, and NMS then gives the same boxes as in this process."""
     import json
     import subprocess
@@ -166,7 +165,7 @@ def test_import_in_background_defers_only_until_loaded():
     from tests.conftest import ROOT
 
     code = ('import json, sys, torch\n'
-            'from utils.nms import import_in_background, non_max_suppression\n'
+            'from utils.eval.nms import import_in_background, non_max_suppression\n'
             'assert "torchvision" not in sys.modules\n'
             'thread = import_in_background()\n'
             'states = [thread.is_alive()]\n'
@@ -187,7 +186,7 @@ def test_small_sets_keep_exactly_what_torchvision_keeps():
     coordinates and scores, several classes, any threshold; the same indices in the same order."""
     from torchvision.ops import batched_nms
 
-    from utils.nms import SMALL, select_small
+    from utils.eval.nms import SMALL, select_small
 
     g = torch.Generator().manual_seed(0)
     for trial in range(400):
@@ -207,14 +206,14 @@ def test_small_sets_keep_exactly_what_torchvision_keeps():
 
 def test_both_paths_give_the_same_detections(monkeypatch):
     """non_max_suppression with every image on the small path and with every image on torchvision's."""
-    import utils.nms
+    import utils.eval.nms
 
     g = torch.Generator().manual_seed(1)
     xy = torch.rand(2, 60, 2, generator=g) * 200
     pred = torch.cat((xy, torch.rand(2, 60, 2, generator=g) * 60 + 4, torch.rand(2, 60, 4, generator=g)), 2)
-    monkeypatch.setattr(utils.nms, 'SMALL', 10 ** 6)
+    monkeypatch.setattr(utils.eval.nms, 'SMALL', 10 ** 6)
     small = non_max_suppression(pred.clone(), 0.05, 0.5)
-    monkeypatch.setattr(utils.nms, 'SMALL', 0)
+    monkeypatch.setattr(utils.eval.nms, 'SMALL', 0)
     large = non_max_suppression(pred.clone(), 0.05, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(small, large)) and sum(len(d) for d in small) > 10
 

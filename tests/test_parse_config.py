@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REF_CFG
-from utils.parse_config import ConfigError, parse_cfg_text, parse_model_cfg
+from utils.darknet.parse_config import ConfigError, parse_cfg_text, parse_model_cfg
 
 NET = "[net]\nwidth=416\nheight=416\nchannels=3\nmomentum=0.9\nsteps=400000,450000\nscales=.1,.1\n"
 
@@ -92,7 +92,7 @@ def test_every_reference_cfg_parses():
 
 
 def test_with_values_changes_only_the_values_asked_for():
-    from utils.parse_config import with_values
+    from utils.darknet.parse_config import with_values
     text = ('[net]\r\nwidth=64\r\n[convolutional]\r\nfilters = 255  # head\r\nsize=1\r\n'
             '[yolo]\r\nmask=0,1,2\r\nanchors=10,14, 23,27, 37,58\r\nclasses=80\r\n')
     new = with_values(text, {0: {'filters': 18}, 1: {'classes': 1}}, 'x.cfg')
@@ -119,7 +119,7 @@ def test_darknet_anchor_reading():
 
 
 def test_every_darknet_key_is_accepted_and_training_keys_are_listed():
-    from utils.parse_config import unused_keys
+    from utils.darknet.parse_config import unused_keys
     text = (NET + "batch=64\nsubdivisions=16\nema_alpha=0.9998\nmax_epochs=300\n"
             "[convolutional]\nfilters=3\nsize=1\nstopbackward=800\nstream=1\n"
             "[yolo]\nmask=0\nanchors=1,2\nclasses=1\nnew_coords=1\nmax=200\nembedding_layer=-2\n")

@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from utils.plots import (RESULTS_COLUMNS, blues, class_color, matrix_geometry, output_to_target, plot_confusion_matrix,
-                         plot_evolution, plot_images, plot_mc_curve, plot_pr_curve, plot_results, smooth)
+from utils.eval.plots import (
+    RESULTS_COLUMNS,
+    blues,
+    class_color,
+    matrix_geometry,
+    output_to_target,
+    plot_confusion_matrix,
+    plot_evolution,
+    plot_images,
+    plot_mc_curve,
+    plot_pr_curve,
+    plot_results,
+    smooth,
+)
 
 
 def test_output_to_target_normalises():

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
-from utils import resume
-from utils.engine import CosineLR, FiniteGuard, RunControl
 from utils.logs import setup_logging
+from utils.train import resume
+from utils.train.engine import CosineLR, FiniteGuard, RunControl
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 TRAIN = ROOT / 'train.py'
@@ -251,7 +251,7 @@ def test_mid_epoch_resume_after_burn_in_keeps_the_optimizers_lr_and_accumulation
     # in-process, burn-in over after one batch and NBS 8 (batch 4: an optimizer step every 2 batches), so the
     # resumed step runs on the LR, momentum and weight decay the optimizer state holds mid-epoch, not burn-in's
     import train
-    from utils import engine
+    from utils.train import engine
 
     data = make_subset(tmp_path / 'data', 16, name='c16')
     monkeypatch.setattr(train, 'n_burn_in', lambda nb: 1)
@@ -331,8 +331,8 @@ def test_engine_stops_at_an_optimizer_step_and_continues_from_it_exactly(tmp_pat
 
     from models import Darknet
     from tests.test_train import HYP, NO_BN_CFG
-    from utils import engine
-    from utils.loss import ComputeLoss
+    from utils.train import engine
+    from utils.train.loss import ComputeLoss
 
     cfg_path = tmp_path / 'nobn.cfg'
     cfg_path.write_text(NO_BN_CFG)

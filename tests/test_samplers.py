@@ -1,4 +1,4 @@
-"""utils/samplers.py alone (no images): one global order per (seed, epoch) shared by any number of DDP ranks, keys that
+"""utils/data/samplers.py alone (no images): one global order per (seed, epoch) shared by any number of DDP ranks, keys that
 carry the epoch and a unique position k, and set_start's one-iteration skip."""
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import types
 import numpy as np
 import pytest
 
-from utils.samplers import RectDistributedSampler, SampleKey, ShuffleSampler, sample_rng
+from utils.data.samplers import (
+    RectDistributedSampler,
+    SampleKey,
+    ShuffleSampler,
+    sample_rng,
+)
 
 
 def test_one_global_order_for_any_world_size():

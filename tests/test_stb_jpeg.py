@@ -1,4 +1,4 @@
-"""utils/stb_jpeg.py against the pixels Darknet's own load_image_color decoded (tests/fixtures/stb_jpeg, made by
+"""utils/darknet/stb_jpeg.py against the pixels Darknet's own load_image_color decoded (tests/fixtures/stb_jpeg, made by
 tools/darknet_harness/stb_jpeg_check.py), and darknet_post's reader around it."""
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import darknet_post as dp
-from utils import stb_jpeg
+from utils.darknet import post as dp
+from utils.darknet import stb_jpeg
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'stb_jpeg'
 

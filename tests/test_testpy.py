@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 
 from tests.conftest import ROOT, TINY_WEIGHTS
-from utils.coco import coco80_to_coco91_class
+from utils.data.coco import coco80_to_coco91_class
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 
@@ -64,7 +64,7 @@ def test_coco128_map_matches_original(coco128_data, tmp_path):
         plot_area = img[41:820, 91:990]
         assert (np.abs(plot_area - (255, 0, 0)).sum(-1) < 60).sum() > 1000, f
         assert (np.abs(plot_area - (160, 160, 160)).sum(-1) < 30).sum() > 1000, f
-    from utils.plots import blues, matrix_geometry
+    from utils.eval.plots import blues, matrix_geometry
 
     g = matrix_geometry((ROOT / 'data' / 'coco.names').read_text().split('\n')[:80] + ['background'])
     cm = cv2.imread(str(tmp_path / 'confusion_matrix.png'))
@@ -86,9 +86,9 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
 
     from models import load_model
     from test import EvalConfig, eval_names, evaluate
-    from utils.data_config import load_data_config
-    from utils.datasets import DatasetOptions, LoaderOptions, create_dataloader
-    from utils.loss import ComputeLoss
+    from utils.data.config import load_data_config
+    from utils.data.datasets import DatasetOptions, LoaderOptions, create_dataloader
+    from utils.train.loss import ComputeLoss
 
     data = load_data_config(coco16_data)
     model = load_model(TINY_WEIGHTS, CFG, 256)
@@ -109,7 +109,7 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
     gt = json.loads((tmp_path / 'ground_truth.json').read_text())
     assert len(gt['images']) == 16 and len(gt['annotations']) == sum(len(x) for x in dataset.labels)
     # COCO's evaluation of the same detections agrees with ours at IoU 0.5
-    from utils.coco import coco_evaluate
+    from utils.data.coco import coco_evaluate
     stats = coco_evaluate(tmp_path / 'ground_truth.json', tmp_path / 'predictions.json', verbose=False)
     assert abs(stats[1] - map50) < 0.03
     # no loss function (the command line): the losses are zeros
@@ -134,7 +134,7 @@ def test_in_process_with_loss_and_custom_coco_gt(coco16_data, tmp_path):
 def test_benchmark_task_writes_table(coco16_data, tmp_path):
     from models import load_model
     from test import benchmark
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     model = load_model(TINY_WEIGHTS, CFG, 160).fuse()
     opt = Namespace(cfg=str(CFG), batch_size=16, conf_thres=0.001, single_cls=False, workers=0, save_dir=tmp_path,
@@ -169,7 +169,7 @@ def test_row_labels_from_data_else_checkpoint():
 def test_class_names_one_rule():
     # test.py's rows and detect.py's labels: listed names (a dataset's, --names) win, a config's placeholders count
     # as none, then the checkpoint's (when they are nc), COCO's for 80 classes, else the placeholders
-    from utils.data_config import DatasetError, class_names, placeholder_names
+    from utils.data.config import DatasetError, class_names, placeholder_names
 
     assert class_names(2, ['cat', 'dog'], ['person', 'car']) == ['cat', 'dog']
     assert class_names(2, placeholder_names(2), ['person', 'car']) == ['person', 'car']
@@ -222,7 +222,7 @@ def test_evaluate_writes_nothing_unless_asked(tmp_path, monkeypatch, logged):
     from models import Darknet
     from test import EvalConfig, evaluate, val_loader
     from tests.conftest import TOY_CFG, make_synthetic
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     data = load_data_config(make_synthetic(tmp_path / 'data', n=4))
     model = Darknet(TOY_CFG, 64)

@@ -38,8 +38,9 @@ def test_fast_test_may_run_the_programs_libraries_run(monkeypatch):
 def test_toy_cfg_and_synthetic_data_are_small(tmp_path):
     import cv2
     import numpy as np
+
     from models import Darknet
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
     model = Darknet(TOY_CFG, 64)
     assert sum(p.numel() for p in model.parameters()) < 50_000 and len(model.yolo_layers) == 2 and model.nc == 3
     data = load_data_config(make_synthetic(tmp_path, n=4))

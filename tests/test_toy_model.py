@@ -10,8 +10,13 @@ import torch
 from models import Darknet
 from tests.conftest import ROOT, TOY_CFG
 from tests.opencv_ref import randomize
-from utils.darknet_weights import WeightsError, darknet_value_count, load_darknet_weights, save_weights
-from utils.parse_config import parse_model_cfg
+from utils.darknet.parse_config import parse_model_cfg
+from utils.darknet.weights import (
+    WeightsError,
+    darknet_value_count,
+    load_darknet_weights,
+    save_weights,
+)
 
 STRIDES = (32, 16)  # of the two [yolo] layers, in output order
 NO = 5 + 3  # box, objectness and 3 class scores per anchor

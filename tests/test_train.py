@@ -20,9 +20,9 @@ import train
 from models import Darknet
 from tests.conftest import ROOT, TINY_WEIGHTS, make_subset
 from tests.test_train_units import NO_BN_CFG, run_epoch
-from utils import image_weights
-from utils.engine import CosineLR
-from utils.darknet_weights import load_darknet_weights
+from utils.darknet.weights import load_darknet_weights
+from utils.data import image_weights
+from utils.train.engine import CosineLR
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 HYP = train.load_hyp(ROOT / 'data' / 'hyp.scratch.yaml')
@@ -133,7 +133,7 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
 
 
 def test_new_options_refuse_what_cannot_work(coco8):
-    from utils import distributed as du
+    from utils.train import distributed as du
     for extra, message in ((['--image-weights', '--rect'], '--image-weights draws images at random'),
                            (['--patience', '3', '--notest'], 'leave out --notest'),
                            (['--save-period', '-1'], '--save-period -1: must be 0')):
@@ -167,7 +167,7 @@ def test_cli_short_run_outputs(short_run):
 
     for f in ('precision_recall_curve.png', 'P_curve.png', 'R_curve.png', 'F1_curve.png'):  # the final epoch's test
         assert cv2.imread(str(cwd / f)).shape == (900, 1500, 3), f
-    from utils.plots import matrix_geometry
+    from utils.eval.plots import matrix_geometry
 
     g = matrix_geometry((ROOT / 'data' / 'coco.names').read_text().splitlines() + ['background'])
     cm = cv2.imread(str(cwd / 'confusion_matrix.png'))
@@ -300,7 +300,7 @@ def test_evolve_two_generations(coco8, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco8, tmp_path, monkeypatch, capsys):
-    from utils.loss import ComputeLoss
+    from utils.train.loss import ComputeLoss
     calls = {'n': 0}
 
     class NanInSecondEpoch(ComputeLoss):
@@ -380,8 +380,8 @@ def test_device_list_without_cuda_is_one_clear_error(coco8, tmp_path, capsys):
 
 
 def test_rank0_validates_with_the_per_process_batch(coco8):
-    from utils import distributed as du
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
+    from utils.train import distributed as du
     opt = train.parse_opt(base_args(coco8, batch=8))
     loader, _, testloader = train.build_loaders(load_data_config(str(coco8)), HYP, opt,
                                                 du.DistInfo(rank=0, local_rank=0, world_size=2), 128, 128)

@@ -1,4 +1,4 @@
-"""The pure parts of train.py and utils/engine.py (fast tier: no ../shared, no subprocesses): warm-up, optimizer
+"""The pure parts of train.py and utils/train/engine.py (fast tier: no ../shared, no subprocesses): warm-up, optimizer
 groups, multi-scale sizes, accumulation, AMP choice, EMA, freeze, progress, hyp files, evolve, device rules."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn as nn
 import train
 from models import Darknet
 from tests.conftest import ROOT
-from utils import engine, resume
 from utils.torch_utils import ModelEMA
+from utils.train import engine, resume
 
 CFG = ROOT / 'cfg' / 'yolov3-tiny.cfg'
 TOY_CFG = ROOT / 'tests' / 'fixtures' / 'toy.cfg'
@@ -150,7 +150,7 @@ def run_epoch(model: nn.Module, batches: list, accumulate: int, batch_size: int,
               amp_dtype: torch.dtype | None = None, distributed: bool = False
               ) -> tuple[engine.LoopState, engine.EpochStats]:
     """One real train_one_epoch over in-memory batches with plain SGD, no burn-in, no EMA."""
-    from utils.loss import ComputeLoss
+    from utils.train.loss import ComputeLoss
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     cfg = engine.LoopConfig(hyp=HYP, lf=engine.CosineLR(1, HYP['lrf']), n_burn=-1, batch_size=batch_size, epochs=1,
@@ -343,7 +343,7 @@ def test_load_hyp_errors_name_the_file(tmp_path):
 
 def _append_rows(path: str, start: int) -> None:
     """Worker for the concurrency test: ten generations' rows into one evolve.txt."""
-    from utils.evolve import append_result
+    from utils.train.evolve import append_result
     for i in range(start, start + 10):
         append_result(Path(path), {**HYP, 'lr0': 1e-4 * (i + 1)}, (0.1, 0.2, 0.3, 0.001 * i, 0.5, 1.0, 2.0, 3.0))
 
@@ -351,7 +351,8 @@ def _append_rows(path: str, start: int) -> None:
 @pytest.mark.slow
 def test_evolve_file_survives_concurrent_writers(tmp_path):
     import multiprocessing as mp
-    from utils.evolve import read_evolve
+
+    from utils.train.evolve import read_evolve
     path = tmp_path / 'evolve.txt'
     ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
     procs = [ctx.Process(target=_append_rows, args=(str(path), 10 * k)) for k in range(3)]
@@ -367,7 +368,7 @@ def test_evolve_file_survives_concurrent_writers(tmp_path):
 
 
 def test_mutation_keeps_limits_and_fixed_keys():
-    from utils.evolve import LIMITS, mutate
+    from utils.train.evolve import LIMITS, mutate
     rng = np.random.default_rng(0)
     assert mutate(HYP, np.zeros((0, 8 + len(HYP))), rng) == HYP  # no history: the given hyp is the first parent
     rows = np.array([[0, 0, 0.5, 0.3, 0, 0, 0, 0] + list(HYP.values()),
@@ -382,7 +383,8 @@ def test_mutation_keeps_limits_and_fixed_keys():
 
 def test_distributed_env_and_helpers_in_a_process_group(monkeypatch):
     import torch.distributed as dist
-    from utils import distributed as du
+
+    from utils.train import distributed as du
     for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
         monkeypatch.delenv(k, raising=False)
     assert du.env_info() == du.DistInfo() and du.env_info().main and not du.env_info().distributed
@@ -431,7 +433,7 @@ def test_device_rules():
 
 
 def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
-    from utils import distributed as du
+    from utils.train import distributed as du
     model = Darknet(CFG, 64)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     sd = copy.deepcopy(model.state_dict())
@@ -454,7 +456,7 @@ def test_sync_bn_conversion_and_refusal_on_cpu_ddp(logged):
 def test_multi_scale_flag_acts_on_one_size_and_says_when_it_changes_nothing(logged):
     # as the original: two different train sizes (the default 320 640) already mean multi-scale, so the flag changes
     # nothing there (said in one line); with one size it widens it to 0.67x-1.5x
-    from utils import distributed as du
+    from utils.train import distributed as du
     opt = train.parse_opt(['--multi-scale'])
     train.check_options(opt, du.DistInfo(), torch.device('cpu'))
     assert [s for s in logged() if s.startswith('--multi-scale changes nothing here: --img-size 320 640')]

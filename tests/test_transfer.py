@@ -14,11 +14,11 @@ import torch
 from models import Darknet, class_prior, load_model
 from tests.conftest import REF_CFG, ROOT, SAMPLES, TINY_WEIGHTS, TOY_CFG
 from utils.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
-from utils.darknet_weights import WeightsError
-from utils.data_config import coco_names
-from utils.downloads import attempt_download
-from utils.parse_config import cfg_with_classes
-from utils.transfer import load_weights
+from utils.darknet.downloads import attempt_download
+from utils.darknet.parse_config import cfg_with_classes
+from utils.darknet.weights import WeightsError
+from utils.data.config import coco_names
+from utils.train.transfer import load_weights
 
 
 def said(logged) -> str:

@@ -189,6 +189,6 @@ def test_matches_darknet(name, tmp_path):
     assert start == len(rows) and got == len(boxes)
 
     # the weights written back: Darknet's file, byte for byte
-    from utils.darknet_weights import save_weights
+    from utils.darknet.weights import save_weights
     save_weights(model, tmp_path / 'ours.weights')
     assert (tmp_path / 'ours.weights').read_bytes() == weights.read_bytes()

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from models import Darknet
-from utils.darknet_weights import darknet_value_count, load_darknet_weights, save_weights
-from utils.layers import MaxPoolDepth, ReorgOld, make_activation
-from utils.parse_config import ConfigError
+from utils.darknet.layers import MaxPoolDepth, ReorgOld, make_activation
+from utils.darknet.parse_config import ConfigError
+from utils.darknet.weights import (
+    darknet_value_count,
+    load_darknet_weights,
+    save_weights,
+)
 
 NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"
 
@@ -281,7 +285,7 @@ def test_all_new_layers_build_round_trip_and_run(tmp_path):
 
 @pytest.mark.slow
 def test_all_new_layers_export_to_onnx(tmp_path):
-    from utils.export import check_onnx, export_onnx
+    from utils.eval.export import check_onnx, export_onnx
     m = randomise(Darknet(ALL_NEW), 3).eval()
     export_onnx(m, tmp_path / 'm.onnx', (64, 64), dynamic=True)
     assert check_onnx(m, tmp_path / 'm.onnx', [(1, 64, 64), (2, 96, 64)]) < 1e-4
@@ -290,7 +294,7 @@ def test_all_new_layers_export_to_onnx(tmp_path):
 @pytest.mark.parametrize('head', ["[Gaussian_yolo]\nmask=0,1\nanchors=8,9, 10,12\nclasses={nc}\nnum=2\n",
                                   "[region]\nanchors=1,1, 2,2\nclasses={nc}\nnum=2\nsoftmax=1\n"])
 def test_weights_of_other_classes_load_into_gaussian_and_region_heads(tmp_path, head):
-    from utils.transfer import load_weights
+    from utils.train.transfer import load_weights
     extra = 9 if 'Gaussian' in head else 5
 
     def cfg(nc: int) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 import train
 from tests.conftest import SHARED, make_synthetic
-from utils.parse_config import cfg_with_classes
+from utils.darknet.parse_config import cfg_with_classes
 
 
 @pytest.mark.slow

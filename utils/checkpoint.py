@@ -3,9 +3,9 @@
 A model checkpoint (model_checkpoint) holds 'model' (a state_dict), 'cfg' (the cfg text), 'names', 'version', 'seen'.
 A training checkpoint (train.py's weights/last.pt, best.pt, epoch_K.pt) adds the run's state, all as tensors and
 plain values so that torch.load(weights_only=True) reads it: its keys are the one literal of
-utils/resume.py's train_checkpoint. strip_optimizer sets optimizer, model_train, scaler and lr_scheduler to None at
+utils/train/resume.py's train_checkpoint. strip_optimizer sets optimizer, model_train, scaler and lr_scheduler to None at
 the end of a run.
-This module reads and writes files; it decides nothing about resuming (utils/resume.py does).
+This module reads and writes files; it decides nothing about resuming (utils/train/resume.py does).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Darknet as the oracle for utils/darknet_post.py: run `darknet detector test` and `detector map`, then the project's
+"""Darknet as the oracle for utils/darknet/post.py: run `darknet detector test` and `detector map`, then the project's
 model with Darknet's pre/post-processing on the same images, and compare.
 
     python tools/darknet_harness/detector_oracle.py --darknet /tmp/darknet \
@@ -7,7 +7,7 @@ model with Darknet's pre/post-processing on the same images, and compare.
 
 --set net.letter_box=1 / --set yolo.nms_kind=diounms edit a copy of the cfg; --random-weights SEED writes seeded
 weights of the project's model as a .weights file that both sides load. The project reads the images as --darknet
-does (utils/darknet_post.load_image: JPEGs through utils/stb_jpeg.py); --decoder stb feeds it Darknet's own
+does (utils/darknet/post.load_image: JPEGs through utils/darknet/stb_jpeg.py); --decoder stb feeds it Darknet's own
 load_image_color pixels instead (libdarknet.so, stb_image), --decoder opencv OpenCV's (libjpeg-turbo).
 --fixture DIR --case NAME writes what Darknet printed for tests/test_darknet_post.py.
 Exit status 1 when a check of the issue's done-when fails: per image the same (class, box) pairs, confidences within
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import Darknet  # noqa: E402
-from utils import darknet_post as dp  # noqa: E402
-from utils.darknet_weights import save_weights  # noqa: E402
-from utils.transfer import load_weights  # noqa: E402
+from utils.darknet import post as dp  # noqa: E402
+from utils.darknet.weights import save_weights  # noqa: E402
+from utils.train.transfer import load_weights  # noqa: E402
 
 SHARED = Path(os.environ.get('YOLO_SHARED', ROOT.parent / 'shared')).resolve()  # as tests/conftest.py
 COCO128_IMAGES = SHARED / 'datasets' / 'coco128' / 'images' / 'train2017'

@@ -1,4 +1,4 @@
-"""Darknet's own JPEG decode (load_image_color in libdarknet.so: stb_image) as the oracle for utils/stb_jpeg.py.
+"""Darknet's own JPEG decode (load_image_color in libdarknet.so: stb_image) as the oracle for utils/darknet/stb_jpeg.py.
 
     python tools/darknet_harness/stb_jpeg_check.py --darknet /tmp/darknet --coco128 128 \
         --images ../shared/samples/*.jpg --made          # every image: bit-identical or not
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detector_oracle import COCO128_IMAGES, ROOT, StbImages  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from utils import darknet_post as dp  # noqa: E402
+from utils.darknet import post as dp  # noqa: E402
 
 CV_SAMPLING = {'444': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, '422': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
                '420': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, '440': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,

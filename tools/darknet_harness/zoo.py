@@ -247,7 +247,7 @@ def compare_boxes(dn: DarknetRun, rows: np.ndarray) -> tuple[float, float, float
 
 def compare_weights(model, darknet_file: Path, out: Path) -> str:
     """Write the model's .weights and compare with Darknet's file: 'identical' or what differs."""
-    from utils.darknet_weights import save_weights
+    from utils.darknet.weights import save_weights
     save_weights(model, out)
     a, b = out.read_bytes(), darknet_file.read_bytes()
     if a == b:

@@ -1,0 +1,1 @@
+"""Evaluation and deployment: NMS, metrics, plots, runtimes (onnxruntime), export."""

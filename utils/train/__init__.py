@@ -1,0 +1,1 @@
+"""Training: the epoch engine, losses (the original's and Darknet's), resume, transfer, anchors, evolve, DDP."""
