@@ -1,10 +1,9 @@
 """Which runtime runs the network for inference (detect.py, test.py, evaluate()): PyTorch, or onnxruntime on an ONNX
 export of the same model that is cached on disk.
 
---backend auto (the default of detect.py and test.py) runs onnxruntime on the CPU and PyTorch on CUDA. On the CPU
-onnxruntime's fp32 forward pass was the fastest measured path: 35.5 ms against PyTorch's 54.6 ms on an AVX2-only
-EPYC (issue 24), 14 ms against PyTorch bf16's 17.5 ms and fp32's 30 ms on an AVX-512/bf16 EPYC
-(benchmarks/README.md). PyTorch still runs where onnxruntime cannot give the same thing: a CUDA device, --half
+--backend auto (the default of detect.py and test.py) runs onnxruntime on the CPU and PyTorch on CUDA: on the CPU
+onnxruntime's fp32 forward pass was the fastest path measured, on AVX2-only and AVX-512/bf16 CPUs alike (figures:
+benchmarks/README.md, bench_infer.py). PyTorch still runs where onnxruntime cannot give the same thing: a CUDA device, --half
 asked for explicitly (the export is fp32), test-time augmentation, validation losses (they need the raw maps), a
 model the exporter refuses (with a one-line warning), or onnxruntime not installed.
 
@@ -16,7 +15,7 @@ that builds and exports the model, and the torch, onnx and onnxruntime versions.
 PyTorch before it is used and written atomically, so a crash never leaves half a model to be served.
 
 torch is imported only where PyTorch runs or exports: a cache hit (cached_session) needs cv2, numpy and onnxruntime
-only, so detect.py's start-up on the CPU skips `import torch` (more than a second; benchmarks/README.md).
+only, so detect.py's start-up on the CPU skips `import torch` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
