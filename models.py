@@ -48,7 +48,12 @@ from utils.darknet.layers import (
     YOLOLayer,
     make_activation,
 )
-from utils.darknet.parse_config import ConfigError, parse_cfg_text, unused_keys
+from utils.darknet.parse_config import (
+    DEFAULT_CFG,
+    ConfigError,
+    parse_cfg_text,
+    unused_keys,
+)
 from utils.darknet.weights import WeightsError
 from utils.eval.export import export_size, get_args_parser, run
 from utils.logs import LOGGER, setup_logging
@@ -561,9 +566,6 @@ def scale_img(img: torch.Tensor, ratio: float, gs: int = 32) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # a model ready to use: built from its cfg, weights loaded (utils/train/transfer.py's rules)
-
-DEFAULT_CFG = Path(__file__).resolve().parent / 'cfg' / 'yolov3-spp.cfg'  # the original's --cfg default
-
 
 def load_model(weights: str | Path, cfg: str | Path | None = None, img_size: int | tuple[int, int] = 416,
                device: str | torch.device = 'cpu', verbose: bool = True) -> Darknet:

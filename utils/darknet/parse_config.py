@@ -42,6 +42,9 @@ def _floats(v: str) -> list[float]:
     return [float(x) for x in v.replace(' ', '').split(',') if x]
 
 
+# the cfg a model is built from when none is given (the original's --cfg default): models.load_model, and the
+# export cache's key in utils/eval/backends.py, which must not import torch
+DEFAULT_CFG = Path(__file__).resolve().parents[2] / 'cfg' / 'yolov3-spp.cfg'
 _NUMBER = re.compile(r'\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)')
 
 

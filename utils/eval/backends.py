@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
+from utils.darknet.parse_config import DEFAULT_CFG
 from utils.logs import LOGGER
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ EXPORT_TOL = 1e-4  # a fresh export whose output differs more from PyTorch's (re
 ROOT = Path(__file__).resolve().parents[2]
 # the code an exported graph depends on: a change to any of these files invalidates every cached export
 GRAPH_SOURCES = ('models.py', 'utils/darknet/layers.py', 'utils/darknet/parse_config.py', 'utils/eval/export.py')
-DEFAULT_CFG = ROOT / 'cfg' / 'yolov3-spp.cfg'  # models.DEFAULT_CFG (a test keeps them equal), without importing torch
 
 
 class BackendError(ValueError):
