@@ -23,6 +23,7 @@ RESUMING = re.compile(r'^Resuming \S*last\.pt from epoch \d+', re.M)  # what tra
 
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))  # bench.py imports its siblings by their bare names
+import bench  # noqa: E402  (after the path: test_gpu.py takes it from here, so no import order can break it)
 
 
 @dataclass
@@ -67,7 +68,6 @@ def save_log(run: GpuRun, name: str, cmd: list[str], text: str) -> None:
 def kill_tree(pid: int) -> None:
     """SIGKILL pid and every process under it. By pid, found before any dies: torchrun starts its workers in
     sessions of their own, so killing its process group would leave them running, re-parented to init."""
-    import bench
     tree, todo, found = bench._children_of(), [pid], []
     while todo:
         p = todo.pop()
@@ -170,7 +170,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 def workers_of(pid: int) -> dict[int, int]:
     """LOCAL_RANK -> pid of the train.py processes under pid (torchrun's workers, not their DataLoader workers)."""
-    import bench
     tree, todo, ranks, parent = bench._children_of(), [pid], {}, {}
     while todo:
         p = todo.pop()

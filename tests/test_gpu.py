@@ -25,19 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-import bench  # noqa: E402,I100  (benchmarks/ is on sys.path through tests.gpu_support: its tqdm probe and parsers)
 import pytest
 
 from benchmarks.gpu_check import SAMPLES, default_inputs
 from benchmarks.gpu_probe import sync_summary
 from benchmarks.subset import make_subset
-from tests.gpu_support import (
+from tests.gpu_support import (  # bench: benchmarks/bench.py, its tqdm probe and parsers
     CFG_SPP,
     CFG_TINY,
     PROBE,
     RESUMING,
     ROOT,
     GpuRun,
+    bench,
     check_checkpoints,
     check_epochs,
     error_lines,
@@ -427,8 +427,11 @@ def test_torchrun(run, tmp_path, record_property):
 
 
 def test_elastic(run, tmp_path, record_property):
-    """torchrun --max-restarts 1; one worker SIGKILLed after the first epoch; every epoch once, exit 0."""
-    folder, nproc, epochs = tmp_path / 'run', nproc_of(run), 2 if run.quick else 3
+    """torchrun --max-restarts 1; one worker SIGKILLed after the first epoch; every epoch once, exit 0.
+
+    3 epochs on the CPU too: its epochs there are one batch, and with 2 the run could end in the 0.2 s before the kill
+    (the restart then finds a finished run and has nothing to resume)."""
+    folder, nproc, epochs = tmp_path / 'run', nproc_of(run), 3
     folder.mkdir()
     cmd = torchrun_cmd(run, nproc, epochs, '--max-restarts', '1')
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **({'NCCL_DEBUG': 'INFO'} if run.cuda else {})}
